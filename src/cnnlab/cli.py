@@ -1,0 +1,172 @@
+"""The `cnnlab` command: a thin layer over the Python API (each subcommand calls one function)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from . import __version__, data, evaluate, models, presets, train
+from .config import DataConfig, override
+from .errors import CnnlabError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x")) if "x" in text.lower() else (int(text),) * 2
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 32 or 32x48") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 32 or 32x48")
+    return h, w
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder, or an image-folder tree "
+                   "(default: $CNNLAB_DATA, ~/.cache/cnnlab, ~/.keras/datasets, else download)")
+    p.add_argument("--image-size", type=_size, metavar="HxW", help="resize image-folder data to this size")
+    p.add_argument("--val-fraction", type=_positive_float, default=0.1,
+                   help="share of train/ held out when an image folder has no test/ (default 0.1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="inspect a data set")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    _add_data_args(dsub.add_parser("info", help="format, classes, image size, counts per class and split"))
+
+    p = sub.add_parser("summary", help="a Keras-style table of a model's layers and parameters")
+    p.add_argument("--model", default="seed", choices=sorted(models.MODELS))
+    _add_data_args(p)
+
+    sub.add_parser("presets", help="list the training presets")
+
+    p = sub.add_parser("train", help="train a model, then evaluate it (flags override the preset)")
+    _add_data_args(p)
+    p.add_argument("--preset", default="seed", help=f"one of: {', '.join(presets.PRESETS)} (default seed)")
+    p.add_argument("--model", choices=sorted(models.MODELS))
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--augment", help="augmentation: none, seed, ...")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--subset", type=_positive_int, metavar="N", help="train on a stratified subset of N images")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<timestamp>-<preset>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
+
+    p = sub.add_parser("evaluate", help="test loss, accuracy, per-class scores and confusion matrix of a run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data", metavar="PATH", help="data to evaluate on (default: the run's own)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("predict", help="classify image files with a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top-k", type=_positive_int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def _data_config(args: argparse.Namespace, **extra) -> DataConfig:
+    return DataConfig(path=args.data, image_size=args.image_size, val_fraction=args.val_fraction, **extra)
+
+
+def _load(args: argparse.Namespace) -> data.Dataset:
+    c = _data_config(args)
+    return data.load_dataset(c.path, val_fraction=c.val_fraction, image_size=c.image_size)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    if args.resume:
+        train.resume(args.resume, args.data)
+        return
+    cfg = override(presets.get(args.preset), model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision)
+    subset = args.subset
+    if args.dry_run:
+        subset = subset or 512
+        cfg = override(cfg, epochs=args.epochs or 1)
+    train.train(cfg, _data_config(args, subset=subset), preset=args.preset, out=args.out)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "data":
+        print(data.info(_load(args)))
+    elif args.command == "summary":
+        if args.data:
+            ds = _load(args)
+            shape, k = (ds.channels, *ds.image_size), ds.num_classes
+        else:  # CIFAR-10's shape, without reading (or downloading) anything
+            shape, k = (3, *(args.image_size or (32, 32))), 10
+        print(models.summary(models.build(args.model, shape[0], k, shape[1:]), shape))
+    elif args.command == "presets":
+        for name, cfg in presets.PRESETS.items():
+            print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    elif args.command == "train":
+        cmd_train(args)
+    elif args.command == "evaluate":
+        print(evaluate.format_metrics(evaluate.evaluate_run(args.run_dir, args.data, device=args.device)))
+        print(f"\nwrote metrics.json and confusion_matrix.csv/.json/.png in {args.run_dir}")
+    elif args.command == "predict":
+        results = evaluate.predict_files(args.run_dir, args.images, args.top_k, args.device)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            for r in results:
+                preds = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+                print(f"{r['image']}: {preds}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except CnnlabError as e:
+        print(f"cnnlab: error: {e}", file=sys.stderr)
+        return 2
+    except train.Interrupted as e:
+        print(f"cnnlab: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("cnnlab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line for users, the traceback on request
+        if os.environ.get("CNNLAB_DEBUG"):
+            raise
+        print(f"cnnlab: internal error: {type(e).__name__}: {e} (set CNNLAB_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""One dataclass per concern. Presets (presets.py) fill them in; command-line flags override fields."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # None: $CNNLAB_DATA, ~/.cache/cnnlab, ~/.keras/datasets, then download
+    val_fraction: float = 0.1  # held out of train/ only when an image folder has no test/
+    split_seed: int = 0  # the held-out split must not move between runs, whatever the training seed
+    image_size: tuple[int, int] | None = None  # None: the size of the first training image
+    subset: int | None = None  # train on a seeded, stratified subset of this many images
+
+
+@dataclass
+class TrainConfig:
+    model: str = "seed"
+    epochs: int = 15
+    batch_size: int = 64
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decays (or SGD: momentum, unused)
+    eps: float = 1e-7  # Keras' Adam epsilon; PyTorch's default is 1e-8
+    weight_decay: float = 0.0
+    nesterov: bool = False  # SGD only
+    schedule: str = "constant"  # constant | onecycle (linear warm-up then linear decay to zero)
+    warmup: float = 0.0  # fraction of all steps spent warming up (onecycle)
+    label_smoothing: float = 0.0
+    augment: str = "none"  # a name from cnnlab.augment.AUGMENTS
+    normalize: str = "unit"  # unit: pixels / 255 as the tutorial does; meanstd: per-channel standardization
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # auto | fp32 | bf16 | fp16
+    eval_batch_size: int = 1000  # evaluation has no gradients, so large batches are cheap
+
+
+def override(cfg, **changes):
+    """A copy of dataclass `cfg` with the non-None `changes` applied (unknown names are an error)."""
+    names = {f.name for f in fields(cfg)}
+    unknown = set(changes) - names
+    if unknown:
+        raise TypeError(f"unknown config fields: {sorted(unknown)}")
+    return type(cfg)(**{**asdict(cfg), **{k: v for k, v in changes.items() if v is not None}})
+
+
+def from_dict(cls, d: dict):
+    """Rebuild a config from its JSON form (lists back to tuples), ignoring fields it does not know."""
+    names = {f.name: f for f in fields(cls)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+    return cls(**kwargs)

@@ -1,0 +1,312 @@
+"""Data sets in memory: find them, read any supported layout, cache the decoded pixels, split them.
+
+Every layout ends up as the same `Dataset`: uint8 image tensors (N, C, H, W) and int64 labels.
+Normalization happens later, on whole batches (see `Normalization`), so the set stays small in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from . import cifar
+from .errors import CnnlabError
+from .files import atomic_path
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
+
+
+# ---------------------------------------------------------------------------------------------------
+# The in-memory data set
+
+
+@dataclass
+class Dataset:
+    x_train: torch.Tensor  # (N, C, H, W) uint8
+    y_train: torch.Tensor  # (N,) int64
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+    format: str  # cifar-python | cifar-binary | image-folder
+    source: str  # the path it was read from
+    split: str  # where the test set came from, recorded in each run
+
+    @property
+    def channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.x_train.shape[2:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, n: int, seed: int) -> Dataset:
+        """A seeded, stratified subset of `n` training images (the test set stays whole)."""
+        if n >= len(self.y_train):
+            return self
+        idx = stratified_pick(self.y_train, n, seed, self.num_classes)
+        return Dataset(self.x_train[idx], self.y_train[idx], self.x_test, self.y_test, self.classes,
+                       self.format, self.source, self.split)
+
+
+@dataclass
+class Normalization:
+    """How uint8 pixels become network inputs: x / 255, then (x - mean) / std per channel."""
+
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    @staticmethod
+    def fit(x: torch.Tensor) -> Normalization:
+        """Per-channel statistics of a uint8 (N, C, H, W) set, on the [0, 1] scale."""
+        xf = x.float().div_(255)
+        return Normalization(tuple(xf.mean((0, 2, 3)).tolist()), tuple(xf.std((0, 2, 3)).tolist()))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255)
+        c = x.shape[1]
+        mean = torch.tensor(self.mean, device=x.device).expand(c).view(1, c, 1, 1)
+        std = torch.tensor(self.std, device=x.device).expand(c).view(1, c, 1, 1)
+        return (x - mean) / std
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stratified_pick(y: torch.Tensor, count: int, seed: int, num_classes: int) -> torch.Tensor:
+    """Indices of `count` items with each class in proportion, chosen by a seeded shuffle, sorted.
+
+    Shares are rounded by largest remainder, so the total is exactly `count`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.bincount(y, minlength=num_classes).double()
+    exact = sizes * count / max(len(y), 1)
+    take = exact.floor()
+    extra = count - int(take.sum())
+    take[torch.argsort(exact - take, descending=True, stable=True)[:extra]] += 1
+    picked = []
+    for c in range(num_classes):
+        idx = (y == c).nonzero().flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:int(take[c])]])
+    return torch.cat(picked).sort().values
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the data lives
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab")
+
+
+def _find_cifar_in(folder: Path) -> Path | None:
+    for name in ("cifar-10-batches-py", cifar.ARCHIVE_NAME, "cifar-10-batches-bin", "cifar-10-batches-py.tar.gz"):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def resolve_path(path: str | os.PathLike | None, download: bool = True) -> Path:
+    """`--data`, else $CNNLAB_DATA, else ~/.cache/cnnlab/, else ~/.keras/datasets/, else download."""
+    if path is None and os.environ.get("CNNLAB_DATA"):
+        path = os.environ["CNNLAB_DATA"]
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise CnnlabError(f"data path {p} does not exist")
+        return p
+    for folder in (cache_dir(), Path.home() / ".keras" / "datasets"):
+        found = _find_cifar_in(folder)
+        if found:
+            return found
+    if not download:
+        raise CnnlabError("no CIFAR-10 found in $CNNLAB_DATA, ~/.cache/cnnlab or ~/.keras/datasets; pass --data PATH")
+    return cifar.download(cache_dir() / cifar.ARCHIVE_NAME)
+
+
+def detect_format(path: Path) -> tuple[str, Path]:
+    """Name the layout at `path` and the exact path its reader takes."""
+    if path.is_file():
+        if path.name.endswith((".tar.gz", ".tgz", ".tar")):
+            return "cifar-python", path
+        raise CnnlabError(f"{path} is a file but not a CIFAR-10 .tar.gz archive")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CnnlabError(f"cannot read data folder {path}: permission denied")
+    if (path / "data_batch_1").is_file():
+        return "cifar-python", path
+    if (path / "data_batch_1.bin").is_file():
+        return "cifar-binary", path
+    if (path / "train").is_dir():
+        return "image-folder", path
+    for sub in ("cifar-10-batches-py", "cifar-10-batches-bin"):
+        if (path / sub).is_dir():
+            return detect_format(path / sub)
+    raise CnnlabError(
+        f"unknown data layout at {path}: expected a CIFAR-10 archive, cifar-10-batches-py/, "
+        "cifar-10-batches-bin/, or an image folder with train/<class>/ subfolders")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _class_files(split_dir: Path, classes: list[str] | None = None) -> list[tuple[Path, int]]:
+    names = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = names
+        if not classes:
+            raise CnnlabError(f"{split_dir} has no class folders")
+    items = []
+    for name in names:
+        if name not in classes:
+            raise CnnlabError(f"{split_dir / name} is a class that {split_dir.parent / 'train'} does not have")
+        files = sorted(f for f in (split_dir / name).iterdir()
+                       if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+        if not files:
+            raise CnnlabError(f"class folder {split_dir / name} has no images (.png .jpg .jpeg .bmp .webp)")
+        items += [(f, classes.index(name)) for f in files]
+    return items
+
+
+def _decode(file: Path, size: tuple[int, int] | None) -> np.ndarray:
+    """One image as an (H, W, 3) or (H, W) uint8 array, resized to `size` (H, W) when given."""
+    try:
+        with Image.open(file) as im:
+            im.load()
+            gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+            im = im.convert("L" if gray else "RGB")
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CnnlabError(f"cannot read image {file}: {e}") from None
+
+
+def read_image_folder(root: Path, image_size: tuple[int, int] | None = None):
+    """Decode `root/train/<class>/*` and, when present, `root/test/<class>/*`.
+
+    Images are resized to `image_size`, or to the size of the first training image. The set is
+    grayscale only when every image is; otherwise grayscale images are repeated to three channels.
+    """
+    train_items = _class_files(root / "train")
+    classes = sorted({d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith(".")})
+    test_items = _class_files(root / "test", classes) if (root / "test").is_dir() else []
+    if image_size is None:
+        image_size = _decode(train_items[0][0], None).shape[:2]
+    files = [f for f, _ in train_items + test_items]
+    # PIL releases the GIL while decoding, so threads overlap the two cores.
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        arrays = list(tqdm(pool.map(lambda f: _decode(f, image_size), files, chunksize=256),
+                           total=len(files), desc=f"decoding {root.name}", unit="img", leave=False))
+    rgb = any(a.ndim == 3 for a in arrays)
+    arrays = [np.repeat(a[:, :, None], 3, 2) if rgb and a.ndim == 2 else a for a in arrays]
+    x = np.stack(arrays)
+    x = x.transpose(0, 3, 1, 2) if rgb else x[:, None]
+    y = np.array([c for _, c in train_items + test_items], dtype=np.int64)
+    n = len(train_items)
+    test = (x[n:], y[n:]) if test_items else None
+    return (x[:n], y[:n]), test, classes
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoded-pixel cache
+
+
+def fingerprint(path: Path) -> str:
+    """A key that changes when any file under `path` changes path, size or modification time."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}:{path.resolve()}".encode())
+    stack = [path]
+    while stack:
+        p = stack.pop()
+        if p.is_dir():
+            with os.scandir(p) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for e in entries:
+                if e.is_dir():
+                    stack.append(Path(e.path))
+                else:
+                    st = e.stat()
+                    h.update(f"{e.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        else:
+            st = p.stat()
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _read_source(fmt: str, path: Path, image_size: tuple[int, int] | None):
+    if fmt == "cifar-python":
+        return cifar.read_python(path)
+    if fmt == "cifar-binary":
+        return cifar.read_binary(path)
+    return read_image_folder(path, image_size)
+
+
+def _load_arrays(fmt: str, path: Path, image_size: tuple[int, int] | None, use_cache: bool):
+    key = fingerprint(path) + (f"-{image_size[0]}x{image_size[1]}" if image_size else "")
+    cache_file = cache_dir() / "decoded" / f"{key}.npz"
+    if use_cache and cache_file.is_file():
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                test = (z["x_test"], z["y_test"]) if "x_test" in z else None
+                return (z["x_train"], z["y_train"]), test, json.loads(str(z["classes"]))
+        except (OSError, ValueError, KeyError):
+            pass  # an unreadable cache file is rebuilt below
+    train, test, classes = _read_source(fmt, path, image_size)
+    if use_cache:
+        arrays = {"x_train": train[0], "y_train": train[1], "classes": np.array(json.dumps(classes))}
+        if test is not None:
+            arrays.update(x_test=test[0], y_test=test[1])
+        try:
+            with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        except OSError:
+            pass  # a read-only cache only costs speed
+    return train, test, classes
+
+
+def load_dataset(path: str | os.PathLike | None = None, *, val_fraction: float = 0.1, split_seed: int = 0,
+                 image_size: tuple[int, int] | None = None, use_cache: bool = True) -> Dataset:
+    """Find, read (or take from the cache) and split a data set. See `resolve_path` for the search order."""
+    fmt, src = detect_format(resolve_path(path))
+    (x, y), test, classes = _load_arrays(fmt, src, image_size, use_cache)
+    num_classes = int(y.max()) + 1 if len(y) else 0
+    if len(classes) < num_classes:
+        classes = classes + [str(i) for i in range(len(classes), num_classes)]
+    x_t, y_t = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    if test is not None:
+        split = "official test set" if fmt.startswith("cifar") else "test/ folder"
+        return Dataset(x_t, y_t, torch.from_numpy(np.ascontiguousarray(test[0])), torch.from_numpy(test[1]),
+                       classes, fmt, str(src.resolve()), split)
+    val = stratified_pick(y_t, round(val_fraction * len(y_t)), split_seed, len(classes))
+    keep = torch.ones(len(y_t), dtype=torch.bool)
+    keep[val] = False
+    split = f"stratified {val_fraction:.0%} of train/ held out (seed {split_seed})"
+    return Dataset(x_t[keep], y_t[keep], x_t[val], y_t[val], classes, fmt, str(src.resolve()), split)
+
+
+def info(ds: Dataset) -> str:
+    """A human-readable description: format, classes, image size, counts per class and split."""
+    tr, te = Counter(ds.y_train.tolist()), Counter(ds.y_test.tolist())
+    h, w = ds.image_size
+    width = max(len("class"), *(len(c) for c in ds.classes))
+    lines = [f"source:      {ds.source}", f"format:      {ds.format}",
+             f"image size:  {h}x{w}, {ds.channels} channel{'s' if ds.channels > 1 else ''}",
+             f"classes:     {ds.num_classes}", f"test split:  {ds.split}", "",
+             f"{'class':<{width}}  {'train':>7}  {'test':>7}"]
+    lines += [f"{c:<{width}}  {tr.get(i, 0):>7}  {te.get(i, 0):>7}" for i, c in enumerate(ds.classes)]
+    lines.append(f"{'total':<{width}}  {len(ds.y_train):>7}  {len(ds.y_test):>7}")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""Test-set evaluation (loss, accuracy, per-class scores, confusion matrix) and prediction on image files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from . import data, files, report, runs
+from .data import Dataset, Normalization
+from .device import autocast, pick_device, pick_precision
+from .errors import CnnlabError
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, norm: Normalization, device: torch.device,
+                   dtype: torch.dtype = torch.float32, batch_size: int = 1000) -> torch.Tensor:
+    """Float32 logits on the CPU for a uint8 image tensor, computed in large batches."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = norm(x[i:i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            out.append(model(xb).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def loss_and_accuracy(model, x, y, norm, device, dtype=torch.float32, batch_size=1000) -> tuple[float, float]:
+    logits = predict_logits(model, x, norm, device, dtype, batch_size)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """cm[i, j] = how many images of true class i were predicted as class j."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def per_class_scores(cm: np.ndarray, classes: list[str]) -> dict:
+    """Precision, recall, F1 and support per class, with macro and support-weighted averages."""
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    rows = [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)]
+    weights = support / max(support.sum(), 1)
+
+    def avg(w):
+        return {"precision": float((precision * w).sum()), "recall": float((recall * w).sum()),
+                "f1": float((f1 * w).sum()), "support": int(support.sum())}
+    return {"per_class": rows, "macro_avg": avg(np.full(len(classes), 1 / max(len(classes), 1))),
+            "weighted_avg": avg(weights)}
+
+
+def write_confusion_matrix(run_dir: Path, cm: np.ndarray, classes: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *classes])
+    writer.writerows([c, *map(int, row)] for c, row in zip(classes, cm, strict=True))
+    files.write_text(run_dir / "confusion_matrix.csv", buf.getvalue())
+    files.write_json(run_dir / "confusion_matrix.json",
+                     {"classes": classes, "rows": "true", "columns": "predicted", "matrix": cm.tolist()})
+    report.save_figure(report.plot_confusion_matrix(cm, classes), run_dir / "confusion_matrix.png")
+
+
+def evaluate_run(run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
+                 device: str = "auto") -> dict:
+    """Evaluate a run's final weights on its test set; writes metrics.json and the confusion matrix."""
+    run_dir = Path(run_dir)
+    dev = pick_device(device)
+    model, meta = runs.load_model(run_dir, dev)
+    if dataset is None:
+        config = runs.read_json(run_dir / "config.json", "is it a run directory?")["data"]
+        dataset = data.load_dataset(data_path or config["path"], val_fraction=config["val_fraction"],
+                                    split_seed=config["split_seed"], image_size=tuple(meta["image_size"]))
+    if dataset.classes != meta["classes"]:
+        raise CnnlabError(f"the data at {dataset.source} has classes {dataset.classes}, "
+                          f"but the run was trained on {meta['classes']}")
+    norm = Normalization(**{k: tuple(v) for k, v in meta["normalization"].items()})
+    dtype = pick_precision(meta.get("precision", "fp32"), dev)
+    logits = predict_logits(model, dataset.x_test, norm, dev, dtype)
+    y = dataset.y_test
+    cm = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), len(meta["classes"]))
+    metrics = {"test_loss": F.cross_entropy(logits, y).item() if len(y) else float("nan"),
+               "test_accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "test_images": int(len(y)),
+               "data": dataset.source, **per_class_scores(cm, meta["classes"]),
+               "classes": meta["classes"], "confusion_matrix": cm.tolist()}
+    files.write_json(run_dir / "metrics.json", metrics)
+    write_confusion_matrix(run_dir, cm, meta["classes"])
+    return metrics
+
+
+def format_metrics(m: dict) -> str:
+    """The tutorial's printout (test loss and accuracy) followed by a per-class table."""
+    width = max(12, *(len(r["class"]) for r in m["per_class"]))
+    lines = [f"Test loss: {m['test_loss']:.4f}", f"Test accuracy: {m['test_accuracy']:.4f}", "",
+             f"{'':<{width}}  precision  recall  f1-score  support"]
+    rows = [(r["class"], r) for r in m["per_class"]] + [("macro avg", m["macro_avg"]),
+                                                       ("weighted avg", m["weighted_avg"])]
+    lines += [f"{name:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>8.4f}  {r['support']:>7}"
+              for name, r in rows]
+    return "\n".join(lines)
+
+
+def load_image(path: str | os.PathLike, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """One image file as a uint8 (C, H, W) tensor with the model's channels and size."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise CnnlabError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CnnlabError(f"cannot read image {path}: {e}") from None
+    t = torch.from_numpy(arr.copy())
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+def predict_files(run_dir: str | Path, paths: list[str], top_k: int = 3, device: str = "auto") -> list[dict]:
+    """Top-k class names and probabilities for each image file."""
+    dev = pick_device(device)
+    model, meta = runs.load_model(run_dir, dev)
+    x = torch.stack([load_image(p, meta["in_channels"], tuple(meta["image_size"])) for p in paths])
+    norm = Normalization(**{k: tuple(v) for k, v in meta["normalization"].items()})
+    probs = predict_logits(model, x, norm, dev).softmax(1)
+    k = max(1, min(top_k, probs.shape[1]))
+    top = probs.topk(k, dim=1)
+    return [{"image": str(p), "predictions": [{"class": meta["classes"][int(i)], "probability": float(v)}
+                                              for v, i in zip(vals, idxs, strict=True)]}
+            for p, vals, idxs in zip(paths, top.values, top.indices, strict=True)]
