@@ -17,33 +17,38 @@ from .errors import CnnlabError
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
-    return (torch.rand(n, generator=g) * (high - low) + low).to(device)
-
-
 def hflip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Mirror each image left-right with probability `p`."""
     mask = (torch.rand(len(x), generator=g) < p).to(x.device).view(-1, 1, 1, 1)
     return torch.where(mask, x.flip(3), x)
 
 
-def rotate_shift(x: torch.Tensor, g: torch.Generator, degrees: float, shift: float) -> torch.Tensor:
-    """Rotate by U(-degrees, degrees) about the centre and shift by U(-shift, shift) of the size.
+def affine(x: torch.Tensor, angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+    """Rotate each image by `angle` degrees about its centre and move its content right by `tx` and
+    down by `ty`, as fractions of its width and height.
 
-    Matches Keras' ImageDataGenerator(rotation_range, width_shift_range, height_shift_range):
-    bilinear sampling, with pixels outside the image filled from the nearest edge (fill_mode="nearest").
+    Bilinear sampling; pixels from outside the image take the nearest edge value (Keras' "nearest" fill).
     """
-    b, _, h, w = x.shape
-    angle = _uniform(b, -degrees, degrees, g, x.device) * (math.pi / 180)
-    tx = _uniform(b, -shift, shift, g, x.device) * 2  # a shift of s*W pixels is 2s in [-1, 1] coordinates
-    ty = _uniform(b, -shift, shift, g, x.device) * 2
-    cos, sin = angle.cos(), angle.sin()
-    # affine_grid works in [-1, 1] coordinates per axis; the h/w factors keep rotations rigid
-    # on non-square images.
-    theta = torch.stack([torch.stack([cos, -sin * h / w, tx], 1),
-                         torch.stack([sin * w / h, cos, ty], 1)], 1).to(x.dtype)
+    _, _, h, w = x.shape
+    rad = angle.to(x.device) * (math.pi / 180)
+    cos, sin = rad.cos(), rad.sin()
+    # affine_grid maps each output pixel to where it samples the input, in [-1, 1] coordinates per axis:
+    # moving content by s*W pixels means sampling 2s to the other side, and the h/w factors keep
+    # rotations rigid on non-square images.
+    theta = torch.stack([torch.stack([cos, -sin * h / w, -2 * tx.to(x.device)], 1),
+                         torch.stack([sin * w / h, cos, -2 * ty.to(x.device)], 1)], 1).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def rotate_shift(x: torch.Tensor, g: torch.Generator, degrees: float, shift: float) -> torch.Tensor:
+    """Random rotation U(-degrees, degrees) and shifts U(-shift, shift) of the size, per image.
+
+    What Keras' ImageDataGenerator(rotation_range, width_shift_range, height_shift_range) draws.
+    """
+    b = len(x)
+    u = torch.rand(3, b, generator=g) * 2 - 1
+    return affine(x, u[0] * degrees, u[1] * shift, u[2] * shift)
 
 
 def keras_tutorial(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -126,8 +126,9 @@ def md5sum(path: Path) -> str:
     return h.hexdigest()
 
 
-def download(dest: Path, url: str = URL, md5: str = MD5) -> Path:
+def download(dest: Path, url: str | None = None, md5: str | None = None) -> Path:
     """Download the archive to `dest` through a `.part` file; on any failure nothing is left behind."""
+    url, md5 = url or URL, md5 or MD5
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
