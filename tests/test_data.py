@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, make_tar_gz, write_cifar_python, write_image_folder
 
 from cnnlab import cifar, data
 from cnnlab.errors import CnnlabError
+from conftest import CLASSES, make_tar_gz, write_cifar_python, write_image_folder
 
 
 def expected(batches):

@@ -134,7 +134,8 @@ def download(dest: Path, url: str | None = None, md5: str | None = None) -> Path
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}", disable=None)
+            with bar:
                 for chunk in iter(lambda: resp.read(1 << 16), b""):
                     out.write(chunk)
                     bar.update(len(chunk))

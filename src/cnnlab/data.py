@@ -210,8 +210,9 @@ def read_image_folder(root: Path, image_size: tuple[int, int] | None = None):
     files = [f for f, _ in train_items + test_items]
     # PIL releases the GIL while decoding, so threads overlap the two cores.
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        arrays = list(tqdm(pool.map(lambda f: _decode(f, image_size), files, chunksize=256),
-                           total=len(files), desc=f"decoding {root.name}", unit="img", leave=False))
+        decoded = pool.map(lambda f: _decode(f, image_size), files, chunksize=256)
+        arrays = list(tqdm(decoded, total=len(files), desc=f"decoding {root.name}", unit="img", leave=False,
+                           disable=None))
     rgb = any(a.ndim == 3 for a in arrays)
     arrays = [np.repeat(a[:, :, None], 3, 2) if rgb and a.ndim == 2 else a for a in arrays]
     x = np.stack(arrays)

@@ -174,7 +174,7 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
                     bar.set_postfix(loss=f"{running['loss'] / running['seen']:.4f}",
                                     acc=f"{running['correct'] / running['seen']:.4f}",
                                     img_s=f"{running['seen'] / running['seconds']:,.0f}", refresh=False)
-                if STOP.is_set():
+                if STOP.is_set() and step < steps_per_epoch - 1:  # after the last step, finish the epoch
                     bar.close()
                     checkpoint(epoch, step + 1, g)
                     raise Interrupted(run_dir)

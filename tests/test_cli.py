@@ -1,0 +1,121 @@
+"""The command line: every subcommand works, and bad input gives one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cnnlab import cli
+from conftest import write_image_folder
+
+
+def run_cli(capsys, *args):
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_data_info(capsys, cifar_tar):
+    code, out, _ = run_cli(capsys, "data", "info", "--data", cifar_tar)
+    assert code == 0 and "format:      cifar-python" in out and "official test set" in out
+
+
+def test_summary_with_and_without_data(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "summary", "--model", "seed")
+    assert code == 0 and "Total params: 545,098" in out
+    root = write_image_folder(tmp_path / "g", classes=("a", "b"), per_class=2, size=(8, 8), mode="L")
+    code, out, _ = run_cli(capsys, "summary", "--data", root)
+    # 1 channel, 8x8, 2 classes: 320 + 18,496 + (64*2*2)*128+128 + 128*2+2
+    assert code == 0 and f"Total params: {320 + 18_496 + 256 * 128 + 128 + 258:,}" in out
+
+
+def test_presets_listed(capsys):
+    code, out, _ = run_cli(capsys, "presets")
+    assert code == 0 and out.startswith("seed: ") and "seed-aug: " in out and "augment=seed" in out
+
+
+def test_train_dry_run_evaluate_and_predict(capsys, tmp_path, cifar_python_dir):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--data", cifar_python_dir, "--dry-run", "--preset", "seed-aug",
+                             "--batch-size", "32", "--out", out_dir)
+    assert code == 0, err
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["preset"] == "seed-aug" and config["train"]["augment"] == "seed"
+    assert config["train"]["batch_size"] == 32 and config["train"]["epochs"] == 1
+    assert config["data"]["subset"] == 512
+    code, out, _ = run_cli(capsys, "evaluate", out_dir)
+    assert code == 0 and "Test accuracy:" in out and "weighted avg" in out
+    img = tmp_path / "x.png"
+    from PIL import Image
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(img)
+    code, out, _ = run_cli(capsys, "predict", out_dir, img, "--top-k", "2", "--json")
+    result = json.loads(out)
+    assert code == 0 and len(result[0]["predictions"]) == 2
+    code, out, _ = run_cli(capsys, "predict", out_dir, img)
+    assert code == 0 and out.startswith(f"{img}: ")
+
+
+def _bad_inputs(tmp_path, cifar_python_dir):
+    empty_class = write_image_folder(tmp_path / "e", per_class=2, size=(4, 4))
+    for f in (empty_class / "train" / "b").iterdir():
+        f.unlink()
+    truncated = write_image_folder(tmp_path / "t", per_class=2, size=(16, 16), ext=".jpg")
+    victim = truncated / "train" / "a" / "001.jpg"
+    victim.write_bytes(victim.read_bytes()[:60])
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    no_weights = tmp_path / "noweights"
+    no_weights.mkdir()
+    (tmp_path / "layout").mkdir()
+    return [
+        (["data", "info", "--data", tmp_path / "missing"], "does not exist"),
+        (["data", "info", "--data", tmp_path / "layout"], "unknown data layout"),
+        (["data", "info", "--data", empty_class], "class folder .*/train/b has no images"),
+        (["data", "info", "--data", truncated], "cannot read image .*001.jpg"),
+        (["evaluate", no_weights], "has no weights"),
+        (["evaluate", tmp_path / "nope"], "does not exist"),
+        (["predict", no_weights, not_image], "has no weights"),
+        (["train", "--resume", no_weights], "no config.json"),
+        (["train", "--preset", "bogus", "--data", cifar_python_dir], "unknown preset 'bogus'"),
+        (["train", "--augment", "bogus", "--data", cifar_python_dir, "--out", tmp_path / "x"],
+         "unknown augmentation 'bogus'"),
+    ]
+
+
+def test_bad_input_gives_one_line_and_status_2(capsys, tmp_path, cifar_python_dir):
+    import re
+    for args, message in _bad_inputs(tmp_path, cifar_python_dir):
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), (args, err)
+        assert re.search(message, lines[0]), (args, lines[0])
+
+
+def test_predict_on_a_file_that_is_not_an_image(capsys, tmp_path, cifar_python_dir):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--dry-run", "--out", str(run)]) == 0
+    capsys.readouterr()
+    (tmp_path / "notes.png").write_text("hello")
+    code, _, err = run_cli(capsys, "predict", run, tmp_path / "notes.png")
+    assert code == 2 and "cannot read image" in err and "notes.png" in err
+    code, _, err = run_cli(capsys, "predict", run, tmp_path / "absent.jpg")
+    assert code == 2 and "absent.jpg does not exist" in err
+
+
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--lr", "abc"], ["--subset", "-5"]])
+def test_bad_flags_exit_2(capsys, args):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *args])
+    assert e.value.code == 2
+
+
+def test_real_process_shows_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cnnlab.cli", "evaluate", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"cnnlab: error: {tmp_path} has no weights (model.safetensors); " \
+                                  "is it a finished training run?"

@@ -1,0 +1,98 @@
+"""Metrics against hand-computed values, the confusion-matrix files and heatmap, and prediction."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab import evaluate, report, train
+from cnnlab.config import DataConfig, TrainConfig
+from conftest import write_image_folder
+
+Y_TRUE = [0, 0, 1, 1, 2, 2, 2]
+Y_PRED = [0, 1, 1, 1, 2, 0, 2]
+
+
+def test_confusion_matrix_on_a_known_example():
+    cm = evaluate.confusion_matrix(Y_TRUE, Y_PRED, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 2]]
+    assert evaluate.confusion_matrix([3], [0], 4)[3, 0] == 1  # classes with no examples still get rows
+
+
+def test_per_class_scores_match_hand_computation():
+    scores = evaluate.per_class_scores(evaluate.confusion_matrix(Y_TRUE, Y_PRED, 3), ["a", "b", "c"])
+    rows = {r["class"]: r for r in scores["per_class"]}
+    assert rows["a"]["precision"] == pytest.approx(1 / 2) and rows["a"]["recall"] == pytest.approx(1 / 2)
+    assert rows["b"]["precision"] == pytest.approx(2 / 3) and rows["b"]["recall"] == pytest.approx(1.0)
+    assert rows["c"]["precision"] == pytest.approx(1.0) and rows["c"]["recall"] == pytest.approx(2 / 3)
+    assert [rows[c]["f1"] for c in "abc"] == pytest.approx([0.5, 0.8, 0.8])
+    assert [rows[c]["support"] for c in "abc"] == [2, 2, 3]
+    assert scores["macro_avg"]["f1"] == pytest.approx(0.7)
+    assert scores["weighted_avg"]["f1"] == pytest.approx(5 / 7)
+    assert scores["weighted_avg"]["recall"] == pytest.approx(5 / 7)  # weighted recall is accuracy
+
+
+def test_class_never_predicted_scores_zero_not_nan():
+    scores = evaluate.per_class_scores(evaluate.confusion_matrix([0, 1], [0, 0], 2), ["a", "b"])
+    assert scores["per_class"][1] == {"class": "b", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_heatmap_has_names_counts_and_axis_labels():
+    cm = evaluate.confusion_matrix(Y_TRUE, Y_PRED, 3)
+    fig = report.plot_confusion_matrix(cm, ["cat", "dog", "eel"])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "Predicted" and ax.get_ylabel() == "True"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog", "eel"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog", "eel"]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(str(v) for v in cm.flatten())
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A seed model trained on an easy image folder (class = brightest channel)."""
+    root = write_image_folder(tmp_path_factory.mktemp("imgs") / "set", per_class=40, size=(16, 16))
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train.train(TrainConfig(epochs=3, batch_size=16, normalize="meanstd"), DataConfig(path=str(root)), out=out,
+                log=lambda *a: None)
+    return root, out
+
+
+def test_evaluation_files_agree_with_the_model(trained_run):
+    root, run = trained_run
+    metrics = evaluate.evaluate_run(run)
+    cm = np.array(json.loads((run / "confusion_matrix.json").read_text())["matrix"])
+    assert cm.sum() == metrics["test_images"] == 60
+    assert metrics["test_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert metrics["test_accuracy"] > 0.9  # the task is easy: it must be learned
+    rows = list(csv.reader((run / "confusion_matrix.csv").open()))
+    assert rows[0] == ["true \\ predicted", "a", "b", "c"]
+    assert [[int(v) for v in r[1:]] for r in rows[1:]] == cm.tolist()
+    assert (run / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["test_accuracy"] == metrics["test_accuracy"] and len(saved["per_class"]) == 3
+
+
+def test_predict_any_size_and_mode(trained_run, tmp_path):
+    _, run = trained_run
+    big = np.zeros((50, 70, 3), dtype=np.uint8)
+    big[:, :, 2] = 230  # brightest in blue: class "c"
+    Image.fromarray(big).save(tmp_path / "blue.jpg")
+    Image.fromarray(big).convert("L").save(tmp_path / "gray.png")
+    results = evaluate.predict_files(run, [str(tmp_path / "blue.jpg"), str(tmp_path / "gray.png")], top_k=2)
+    assert [r["image"] for r in results] == [str(tmp_path / "blue.jpg"), str(tmp_path / "gray.png")]
+    blue = results[0]["predictions"]
+    assert len(blue) == 2 and blue[0]["class"] == "c"
+    assert blue[0]["probability"] >= blue[1]["probability"] and 0.5 < blue[0]["probability"] <= 1
+
+
+def test_predict_probabilities_match_evaluation(trained_run):
+    root, run = trained_run
+    test_file = sorted((root / "test" / "b").iterdir())[0]
+    top = evaluate.predict_files(run, [str(test_file)], top_k=3)[0]["predictions"]
+    assert sum(p["probability"] for p in top) == pytest.approx(1.0, abs=1e-5)
+    assert torch.tensor([p["probability"] for p in top]).diff().le(0).all()
