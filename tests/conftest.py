@@ -3,6 +3,7 @@ and a small real subset of ../shared/data/cifar10-jpeg."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import tarfile
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SHARED_JPEG = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg"
+# The JPEG copy of CIFAR-10 that developers and CI have beside the project; override with $CNNLAB_TEST_DATA.
+SHARED_JPEG = Path(os.environ.get("CNNLAB_TEST_DATA")
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg")
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
