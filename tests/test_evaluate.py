@@ -96,3 +96,10 @@ def test_predict_probabilities_match_evaluation(trained_run):
     top = evaluate.predict_files(run, [str(test_file)], top_k=3)[0]["predictions"]
     assert sum(p["probability"] for p in top) == pytest.approx(1.0, abs=1e-5)
     assert torch.tensor([p["probability"] for p in top]).diff().le(0).all()
+
+
+def test_evaluating_a_run_reuses_the_decoded_cache(trained_run, monkeypatch):
+    from cnnlab import data
+    data.load_dataset(trained_run[0])  # what training did: fill the cache with the run's own data settings
+    monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("evaluation decoded the images again"))
+    assert evaluate.evaluate_run(trained_run[1])["test_images"] == 60

@@ -86,6 +86,10 @@ class Normalization:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @staticmethod
+    def from_dict(d: dict) -> Normalization:
+        return Normalization(tuple(d["mean"]), tuple(d["std"]))
+
 
 def stratified_pick(y: torch.Tensor, count: int, seed: int, num_classes: int) -> torch.Tensor:
     """Indices of `count` items with each class in proportion, chosen by a seeded shuffle, sorted.

@@ -84,12 +84,16 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, *, dataset: 
     model, meta = runs.load_model(run_dir, dev)
     if dataset is None:
         config = runs.read_json(run_dir / "config.json", "is it a run directory?")["data"]
-        dataset = data.load_dataset(data_path or config["path"], val_fraction=config["val_fraction"],
-                                    split_seed=config["split_seed"], image_size=tuple(meta["image_size"]))
+        size = tuple(config["image_size"]) if config.get("image_size") else None
+        for attempt in (size, tuple(meta["image_size"])):  # the run's own setting first: same cache entry
+            dataset = data.load_dataset(data_path or config["path"], val_fraction=config["val_fraction"],
+                                        split_seed=config["split_seed"], image_size=attempt)
+            if list(dataset.image_size) == meta["image_size"]:
+                break
     if dataset.classes != meta["classes"]:
         raise CnnlabError(f"the data at {dataset.source} has classes {dataset.classes}, "
                           f"but the run was trained on {meta['classes']}")
-    norm = Normalization(**{k: tuple(v) for k, v in meta["normalization"].items()})
+    norm = Normalization.from_dict(meta["normalization"])
     dtype = pick_precision(meta.get("precision", "fp32"), dev)
     logits = predict_logits(model, dataset.x_test, norm, dev, dtype)
     y = dataset.y_test
@@ -136,7 +140,7 @@ def predict_files(run_dir: str | Path, paths: list[str], top_k: int = 3, device:
     dev = pick_device(device)
     model, meta = runs.load_model(run_dir, dev)
     x = torch.stack([load_image(p, meta["in_channels"], tuple(meta["image_size"])) for p in paths])
-    norm = Normalization(**{k: tuple(v) for k, v in meta["normalization"].items()})
+    norm = Normalization.from_dict(meta["normalization"])
     probs = predict_logits(model, x, norm, dev).softmax(1)
     k = max(1, min(top_k, probs.shape[1]))
     top = probs.topk(k, dim=1)

@@ -131,7 +131,7 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        norm = Normalization(**{k: tuple(v) for k, v in state["normalization"].items()})
+        norm = Normalization.from_dict(state["normalization"])
         torch.set_rng_state(state["torch_rng"])
         history, running = state["history"], state["running"]
         start_epoch, start_step = state["epoch"], state["step"]
