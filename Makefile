@@ -33,3 +33,18 @@ lint: $(BIN)/.dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# TensorFlow for benchmarks/vs_keras.py, kept out of the project's own environment.
+.venv-keras/bin/.tf:
+	$(PYTHON) -m venv .venv-keras
+	.venv-keras/bin/pip install -q tensorflow==2.21.0 pillow
+	touch $@
+
+.PHONY: bench-keras bench
+bench-keras: .venv-keras/bin/.tf
+
+bench: $(BIN)/.base bench-keras
+	$(BIN)/python benchmarks/data_load.py
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/vs_keras.py
+	$(BIN)/python benchmarks/time_to_accuracy.py --keras

@@ -112,11 +112,11 @@ def write_image_folder(root: Path, classes=("a", "b", "c"), per_class=6, size=(1
 
 @pytest.fixture(scope="session")
 def real_subset(tmp_path_factory) -> Path:
-    """200 training and 100 test images per class copied from the JPEG copy of CIFAR-10."""
+    """500 training and 100 test images per class copied from the JPEG copy of CIFAR-10."""
     if not SHARED_JPEG.is_dir():
         pytest.skip(f"real CIFAR-10 data not found at {SHARED_JPEG}")
     root = tmp_path_factory.mktemp("real") / "cifar10-subset"
-    for split, n in (("train", 200), ("test", 100)):
+    for split, n in (("train", 500), ("test", 100)):
         for c in CLASSES:
             dest = root / split / c
             dest.mkdir(parents=True)

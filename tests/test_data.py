@@ -194,5 +194,5 @@ def test_info_lists_format_classes_and_counts(cifar_python_dir):
 def test_real_jpeg_subset_loads(real_subset):
     ds = data.load_dataset(real_subset)
     assert ds.classes == CLASSES
-    assert ds.x_train.shape == (2000, 3, 32, 32) and ds.x_test.shape == (1000, 3, 32, 32)
+    assert ds.x_train.shape == (5000, 3, 32, 32) and ds.x_test.shape == (1000, 3, 32, 32)
     assert 80 < ds.x_train.float().mean() < 160  # natural photos, not blank or saturated

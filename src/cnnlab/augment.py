@@ -1,26 +1,76 @@
 """Data augmentation on whole batches of tensors: one call per batch, no per-image Python work.
 
-Every op takes a float batch (B, C, H, W) and a `torch.Generator`, so a seeded run draws the same
-augmentations on any device (the random numbers are drawn on the CPU, then moved).
+An augmentation is called as `aug(x, g, epoch=e, idx=i)`: a float batch (B, C, H, W), a
+`torch.Generator`, the epoch, and the batch's indices into the training set. Random numbers are drawn
+on the CPU from `g`, so a seeded run draws the same augmentations on any device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .errors import CnnlabError
 
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+class Augment(Protocol):
+    def __call__(self, x: torch.Tensor, g: torch.Generator, *, epoch: int, idx: torch.Tensor) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flips
 
 
 def hflip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Mirror each image left-right with probability `p`."""
     mask = (torch.rand(len(x), generator=g) < p).to(x.device).view(-1, 1, 1, 1)
     return torch.where(mask, x.flip(3), x)
+
+
+def alternating_flip(x: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Mirror half the images in even epochs and exactly the other half in odd ones.
+
+    Random flips show some images the same way several epochs running; alternating guarantees each
+    image is seen both ways every two epochs (airbench's finding: worth about as much as 20% more epochs).
+    Which half comes first is a fixed hash of the image's index.
+    """
+    first_half = ((idx.to(torch.int64) * 2654435761) >> 13) & 1  # Knuth's multiplicative hash, one bit
+    mask = (first_half ^ (epoch % 2)).bool().to(x.device).view(-1, 1, 1, 1)
+    return torch.where(mask, x.flip(3), x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Translations, crops, cutout
+
+
+def translate(x: torch.Tensor, g: torch.Generator, pad: int) -> torch.Tensor:
+    """Shift each image by up to `pad` pixels each way, filling the border by reflection (random crop)."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    oy, ox = torch.randint(0, 2 * pad + 1, (2, b), generator=g).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def cutout(x: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
+    """Zero one `size` x `size` square per image at a random place (partly off the edge is allowed)."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b,), generator=g).to(x.device)
+    cx = torch.randint(0, w, (b,), generator=g).to(x.device)
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    inside = ((ys - cy[:, None, None]).abs() <= size // 2) & ((xs - cx[:, None, None]).abs() <= size // 2)
+    return x.masked_fill(inside[:, None], 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rotation and shift (Keras' ImageDataGenerator)
 
 
 def affine(x: torch.Tensor, angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
@@ -51,14 +101,30 @@ def rotate_shift(x: torch.Tensor, g: torch.Generator, degrees: float, shift: flo
     return affine(x, u[0] * degrees, u[1] * shift, u[2] * shift)
 
 
-def keras_tutorial(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------------
+# Named pipelines (the `--augment` choices)
+
+
+def keras_tutorial(x: torch.Tensor, g: torch.Generator, **_) -> torch.Tensor:
     """The tutorial's ImageDataGenerator(rotation_range=20, shifts 0.2, horizontal_flip=True)."""
     return hflip(rotate_shift(x, g, degrees=20.0, shift=0.2), g)
 
 
+def flip_translate(x: torch.Tensor, g: torch.Generator, *, epoch: int, idx: torch.Tensor) -> torch.Tensor:
+    """airbench's augmentation: alternating flips and 2-pixel reflected translations."""
+    return translate(alternating_flip(x, idx, epoch), g, pad=2)
+
+
+def flip_translate_cutout(x: torch.Tensor, g: torch.Generator, *, epoch: int, idx: torch.Tensor) -> torch.Tensor:
+    """The same plus a 12-pixel cutout, for longer runs that would otherwise overfit."""
+    return cutout(flip_translate(x, g, epoch=epoch, idx=idx), g, size=12)
+
+
 AUGMENTS: dict[str, Augment] = {
-    "none": lambda x, g: x,
+    "none": lambda x, g, **_: x,
     "seed": keras_tutorial,
+    "flip-translate": flip_translate,
+    "flip-translate-cutout": flip_translate_cutout,
 }
 
 

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model, then evaluate it (flags override the preset)")
     _add_data_args(p)
-    p.add_argument("--preset", default="seed", help=f"one of: {', '.join(presets.PRESETS)} (default seed)")
+    p.add_argument("--preset", default="seed", help=f"one of: {', '.join(presets.PRESETS)} (default seed); "
+                   "see `cnnlab presets`")
     p.add_argument("--model", choices=sorted(models.MODELS))
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
@@ -77,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--subset", type=_positive_int, metavar="N", help="train on a stratified subset of N images")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where the CPU or GPU computes it natively, else fp32")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (GPUs)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<timestamp>-<preset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
@@ -110,7 +113,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         train.resume(args.resume, args.data)
         return
     cfg = override(presets.get(args.preset), model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                   lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision)
+                   lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
+                   compile=args.compile)
     subset = args.subset
     if args.dry_run:
         subset = subset or 512

@@ -21,18 +21,27 @@ class TrainConfig:
     batch_size: int = 64
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decays (or SGD: momentum, unused)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decays
     eps: float = 1e-7  # Keras' Adam epsilon; PyTorch's default is 1e-8
-    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
     nesterov: bool = False  # SGD only
-    schedule: str = "constant"  # constant | onecycle (linear warm-up then linear decay to zero)
-    warmup: float = 0.0  # fraction of all steps spent warming up (onecycle)
+    weight_decay: float = 0.0
+    per_1024: bool = False  # lr and weight_decay are per 1024 examples (airbench's convention, SGD only)
+    bias_lr_scale: float = 1.0  # BatchNorm shifts learn this many times faster (and decay as much slower)
+    schedule: str = "constant"  # constant | triangle (lr_start -> 1 at `warmup` of all steps -> lr_end)
+    warmup: float = 0.0  # triangle: where the peak is, as a fraction of all steps
+    lr_start: float = 0.0  # triangle: first step's learning rate, as a fraction of the peak
+    lr_end: float = 0.0  # triangle: last step's learning rate, as a fraction of the peak
     label_smoothing: float = 0.0
     augment: str = "none"  # a name from cnnlab.augment.AUGMENTS
     normalize: str = "unit"  # unit: pixels / 255 as the tutorial does; meanstd: per-channel standardization
+    lookahead: bool = False  # average the weights every 5 steps with a decay that rises to the end
+    whiten_bias_epochs: int | None = None  # airbench nets: stop training the whitening bias after this
+    tta: int = 0  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # auto | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the model: pays off on GPUs; on this CPU it was slower
     eval_batch_size: int = 1000  # evaluation has no gradients, so large batches are cheap
 
 

@@ -19,23 +19,39 @@ from .device import autocast, pick_device, pick_precision
 from .errors import CnnlabError
 
 
+def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
+    """(weight, batch) pairs to average logits over: 1 adds the mirror image, 2 adds 1-pixel shifts of both."""
+    if level <= 0:
+        return [(1.0, x)]
+    views = [x, x.flip(3)]
+    if level == 1:
+        return [(0.5, v) for v in views]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]
+    shifted = [up_left, up_left.flip(3), down_right, down_right.flip(3)]
+    return [(0.25, v) for v in views] + [(0.125, v) for v in shifted]
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, norm: Normalization, device: torch.device,
-                   dtype: torch.dtype = torch.float32, batch_size: int = 1000) -> torch.Tensor:
+                   dtype: torch.dtype = torch.float32, batch_size: int = 1000, tta: int = 0) -> torch.Tensor:
     """Float32 logits on the CPU for a uint8 image tensor, computed in large batches."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
-        xb = norm(x[i:i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            out.append(model(xb).float().cpu())
+        xb = norm(x[i:i + batch_size].to(device))
+        logits = 0
+        for weight, view in tta_views(xb, tta):
+            with autocast(device, dtype):
+                logits = logits + weight * model(view.contiguous(memory_format=torch.channels_last)).float()
+        out.append(logits.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 
-def loss_and_accuracy(model, x, y, norm, device, dtype=torch.float32, batch_size=1000) -> tuple[float, float]:
-    logits = predict_logits(model, x, norm, device, dtype, batch_size)
+def loss_and_accuracy(model, x, y, norm, device, dtype=torch.float32, batch_size=1000, tta=0) -> tuple[float, float]:
+    logits = predict_logits(model, x, norm, device, dtype, batch_size, tta)
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
@@ -95,7 +111,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, *, dataset: 
                           f"but the run was trained on {meta['classes']}")
     norm = Normalization.from_dict(meta["normalization"])
     dtype = pick_precision(meta.get("precision", "fp32"), dev)
-    logits = predict_logits(model, dataset.x_test, norm, dev, dtype)
+    logits = predict_logits(model, dataset.x_test, norm, dev, dtype, tta=meta.get("tta", 0))
     y = dataset.y_test
     cm = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), len(meta["classes"]))
     metrics = {"test_loss": F.cross_entropy(logits, y).item() if len(y) else float("nan"),
@@ -141,7 +157,7 @@ def predict_files(run_dir: str | Path, paths: list[str], top_k: int = 3, device:
     model, meta = runs.load_model(run_dir, dev)
     x = torch.stack([load_image(p, meta["in_channels"], tuple(meta["image_size"])) for p in paths])
     norm = Normalization.from_dict(meta["normalization"])
-    probs = predict_logits(model, x, norm, dev).softmax(1)
+    probs = predict_logits(model, x, norm, dev, tta=meta.get("tta", 0)).softmax(1)
     k = max(1, min(top_k, probs.shape[1]))
     top = probs.topk(k, dim=1)
     return [{"image": str(p), "predictions": [{"class": meta["classes"][int(i)], "probability": float(v)}

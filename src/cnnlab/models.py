@@ -93,3 +93,80 @@ def summary(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
     lines += [rule, f"Total params: {total:,}", f"Trainable params: {trainable:,}",
               f"Non-trainable params: {total - trainable:,}"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# An airbench94-shaped network (Keller Jordan's CIFAR-10 speed records), written for this project from
+# the published method: a frozen-statistics whitening conv, three conv groups with BatchNorm and GELU,
+# max-pooling down to one pixel, and a scaled linear head.
+
+
+class Whiten(nn.Conv2d):
+    """A 2x2 conv whose filters whiten image patches: set once from data by `init_from_data`."""
+
+    def __init__(self, in_channels: int, eps: float = 5e-4):
+        super().__init__(in_channels, 2 * in_channels * 4, kernel_size=2, bias=True)
+        self.eps = eps
+        self.weight.requires_grad_(False)  # the whitening is computed, never learned
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Filters = eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue), and their negatives.
+
+        Decorrelating the input this way lets the first trained layer learn at the same rate in every
+        direction, which is worth several epochs of plain training.
+        """
+        c = x.shape[1]
+        patches = x.float().unfold(2, 2, 1).unfold(3, 2, 1)  # (N, C, H-1, W-1, 2, 2)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4).double()
+        patches = patches - patches.mean(0)
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / (eigenvalues + self.eps).sqrt()[:, None]).view(c * 4, c, 2, 2)
+        self.weight.copy_(torch.cat([filters, -filters]).to(self.weight.dtype))
+
+
+class ConvGroup(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float):
+        def bn() -> nn.BatchNorm2d:
+            norm = nn.BatchNorm2d(c_out, momentum=bn_momentum, eps=1e-12)
+            norm.weight.requires_grad_(False)  # scale fixed at 1: only the shift is learned
+            return norm
+
+        super().__init__(OrderedDict(
+            conv1=nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), pool=nn.MaxPool2d(2), norm1=bn(),
+            act1=nn.GELU(), conv2=nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), norm2=bn(), act2=nn.GELU()))
+        for conv in (self.conv1, self.conv2):  # identity-like start: the first filters pass inputs through
+            nn.init.dirac_(conv.weight[:conv.in_channels])
+
+
+class AirNet(nn.Sequential):
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, int, int],
+                 bn_momentum: float = 0.4, scale: float = 1 / 9):
+        whiten = Whiten(in_channels)
+        super().__init__(OrderedDict(
+            whiten=whiten, act=nn.GELU(),
+            group1=ConvGroup(whiten.out_channels, widths[0], bn_momentum),
+            group2=ConvGroup(widths[0], widths[1], bn_momentum),
+            group3=ConvGroup(widths[1], widths[2], bn_momentum),
+            pool=nn.AdaptiveMaxPool2d(1), flatten=nn.Flatten(),
+            head=nn.Linear(widths[2], num_classes, bias=False)))
+        self.scale = scale  # small logits at the start keep early steps from saturating the softmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        self.whiten.init_from_data(x)
+
+
+def _airnet(widths: tuple[int, int, int]) -> Builder:
+    def build_airnet(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+        if min(image_size) < 16:
+            raise CnnlabError(f"airbench networks need images of at least 16x16 pixels, got {image_size}")
+        return AirNet(in_channels, num_classes, widths)
+    return build_airnet
+
+
+register("airbench94")(_airnet((64, 256, 256)))  # the published widths: the `fast` recipe
+register("airbench-s")(_airnet((16, 64, 128)))  # a narrow first group, where images are largest: `quick`

@@ -25,7 +25,40 @@ SEED_AUG = replace(
     augment="seed",  # rotation ±20°, width/height shift ±20%, horizontal flip, nearest fill
 )
 
-PRESETS: dict[str, TrainConfig] = {"seed": SEED, "seed-aug": SEED_AUG}
+# airbench94's method (Keller Jordan, 2024), written for this project: 94% on CIFAR-10 in 10 epochs.
+FAST = TrainConfig(
+    model="airbench94",  # whitening conv, conv groups 64/256/256 with BatchNorm and GELU
+    epochs=18,  # the published 9.9 epochs reached 90.7% on the JPEG copy in bf16; 18 fit the 20-minute budget
+    batch_size=1024,  # large batches keep both cores busy; lr and decay below are per 1024 examples
+    optimizer="sgd",
+    nesterov=True,  # looks ahead along the momentum: steadier at this high learning rate
+    momentum=0.85,
+    lr=11.5,  # per 1024 examples (see optim.make_optimizer): survives changes of batch size
+    weight_decay=0.0153,  # per 1024 examples, decoupled from the learning rate schedule
+    per_1024=True,
+    bias_lr_scale=64.0,  # BatchNorm shifts need far larger steps than the conv weights to move at all
+    schedule="triangle",  # linear warm-up from 0.2x to the peak at 23% of steps, then down to 0.07x
+    warmup=0.23,
+    lr_start=0.2,
+    lr_end=0.07,
+    label_smoothing=0.2,  # CIFAR labels are noisy at 32x32; soft targets generalize better
+    augment="flip-translate",  # alternating flips + 2-px reflected shifts: no more is useful in 10 epochs
+    normalize="meanstd",  # centred inputs suit the whitening layer and BatchNorm
+    lookahead=True,  # weight averaging every 5 steps: a free ensemble along the trajectory
+    whiten_bias_epochs=3,  # after that the whitening bias only adds noise
+    tta=2,  # average over mirror and 1-px shifts at test time: about +0.5 points
+)
+
+# The least wall time to beat the tutorial's 68%: the fast recipe on a quarter-width network, briefly.
+QUICK = replace(
+    FAST,
+    model="airbench-s",  # widths 16/64/128: about a seventh of airbench94's compute per image
+    epochs=1,  # one pass already beats the tutorial's 15 epochs
+    batch_size=256,  # 196 steps in the one epoch: measured 70.6% against 67.5% at batch 512, same time
+    whiten_bias_epochs=None,  # a single epoch is too short for freezing to matter
+)
+
+PRESETS: dict[str, TrainConfig] = {"seed": SEED, "seed-aug": SEED_AUG, "quick": QUICK, "fast": FAST}
 
 
 def get(name: str) -> TrainConfig:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from . import __version__, augment, data, evaluate, files, models, runs
@@ -27,8 +26,14 @@ from .config import DataConfig, TrainConfig, from_dict
 from .data import Dataset, Normalization
 from .device import autocast, pick_device, pick_precision, precision_name
 from .errors import CnnlabError
+from .optim import Lookahead, make_optimizer, make_schedule
 
 STOP = threading.Event()  # set by Ctrl-C; the loop checks it between steps so no update is cut in half
+
+
+def say(*args) -> None:
+    """Print and flush at once, so progress shows up in logs and pipes as it happens."""
+    print(*args, flush=True)
 
 
 class Interrupted(Exception):
@@ -37,34 +42,6 @@ class Interrupted(Exception):
     def __init__(self, run_dir: Path):
         super().__init__(f"interrupted; checkpoint saved. Continue with: cnnlab train --resume {run_dir}")
         self.run_dir = run_dir
-
-
-# ---------------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.betas[0], nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    raise CnnlabError(f"unknown optimizer {cfg.optimizer!r}; use adam or sgd")
-
-
-def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
-    if cfg.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    if cfg.schedule == "onecycle":
-        warm = max(1, round(cfg.warmup * total_steps))
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    raise CnnlabError(f"unknown schedule {cfg.schedule!r}; use constant or onecycle")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,8 +97,14 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
     aug = augment.get(cfg.augment)
     n = len(ds.y_train)
     steps_per_epoch = -(-n // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    if state is None and hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:5000]
+        model.init_from_data(norm(ds.x_train[sample]).to(device))
     opt = make_optimizer(cfg, model)
-    sched = make_schedule(cfg, opt, steps_per_epoch * cfg.epochs)
+    sched = make_schedule(cfg, opt, total_steps)
+    lookahead = Lookahead(model, total_steps) if cfg.lookahead else None
+    forward = torch.compile(model) if cfg.compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     history: list[dict] = []
     start_epoch, start_step = 0, 0
@@ -131,6 +114,8 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if lookahead is not None:
+            lookahead.load_state_dict(state["lookahead"])
         norm = Normalization.from_dict(state["normalization"])
         torch.set_rng_state(state["torch_rng"])
         history, running = state["history"], state["running"]
@@ -141,7 +126,8 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
     def checkpoint(epoch: int, step: int, g: torch.Generator | None) -> None:
         runs.save_checkpoint(run_dir, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+            "scaler": scaler.state_dict(), "lookahead": lookahead.state_dict() if lookahead else None,
+            "epoch": epoch, "step": step,
             "epoch_rng": g.get_state() if g is not None else None, "torch_rng": torch.get_rng_state(),
             "running": running, "history": history, "normalization": norm.to_dict()})
 
@@ -157,14 +143,18 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
             else:
                 running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
             model.train()
+            if cfg.whiten_bias_epochs is not None and hasattr(model, "whiten"):
+                model.whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"Epoch {epoch + 1}/{cfg.epochs}",
                        unit="step", leave=False, dynamic_ncols=True, disable=None)
             t0 = time.perf_counter() - running["seconds"]
             for step in range(first, steps_per_epoch):
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                xb = aug(norm(x_train[idx]), g).contiguous(memory_format=torch.channels_last)
+                xb = aug(norm(x_train[idx]), g, epoch=epoch, idx=idx).contiguous(memory_format=torch.channels_last)
                 yb = y_train[idx]
-                loss, correct = _train_step(model, opt, sched, scaler, xb, yb, cfg, device, dtype)
+                loss, correct = _train_step(forward, opt, sched, scaler, xb, yb, cfg, device, dtype)
+                if lookahead is not None:
+                    lookahead.step(model, epoch * steps_per_epoch + step + 1)
                 running["loss"] += loss.item() * len(idx)
                 running["correct"] += int(correct)
                 running["seen"] += len(idx)
@@ -180,7 +170,10 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
                     raise Interrupted(run_dir)
             bar.close()
             seconds = running["seconds"]
-            val = evaluate.loss_and_accuracy(model, ds.x_test, ds.y_test, norm, device, dtype, cfg.eval_batch_size)
+            # test-time augmentation multiplies evaluation cost; spend it only on the final weights
+            tta = cfg.tta if epoch == cfg.epochs - 1 else 0
+            val = evaluate.loss_and_accuracy(model, ds.x_test, ds.y_test, norm, device, dtype, cfg.eval_batch_size,
+                                             tta=tta)
             record = {"epoch": epoch + 1, "train_loss": running["loss"] / running["seen"],
                       "train_acc": running["correct"] / running["seen"], "val_loss": val[0], "val_acc": val[1],
                       "seconds": round(seconds, 3), "images_per_s": round(running["seen"] / seconds, 1)}
@@ -194,7 +187,7 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
                 raise Interrupted(run_dir)
     meta = {"model": cfg.model, "classes": ds.classes, "in_channels": ds.channels,
             "image_size": list(ds.image_size), "normalization": norm.to_dict(),
-            "params": models.count_params(model), "precision": precision_name(dtype),
+            "params": models.count_params(model), "precision": precision_name(dtype), "tta": cfg.tta,
             "epochs": cfg.epochs, "train_seconds": round(sum(h["seconds"] for h in history), 3)}
     runs.save_model(run_dir, model, meta)
 
@@ -216,7 +209,7 @@ def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log) -> Path:
 
 def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str = "custom",
           out: str | Path | None = None, runs_root: str | Path = "runs", dataset: Dataset | None = None,
-          log=print) -> Path:
+          log=say) -> Path:
     """Train, evaluate and return the run directory. `dataset` skips loading (already in memory)."""
     data_cfg = data_cfg or DataConfig()
     ds = dataset or _load_data(data_cfg, cfg.seed)
@@ -240,7 +233,7 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     return _finish(run_dir, ds, cfg, log)
 
 
-def resume(run_dir: str | Path, data_path: str | None = None, *, log=print) -> Path:
+def resume(run_dir: str | Path, data_path: str | None = None, *, log=say) -> Path:
     """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run."""
     run_dir = Path(run_dir)
     config = runs.read_json(run_dir / "config.json", "is it a run directory?")

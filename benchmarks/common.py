@@ -1,0 +1,60 @@
+"""Helpers shared by the benchmark scripts: where things are, running a command, saving results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cnnlab import files
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED = ROOT.parent / "shared"
+DATA = SHARED / "data" / "cifar10-jpeg"
+CNNLAB = [sys.executable, "-m", "cnnlab.cli"]
+KERAS_PYTHON = ROOT / ".venv-keras" / "bin" / "python"
+
+
+def machine() -> dict:
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def run(cmd: list[str], log: Path) -> tuple[float, int, int]:
+    """Run a command with its output going to `log`; return (wall seconds, exit code, peak RSS in MB)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, proc.returncode, usage.ru_maxrss // 1024
+
+
+def train_run(preset: str, out: Path, *extra: str) -> dict:
+    """Train a preset through the CLI; return its history, metrics and peak memory."""
+    seconds, code, rss = run([*CNNLAB, "train", "--data", str(DATA), "--preset", preset, "--out", str(out), *extra],
+                             out.with_suffix(".log"))
+    if code != 0:
+        sys.exit(f"cnnlab train --preset {preset} failed (exit {code}); see {out.with_suffix('.log')}")
+    history = json.loads((out / "history.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"history": history, "test_accuracy": metrics["test_accuracy"],
+            "train_seconds": round(sum(h["seconds"] for h in history), 1), "wall_seconds": round(seconds, 1),
+            "peak_rss_mb": rss}
+
+
+def save(name: str, result: dict) -> Path:
+    path = HERE / "results" / f"{name}.json"
+    files.write_json(path, result)
+    print(f"wrote {path}")
+    return path

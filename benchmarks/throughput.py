@@ -1,0 +1,88 @@
+"""Training images per second per model and precision, and the achieved FLOP/s against this CPU's peak.
+
+    .venv/bin/python benchmarks/throughput.py [--steps 6]
+
+FLOPs per step are counted by torch.utils.flop_counter (forward + backward of convolutions and matrix
+products; element-wise work is not counted). The peak is measured, not looked up: the best FLOP/s of a
+large square matrix product in the same precision, which is what the convolutions could reach at most.
+Writes benchmarks/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from cnnlab import models
+from cnnlab.device import PRECISIONS, autocast
+from common import machine, save
+
+CASES = [("seed", 64), ("seed", 256), ("airbench-s", 512), ("airbench94", 512)]
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def train_step_rate(name: str, batch: int, dtype: torch.dtype, steps: int) -> tuple[float, float]:
+    """(images per second, FLOPs per step) of SGD training steps on random data."""
+    torch.manual_seed(0)
+    model = models.build(name).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    device = torch.device("cpu")
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    step()  # warm-up: oneDNN picks its kernels on the first calls
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - t0) / steps
+    return batch / seconds, counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    peaks = {p: matmul_peak(PRECISIONS[p]) for p in ("fp32", "bf16")}
+    rows = []
+    for name, batch in CASES:
+        for precision in ("fp32", "bf16"):
+            rate, flops = train_step_rate(name, batch, PRECISIONS[precision], args.steps)
+            achieved = rate / batch * flops
+            rows.append({"model": name, "batch": batch, "precision": precision, "images_per_s": round(rate),
+                         "gflop_per_image": round(flops / batch / 1e9, 4), "achieved_gflops": round(achieved / 1e9, 1),
+                         "fraction_of_peak": round(achieved / peaks[precision], 3)})
+            print(f"{name:<11} batch {batch:<4} {precision}: {rate:8,.0f} img/s  {achieved / 1e9:6.1f} GFLOP/s "
+                  f"({achieved / peaks[precision]:.0%} of the {peaks[precision] / 1e9:.0f} GFLOP/s matmul peak)",
+                  flush=True)
+    result = {"machine": machine(), "peak_gflops_measured_by_matmul": {k: round(v / 1e9, 1) for k, v in peaks.items()},
+              "peak_method": "best of 5 timed 2048x2048 matrix products in the same precision", "cases": rows}
+    print(json.dumps(result, indent=2))
+    save("throughput", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Optimizers, learning-rate schedules and lookahead weight averaging, built from a TrainConfig."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .errors import CnnlabError
+
+LOOKAHEAD_EVERY = 5  # steps between weight averages
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam([p for _, p in params], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "sgd":
+        raise CnnlabError(f"unknown optimizer {cfg.optimizer!r}; use adam or sgd")
+    lr, decay = cfg.lr, cfg.weight_decay
+    if cfg.per_1024:
+        # A step with momentum m moves the weights by about lr / (1 - m) in total, so 1024 examples with
+        # momentum contribute 1024 * (1 + 1 / (1 - m)) example-steps. Dividing by that keeps the update per
+        # example fixed when the batch size or momentum changes; times the batch for a mean (not summed) loss.
+        per_example = 1 / (1024 * (1 + 1 / (1 - cfg.momentum)))
+        lr = cfg.lr * per_example * cfg.batch_size
+        decay = cfg.weight_decay * per_example * cfg.batch_size / lr  # decoupled: lr * decay is fixed per step
+    norm_biases = [p for n, p in params if ".norm" in n]
+    others = [p for n, p in params if ".norm" not in n]
+    groups = [{"params": others, "lr": lr, "weight_decay": decay}]
+    if norm_biases:
+        scale = cfg.bias_lr_scale
+        groups.append({"params": norm_biases, "lr": lr * scale, "weight_decay": decay / scale})
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    if cfg.schedule == "triangle":
+        peak = cfg.warmup * total_steps
+
+        def factor(step: int) -> float:
+            if step < peak:
+                return cfg.lr_start + (1 - cfg.lr_start) * step / peak
+            return 1 + (cfg.lr_end - 1) * (step - peak) / max(total_steps - peak, 1)
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    raise CnnlabError(f"unknown schedule {cfg.schedule!r}; use constant or triangle")
+
+
+class Lookahead:
+    """Every few steps, pull the weights toward their running average, then continue from the average.
+
+    The averaging weight rises with the cube of progress, so early training moves freely and the end is
+    smoothed: about what a longer, decayed schedule would give, for free.
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int):
+        self.total_steps = total_steps
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def step(self, model: nn.Module, step: int) -> None:
+        """Call after optimizer step number `step` (counted from 1)."""
+        if step % LOOKAHEAD_EVERY == 0 or step == self.total_steps:
+            decay = 1.0 if step == self.total_steps else 0.95 ** LOOKAHEAD_EVERY * (step / self.total_steps) ** 3
+            self._update(model, decay)
+
+    @torch.no_grad()
+    def _update(self, model: nn.Module, decay: float) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.average:
+                self.average[k].lerp_(v, 1 - decay)
+                v.copy_(self.average[k])
+
+    def state_dict(self) -> dict:
+        return dict(self.average)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            self.average[k].copy_(v)

@@ -1,0 +1,205 @@
+"""The fast engine: batch augmentations, precision choice, optimizer scaling, schedules, lookahead,
+whitening, test-time augmentation, and the quick recipe on real data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cnnlab import augment, device, evaluate, models, optim, presets, train
+from cnnlab.config import DataConfig, TrainConfig, override
+
+
+def _grid(b=2, c=3, h=6, w=6):
+    return torch.arange(b * c * h * w, dtype=torch.float32).view(b, c, h, w)
+
+
+def test_translate_moves_whole_images_by_at_most_pad_pixels():
+    x = _grid(b=200, c=1, h=8, w=8)
+    out = augment.translate(x, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    offsets = set()
+    for i in range(len(x)):
+        # every output is one 8x8 window of the reflected image, at an offset within [0, 4]
+        match = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
+        assert len(match) == 1
+        offsets.add(match[0])
+    assert len(offsets) == 25  # all shifts occur
+
+
+def test_translate_is_seeded():
+    x = torch.rand(8, 3, 32, 32)
+    a = augment.translate(x, torch.Generator().manual_seed(3), 2)
+    assert torch.equal(a, augment.translate(x, torch.Generator().manual_seed(3), 2))
+    assert not torch.equal(a, augment.translate(x, torch.Generator().manual_seed(4), 2))
+
+
+def test_alternating_flip_flips_each_image_every_other_epoch():
+    x = torch.rand(1000, 3, 4, 4)
+    idx = torch.arange(1000)
+    even = augment.alternating_flip(x, idx, epoch=0)
+    odd = augment.alternating_flip(x, idx, epoch=1)
+    flipped_even = (even == x.flip(3)).flatten(1).all(1)
+    flipped_odd = (odd == x.flip(3)).flatten(1).all(1)
+    assert torch.equal(flipped_even, ~flipped_odd)  # exactly the other half next epoch
+    assert 400 < flipped_even.sum() < 600
+    assert torch.equal(augment.alternating_flip(x, idx, epoch=2), even)
+    assert torch.equal(even[~flipped_even], x[~flipped_even])
+
+
+def test_cutout_zeroes_one_square_per_image():
+    x = torch.ones(50, 3, 32, 32)
+    out = augment.cutout(x, torch.Generator().manual_seed(0), size=12)
+    zeros = (out == 0).all(1)  # all channels zeroed together
+    per_image = zeros.flatten(1).sum(1)
+    assert (per_image <= 13 * 13).all() and (per_image > 0).all()
+    assert ((out == 0) | (out == 1)).all()
+    ys, xs = zeros[0].nonzero(as_tuple=True)
+    assert zeros[0, ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()  # one solid rectangle
+
+
+@pytest.mark.parametrize("name", sorted(augment.AUGMENTS))
+def test_every_named_augmentation_keeps_shape_and_range(name):
+    x = torch.rand(16, 3, 32, 32)
+    out = augment.get(name)(x, torch.Generator().manual_seed(0), epoch=1, idx=torch.arange(16))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_precision_selection(monkeypatch):
+    cpu = torch.device("cpu")
+    assert device.pick_precision("fp32", cpu) == torch.float32
+    assert device.pick_precision("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert device.pick_precision("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert device.pick_precision("auto", cpu) == torch.float32
+    with pytest.raises(Exception, match="unknown precision"):
+        device.pick_precision("fp8", cpu)
+    assert device.precision_name(torch.bfloat16) == "bf16"
+
+
+def test_cpu_bf16_detection_reads_cpu_flags(tmp_path, monkeypatch):
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    assert device.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_auto_device_is_cpu_without_cuda():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert device.pick_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="no CUDA GPU"):
+            device.pick_device("cuda")
+
+
+def test_per_1024_scaling_keeps_the_step_per_example():
+    model = models.build("airbench-s")
+    a = optim.make_optimizer(override(presets.FAST, batch_size=1024), model)
+    b = optim.make_optimizer(override(presets.FAST, batch_size=256), model)
+    # mean loss: the per-example step lr / batch is the same; decoupled decay lr * wd per step scales with batch
+    assert a.param_groups[0]["lr"] / 1024 == pytest.approx(b.param_groups[0]["lr"] / 256)
+    kilostep = 1024 * (1 + 1 / (1 - 0.85))
+    assert a.param_groups[0]["lr"] == pytest.approx(11.5 / kilostep * 1024)
+    assert a.param_groups[0]["lr"] * a.param_groups[0]["weight_decay"] == pytest.approx(0.0153 * 1024 / kilostep)
+    # BatchNorm shifts: 64x the learning rate, the same decay per step
+    assert a.param_groups[1]["lr"] == pytest.approx(64 * a.param_groups[0]["lr"])
+    assert a.param_groups[1]["lr"] * a.param_groups[1]["weight_decay"] == \
+        pytest.approx(a.param_groups[0]["lr"] * a.param_groups[0]["weight_decay"])
+    assert all(p.requires_grad for g in a.param_groups for p in g["params"])
+
+
+def test_triangle_schedule():
+    cfg = TrainConfig(optimizer="sgd", lr=1.0, schedule="triangle", warmup=0.25, lr_start=0.2, lr_end=0.1)
+    opt = optim.make_optimizer(cfg, torch.nn.Linear(2, 2))
+    sched = optim.make_schedule(cfg, opt, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.2) and lrs[25] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)
+    assert lrs[99] == pytest.approx(1 + (0.1 - 1) * 74 / 75)
+
+
+def test_lookahead_averages_and_ends_on_the_average():
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(0.0)
+    la = optim.Lookahead(model, total_steps=10)
+    model.weight.data.fill_(1.0)
+    la.step(model, 5)  # decay 0.95^5 * 0.5^3
+    d = 0.95 ** 5 * 0.5 ** 3
+    assert model.weight.item() == pytest.approx(1 - d)
+    model.weight.data.fill_(2.0)
+    la.step(model, 7)  # not a multiple of 5: untouched
+    assert model.weight.item() == 2.0
+    la.step(model, 10)  # the last step: weights become the average, which moves no further (decay 1)
+    assert model.weight.item() == pytest.approx(1 - d)
+
+
+def test_whitening_layer_decorrelates_patches():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(400, 1, 16, 16, generator=g)
+    x = torch.cat([base, 0.5 * base + 0.1 * torch.rand(400, 1, 16, 16, generator=g),
+                   torch.rand(400, 1, 16, 16, generator=g)], 1)  # correlated channels
+    layer = models.Whiten(3, eps=0.0)
+    layer.init_from_data(x)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(x, layer.weight[:12])  # the positive half of the filters
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = torch.cov(flat.T.double())
+    assert torch.allclose(cov, torch.eye(12, dtype=torch.double), atol=0.05)
+
+
+def test_tta_views_and_weights():
+    x = torch.rand(2, 3, 8, 8)
+    for level, count in ((0, 1), (1, 2), (2, 6)):
+        views = evaluate.tta_views(x, level)
+        assert len(views) == count and sum(w for w, _ in views) == pytest.approx(1.0)
+        assert all(v.shape == x.shape for _, v in views)
+    assert torch.equal(evaluate.tta_views(x, 1)[1][1], x.flip(3))
+
+
+def test_tta_of_a_flip_invariant_model_changes_nothing():
+    class MeanModel(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+    x = (torch.rand(4, 3, 8, 8) * 255).to(torch.uint8)
+    norm = evaluate.Normalization()
+    plain = evaluate.predict_logits(MeanModel(), x, norm, torch.device("cpu"))
+    mirrored = evaluate.predict_logits(MeanModel(), x, norm, torch.device("cpu"), tta=1)
+    assert torch.allclose(plain, mirrored, atol=1e-6)
+
+
+def test_resume_with_lookahead_and_whitening_equals_uninterrupted(tmp_path, cifar_python_dir, monkeypatch):
+    cfg = override(presets.QUICK, epochs=2, batch_size=32, whiten_bias_epochs=1)
+    data_cfg = DataConfig(path=str(cifar_python_dir))
+    quiet = dict(log=lambda *a: None)
+    whole = train.train(cfg, data_cfg, out=tmp_path / "whole", **quiet)
+    real_step, calls = train._train_step, []
+
+    def step_then_stop(*args):
+        calls.append(1)
+        if len(calls) == 7:  # mid-epoch 2 of 5-step epochs
+            train.STOP.set()
+        return real_step(*args)
+    monkeypatch.setattr(train, "_train_step", step_then_stop)
+    with pytest.raises(train.Interrupted):
+        train.train(cfg, data_cfg, out=tmp_path / "cut", **quiet)
+    monkeypatch.setattr(train, "_train_step", real_step)
+    train.resume(tmp_path / "cut", **quiet)
+    assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
+
+
+def test_quick_recipe_one_epoch_on_real_subset(tmp_path, real_subset):
+    cfg = override(presets.QUICK, batch_size=64)  # 79 steps on 5,000 images
+    run = train.train(cfg, DataConfig(path=str(real_subset)), preset="quick", out=tmp_path / "q",
+                      log=lambda *a: None)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.3  # chance is 0.1; measured 0.348
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["model"] == "airbench-s" and meta["tta"] == 2
+    assert meta["precision"] == device.precision_name(device.pick_precision("auto", torch.device("cpu")))
