@@ -92,9 +92,10 @@ def write_confusion_matrix(run_dir: Path, cm: np.ndarray, classes: list[str]) ->
     report.save_figure(report.plot_confusion_matrix(cm, classes), run_dir / "confusion_matrix.png")
 
 
-def evaluate_run(run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
-                 device: str = "auto") -> dict:
-    """Evaluate a run's final weights on its test set; writes metrics.json and the confusion matrix."""
+def run_test_logits(run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
+                    device: str = "auto") -> tuple[torch.Tensor, dict, Dataset]:
+    """A run's final-weight logits on its test set (with the run's test-time augmentation), its
+    metadata, and the data set they came from."""
     run_dir = Path(run_dir)
     dev = pick_device(device)
     model, meta = runs.load_model(run_dir, dev)
@@ -111,15 +112,24 @@ def evaluate_run(run_dir: str | Path, data_path: str | None = None, *, dataset: 
                           f"but the run was trained on {meta['classes']}")
     norm = Normalization.from_dict(meta["normalization"])
     dtype = pick_precision(meta.get("precision", "fp32"), dev)
-    logits = predict_logits(model, dataset.x_test, norm, dev, dtype, tta=meta.get("tta", 0))
-    y = dataset.y_test
-    cm = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), len(meta["classes"]))
-    metrics = {"test_loss": F.cross_entropy(logits, y).item() if len(y) else float("nan"),
-               "test_accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "test_images": int(len(y)),
-               "data": dataset.source, **per_class_scores(cm, meta["classes"]),
-               "classes": meta["classes"], "confusion_matrix": cm.tolist()}
+    return predict_logits(model, dataset.x_test, norm, dev, dtype, tta=meta.get("tta", 0)), meta, dataset
+
+
+def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict:
+    cm = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), len(classes))
+    return {"test_loss": F.cross_entropy(logits, y).item() if len(y) else float("nan"),
+            "test_accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "test_images": int(len(y)),
+            **per_class_scores(cm, classes), "classes": classes, "confusion_matrix": cm.tolist()}
+
+
+def evaluate_run(run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
+                 device: str = "auto") -> dict:
+    """Evaluate a run's final weights on its test set; writes metrics.json and the confusion matrix."""
+    run_dir = Path(run_dir)
+    logits, meta, dataset = run_test_logits(run_dir, data_path, dataset=dataset, device=device)
+    metrics = {**metrics_from_logits(logits, dataset.y_test, meta["classes"]), "data": dataset.source}
     files.write_json(run_dir / "metrics.json", metrics)
-    write_confusion_matrix(run_dir, cm, meta["classes"])
+    write_confusion_matrix(run_dir, np.array(metrics["confusion_matrix"]), meta["classes"])
     return metrics
 
 

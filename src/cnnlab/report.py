@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import json
+import platform
 from pathlib import Path
 
 import matplotlib
@@ -29,9 +34,10 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: str | N
     im = ax.imshow(values, cmap="Blues")
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set(title=title, xlabel="Predicted", ylabel="True")
-    ticks = np.arange(k)
-    ax.set_xticks(ticks, classes, rotation=45, ha="right")
-    ax.set_yticks(ticks, classes)
+    step = max(1, int(np.ceil(k / 20)))  # at most about 20 labels per axis stay readable
+    ticks = np.arange(0, k, step)
+    ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=45, ha="right")
+    ax.set_yticks(ticks, [classes[i] for i in ticks])
     if k <= 20:  # beyond 20 classes the numbers would overlap
         threshold = values.max() / 2 if values.size else 0
         for i in range(k):
@@ -42,9 +48,134 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: str | N
     return fig
 
 
+def image_grid(images, titles: list[str], title: str, columns: int = 8) -> Figure:
+    """uint8 (N, C, H, W) images in a grid, each with its title (a text-only grid when images is None)."""
+    n = len(titles)
+    columns = max(1, min(columns, n))
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.1 * rows + 0.4), squeeze=False,
+                             layout="constrained")
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        if images is not None:
+            img = images[i].permute(1, 2, 0).cpu().numpy()
+            ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
+                      interpolation="nearest")
+        ax.set_title(titles[i], fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_per_class(rows: list[dict]) -> Figure:
+    """Grouped bars of precision, recall and F1 per class."""
+    names = [r["class"] for r in rows]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4), layout="constrained")
+    for offset, key in zip((-0.27, 0, 0.27), ("precision", "recall", "f1"), strict=True):
+        ax.bar(x + offset, [r[key] for r in rows], width=0.27, label=key)
+    step = max(1, int(np.ceil(len(names) / 30)))
+    ax.set_xticks(x[::step], names[::step], rotation=45, ha="right")
+    ax.set(ylim=(0, 1), xlabel="Class", ylabel="Score", title="Per-class precision, recall and F1")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_history(history: list[dict]) -> Figure:
+    """Loss and accuracy per epoch, training against validation."""
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    for ax, key, label in ((loss_ax, "loss", "Loss"), (acc_ax, "acc", "Accuracy")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="validation")
+        ax.set(xlabel="Epoch", ylabel=label, title=f"{label} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def plot_val_accuracy(curves: dict[str, list[dict]]) -> Figure:
+    """Validation accuracy per epoch of several runs, overlaid."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    for name, history in curves.items():
+        ax.plot([h["epoch"] for h in history], [h["val_acc"] for h in history], "o-", label=name)
+    ax.set(xlabel="Epoch", ylabel="Validation accuracy", title="Validation accuracy per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write a PNG atomically and free the figure."""
     with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The HTML report: one self-contained file, images embedded as data URIs
+
+
+def _img(fig: Figure, alt: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} .headline{display:flex;flex-wrap:wrap;gap:1.5em;font-size:1.1em;margin:1em 0}
+.headline div{background:#eef3fa;padding:.6em 1em;border-radius:6px} .headline b{display:block;font-size:1.4em}
+table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3} td:first-child{text-align:left} img{max-width:100%} .pair{display:flex;flex-wrap:wrap}
+.pair img{max-width:50%} pre{background:#f7f7f7;padding:1em;overflow-x:auto}"""
+
+
+def write_report(run_dir: str | Path, interp, out: str | Path | None = None) -> Path:
+    """Write report.html for a run from its Interpretation (see cnnlab.analysis)."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    meta = json.loads((run_dir / "model.json").read_text())
+    test_loss = float(interp.losses.mean()) if len(interp.losses) else float("nan")
+    train_s = sum(h["seconds"] for h in interp.history)
+    scores = interp.classification_report()
+    per_class = [[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
+                 for r in scores["per_class"]]
+    per_class += [[name, f"{a['precision']:.4f}", f"{a['recall']:.4f}", f"{a['f1']:.4f}", a["support"]]
+                  for name, a in (("macro avg", scores["macro_avg"]), ("weighted avg", scores["weighted_avg"]))]
+    confused = [[c.true, c.predicted, c.count] for c in interp.most_confused(10)]
+    environment = {**config.get("environment", {}), "python": platform.python_version(),
+                   "platform": platform.platform()}
+    headline = [("test accuracy", f"{interp.accuracy:.2%}"), ("test loss", f"{test_loss:.4f}"),
+                ("training time", f"{train_s:.1f} s"), ("model", meta["model"]),
+                ("preset", config.get("preset", "")), ("parameters", f"{meta['params']:,}")]
+    parts = [
+        f"<h1>cnnlab report: {html.escape(run_dir.name)}</h1>",
+        '<div class="headline">' + "".join(f"<div>{html.escape(k)}<b>{html.escape(v)}</b></div>"
+                                           for k, v in headline) + "</div>",
+        "<h2>Training curves</h2>", _img(interp.plot_history(), "training curves") if interp.history else
+        "<p>No history recorded.</p>",
+        "<h2>Confusion matrix</h2>", '<div class="pair">' + _img(interp.plot_confusion_matrix(), "confusion matrix")
+        + _img(interp.plot_confusion_matrix(normalize="true"), "row-normalized confusion matrix") + "</div>",
+        "<h2>Per class</h2>", _table(["class", "precision", "recall", "F1", "support"], per_class),
+        _img(interp.plot_per_class(), "per-class scores"),
+        "<h2>Most confused pairs</h2>", _table(["true", "predicted", "count"], confused),
+        "<h2>Top losses</h2>", _img(interp.plot_top_losses(16), "top losses"),
+        "<h2>Augmented training samples</h2>", _img(interp.plot_samples(), "augmented training samples"),
+        "<h2>Configuration</h2>", f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>",
+        "<h2>Environment</h2>", _table(["", "value"], [[k, v] for k, v in environment.items()]),
+    ]
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>cnnlab report: '
+            f"{html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+    out = Path(out) if out else run_dir / "report.html"
+    files.write_text(out, page)
+    return out

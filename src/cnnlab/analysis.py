@@ -1,0 +1,128 @@
+"""Where a trained classifier goes wrong: an interpretation object with verbs, after fastai's
+ClassificationInterpretation.
+
+    interp = Interpretation.from_run("runs/20261124-seed")
+    interp.most_confused(5)            # [("cat", "dog", 212), ...]
+    interp.plot_top_losses(16).savefig("top_losses.png")
+
+Predictions, probabilities and per-image losses are computed once, in the constructor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from . import augment, evaluate, report, runs
+from .config import TrainConfig, from_dict
+from .data import Dataset, Normalization
+
+
+@dataclass
+class Confusion:
+    true: str
+    predicted: str
+    count: int
+
+
+class Interpretation:
+    def __init__(self, classes: list[str], y_true: torch.Tensor, logits: torch.Tensor,
+                 images: torch.Tensor | None = None, history: list[dict] | None = None,
+                 train_images: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
+                 augment_name: str = "none", normalization: Normalization | None = None):
+        self.classes = list(classes)
+        self.y_true = y_true.long()
+        self.logits = logits.float()
+        self.probs = self.logits.softmax(1)
+        self.y_pred = self.logits.argmax(1)
+        self.losses = F.cross_entropy(self.logits, self.y_true, reduction="none")
+        self.images = images  # uint8 (N, C, H, W) test images, for pictures of mistakes
+        self.history = history or []
+        self.train_images, self.train_labels = train_images, train_labels
+        self.augment_name = augment_name
+        self.normalization = normalization or Normalization()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
+                 device: str = "auto") -> Interpretation:
+        run_dir = Path(run_dir)
+        logits, meta, ds = evaluate.run_test_logits(run_dir, data_path, dataset=dataset, device=device)
+        history_file = run_dir / "history.json"
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+        config = runs.read_json(run_dir / "config.json", "is it a run directory?")
+        train_cfg = from_dict(TrainConfig, config["train"])
+        return cls(meta["classes"], ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
+                   train_cfg.augment, Normalization.from_dict(meta["normalization"]))
+
+    # -- numbers -------------------------------------------------------------------------------------
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.y_pred == self.y_true).float().mean()) if len(self.y_true) else float("nan")
+
+    def confusion_matrix(self, normalize: str | None = None) -> np.ndarray:
+        """Counts (true down, predicted across), or rates: "true" rows sum to 1, "pred" columns do."""
+        cm = evaluate.confusion_matrix(self.y_true.numpy(), self.y_pred.numpy(), len(self.classes))
+        if normalize is None:
+            return cm
+        axis = {"true": 1, "pred": 0}[normalize]
+        return cm / np.maximum(cm.sum(axis, keepdims=True), 1)
+
+    def classification_report(self) -> dict:
+        """Per-class precision, recall, F1 and support, with macro and weighted averages."""
+        return evaluate.per_class_scores(self.confusion_matrix(), self.classes)
+
+    def most_confused(self, k: int = 10, min_count: int = 1) -> list[Confusion]:
+        """The k most frequent (true, predicted) mistakes, most frequent first."""
+        cm = self.confusion_matrix()
+        np.fill_diagonal(cm, 0)
+        order = np.argsort(-cm, axis=None, kind="stable")[:k]
+        pairs = [Confusion(self.classes[i], self.classes[j], int(cm[i, j]))
+                 for i, j in zip(*np.unravel_index(order, cm.shape), strict=True)]
+        return [p for p in pairs if p.count >= min_count]
+
+    def top_losses(self, k: int = 16) -> list[dict]:
+        """The k test images with the highest loss: index, true and predicted class, probability, loss."""
+        losses, idx = self.losses.topk(min(k, len(self.losses)))
+        return [{"index": int(i), "true": self.classes[int(self.y_true[i])],
+                 "predicted": self.classes[int(self.y_pred[i])], "probability": float(self.probs[i].max()),
+                 "loss": float(loss)} for loss, i in zip(losses, idx, strict=True)]
+
+    # -- pictures --------------------------------------------------------------------------------------
+
+    def plot_confusion_matrix(self, normalize: str | None = None, title: str | None = None) -> Figure:
+        title = title or ("Confusion matrix" if normalize is None else "Confusion matrix (row-normalized)")
+        return report.plot_confusion_matrix(self.confusion_matrix(), self.classes, normalize=normalize, title=title)
+
+    def plot_top_losses(self, k: int = 16) -> Figure:
+        rows = self.top_losses(k)
+        titles = [f"{r['true']} / {r['predicted']}\n{r['probability']:.2f} (loss {r['loss']:.2f})" for r in rows]
+        images = self.images[[r["index"] for r in rows]] if self.images is not None else None
+        return report.image_grid(images, titles, "Top losses: true / predicted, probability")
+
+    def plot_per_class(self) -> Figure:
+        return report.plot_per_class(self.classification_report()["per_class"])
+
+    def plot_history(self) -> Figure:
+        return report.plot_history(self.history)
+
+    def plot_samples(self, per_class: int = 4, seed: int = 0) -> Figure:
+        """Training images after the run's augmentation, `per_class` of each class (up to 10 classes)."""
+        g = torch.Generator().manual_seed(seed)
+        chosen = []
+        for c in range(min(len(self.classes), 10)):
+            idx = (self.train_labels == c).nonzero().flatten()
+            chosen.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+        idx = torch.cat(chosen)
+        x = self.train_images[idx].float() / 255
+        x = augment.get(self.augment_name)(x, g, epoch=0, idx=idx).clamp(0, 1)
+        images = (x * 255).round().to(torch.uint8)
+        titles = [self.classes[int(c)] for c in self.train_labels[idx]]
+        return report.image_grid(images, titles, f"Training samples after augmentation ({self.augment_name})",
+                                 columns=per_class * 2)
