@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 SHARED_DATA := ../shared/data/cifar10-jpeg
 DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean chromium
 
 $(BIN)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,15 @@ $(BIN)/.dev: $(BIN)/.base
 demo: $(BIN)/.base
 	$(BIN)/cnnlab train --preset seed $(if $(DATA),--data $(DATA),)
 
-test: $(BIN)/.dev
+test: $(BIN)/.dev chromium
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest -q
+
+# The report test opens report.html in Debian's chromium; where it cannot be installed, that test skips.
+chromium:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ; } \
+		|| echo "chromium is not installed: the browser test will be skipped"
 
 lint: $(BIN)/.dev
 	$(BIN)/ruff check src tests benchmarks

@@ -47,6 +47,7 @@ class Interpretation:
         self.train_images, self.train_labels = train_images, train_labels
         self.augment_name = augment_name
         self.normalization = normalization or Normalization()
+        self.source = ""  # where the test images came from
 
     @classmethod
     def from_run(cls, run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
@@ -57,8 +58,10 @@ class Interpretation:
         history = json.loads(history_file.read_text()) if history_file.is_file() else []
         config = runs.read_json(run_dir / "config.json", "is it a run directory?")
         train_cfg = from_dict(TrainConfig, config["train"])
-        return cls(meta["classes"], ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
-                   train_cfg.augment, Normalization.from_dict(meta["normalization"]))
+        interp = cls(meta["classes"], ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
+                     train_cfg.augment, Normalization.from_dict(meta["normalization"]))
+        interp.source = ds.source
+        return interp
 
     # -- numbers -------------------------------------------------------------------------------------
 

@@ -7,8 +7,10 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
-from . import __version__, data, evaluate, models, presets, train
+from . import __version__, data, evaluate, models, presets, report, runs, train
+from .analysis import Interpretation
 from .config import DataConfig, override
 from .errors import CnnlabError
 
@@ -84,11 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<timestamp>-<preset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
+    p.add_argument("--no-report", action="store_true", help="skip report.html at the end")
 
     p = sub.add_parser("evaluate", help="test loss, accuracy, per-class scores and confusion matrix of a run")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", metavar="PATH", help="data to evaluate on (default: the run's own)")
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("report", help="write report.html: curves, confusion matrices, mistakes, config")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data", metavar="PATH", help="data to evaluate on (default: the run's own)")
+    p.add_argument("--out", metavar="FILE", help="where to write the report (default RUN_DIR/report.html)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("runs", help="list training runs; --compare overlays their validation accuracy")
+    p.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="folder of runs (default runs/)")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="run directories to overlay in one PNG")
+    p.add_argument("--out", metavar="FILE", default="compare.png", help="PNG for --compare (default compare.png)")
 
     p = sub.add_parser("predict", help="classify image files with a trained run")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -110,7 +124,7 @@ def _load(args: argparse.Namespace) -> data.Dataset:
 
 def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
-        train.resume(args.resume, args.data)
+        train.resume(args.resume, args.data, with_report=not args.no_report)
         return
     cfg = override(presets.get(args.preset), model=args.model, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
@@ -119,7 +133,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.dry_run:
         subset = subset or 512
         cfg = override(cfg, epochs=args.epochs or 1)
-    train.train(cfg, _data_config(args, subset=subset), preset=args.preset, out=args.out)
+    train.train(cfg, _data_config(args, subset=subset), preset=args.preset, out=args.out,
+                with_report=not args.no_report)
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    if not args.compare:
+        print(runs.format_runs(runs.list_runs(args.dir)))
+        return
+    curves = {}
+    for run_dir in args.compare:
+        path = Path(run_dir)
+        curves[path.name] = runs.read_json(path / "history.json", "has it finished an epoch?")
+    print(f"wrote {report.save_figure(report.plot_val_accuracy(curves), args.out)}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -140,6 +166,11 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         print(evaluate.format_metrics(evaluate.evaluate_run(args.run_dir, args.data, device=args.device)))
         print(f"\nwrote metrics.json and confusion_matrix.csv/.json/.png in {args.run_dir}")
+    elif args.command == "report":
+        interp = Interpretation.from_run(args.run_dir, args.data, device=args.device)
+        print(f"wrote {report.write_report(args.run_dir, interp, args.out)}")
+    elif args.command == "runs":
+        cmd_runs(args)
     elif args.command == "predict":
         results = evaluate.predict_files(args.run_dir, args.images, args.top_k, args.device)
         if args.json:

@@ -122,15 +122,19 @@ def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, classes: list[str
             **per_class_scores(cm, classes), "classes": classes, "confusion_matrix": cm.tolist()}
 
 
+def save_metrics(run_dir: Path, logits: torch.Tensor, y: torch.Tensor, classes: list[str], source: str) -> dict:
+    """Write metrics.json and the confusion matrix files; return the metrics."""
+    metrics = {**metrics_from_logits(logits, y, classes), "data": source}
+    files.write_json(run_dir / "metrics.json", metrics)
+    write_confusion_matrix(run_dir, np.array(metrics["confusion_matrix"]), classes)
+    return metrics
+
+
 def evaluate_run(run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
                  device: str = "auto") -> dict:
     """Evaluate a run's final weights on its test set; writes metrics.json and the confusion matrix."""
-    run_dir = Path(run_dir)
     logits, meta, dataset = run_test_logits(run_dir, data_path, dataset=dataset, device=device)
-    metrics = {**metrics_from_logits(logits, dataset.y_test, meta["classes"]), "data": dataset.source}
-    files.write_json(run_dir / "metrics.json", metrics)
-    write_confusion_matrix(run_dir, np.array(metrics["confusion_matrix"]), meta["classes"])
-    return metrics
+    return save_metrics(Path(run_dir), logits, dataset.y_test, meta["classes"], dataset.source)
 
 
 def format_metrics(m: dict) -> str:

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from . import files  # noqa: E402
 
@@ -90,6 +91,7 @@ def plot_history(history: list[dict]) -> Figure:
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="validation")
         ax.set(xlabel="Epoch", ylabel=label, title=f"{label} per epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     return fig
@@ -101,6 +103,7 @@ def plot_val_accuracy(curves: dict[str, list[dict]]) -> Figure:
     for name, history in curves.items():
         ax.plot([h["epoch"] for h in history], [h["val_acc"] for h in history], "o-", label=name)
     ax.set(xlabel="Epoch", ylabel="Validation accuracy", title="Validation accuracy per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -93,3 +93,36 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     except Exception as e:
         raise CnnlabError(f"cannot load weights {weights_path}: {e}") from None
     return model.to(device).eval(), meta
+
+
+def list_runs(root: str | Path) -> list[dict]:
+    """One summary per run directory under `root` (those with a config.json), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CnnlabError(f"runs folder {root} does not exist")
+    rows = []
+    for d in sorted(p for p in root.iterdir() if (p / "config.json").is_file()):
+        try:
+            config = json.loads((d / "config.json").read_text())
+            history = json.loads((d / "history.json").read_text()) if (d / "history.json").is_file() else []
+            metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+        except (OSError, ValueError):
+            continue  # a damaged run is skipped, not fatal to the listing
+        rows.append({"name": d.name, "path": str(d), "preset": config.get("preset", ""),
+                     "model": config.get("train", {}).get("model", ""), "epochs": len(history),
+                     "planned_epochs": config.get("train", {}).get("epochs"),
+                     "test_accuracy": metrics.get("test_accuracy"),
+                     "train_seconds": round(sum(h["seconds"] for h in history), 1),
+                     "date": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "config.json").stat().st_mtime))})
+    return rows
+
+
+def format_runs(rows: list[dict]) -> str:
+    header = ["name", "preset", "model", "epochs", "test acc", "train s", "date"]
+    table = [[r["name"], r["preset"], r["model"], f"{r['epochs']}/{r['planned_epochs']}",
+              "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.2%}", f"{r['train_seconds']:.1f}",
+              r["date"]] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
+    return "\n".join(lines)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import __version__, augment, data, evaluate, files, models, runs
+from . import __version__, augment, data, evaluate, files, models, report, runs
+from .analysis import Interpretation
 from .config import DataConfig, TrainConfig, from_dict
 from .data import Dataset, Normalization
 from .device import autocast, pick_device, pick_precision, precision_name
@@ -198,18 +199,24 @@ def _load_data(data_cfg: DataConfig, seed: int) -> Dataset:
     return ds.subset(data_cfg.subset, seed) if data_cfg.subset else ds
 
 
-def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log) -> Path:
-    result = evaluate.evaluate_run(run_dir, dataset=ds, device=cfg.device)
+def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bool) -> Path:
+    """Evaluate the final weights, write metrics, confusion matrix and report, say where they are."""
+    interp = Interpretation.from_run(run_dir, dataset=ds, device=cfg.device)
+    result = evaluate.save_metrics(run_dir, interp.logits, interp.y_true, interp.classes, ds.source)
     log(evaluate.format_metrics(result))
+    outputs = ["model.safetensors", "metrics.json", "confusion_matrix.png", "history.csv"]
+    if with_report:
+        report.write_report(run_dir, interp)
+        outputs.append("report.html")
     log(f"\nrun directory: {run_dir}")
-    for name in ("model.safetensors", "metrics.json", "confusion_matrix.png", "history.csv"):
+    for name in outputs:
         log(f"  {name:<22}{run_dir / name}")
     return run_dir
 
 
 def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str = "custom",
           out: str | Path | None = None, runs_root: str | Path = "runs", dataset: Dataset | None = None,
-          log=say) -> Path:
+          with_report: bool = True, log=say) -> Path:
     """Train, evaluate and return the run directory. `dataset` skips loading (already in memory)."""
     data_cfg = data_cfg or DataConfig()
     ds = dataset or _load_data(data_cfg, cfg.seed)
@@ -230,10 +237,10 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     files.write_json(run_dir / "config.json", config)
     log(f"run directory: {run_dir}")
     _fit(run_dir, cfg, ds, None, log)
-    return _finish(run_dir, ds, cfg, log)
+    return _finish(run_dir, ds, cfg, log, with_report)
 
 
-def resume(run_dir: str | Path, data_path: str | None = None, *, log=say) -> Path:
+def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bool = True, log=say) -> Path:
     """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run."""
     run_dir = Path(run_dir)
     config = runs.read_json(run_dir / "config.json", "is it a run directory?")
@@ -248,4 +255,4 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, log=say) -> Pat
         return run_dir
     log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
     _fit(run_dir, cfg, ds, state, log)
-    return _finish(run_dir, ds, cfg, log)
+    return _finish(run_dir, ds, cfg, log, with_report)

@@ -1,0 +1,165 @@
+"""The interpretation verbs against hand-computed values, the plots, `cnnlab runs`, and the HTML report."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab import cli, train
+from cnnlab.analysis import Interpretation
+from cnnlab.config import DataConfig, TrainConfig
+from conftest import write_image_folder
+
+CLASSES = ["cat", "dog", "eel"]
+Y_TRUE = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+# logits chosen so the predictions are [0, 1, 1, 1, 2, 0, 2] with known probabilities
+LOGITS = torch.tensor([[2.0, 0, 0], [0, 1.0, 0], [0, 3.0, 0], [0, 2.0, 0], [0, 0, 4.0], [5.0, 0, 0], [0, 0, 1.0]])
+
+
+@pytest.fixture
+def interp():
+    images = torch.arange(7 * 3 * 4 * 4, dtype=torch.uint8).view(7, 3, 4, 4)
+    history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5 + e / 10, "val_loss": 1.2 / e,
+                "val_acc": 0.4 + e / 10, "seconds": 1.0, "images_per_s": 10.0} for e in (1, 2, 3)]
+    return Interpretation(CLASSES, Y_TRUE, LOGITS, images, history, images, torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+
+
+def test_confusion_matrix_counts_and_normalizations(interp):
+    assert interp.confusion_matrix().tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 2]]
+    rows = interp.confusion_matrix("true")
+    assert rows[2].tolist() == pytest.approx([1 / 3, 0, 2 / 3])
+    cols = interp.confusion_matrix("pred")
+    assert cols[:, 0].tolist() == pytest.approx([0.5, 0, 0.5])
+    assert interp.accuracy == pytest.approx(5 / 7)
+
+
+def test_classification_report(interp):
+    report = interp.classification_report()
+    assert [r["f1"] for r in report["per_class"]] == pytest.approx([0.5, 0.8, 0.8])
+    assert report["macro_avg"]["f1"] == pytest.approx(0.7)
+
+
+def test_most_confused_pairs_in_order(interp):
+    pairs = interp.most_confused(5)
+    assert [(p.true, p.predicted, p.count) for p in pairs] == [("cat", "dog", 1), ("eel", "cat", 1)]
+    assert interp.most_confused(1)[0].true == "cat"
+
+
+def test_top_losses_ordering_and_values(interp):
+    top = interp.top_losses(3)
+    # the worst is image 5 (an eel called cat with logit 5): loss = -log softmax([5, 0, 0])[2]
+    assert [t["index"] for t in top] == [5, 1, 6]
+    assert top[0] == {"index": 5, "true": "eel", "predicted": "cat",
+                      "probability": pytest.approx(math.exp(5) / (math.exp(5) + 2)),
+                      "loss": pytest.approx(math.log(math.exp(5) + 2))}
+    losses = [t["loss"] for t in interp.top_losses(7)]
+    assert losses == sorted(losses, reverse=True)
+
+
+def test_every_plot_returns_a_labelled_figure(interp, tmp_path):
+    cm = interp.plot_confusion_matrix()
+    assert (cm.axes[0].get_xlabel(), cm.axes[0].get_ylabel()) == ("Predicted", "True")
+    assert "row-normalized" in interp.plot_confusion_matrix(normalize="true").axes[0].get_title()
+    per_class = interp.plot_per_class().axes[0]
+    assert (per_class.get_xlabel(), per_class.get_ylabel()) == ("Class", "Score")
+    loss_ax, acc_ax = interp.plot_history().axes
+    assert (loss_ax.get_xlabel(), loss_ax.get_ylabel(), acc_ax.get_ylabel()) == ("Epoch", "Loss", "Accuracy")
+    assert [line.get_label() for line in acc_ax.get_lines()] == ["train", "validation"]
+    top = interp.plot_top_losses(4)
+    titles = [ax.get_title() for ax in top.axes if ax.get_title()]
+    assert titles[0].startswith("eel / cat\n") and len(titles) == 4
+    samples = interp.plot_samples(per_class=2)
+    assert sorted(ax.get_title() for ax in samples.axes if ax.get_title()) == ["cat", "cat", "dog", "dog", "eel", "eel"]
+    cm.savefig(tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hundred_classes_stay_readable():
+    k = 100
+    y = torch.arange(k).repeat(3)
+    logits = torch.nn.functional.one_hot((y + (y % 7 == 0).long()) % k, k).float()
+    interp = Interpretation([f"class_{i:03d}" for i in range(k)], y, logits)
+    ax = interp.plot_confusion_matrix().axes[0]
+    assert len(ax.texts) == 0  # no numbers in 10,000 cells
+    assert 5 <= len(ax.get_xticklabels()) <= 20 and 5 <= len(ax.get_yticklabels()) <= 20
+    assert len(interp.plot_per_class().axes[0].get_xticklabels()) <= 30
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = write_image_folder(tmp_path_factory.mktemp("imgs") / "set", per_class=20, size=(16, 16))
+    out = tmp_path_factory.mktemp("runs") / "runs" / "first"
+    train.train(TrainConfig(epochs=2, batch_size=16, augment="seed"), DataConfig(path=str(root)), preset="seed",
+                out=out, log=lambda *a: None)
+    return root, out
+
+
+def test_training_writes_a_self_contained_report(finished_run):
+    _, run = finished_run
+    page = (run / "report.html").read_text()
+    sections = ["Training curves", "Confusion matrix", "Per class", "Most confused pairs", "Top losses",
+                "Augmented training samples", "Configuration", "Environment"]
+    positions = [page.index(f"<h2>{s}</h2>") for s in sections]
+    assert positions == sorted(positions)  # in the order the issue lists
+    assert "test accuracy" in page and "parameters" in page
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 6
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from the network
+
+
+def test_runs_table_and_compare(finished_run, tmp_path, capsys):
+    root, first = finished_run
+    second = first.parent / "second"
+    if not second.exists():
+        train.train(TrainConfig(epochs=3, batch_size=16), DataConfig(path=str(root)), preset="seed", out=second,
+                    with_report=False, log=lambda *a: None)
+    assert cli.main(["runs", str(first.parent)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["name", "preset", "model"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["first", "second"]
+    assert lines[2].split()[3] == "3/3"
+    png = tmp_path / "cmp.png"
+    assert cli.main(["runs", "--compare", str(first), str(second), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["runs", str(tmp_path / "none")]) == 2
+
+
+def test_report_command_and_no_report_flag(finished_run, tmp_path, capsys, cifar_python_dir):
+    _, run = finished_run
+    out = tmp_path / "elsewhere.html"
+    assert cli.main(["report", str(run), "--out", str(out)]) == 0
+    assert out.read_text().startswith("<!doctype html>")
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--dry-run", "--no-report",
+                     "--out", str(tmp_path / "r")]) == 0
+    assert not (tmp_path / "r" / "report.html").exists() and (tmp_path / "r" / "metrics.json").exists()
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(finished_run):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    _, run = finished_run
+    artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    errors = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto((run / "report.html").as_uri())
+        sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        page.screenshot(path=str(artifacts / "report.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert len(sizes) == 6 and all(done and w > 0 and h > 0 for done, w, h in sizes)
+    assert (artifacts / "report.png").stat().st_size > 20_000
