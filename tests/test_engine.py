@@ -83,9 +83,15 @@ def test_precision_selection(monkeypatch):
     assert device.precision_name(torch.bfloat16) == "bf16"
 
 
-def test_cpu_bf16_detection_reads_cpu_flags(tmp_path, monkeypatch):
-    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
-    assert device.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+def test_cpu_bf16_detection_reads_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512bw\n")
+    assert not device.cpu_has_native_bf16(info)
+    info.write_text("processor : 0\nflags : fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    assert device.cpu_has_native_bf16(info)
+    info.write_text("flags : fpu amx_bf16 amx_tile\n")
+    assert device.cpu_has_native_bf16(info)
+    assert not device.cpu_has_native_bf16(tmp_path / "missing")
 
 
 def test_auto_device_is_cpu_without_cuda():
