@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from . import augment, evaluate, report, runs
 from .config import TrainConfig, from_dict
-from .data import Dataset, Normalization
+from .data import Dataset
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Interpretation:
     def __init__(self, classes: list[str], y_true: torch.Tensor, logits: torch.Tensor,
                  images: torch.Tensor | None = None, history: list[dict] | None = None,
                  train_images: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
-                 augment_name: str = "none", normalization: Normalization | None = None):
+                 augment_name: str = "none"):
         self.classes = list(classes)
         self.y_true = y_true.long()
         self.logits = logits.float()
@@ -46,8 +46,6 @@ class Interpretation:
         self.history = history or []
         self.train_images, self.train_labels = train_images, train_labels
         self.augment_name = augment_name
-        self.normalization = normalization or Normalization()
-        self.source = ""  # where the test images came from
 
     @classmethod
     def from_run(cls, run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
@@ -58,10 +56,8 @@ class Interpretation:
         history = json.loads(history_file.read_text()) if history_file.is_file() else []
         config = runs.read_json(run_dir / "config.json", "is it a run directory?")
         train_cfg = from_dict(TrainConfig, config["train"])
-        interp = cls(meta["classes"], ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
-                     train_cfg.augment, Normalization.from_dict(meta["normalization"]))
-        interp.source = ds.source
-        return interp
+        return cls(meta["classes"], ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
+                   train_cfg.augment)
 
     # -- numbers -------------------------------------------------------------------------------------
 

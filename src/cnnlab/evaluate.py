@@ -142,10 +142,8 @@ def format_metrics(m: dict) -> str:
     width = max(12, *(len(r["class"]) for r in m["per_class"]))
     lines = [f"Test loss: {m['test_loss']:.4f}", f"Test accuracy: {m['test_accuracy']:.4f}", "",
              f"{'':<{width}}  precision  recall  f1-score  support"]
-    rows = [(r["class"], r) for r in m["per_class"]] + [("macro avg", m["macro_avg"]),
-                                                       ("weighted avg", m["weighted_avg"])]
     lines += [f"{name:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>8.4f}  {r['support']:>7}"
-              for name, r in rows]
+              for name, r in report.score_rows(m)]
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from . import files  # noqa: E402
+from . import files, runs  # noqa: E402
 
 
 def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: str | None = None,
@@ -143,18 +143,21 @@ th{background:#f3f3f3} td:first-child{text-align:left} img{max-width:100%} .pair
 .pair img{max-width:50%} pre{background:#f7f7f7;padding:1em;overflow-x:auto}"""
 
 
+def score_rows(scores: dict) -> list[tuple[str, dict]]:
+    """(name, scores) per class, then the macro and weighted averages: the rows of a classification report."""
+    return [(r["class"], r) for r in scores["per_class"]] + [("macro avg", scores["macro_avg"]),
+                                                            ("weighted avg", scores["weighted_avg"])]
+
+
 def write_report(run_dir: str | Path, interp, out: str | Path | None = None) -> Path:
     """Write report.html for a run from its Interpretation (see cnnlab.analysis)."""
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    meta = json.loads((run_dir / "model.json").read_text())
+    config = runs.read_json(run_dir / "config.json", "is it a run directory?")
+    meta = runs.read_json(run_dir / "model.json", "is it a finished training run?")
     test_loss = float(interp.losses.mean()) if len(interp.losses) else float("nan")
     train_s = sum(h["seconds"] for h in interp.history)
-    scores = interp.classification_report()
-    per_class = [[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
-                 for r in scores["per_class"]]
-    per_class += [[name, f"{a['precision']:.4f}", f"{a['recall']:.4f}", f"{a['f1']:.4f}", a["support"]]
-                  for name, a in (("macro avg", scores["macro_avg"]), ("weighted avg", scores["weighted_avg"]))]
+    per_class = [[name, f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
+                 for name, r in score_rows(interp.classification_report())]
     confused = [[c.true, c.predicted, c.count] for c in interp.most_confused(10)]
     environment = {**config.get("environment", {}), "python": platform.python_version(),
                    "platform": platform.platform()}
