@@ -18,7 +18,7 @@ $(BIN)/.base: pyproject.toml
 	touch $@
 
 $(BIN)/.dev: $(BIN)/.base
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,deploy]'
 	touch $@
 
 demo: $(BIN)/.base

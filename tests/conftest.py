@@ -123,3 +123,36 @@ def real_subset(tmp_path_factory) -> Path:
             for f in sorted((SHARED_JPEG / split / c).iterdir())[:n]:
                 shutil.copy(f, dest / f.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, real_subset) -> Path:
+    """The `quick` recipe (airbench-s: whitening, BatchNorm, GELU, flip+shift test-time augmentation),
+    three epochs on the real subset: a small but complete model to export and serve."""
+    from cnnlab import presets, train
+    from cnnlab.config import DataConfig, override
+
+    out = tmp_path_factory.mktemp("runs") / "quick"
+    train.train(override(presets.get("quick"), epochs=3), DataConfig(path=str(real_subset)), preset="quick", out=out,
+                with_report=False, log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_onnx(tmp_path_factory, quick_run) -> Path:
+    from cnnlab import export
+
+    return Path(export.export_onnx(quick_run, tmp_path_factory.mktemp("onnx") / "quick.onnx")["path"])
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason="Debian's chromium is not installed (apt-get install chromium)")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def launch_chromium(playwright):
+    """Debian's headless chromium (Playwright's own download does not work offline), quiet and sandbox-free."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import torch
 from cnnlab import cli, train
 from cnnlab.analysis import Interpretation
 from cnnlab.config import DataConfig, TrainConfig
-from conftest import write_image_folder
+from conftest import ARTIFACTS, launch_chromium, needs_chromium, write_image_folder
 
 CLASSES = ["cat", "dog", "eel"]
 Y_TRUE = torch.tensor([0, 0, 1, 1, 2, 2, 2])
@@ -139,27 +136,21 @@ def test_report_command_and_no_report_flag(finished_run, tmp_path, capsys, cifar
     assert not (tmp_path / "r" / "report.html").exists() and (tmp_path / "r" / "metrics.json").exists()
 
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+@needs_chromium
 def test_report_renders_in_headless_chromium(finished_run):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     _, run = finished_run
-    artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(exist_ok=True)
     errors = []
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = launch_chromium(p)
         page = browser.new_page()
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto((run / "report.html").as_uri())
         sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
-        page.screenshot(path=str(artifacts / "report.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         browser.close()
     assert errors == []
     assert len(sizes) == 6 and all(done and w > 0 and h > 0 for done, w, h in sizes)
-    assert (artifacts / "report.png").stat().st_size > 20_000
+    assert (ARTIFACTS / "report.png").stat().st_size > 20_000

@@ -1,4 +1,8 @@
-"""The `cnnlab` command: a thin layer over the Python API (each subcommand calls one function)."""
+"""The `cnnlab` command: a thin layer over the Python API (each subcommand calls one function).
+
+Modules are imported by the subcommand that needs them: `cnnlab predict model.onnx` and
+`cnnlab serve model.onnx` run on onnxruntime and never import PyTorch.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__, data, evaluate, models, presets, report, runs, train
-from .analysis import Interpretation
+from . import __version__, presets
 from .config import DataConfig, override
-from .errors import CnnlabError
+from .errors import CnnlabError, Interrupted
+
+MODEL_NAMES = "seed, airbench94, airbench-s"  # kept in step with models.MODELS by a test
 
 
 def _positive_int(text: str) -> int:
@@ -63,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(dsub.add_parser("info", help="format, classes, image size, counts per class and split"))
 
     p = sub.add_parser("summary", help="a Keras-style table of a model's layers and parameters")
-    p.add_argument("--model", default="seed", choices=sorted(models.MODELS))
+    p.add_argument("--model", default="seed", help=f"one of: {MODEL_NAMES} (default seed)")
     _add_data_args(p)
 
     sub.add_parser("presets", help="list the training presets")
@@ -72,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--preset", default="seed", help=f"one of: {', '.join(presets.PRESETS)} (default seed); "
                    "see `cnnlab presets`")
-    p.add_argument("--model", choices=sorted(models.MODELS))
+    p.add_argument("--model", help=f"one of: {MODEL_NAMES}")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=_positive_float)
@@ -88,9 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
     p.add_argument("--no-report", action="store_true", help="skip report.html at the end")
 
-    p = sub.add_parser("evaluate", help="test loss, accuracy, per-class scores and confusion matrix of a run")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("evaluate", help="test loss, accuracy, per-class scores and confusion matrix of a run "
+                       "(or of an exported .onnx model, through onnxruntime)")
+    p.add_argument("run_dir", metavar="RUN_DIR|MODEL.onnx")
     p.add_argument("--data", metavar="PATH", help="data to evaluate on (default: the run's own)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("export", help="export a run as one ONNX file: uint8 images in, probabilities out")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", metavar="FILE", help="where to write it (default RUN_DIR/model.onnx)")
+    p.add_argument("--data", metavar="PATH", help="test images for the export check (default: the run's data)")
+
+    p = sub.add_parser("serve", help="a web page and JSON API that classify uploaded images")
+    p.add_argument("model", metavar="RUN_DIR|MODEL.onnx")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=_positive_int, default=1, help="server processes (default 1)")
+    p.add_argument("--max-upload-mb", type=_positive_float, default=10.0, help="per request (default 10)")
+    p.add_argument("--max-files", type=_positive_int, default=64, help="images per request (default 64)")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("report", help="write report.html: curves, confusion matrices, mistakes, config")
@@ -104,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", metavar="RUN", help="run directories to overlay in one PNG")
     p.add_argument("--out", metavar="FILE", default="compare.png", help="PNG for --compare (default compare.png)")
 
-    p = sub.add_parser("predict", help="classify image files with a trained run")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("predict", help="classify image files with a trained run or an exported .onnx model")
+    p.add_argument("run_dir", metavar="RUN_DIR|MODEL.onnx")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top-k", type=_positive_int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -117,12 +138,24 @@ def _data_config(args: argparse.Namespace, **extra) -> DataConfig:
     return DataConfig(path=args.data, image_size=args.image_size, val_fraction=args.val_fraction, **extra)
 
 
-def _load(args: argparse.Namespace) -> data.Dataset:
+def _load(args: argparse.Namespace):
+    from . import data
+
     c = _data_config(args)
     return data.load_dataset(c.path, val_fraction=c.val_fraction, image_size=c.image_size)
 
 
+def _check_model(name: str | None) -> None:
+    from . import models
+
+    if name is not None and name not in models.MODELS:
+        raise CnnlabError(f"unknown model {name!r}; choose one of: {', '.join(sorted(models.MODELS))}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from . import train
+
+    _check_model(args.model)
     if args.resume:
         train.resume(args.resume, args.data, with_report=not args.no_report)
         return
@@ -138,6 +171,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
+    from . import report, runs
+
     if not args.compare:
         print(runs.format_runs(runs.list_runs(args.dir)))
         return
@@ -148,10 +183,45 @@ def cmd_runs(args: argparse.Namespace) -> None:
     print(f"wrote {report.save_figure(report.plot_val_accuracy(curves), args.out)}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from . import deploy, evaluate
+
+    if deploy.is_onnx(args.run_dir):
+        print(evaluate.format_metrics(evaluate.evaluate_onnx(args.run_dir, args.data)))
+        return
+    print(evaluate.format_metrics(evaluate.evaluate_run(args.run_dir, args.data, device=args.device)))
+    print(f"\nwrote metrics.json and confusion_matrix.csv/.json/.png in {args.run_dir}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from . import deploy
+
+    results = deploy.predict_files(args.run_dir, args.images, args.top_k, args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        print(f"{r['image']}: " + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"]))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from . import serve
+
+    if not 0 <= args.port <= 65535:
+        raise CnnlabError(f"--port must be between 0 and 65535, got {args.port}")
+    serve.serve(serve.ServeConfig(model=args.model, host=args.host, port=args.port, workers=args.workers,
+                                  max_upload_mb=args.max_upload_mb, max_files=args.max_files, device=args.device))
+
+
 def run(args: argparse.Namespace) -> None:
     if args.command == "data":
+        from . import data
+
         print(data.info(_load(args)))
     elif args.command == "summary":
+        from . import models
+
+        _check_model(args.model)
         if args.data:
             ds = _load(args)
             shape, k = (ds.channels, *ds.image_size), ds.num_classes
@@ -164,21 +234,25 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "train":
         cmd_train(args)
     elif args.command == "evaluate":
-        print(evaluate.format_metrics(evaluate.evaluate_run(args.run_dir, args.data, device=args.device)))
-        print(f"\nwrote metrics.json and confusion_matrix.csv/.json/.png in {args.run_dir}")
+        cmd_evaluate(args)
+    elif args.command == "export":
+        from . import export
+
+        result = export.export_onnx(args.run_dir, args.out, args.data)
+        print(f"wrote {result['path']} in {result['seconds']} s; onnxruntime matches PyTorch on "
+              f"{result['checked_images']} test images (largest probability difference {result['max_abs_diff']:.1e})")
+    elif args.command == "serve":
+        cmd_serve(args)
     elif args.command == "report":
+        from . import report
+        from .analysis import Interpretation
+
         interp = Interpretation.from_run(args.run_dir, args.data, device=args.device)
         print(f"wrote {report.write_report(args.run_dir, interp, args.out)}")
     elif args.command == "runs":
         cmd_runs(args)
     elif args.command == "predict":
-        results = evaluate.predict_files(args.run_dir, args.images, args.top_k, args.device)
-        if args.json:
-            print(json.dumps(results, indent=2))
-        else:
-            for r in results:
-                preds = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
-                print(f"{r['image']}: {preds}")
+        cmd_predict(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     except CnnlabError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2
-    except train.Interrupted as e:
+    except Interrupted as e:
         print(f"cnnlab: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -1,5 +1,17 @@
-"""The one exception type users see: its message is printed as a single line by the CLI."""
+"""The exceptions users see: the CLI prints their message as a single line."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 
 class CnnlabError(Exception):
     """A problem the user can fix (bad path, bad data, bad flag). The CLI prints it and exits 2."""
+
+
+class Interrupted(Exception):
+    """Training stopped on request after saving a checkpoint. The CLI exits 130."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"interrupted; checkpoint saved. Continue with: cnnlab train --resume {run_dir}")
+        self.run_dir = run_dir

@@ -1,19 +1,17 @@
-"""Test-set evaluation (loss, accuracy, per-class scores, confusion matrix) and prediction on image files."""
+"""Test-set evaluation (loss, accuracy, per-class scores, confusion matrix) and PyTorch prediction."""
 
 from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from . import data, files, report, runs
+from . import __version__, data, files, report, runs
 from .data import Dataset, Normalization
 from .device import autocast, pick_device, pick_precision
 from .errors import CnnlabError
@@ -92,6 +90,21 @@ def write_confusion_matrix(run_dir: Path, cm: np.ndarray, classes: list[str]) ->
     report.save_figure(report.plot_confusion_matrix(cm, classes), run_dir / "confusion_matrix.png")
 
 
+def run_dataset(run_dir: Path, meta: dict, data_path: str | None = None) -> Dataset:
+    """The data set a run was trained on (or `data_path`), checked against the run's classes and size."""
+    config = runs.read_json(run_dir / "config.json", "is it a run directory?")["data"]
+    size = tuple(config["image_size"]) if config.get("image_size") else None
+    for attempt in (size, tuple(meta["image_size"])):  # the run's own setting first: same cache entry
+        dataset = data.load_dataset(data_path or config["path"], val_fraction=config["val_fraction"],
+                                    split_seed=config["split_seed"], image_size=attempt)
+        if list(dataset.image_size) == meta["image_size"]:
+            break
+    if dataset.classes != meta["classes"]:
+        raise CnnlabError(f"the data at {dataset.source} has classes {dataset.classes}, "
+                          f"but the run was trained on {meta['classes']}")
+    return dataset
+
+
 def run_test_logits(run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
                     device: str = "auto") -> tuple[torch.Tensor, dict, Dataset]:
     """A run's final-weight logits on its test set (with the run's test-time augmentation), its
@@ -99,17 +112,7 @@ def run_test_logits(run_dir: str | Path, data_path: str | None = None, *, datase
     run_dir = Path(run_dir)
     dev = pick_device(device)
     model, meta = runs.load_model(run_dir, dev)
-    if dataset is None:
-        config = runs.read_json(run_dir / "config.json", "is it a run directory?")["data"]
-        size = tuple(config["image_size"]) if config.get("image_size") else None
-        for attempt in (size, tuple(meta["image_size"])):  # the run's own setting first: same cache entry
-            dataset = data.load_dataset(data_path or config["path"], val_fraction=config["val_fraction"],
-                                        split_seed=config["split_seed"], image_size=attempt)
-            if list(dataset.image_size) == meta["image_size"]:
-                break
-    if dataset.classes != meta["classes"]:
-        raise CnnlabError(f"the data at {dataset.source} has classes {dataset.classes}, "
-                          f"but the run was trained on {meta['classes']}")
+    dataset = dataset or run_dataset(run_dir, meta, data_path)
     norm = Normalization.from_dict(meta["normalization"])
     dtype = pick_precision(meta.get("precision", "fp32"), dev)
     return predict_logits(model, dataset.x_test, norm, dev, dtype, tta=meta.get("tta", 0)), meta, dataset
@@ -147,31 +150,44 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
-def load_image(path: str | os.PathLike, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """One image file as a uint8 (C, H, W) tensor with the model's channels and size."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(im)
-    except FileNotFoundError:
-        raise CnnlabError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise CnnlabError(f"cannot read image {path}: {e}") from None
-    t = torch.from_numpy(arr.copy())
-    return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+class TorchPredictor:
+    """A run directory's final weights behind the same interface as deploy.OnnxPredictor: uint8 (N, H, W, C)
+    images in, probabilities out, with the run's normalization and test-time augmentation."""
+
+    def __init__(self, run_dir: str | Path, device: str = "auto"):
+        self.device = pick_device(device)
+        self.model, meta = runs.load_model(run_dir, self.device)
+        self.norm = Normalization.from_dict(meta["normalization"])
+        self.tta = meta.get("tta", 0)
+        metrics_path = Path(run_dir) / "metrics.json"
+        metrics = runs.read_json(metrics_path, "") if metrics_path.is_file() else {}
+        self.info = {"name": Path(run_dir).name, "format": "pytorch", "path": str(run_dir),
+                     "classes": meta["classes"], "channels": meta["in_channels"], "image_size": meta["image_size"],
+                     "source_run": str(Path(run_dir).resolve()), "test_accuracy": metrics.get("test_accuracy"),
+                     "cnnlab_version": __version__, "model": meta["model"]}
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        return predict_logits(self.model, x, self.norm, self.device, tta=self.tta).softmax(1).numpy()
 
 
-def predict_files(run_dir: str | Path, paths: list[str], top_k: int = 3, device: str = "auto") -> list[dict]:
-    """Top-k class names and probabilities for each image file."""
-    dev = pick_device(device)
-    model, meta = runs.load_model(run_dir, dev)
-    x = torch.stack([load_image(p, meta["in_channels"], tuple(meta["image_size"])) for p in paths])
-    norm = Normalization.from_dict(meta["normalization"])
-    probs = predict_logits(model, x, norm, dev, tta=meta.get("tta", 0)).softmax(1)
-    k = max(1, min(top_k, probs.shape[1]))
-    top = probs.topk(k, dim=1)
-    return [{"image": str(p), "predictions": [{"class": meta["classes"][int(i)], "probability": float(v)}
-                                              for v, i in zip(vals, idxs, strict=True)]}
-            for p, vals, idxs in zip(paths, top.values, top.indices, strict=True)]
+def evaluate_onnx(model_path: str | Path, data_path: str | None = None) -> dict:
+    """Test-set metrics of an exported model, computed by onnxruntime (nothing is written)."""
+    from .deploy import OnnxPredictor
+
+    predictor = OnnxPredictor(model_path)
+    info, config = predictor.info, predictor.info["data"] or {}
+    if not (data_path or config.get("path")):
+        raise CnnlabError(f"{model_path} does not say which data it was trained on; pass --data")
+    size = tuple(config["image_size"]) if config.get("image_size") else None
+    dataset = data.load_dataset(data_path or config["path"], val_fraction=config.get("val_fraction", 0.1),
+                                split_seed=config.get("split_seed", 0), image_size=size)
+    if dataset.classes != info["classes"] or list(dataset.image_size) != list(info["image_size"]):
+        raise CnnlabError(f"the data at {dataset.source} has classes {dataset.classes} and size "
+                          f"{list(dataset.image_size)}; the model expects {info['classes']} at {info['image_size']}")
+    x = dataset.x_test.permute(0, 2, 3, 1).numpy()
+    probs = np.concatenate([predictor.probabilities(x[i:i + 1000]) for i in range(0, len(x), 1000)] or
+                           [np.zeros((0, len(info["classes"])), np.float32)])
+    # log-probabilities are logits whose softmax is the probabilities themselves, so the loss is -log p(true)
+    logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, None)))
+    return {**metrics_from_logits(logits, dataset.y_test, info["classes"]), "data": dataset.source}

@@ -26,7 +26,7 @@ from .analysis import Interpretation
 from .config import DataConfig, TrainConfig, from_dict
 from .data import Dataset, Normalization
 from .device import autocast, pick_device, pick_precision, precision_name
-from .errors import CnnlabError
+from .errors import CnnlabError, Interrupted
 from .optim import Lookahead, make_optimizer, make_schedule
 
 STOP = threading.Event()  # set by Ctrl-C; the loop checks it between steps so no update is cut in half
@@ -35,14 +35,6 @@ STOP = threading.Event()  # set by Ctrl-C; the loop checks it between steps so n
 def say(*args) -> None:
     """Print and flush at once, so progress shows up in logs and pipes as it happens."""
     print(*args, flush=True)
-
-
-class Interrupted(Exception):
-    """Training stopped on request after saving a checkpoint."""
-
-    def __init__(self, run_dir: Path):
-        super().__init__(f"interrupted; checkpoint saved. Continue with: cnnlab train --resume {run_dir}")
-        self.run_dir = run_dir
 
 
 # ---------------------------------------------------------------------------------------------------

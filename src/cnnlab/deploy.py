@@ -1,0 +1,106 @@
+"""Using a trained model outside training: one `Predictor` interface over an ONNX file or a run directory.
+
+An ONNX file runs through onnxruntime with NumPy and Pillow only, so a deployment does not need PyTorch;
+a run directory runs through PyTorch (imported only then). Both take uint8 (N, H, W, C) images and give
+class probabilities, with the model's own normalization and test-time augmentation applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import CnnlabError
+from .images import MAX_PIXELS, decode_image
+
+METADATA_PREFIX = "cnnlab."
+
+
+class Predictor(Protocol):
+    info: dict  # name, format, classes, channels, image_size, source_run, test_accuracy, cnnlab_version
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, C) uint8 -> (N, classes) float32 probabilities."""
+        ...
+
+
+class OnnxPredictor:
+    """An exported model (see export.py) in onnxruntime."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise CnnlabError("running ONNX models needs onnxruntime: pip install 'cnnlab[deploy]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise CnnlabError(f"ONNX model {path} does not exist")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per physical core
+        options.log_severity_level = 3  # errors only: its warnings are not the user's business
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            raise CnnlabError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_PREFIX + "classes" not in meta:
+            raise CnnlabError(f"{path} was not exported by cnnlab (no class names in its metadata); "
+                              "use `cnnlab export RUN_DIR`")
+        self.input_name = self.session.get_inputs()[0].name
+        self.info = {
+            "name": path.stem, "format": "onnx", "path": str(path),
+            "classes": json.loads(meta[METADATA_PREFIX + "classes"]),
+            "channels": int(meta[METADATA_PREFIX + "channels"]),
+            "image_size": json.loads(meta[METADATA_PREFIX + "image_size"]),
+            "source_run": meta.get(METADATA_PREFIX + "source_run"),
+            "test_accuracy": json.loads(meta.get(METADATA_PREFIX + "test_accuracy", "null")),
+            "cnnlab_version": meta.get(METADATA_PREFIX + "version"),
+            "data": json.loads(meta.get(METADATA_PREFIX + "data", "null")),
+        }
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.uint8)})[0]
+
+
+def is_onnx(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(".onnx")
+
+
+def load_predictor(path: str | os.PathLike, device: str = "auto") -> Predictor:
+    """An ONNX file (onnxruntime) or a run directory (PyTorch)."""
+    if is_onnx(path):
+        return OnnxPredictor(path)
+    from .evaluate import TorchPredictor  # PyTorch only when a run directory is served
+
+    return TorchPredictor(path, device)
+
+
+def decode_for(predictor: Predictor, source: bytes | str | os.PathLike, name: str | None = None,
+               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    info = predictor.info
+    return decode_image(source, info["channels"], tuple(info["image_size"]), max_pixels, name)
+
+
+def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list[dict]]:
+    """Per row, the k most probable classes (highest first) as {"class", "probability"}."""
+    k = max(1, min(k, probs.shape[1]))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[{"class": classes[int(i)], "probability": float(row[i])} for i in idx]
+            for row, idx in zip(probs, order, strict=True)]
+
+
+def predict_files(model: str | os.PathLike, paths: list[str], k: int = 3, device: str = "auto",
+                  batch_size: int = 256) -> list[dict]:
+    """Top-k class names and probabilities for each image file, with an ONNX file or a run directory."""
+    predictor = load_predictor(model, device)
+    results = []
+    for i in range(0, len(paths), batch_size):
+        chunk = paths[i:i + batch_size]
+        probs = predictor.probabilities(np.stack([decode_for(predictor, p) for p in chunk]))
+        results += [{"image": str(p), "predictions": preds}
+                    for p, preds in zip(chunk, top_k(probs, predictor.info["classes"], k), strict=True)]
+    return results

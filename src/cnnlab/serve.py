@@ -1,0 +1,224 @@
+"""`cnnlab serve`: a FastAPI app that classifies uploaded images with an ONNX file or a run directory.
+
+    GET  /          a page: drop or choose an image, see it and its top-5 classes (static/index.html)
+    POST /predict   multipart images -> per image the top-k classes and probabilities (JSON)
+    GET  /model     classes, input size, source run, test accuracy
+    GET  /health    liveness
+    GET  /docs      OpenAPI documentation (FastAPI's own)
+
+The event loop only moves bytes. Decoding runs in a thread pool, and inference in one background
+task that gathers the images of all waiting requests into one batch (`Batcher`): under load one
+forward pass serves many clients, and the page stays responsive meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .deploy import Predictor, decode_for, load_predictor, top_k
+from .errors import CnnlabError
+from .images import MAX_PIXELS, ImageError
+
+try:
+    from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, JSONResponse
+except ImportError:  # the CLI turns this into a one-line hint
+    FastAPI = None
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+# The page loads nothing from elsewhere; the policy makes the browser enforce that.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; "
+               "connect-src 'self'; base-uri 'none'; form-action 'none'")
+
+
+@dataclass
+class ServeConfig:
+    model: str  # an exported .onnx file or a run directory
+    host: str = "127.0.0.1"  # loopback: exposing a model to the network is a decision, not a default
+    port: int = 8000
+    workers: int = 1  # processes; each holds its own copy of the model
+    max_upload_mb: float = 10.0  # per request, all files together
+    max_files: int = 64  # images per request
+    max_pixels: int = MAX_PIXELS  # per image, checked before decoding (decompression bombs)
+    max_batch: int = 256  # images per forward pass when requests are gathered
+    device: str = "auto"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batching: many requests, one forward pass
+
+
+class Batcher:
+    """Collects the images of concurrent requests and runs them through the model together."""
+
+    def __init__(self, predict, max_batch: int):
+        self.predict, self.max_batch = predict, max_batch
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def __call__(self, images: np.ndarray) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((images, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            jobs = [await self.queue.get()]
+            count = len(jobs[0][0])
+            while count < self.max_batch and not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
+                count += len(jobs[-1][0])
+            try:
+                probs = await asyncio.to_thread(self.predict, np.concatenate([images for images, _ in jobs]))
+            except Exception as e:  # a failed batch fails its requests, not the server
+                for _, future in jobs:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            start = 0
+            for images, future in jobs:
+                if not future.done():  # the client may have gone away
+                    future.set_result(probs[start:start + len(images)])
+                start += len(images)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Upload size limit, enforced while the body streams in
+
+
+class UploadLimit:
+    """ASGI middleware: answer 413 as soon as a request body passes `max_bytes`, without reading the rest.
+
+    A declared Content-Length is checked before any byte is read; a body without one (chunked) is
+    counted as it arrives and cut off at the limit.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._too_large(send)
+        received, over = 0, False
+
+        async def limited_receive():
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    over = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message):
+            if not over:  # once over the limit, whatever the app answers is replaced by the 413 below
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over:
+            await self._too_large(send)
+
+    async def _too_large(self, send) -> None:
+        body = json.dumps({"detail": f"upload larger than {self.max_bytes / 2**20:g} MB"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
+    if FastAPI is None:
+        raise CnnlabError("serving needs FastAPI and uvicorn: pip install 'cnnlab[deploy]'")
+    predictor = predictor or load_predictor(config.model, config.device)
+    info = {k: v for k, v in predictor.info.items() if k != "data"}
+    page = PAGE.read_text()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.batcher = Batcher(predictor.probabilities, config.max_batch)
+        app.state.batcher.start()
+        yield
+        await app.state.batcher.stop()
+
+    app = FastAPI(title="cnnlab", summary=f"Image classifier: {info['name']} ({len(info['classes'])} classes)",
+                  lifespan=lifespan)
+    app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2**20))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    async def model() -> dict:
+        return {**info, "max_upload_mb": config.max_upload_mb, "max_files": config.max_files}
+
+    @app.post("/predict", responses={400: {}, 413: {}, 415: {}})
+    async def predict(files: list[UploadFile] = File(..., description="one or more images (PNG, JPEG, ...)"),
+                      top_k_: int = Query(5, alias="top_k", ge=1, le=1000, description="classes per image")):
+        if len(files) > config.max_files:
+            raise HTTPException(400, f"{len(files)} files in one request; at most {config.max_files}")
+        uploads = [(f.filename or f"file {i + 1}", await f.read()) for i, f in enumerate(files)]
+        try:
+            images = await run_in_threadpool(
+                lambda: np.stack([decode_for(predictor, data, name, config.max_pixels) for name, data in uploads]))
+        except ImageError as e:
+            return JSONResponse({"detail": str(e)}, status_code=e.status)
+        probs = await app.state.batcher(images)
+        return {"model": info["name"],
+                "results": [{"filename": name, "predictions": preds}
+                            for (name, _), preds in zip(uploads, top_k(probs, info["classes"], top_k_), strict=True)]}
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app factory uvicorn's worker processes call (`--workers N`): the config travels in the environment."""
+    return create_app(ServeConfig(**json.loads(os.environ["CNNLAB_SERVE"])))
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the app under uvicorn until Ctrl-C."""
+    import uvicorn
+
+    if config.workers == 1:
+        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+        return
+    load_predictor(config.model, config.device)  # fail here, once, rather than in every worker
+    os.environ["CNNLAB_SERVE"] = json.dumps(asdict(config))
+    uvicorn.run("cnnlab.serve:app_from_env", factory=True, host=config.host, port=config.port,
+                workers=config.workers, log_level="info")
