@@ -1,0 +1,224 @@
+"""`cnnlab serve`: every endpoint and error status through FastAPI's TestClient, request batching, and the
+page in a real browser against a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the deploy extra is not installed: pip install -e '.[deploy]'")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from cnnlab import deploy, serve  # noqa: E402
+from conftest import ARTIFACTS, CLASSES, launch_chromium, needs_chromium  # noqa: E402
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def test_images(real_subset):
+    return [sorted((real_subset / "test" / c).iterdir())[0] for c in ("cat", "ship", "frog")]
+
+
+@pytest.fixture(scope="module")
+def client(quick_onnx):
+    app = serve.create_app(serve.ServeConfig(model=str(quick_onnx), max_upload_mb=0.25, max_files=4))
+    with TestClient(app) as c:  # the context runs the lifespan, which starts the batcher
+        yield c
+
+
+def test_page_is_self_contained(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert 'type="file"' in r.text and 'id="predictions"' in r.text
+    assert "http://" not in r.text and "https://" not in r.text and "<link" not in r.text
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+def test_health_model_and_docs(client, quick_run):
+    assert client.get("/health").json() == {"status": "ok"}
+    info = client.get("/model").json()
+    assert info["classes"] == CLASSES and info["image_size"] == [32, 32] and info["format"] == "onnx"
+    assert info["source_run"] == str(quick_run.resolve())
+    assert info["test_accuracy"] == pytest.approx(json.loads((quick_run / "metrics.json").read_text())["test_accuracy"])
+    assert client.get("/docs").status_code == 200
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_predict_several_images_matches_the_cli_path(client, quick_onnx, test_images):
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in test_images]
+    r = client.post("/predict?top_k=3", files=files)
+    assert r.status_code == 200
+    body = r.json()
+    assert [x["filename"] for x in body["results"]] == [p.name for p in test_images]
+    expected = deploy.predict_files(quick_onnx, [str(p) for p in test_images], 3)
+    for got, want in zip(body["results"], expected, strict=True):
+        probs = [p["probability"] for p in got["predictions"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+        assert [p["class"] for p in got["predictions"]] == [p["class"] for p in want["predictions"]]
+        assert probs == pytest.approx([p["probability"] for p in want["predictions"]], abs=1e-6)
+    default = client.post("/predict", files=files[:1]).json()["results"][0]["predictions"]
+    assert len(default) == 5
+
+
+def test_bad_requests_get_json_errors_and_the_server_keeps_serving(client, test_images):
+    good = [("files", ("ok.jpg", test_images[0].read_bytes(), "image/jpeg"))]
+    truncated = png_bytes(np.zeros((32, 32, 3), np.uint8))[:60]
+    bomb = png_bytes(np.zeros((5000, 5000), np.uint8))  # 25 megapixels in a few KB
+    assert len(bomb) < 100_000
+    cases = [
+        ([("files", ("notes.txt", b"just some text", "text/plain"))], 415, "not an image"),
+        ([("files", ("cut.png", truncated, "image/png"))], 400, "cannot decode"),
+        ([("files", ("bomb.png", bomb, "image/png"))], 413, "over the limit"),
+        (good * 5, 400, "at most 4"),
+        ([("files", ("big.bin", b"\0" * 300_000, "application/octet-stream"))], 413, "larger than 0.25 MB"),
+    ]
+    for files, status, message in cases:
+        r = client.post("/predict", files=files)
+        assert r.status_code == status, (status, r.text)
+        assert message in r.json()["detail"]
+    assert client.post("/predict").status_code == 422  # no files at all: FastAPI's validation error
+    assert client.post("/predict?top_k=0", files=good).status_code == 422
+    assert client.post("/predict", files=good).status_code == 200
+
+
+def test_oversized_body_without_length_is_cut_off(quick_onnx):
+    """A chunked upload (no Content-Length) is counted as it streams in and refused at the limit, unread."""
+    app = serve.create_app(serve.ServeConfig(model=str(quick_onnx), max_upload_mb=0.25))
+    pulled, sent = [], []
+
+    head = b'--x\r\nContent-Disposition: form-data; name="files"; filename="big.bin"\r\n\r\n'
+
+    async def receive():  # a well-formed start of a multipart upload, then 100 x 64 KB = 6.4 MB of it
+        pulled.append(1)
+        return {"type": "http.request", "body": (head if len(pulled) == 1 else b"") + b"\0" * 65536,
+                "more_body": len(pulled) < 100}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=x")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413 and b"larger than 0.25 MB" in sent[1]["body"]
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]  # one answer only
+    assert len(pulled) <= 5  # 0.25 MB is 4 chunks: the rest was never read
+
+
+def test_serving_a_run_directory_uses_pytorch_and_agrees_with_onnx(quick_run, quick_onnx, test_images):
+    with TestClient(serve.create_app(serve.ServeConfig(model=str(quick_run), device="cpu"))) as c:
+        assert c.get("/model").json()["format"] == "pytorch"
+        files = [("files", (test_images[1].name, test_images[1].read_bytes(), "image/jpeg"))]
+        via_run = c.post("/predict", files=files).json()["results"][0]["predictions"]
+    via_onnx = deploy.predict_files(quick_onnx, [str(test_images[1])], 5)[0]["predictions"]
+    assert [p["class"] for p in via_run] == [p["class"] for p in via_onnx]
+
+
+def test_batcher_gathers_concurrent_requests():
+    calls = []
+
+    def predict(x):
+        calls.append(len(x))
+        time.sleep(0.05)  # while this batch runs, the other requests queue up
+        return x.reshape(len(x), -1).astype(np.float32) * 2
+
+    async def main():
+        batcher = serve.Batcher(predict, max_batch=64)
+        batcher.start()
+        jobs = [np.full((n, 2), n, np.uint8) for n in (1, 2, 3, 4, 5, 6)]
+        results = await asyncio.gather(*(batcher(j) for j in jobs))
+        await batcher.stop()
+        return jobs, results
+
+    jobs, results = asyncio.run(main())
+    for job, result in zip(jobs, results, strict=True):
+        np.testing.assert_array_equal(result, job * 2)  # each request gets its own rows back
+    assert sum(calls) == 21 and len(calls) < len(jobs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model, log_path, *flags):
+    """`cnnlab serve` as a real process on a free loopback port; yields its base URL once /health answers."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(model), "--port", str(port), *flags],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, open(log_path).read()
+                assert time.monotonic() < deadline, "the server did not come up within 60 s"
+                time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        assert server.wait(timeout=20) is not None
+
+
+def test_several_worker_processes_serve(quick_onnx, test_images, tmp_path):
+    with running_server(quick_onnx, tmp_path / "server.log", "--workers", "2") as url:
+        image = test_images[0]
+        body = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n'
+                + image.read_bytes() + b"\r\n--b--\r\n")
+        request = urllib.request.Request(f"{url}/predict?top_k=2", data=body, method="POST",
+                                         headers={"Content-Type": "multipart/form-data; boundary=b"})
+        answers = [json.loads(urllib.request.urlopen(request, timeout=30).read()) for _ in range(4)]
+    assert all(a == answers[0] for a in answers) and len(answers[0]["results"][0]["predictions"]) == 2
+    assert (tmp_path / "server.log").read_text().count("Started server process") == 2
+
+
+@needs_chromium
+def test_page_in_a_browser_shows_the_cli_prediction(quick_onnx, test_images, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    image = test_images[1]
+    cli_top = json.loads(subprocess.run(
+        [sys.executable, "-m", "cnnlab", "predict", str(quick_onnx), str(image), "--json"],
+        capture_output=True, text=True, check=True, timeout=120).stdout)[0]["predictions"][0]["class"]
+    errors = []
+    ARTIFACTS.mkdir(exist_ok=True)
+    with running_server(quick_onnx, tmp_path / "server.log") as url, playwright.sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.goto(f"{url}/")
+        page.wait_for_function("document.getElementById('about').textContent.includes('classes')")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("body[data-state=done]", timeout=30_000)
+        shown = page.locator("#predictions li .name").all_text_contents()
+        preview_ok = page.eval_on_selector("#preview", "img => img.complete && img.naturalWidth === 32")
+        page.screenshot(path=str(ARTIFACTS / "serve.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert len(shown) == 5 and shown[0] == cli_top
+    assert preview_ok
