@@ -49,8 +49,9 @@ clean:
 .PHONY: bench-keras bench
 bench-keras: .venv-keras/bin/.tf
 
-bench: $(BIN)/.base bench-keras
+bench: $(BIN)/.dev bench-keras
 	$(BIN)/python benchmarks/data_load.py
+	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/vs_keras.py
 	$(BIN)/python benchmarks/time_to_accuracy.py --keras

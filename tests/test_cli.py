@@ -101,7 +101,7 @@ def test_predict_on_a_file_that_is_not_an_image(capsys, tmp_path, cifar_python_d
     capsys.readouterr()
     (tmp_path / "notes.png").write_text("hello")
     code, _, err = run_cli(capsys, "predict", run, tmp_path / "notes.png")
-    assert code == 2 and "cannot read image" in err and "notes.png" in err
+    assert code == 2 and "is not an image" in err and "notes.png" in err
     code, _, err = run_cli(capsys, "predict", run, tmp_path / "absent.jpg")
     assert code == 2 and "absent.jpg does not exist" in err
 

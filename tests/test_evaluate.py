@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab import evaluate, report, train
+from cnnlab import deploy, evaluate, report, train
 from cnnlab.config import DataConfig, TrainConfig
 from conftest import write_image_folder
 
@@ -83,7 +83,7 @@ def test_predict_any_size_and_mode(trained_run, tmp_path):
     big[:, :, 2] = 230  # brightest in blue: class "c"
     Image.fromarray(big).save(tmp_path / "blue.jpg")
     Image.fromarray(big).convert("L").save(tmp_path / "gray.png")
-    results = evaluate.predict_files(run, [str(tmp_path / "blue.jpg"), str(tmp_path / "gray.png")], top_k=2)
+    results = deploy.predict_files(run, [str(tmp_path / "blue.jpg"), str(tmp_path / "gray.png")], k=2)
     assert [r["image"] for r in results] == [str(tmp_path / "blue.jpg"), str(tmp_path / "gray.png")]
     blue = results[0]["predictions"]
     assert len(blue) == 2 and blue[0]["class"] == "c"
@@ -93,7 +93,7 @@ def test_predict_any_size_and_mode(trained_run, tmp_path):
 def test_predict_probabilities_match_evaluation(trained_run):
     root, run = trained_run
     test_file = sorted((root / "test" / "b").iterdir())[0]
-    top = evaluate.predict_files(run, [str(test_file)], top_k=3)[0]["predictions"]
+    top = deploy.predict_files(run, [str(test_file)], k=3)[0]["predictions"]
     assert sum(p["probability"] for p in top) == pytest.approx(1.0, abs=1e-5)
     assert torch.tensor([p["probability"] for p in top]).diff().le(0).all()
 

@@ -1,0 +1,181 @@
+"""Load test of `cnnlab serve` on loopback: N concurrent clients posting CIFAR-10 test images for T seconds.
+
+Prints requests/s, latency percentiles, the error count, how fast /health answers under that load (the
+event loop must stay free), and the server's resident memory before and after each round. A second
+round on the same server shows whether memory keeps growing.
+
+    python benchmarks/serve_load.py                      # trains `quick`, exports it, serves the ONNX file
+    python benchmarks/serve_load.py --model RUN_DIR|MODEL.onnx --clients 16 --seconds 30 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from common import CNNLAB, DATA, HERE, ROOT, machine, run, save
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (uvicorn workers are children)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS"))) / 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration):
+            pass
+    return round(total, 1)
+
+
+def multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def client(port: int, bodies: list[tuple[bytes, str]], deadline: float, latencies: list, errors: list,
+           offset: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    i = offset
+    while time.perf_counter() < deadline:
+        body, ctype = bodies[i % len(bodies)]
+        i += 1
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", "/predict?top_k=5", body=body, headers={"Content-Type": ctype})
+            response = conn.getresponse()
+            payload = response.read()
+            if response.status != 200 or len(json.loads(payload)["results"][0]["predictions"]) != 5:
+                errors.append(response.status)
+            else:
+                latencies.append(time.perf_counter() - t0)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            errors.append(type(e).__name__)
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.close()
+
+
+def health_probe(port: int, deadline: float, latencies: list) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        latencies.append(time.perf_counter() - t0)
+        time.sleep(0.1)
+    conn.close()
+
+
+def load_round(port: int, bodies, clients: int, seconds: float) -> dict:
+    latencies, errors, health = [], [], []
+    start = time.perf_counter()
+    deadline = start + seconds
+    threads = [threading.Thread(target=client, args=(port, bodies, deadline, latencies, errors, k * 7))
+               for k in range(clients)]
+    threads.append(threading.Thread(target=health_probe, args=(port, deadline, health)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    pct = (lambda q: round(float(np.percentile(ms, q)), 1)) if len(ms) else (lambda q: None)
+    return {"requests": len(latencies), "errors": len(errors), "error_kinds": sorted(set(map(str, errors))),
+            "requests_per_s": round(len(latencies) / elapsed, 1), "p50_ms": pct(50), "p95_ms": pct(95),
+            "p99_ms": pct(99), "health_p50_ms": round(float(np.median(health)) * 1000, 1) if health else None,
+            "health_max_ms": round(float(np.max(health)) * 1000, 1) if health else None}
+
+
+def default_model() -> Path:
+    """A `quick` run exported to ONNX, made once and reused."""
+    work = HERE / "work"
+    onnx = work / "serve-quick.onnx"
+    if not onnx.exists():
+        out = work / "serve-quick"
+        if not (out / "model.safetensors").exists():
+            _, code, _ = run([*CNNLAB, "train", "--preset", "quick", "--data", str(DATA), "--out", str(out),
+                              "--no-report"], work / "serve-quick-train.log")
+            if code:
+                sys.exit(f"training failed; see {work / 'serve-quick-train.log'}")
+        _, code, _ = run([*CNNLAB, "export", str(out), "--out", str(onnx)], work / "serve-quick-export.log")
+        if code:
+            sys.exit(f"export failed; see {work / 'serve-quick-export.log'}")
+    return onnx
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="RUN_DIR or MODEL.onnx (default: a `quick` run exported to ONNX)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=30, help="length of each round (default 30)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    args = ap.parse_args()
+
+    model = Path(args.model) if args.model else default_model()
+    images = sorted((DATA / "test").glob("*/*.jpg"))[::100]  # 100 test images, all classes
+    bodies = [multipart(p.name, p.read_bytes()) for p in images]
+    port = free_port()
+    log = HERE / "work" / "serve-load-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        server = subprocess.Popen([*CNNLAB, "serve", str(model), "--port", str(port), "--workers", str(args.workers)],
+                                  stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        for _ in range(600):
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                if server.poll() is not None:
+                    sys.exit(f"the server exited; see {log}")
+                time.sleep(0.1)
+        load_round(port, bodies[:4], 2, 2)  # warm-up: first inference, thread pools, allocator
+        memory = [rss_mb(server.pid)]
+        rounds = []
+        for r in range(args.rounds):
+            result = load_round(port, bodies, args.clients, args.seconds)
+            memory.append(rss_mb(server.pid))
+            result["rss_after_mb"] = memory[-1]
+            rounds.append(result)
+            print(f"round {r + 1}: {args.clients} clients x {args.seconds:g} s: {result['requests_per_s']} req/s, "
+                  f"p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, p99 {result['p99_ms']} ms, "
+                  f"errors {result['errors']}, /health p50 {result['health_p50_ms']} ms "
+                  f"(max {result['health_max_ms']}), server RSS {memory[-2]} -> {memory[-1]} MB")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    growth = round(memory[-1] - memory[1], 1) if len(memory) > 2 else None
+    print(f"memory: {memory[0]} MB after warm-up; growth across the rounds after the first: {growth} MB")
+    save("serve_load", {"machine": machine(), "model": str(model), "clients": args.clients,
+                        "seconds": args.seconds, "workers": args.workers, "rss_after_warmup_mb": memory[0],
+                        "rss_growth_after_first_round_mb": growth, "rounds": rounds,
+                        "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])})
+
+
+if __name__ == "__main__":
+    main()
