@@ -4,7 +4,9 @@ Layouts (https://www.cs.toronto.edu/~kriz/cifar.html):
 - python: `cifar-10-batches-py/` with pickled `data_batch_1..5`, `test_batch`, `batches.meta`,
   or the archive `cifar-10-python.tar.gz` holding that folder (read in place, never extracted);
 - binary: `cifar-10-batches-bin/` with `data_batch_1..5.bin`, `test_batch.bin` (3073-byte records:
-  one label byte, then 1024 red, 1024 green, 1024 blue bytes) and `batches.meta.txt`.
+  one label byte, then 1024 red, 1024 green, 1024 blue bytes) and `batches.meta.txt`;
+- CIFAR-100 python: `cifar-100-python/` with pickled `train`, `test` and `meta` (100 fine labels in 20
+  coarse superclasses), or `cifar-100-python.tar.gz`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +58,10 @@ def _unpickle(data: bytes, where: str) -> dict[str, object]:
     return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
-def _batch_arrays(batch: dict[str, object], where: str) -> Arrays:
+def _batch_arrays(batch: dict[str, object], where: str, labels: str = "labels") -> Arrays:
     try:
         x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(batch["labels"], dtype=np.int64)
+        y = np.asarray(batch[labels], dtype=np.int64)
     except (KeyError, ValueError) as e:
         raise CnnlabError(f"{where} is not a readable CIFAR batch: {e}") from None
     if len(x) != len(y):
@@ -70,10 +73,9 @@ def _concat(parts: list[Arrays]) -> Arrays:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def read_python(path: Path) -> tuple[Arrays, Arrays, list[str]]:
-    """Read the python version from its folder or its .tar.gz archive."""
+def _read_members(path: Path, wanted: set[str]) -> dict[str, bytes]:
+    """The named files from a folder, or from anywhere inside a .tar(.gz) archive (read in place)."""
     files: dict[str, bytes] = {}
-    wanted = {*TRAIN_BATCHES, "test_batch", "batches.meta"}
     if path.is_dir():
         for name in wanted:
             if (path / name).is_file():
@@ -85,16 +87,40 @@ def read_python(path: Path) -> tuple[Arrays, Arrays, list[str]]:
                     name = os.path.basename(member.name)
                     if member.isfile() and name in wanted:
                         files[name] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise CnnlabError(f"cannot read archive {path}: {e}") from None
+    return files
+
+
+def _names(meta: dict[str, object], key: str) -> list[str]:
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(key, [])]
+
+
+def read_python(path: Path) -> tuple[Arrays, Arrays, list[str]]:
+    """Read the python version from its folder or its .tar.gz archive."""
+    wanted = {*TRAIN_BATCHES, "test_batch", "batches.meta"}
+    files = _read_members(path, wanted)
     missing = sorted(wanted - files.keys())
     if missing:
         raise CnnlabError(f"{path} is missing {', '.join(missing)} (not a complete CIFAR-10 python set)")
     train = _concat([_batch_arrays(_unpickle(files[n], f"{path}/{n}"), f"{path}/{n}") for n in TRAIN_BATCHES])
     test = _batch_arrays(_unpickle(files["test_batch"], f"{path}/test_batch"), f"{path}/test_batch")
     meta = _unpickle(files["batches.meta"], f"{path}/batches.meta")
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get("label_names", [])]
-    return train, test, classes
+    return train, test, _names(meta, "label_names")
+
+
+def read_python100(path: Path, label_mode: str = "fine") -> tuple[Arrays, Arrays, list[str]]:
+    """Read CIFAR-100 (folder or archive) with its 100 fine or 20 coarse labels."""
+    if label_mode not in ("fine", "coarse"):
+        raise CnnlabError(f"unknown label mode {label_mode!r}; use fine (100 classes) or coarse (20 superclasses)")
+    files = _read_members(path, {"train", "test", "meta"})
+    missing = sorted({"train", "test", "meta"} - files.keys())
+    if missing:
+        raise CnnlabError(f"{path} is missing {', '.join(missing)} (not a complete CIFAR-100 python set)")
+    key = f"{label_mode}_labels"
+    train = _batch_arrays(_unpickle(files["train"], f"{path}/train"), f"{path}/train", key)
+    test = _batch_arrays(_unpickle(files["test"], f"{path}/test"), f"{path}/test", key)
+    return train, test, _names(_unpickle(files["meta"], f"{path}/meta"), f"{key[:-1]}_names")
 
 
 def _read_bin(file: Path) -> Arrays:

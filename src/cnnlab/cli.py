@@ -17,7 +17,21 @@ from . import __version__, presets
 from .config import DataConfig, override
 from .errors import CnnlabError, Interrupted
 
-MODEL_NAMES = "seed, airbench94, airbench-s"  # kept in step with models.MODELS by a test
+MODEL_HELP = "a name from `cnnlab models` or a layer spec such as c32-p-c64-p-f-d128"
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of class names")
+    return names
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -54,8 +68,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder, or an image-folder tree "
                    "(default: $CNNLAB_DATA, ~/.cache/cnnlab, ~/.keras/datasets, else download)")
     p.add_argument("--image-size", type=_size, metavar="HxW", help="resize image-folder data to this size")
-    p.add_argument("--val-fraction", type=_positive_float, default=0.1,
+    p.add_argument("--val-fraction", type=_fraction, default=0.1,
                    help="share of train/ held out when an image folder has no test/ (default 0.1)")
+    p.add_argument("--label-mode", choices=["fine", "coarse"], default="fine",
+                   help="CIFAR-100: 100 fine classes (default) or 20 coarse superclasses")
+    p.add_argument("--class-names", type=_names, metavar="A,B,...", help="rename the classes, in label order")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,22 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(dsub.add_parser("info", help="format, classes, image size, counts per class and split"))
 
     p = sub.add_parser("summary", help="a Keras-style table of a model's layers and parameters")
-    p.add_argument("--model", default="seed", help=f"one of: {MODEL_NAMES} (default seed)")
+    p.add_argument("--model", default="seed", help=MODEL_HELP + " (default seed)")
     _add_data_args(p)
 
     sub.add_parser("presets", help="list the training presets")
+    sub.add_parser("models", help="list the registered models and the layer-spec grammar")
 
     p = sub.add_parser("train", help="train a model, then evaluate it (flags override the preset)")
     _add_data_args(p)
     p.add_argument("--preset", default="seed", help=f"one of: {', '.join(presets.PRESETS)} (default seed); "
                    "see `cnnlab presets`")
-    p.add_argument("--model", help=f"one of: {MODEL_NAMES}")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=_positive_float)
     p.add_argument("--augment", help="augmentation: none, seed, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--subset", type=_positive_int, metavar="N", help="train on a stratified subset of N images")
+    p.add_argument("--val-split", type=_fraction, metavar="F",
+                   help="validate on a seeded, stratified share F of the training images and keep the test set "
+                   "for the end (default: validate on the test set, as the tutorial does)")
+    p.add_argument("--init-from", metavar="RUN_DIR", help="start from a finished run's weights (fine-tuning); "
+                   "a different class count gets a new classifier head")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 where the CPU or GPU computes it natively, else fp32")
@@ -135,21 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _data_config(args: argparse.Namespace, **extra) -> DataConfig:
-    return DataConfig(path=args.data, image_size=args.image_size, val_fraction=args.val_fraction, **extra)
+    return DataConfig(path=args.data, image_size=args.image_size, val_fraction=args.val_fraction,
+                      label_mode=args.label_mode, class_names=args.class_names, **extra)
 
 
 def _load(args: argparse.Namespace):
     from . import data
 
     c = _data_config(args)
-    return data.load_dataset(c.path, val_fraction=c.val_fraction, image_size=c.image_size)
+    return data.load_dataset(c.path, val_fraction=c.val_fraction, image_size=c.image_size,
+                             label_mode=c.label_mode, class_names=c.class_names)
 
 
 def _check_model(name: str | None) -> None:
     from . import models
 
-    if name is not None and name not in models.MODELS:
-        raise CnnlabError(f"unknown model {name!r}; choose one of: {', '.join(sorted(models.MODELS))}")
+    if name is not None:
+        models.check(name)
+
+
+def list_models() -> str:
+    from . import models, spec
+
+    lines = [f"{'name':<12}  {'parameters':>11}  (32x32x3 inputs, 10 classes)"]
+    for name in sorted(models.MODELS):
+        lines.append(f"{name:<12}  {models.count_params(models.build(name), trainable_only=False):>11,}")
+    return "\n".join(lines) + "\n\nor a layer spec:\n" + spec.__doc__.split("Grammar", 1)[1].split("\n", 1)[1]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -161,12 +195,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     cfg = override(presets.get(args.preset), model=args.model, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
-                   compile=args.compile)
+                   compile=args.compile, init_from=args.init_from)
     subset = args.subset
     if args.dry_run:
         subset = subset or 512
         cfg = override(cfg, epochs=args.epochs or 1)
-    train.train(cfg, _data_config(args, subset=subset), preset=args.preset, out=args.out,
+    train.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset, out=args.out,
                 with_report=not args.no_report)
 
 
@@ -231,6 +265,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "presets":
         for name, cfg in presets.PRESETS.items():
             print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    elif args.command == "models":
+        print(list_models())
     elif args.command == "train":
         cmd_train(args)
     elif args.command == "evaluate":

@@ -12,11 +12,15 @@ class DataConfig:
     split_seed: int = 0  # the held-out split must not move between runs, whatever the training seed
     image_size: tuple[int, int] | None = None  # None: the size of the first training image
     subset: int | None = None  # train on a seeded, stratified subset of this many images
+    val_split: float | None = None  # hold out this share of train for validation; None: validate on test
+    label_mode: str = "fine"  # CIFAR-100: fine (100 classes) or coarse (20 superclasses)
+    class_names: tuple[str, ...] | None = None  # rename the classes in order (IDX files carry no names)
 
 
 @dataclass
 class TrainConfig:
-    model: str = "seed"
+    model: str = "seed"  # a registered name (cnnlab models) or a layer spec such as c32-p-c64-p-f-d128
+    init_from: str | None = None  # a finished run whose weights start this one (fine-tuning)
     epochs: int = 15
     batch_size: int = 64
     optimizer: str = "adam"  # adam | sgd

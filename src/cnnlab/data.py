@@ -11,7 +11,7 @@ import json
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from . import cifar
+from . import cifar, idx
 from .errors import CnnlabError
 from .files import atomic_path
 
@@ -38,9 +38,11 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: list[str]
-    format: str  # cifar-python | cifar-binary | image-folder
+    format: str  # cifar-python | cifar-binary | cifar100-python | idx | image-folder
     source: str  # the path it was read from
     split: str  # where the test set came from, recorded in each run
+    x_val: torch.Tensor | None = None  # a validation set held out of the training data (--val-split);
+    y_val: torch.Tensor | None = None  # without one, training validates on the test set as the tutorial does
 
     @property
     def channels(self) -> int:
@@ -59,8 +61,24 @@ class Dataset:
         if n >= len(self.y_train):
             return self
         idx = stratified_pick(self.y_train, n, seed, self.num_classes)
-        return Dataset(self.x_train[idx], self.y_train[idx], self.x_test, self.y_test, self.classes,
-                       self.format, self.source, self.split)
+        return replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx])
+
+    def hold_out(self, fraction: float, seed: int) -> Dataset:
+        """Move a seeded, stratified `fraction` of the training images into a validation set."""
+        if not 0 < fraction < 1:
+            raise CnnlabError(f"--val-split must be between 0 and 1, got {fraction}")
+        val = stratified_pick(self.y_train, round(fraction * len(self.y_train)), seed, self.num_classes)
+        if len(val) == 0 or len(val) == len(self.y_train):
+            raise CnnlabError(f"--val-split {fraction} of {len(self.y_train)} training images leaves an empty set")
+        keep = torch.ones(len(self.y_train), dtype=torch.bool)
+        keep[val] = False
+        return replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep], x_val=self.x_train[val],
+                       y_val=self.y_train[val])
+
+    @property
+    def validation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What training reports as val_loss/val_acc: the held-out set, else the test set."""
+        return (self.x_val, self.y_val) if self.x_val is not None else (self.x_test, self.y_test)
 
 
 @dataclass
@@ -118,6 +136,7 @@ def cache_dir() -> Path:
 
 
 def _find_cifar_in(folder: Path) -> Path | None:
+    """CIFAR-10 in one of its official forms, where `resolve_path` looks without being told."""
     for name in ("cifar-10-batches-py", cifar.ARCHIVE_NAME, "cifar-10-batches-bin", "cifar-10-batches-py.tar.gz"):
         if (folder / name).exists():
             return folder / name
@@ -145,23 +164,30 @@ def resolve_path(path: str | os.PathLike | None, download: bool = True) -> Path:
 def detect_format(path: Path) -> tuple[str, Path]:
     """Name the layout at `path` and the exact path its reader takes."""
     if path.is_file():
+        if path.name.startswith("cifar-100") and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+            return "cifar100-python", path
         if path.name.endswith((".tar.gz", ".tgz", ".tar")):
             return "cifar-python", path
-        raise CnnlabError(f"{path} is a file but not a CIFAR-10 .tar.gz archive")
+        raise CnnlabError(f"{path} is a file but not a CIFAR-10 or CIFAR-100 .tar.gz archive")
     if not os.access(path, os.R_OK | os.X_OK):
         raise CnnlabError(f"cannot read data folder {path}: permission denied")
     if (path / "data_batch_1").is_file():
         return "cifar-python", path
     if (path / "data_batch_1.bin").is_file():
         return "cifar-binary", path
+    if (path / "train").is_file() and (path / "meta").is_file():
+        return "cifar100-python", path
+    if idx.is_idx_folder(path):
+        return "idx", path
     if (path / "train").is_dir():
         return "image-folder", path
-    for sub in ("cifar-10-batches-py", "cifar-10-batches-bin"):
+    for sub in ("cifar-10-batches-py", "cifar-10-batches-bin", "cifar-100-python"):
         if (path / sub).is_dir():
             return detect_format(path / sub)
     raise CnnlabError(
-        f"unknown data layout at {path}: expected a CIFAR-10 archive, cifar-10-batches-py/, "
-        "cifar-10-batches-bin/, or an image folder with train/<class>/ subfolders")
+        f"unknown data layout at {path}: expected a CIFAR-10 or CIFAR-100 archive or folder, "
+        "cifar-10-batches-bin/, MNIST-style IDX files (train-images-idx3-ubyte[.gz], ...), "
+        "or an image folder with train/<class>/ subfolders")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,16 +278,21 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:24]
 
 
-def _read_source(fmt: str, path: Path, image_size: tuple[int, int] | None):
+def _read_source(fmt: str, path: Path, image_size: tuple[int, int] | None, label_mode: str):
     if fmt == "cifar-python":
         return cifar.read_python(path)
     if fmt == "cifar-binary":
         return cifar.read_binary(path)
+    if fmt == "cifar100-python":
+        return cifar.read_python100(path, label_mode)
+    if fmt == "idx":
+        return idx.read_folder(path)
     return read_image_folder(path, image_size)
 
 
-def _load_arrays(fmt: str, path: Path, image_size: tuple[int, int] | None, use_cache: bool):
+def _load_arrays(fmt: str, path: Path, image_size: tuple[int, int] | None, use_cache: bool, label_mode: str):
     key = fingerprint(path) + (f"-{image_size[0]}x{image_size[1]}" if image_size else "")
+    key += "-coarse" if fmt == "cifar100-python" and label_mode == "coarse" else ""
     cache_file = cache_dir() / "decoded" / f"{key}.npz"
     if use_cache and cache_file.is_file():
         try:
@@ -270,7 +301,7 @@ def _load_arrays(fmt: str, path: Path, image_size: tuple[int, int] | None, use_c
                 return (z["x_train"], z["y_train"]), test, json.loads(str(z["classes"]))
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache file is rebuilt below
-    train, test, classes = _read_source(fmt, path, image_size)
+    train, test, classes = _read_source(fmt, path, image_size, label_mode)
     if use_cache:
         arrays = {"x_train": train[0], "y_train": train[1], "classes": np.array(json.dumps(classes))}
         if test is not None:
@@ -284,16 +315,24 @@ def _load_arrays(fmt: str, path: Path, image_size: tuple[int, int] | None, use_c
 
 
 def load_dataset(path: str | os.PathLike | None = None, *, val_fraction: float = 0.1, split_seed: int = 0,
-                 image_size: tuple[int, int] | None = None, use_cache: bool = True) -> Dataset:
-    """Find, read (or take from the cache) and split a data set. See `resolve_path` for the search order."""
+                 image_size: tuple[int, int] | None = None, use_cache: bool = True, label_mode: str = "fine",
+                 class_names: list[str] | None = None) -> Dataset:
+    """Find, read (or take from the cache) and split a data set. See `resolve_path` for the search order.
+
+    `label_mode` picks CIFAR-100's fine or coarse labels; `class_names` renames the classes in order.
+    """
     fmt, src = detect_format(resolve_path(path))
-    (x, y), test, classes = _load_arrays(fmt, src, image_size, use_cache)
+    (x, y), test, classes = _load_arrays(fmt, src, image_size, use_cache, label_mode)
     num_classes = int(y.max()) + 1 if len(y) else 0
     if len(classes) < num_classes:
         classes = classes + [str(i) for i in range(len(classes), num_classes)]
+    if class_names:
+        if len(class_names) != len(classes):
+            raise CnnlabError(f"--class-names gives {len(class_names)} names, but {src} has {len(classes)} classes")
+        classes = list(class_names)
     x_t, y_t = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
     if test is not None:
-        split = "official test set" if fmt.startswith("cifar") else "test/ folder"
+        split = "test/ folder" if fmt == "image-folder" else "official test set"
         return Dataset(x_t, y_t, torch.from_numpy(np.ascontiguousarray(test[0])), torch.from_numpy(test[1]),
                        classes, fmt, str(src.resolve()), split)
     val = stratified_pick(y_t, round(val_fraction * len(y_t)), split_seed, len(classes))

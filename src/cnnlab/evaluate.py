@@ -96,7 +96,8 @@ def run_dataset(run_dir: Path, meta: dict, data_path: str | None = None) -> Data
     size = tuple(config["image_size"]) if config.get("image_size") else None
     for attempt in (size, tuple(meta["image_size"])):  # the run's own setting first: same cache entry
         dataset = data.load_dataset(data_path or config["path"], val_fraction=config["val_fraction"],
-                                    split_seed=config["split_seed"], image_size=attempt)
+                                    split_seed=config["split_seed"], image_size=attempt,
+                                    label_mode=config.get("label_mode", "fine"), class_names=config.get("class_names"))
         if list(dataset.image_size) == meta["image_size"]:
             break
     if dataset.classes != meta["classes"]:
@@ -181,7 +182,8 @@ def evaluate_onnx(model_path: str | Path, data_path: str | None = None) -> dict:
         raise CnnlabError(f"{model_path} does not say which data it was trained on; pass --data")
     size = tuple(config["image_size"]) if config.get("image_size") else None
     dataset = data.load_dataset(data_path or config["path"], val_fraction=config.get("val_fraction", 0.1),
-                                split_seed=config.get("split_seed", 0), image_size=size)
+                                split_seed=config.get("split_seed", 0), image_size=size,
+                                label_mode=config.get("label_mode", "fine"), class_names=config.get("class_names"))
     if dataset.classes != info["classes"] or list(dataset.image_size) != list(info["image_size"]):
         raise CnnlabError(f"the data at {dataset.source} has classes {dataset.classes} and size "
                           f"{list(dataset.image_size)}; the model expects {info['classes']} at {info['image_size']}")

@@ -1,6 +1,9 @@
 """Networks by name, and a Keras-style `summary` table.
 
-Add a model with `@register("name")` on a function `(in_channels, num_classes, image_size) -> nn.Module`.
+Add a model with `@register("name")` on a function `(in_channels, num_classes, image_size) -> nn.Module`;
+from then on `train`, `cnnlab summary` and every other API take that name. Besides registered names,
+`build` takes a layer-spec string such as "c32-p-c64-p-f-d128" (see spec.py). The standard CIFAR
+architectures (ResNets, VGG, Wide ResNet, MobileNetV2) are in zoo.py.
 """
 
 from __future__ import annotations
@@ -11,23 +14,44 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import spec
 from .errors import CnnlabError
 
 Builder = Callable[[int, int, tuple[int, int]], nn.Module]
 MODELS: dict[str, Builder] = {}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
+def register(name: str, *, replace: bool = False) -> Callable[[Builder], Builder]:
+    """Decorator: make a model factory available by `name` (an existing name needs replace=True)."""
+    if spec.looks_like_spec(name):
+        raise CnnlabError(f"{name!r} reads as a layer spec; give the model a name that is a word")
+
     def wrap(fn: Builder) -> Builder:
+        if name in MODELS and MODELS[name] is not fn and not replace:
+            raise CnnlabError(f"a model named {name!r} is already registered; pass replace=True to override it")
         MODELS[name] = fn
         return fn
     return wrap
 
 
+def check(name: str) -> None:
+    """Fail early, before any data is read, on an unknown name or a spec that does not parse."""
+    if spec.looks_like_spec(name):
+        spec.check_syntax(name)
+    elif name not in MODELS:
+        raise CnnlabError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}, "
+                          "or write a layer spec such as c32-p-c64-p-f-d128")
+
+
 def build(name: str, in_channels: int = 3, num_classes: int = 10, image_size: tuple[int, int] = (32, 32)) -> nn.Module:
-    if name not in MODELS:
-        raise CnnlabError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
-    return MODELS[name](in_channels, num_classes, tuple(image_size))
+    if name in MODELS:
+        model = MODELS[name](in_channels, num_classes, tuple(image_size))
+        if not isinstance(model, nn.Module):
+            raise CnnlabError(f"the factory registered as {name!r} returned {type(model).__name__}, not a Module")
+        return model
+    if spec.looks_like_spec(name):
+        return spec.build(name, in_channels, num_classes, tuple(image_size))
+    check(name)
 
 
 def keras_init(model: nn.Module) -> nn.Module:
@@ -172,3 +196,6 @@ def _airnet(widths: tuple[int, int, int]) -> Builder:
 
 register("airbench94")(_airnet((64, 256, 256)))  # the published widths: the `fast` recipe
 register("airbench-s")(_airnet((16, 32, 96)))  # narrow where images are largest: the `quick` recipe
+
+
+from . import zoo  # noqa: E402,F401  (registers the standard CIFAR architectures)

@@ -95,6 +95,37 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     return model.to(device).eval(), meta
 
 
+def init_from(model: nn.Module, model_name: str, source: str | Path) -> str:
+    """Start `model` from a finished run's weights (fine-tuning); say what was taken.
+
+    The architecture must be the same. When the class count differs, the classifier (the last linear
+    layer) keeps its fresh initialization and everything before it is copied.
+    """
+    source = Path(source)
+    meta = read_json(source / "model.json", "--init-from needs a finished training run")
+    if meta["model"] != model_name:
+        raise CnnlabError(f"--init-from {source}: that run trained {meta['model']!r}, this one is {model_name!r}; "
+                          "fine-tuning needs the same architecture (pass --model)")
+    try:
+        weights = load_file(source / "model.safetensors")
+    except Exception as e:
+        raise CnnlabError(f"cannot load weights {source / 'model.safetensors'}: {e}") from None
+    own = model.state_dict()
+    head = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+    differ = sorted(k for k in own if k in weights and weights[k].shape != own[k].shape)
+    unfit = [k for k in differ if not head or not k.startswith(head[0] + ".")]
+    unfit += sorted(set(own) ^ set(weights))
+    if unfit:
+        raise CnnlabError(f"--init-from {source}: its weights do not fit this model ({unfit[0]} differs, e.g. "
+                          f"another input channel count or image size: it was trained on {meta['in_channels']} "
+                          f"channels at {meta['image_size']})")
+    model.load_state_dict({k: v for k, v in weights.items() if k not in differ}, strict=False)
+    if differ:
+        return (f"initialized from {source}; new classifier head ({len(meta['classes'])} -> "
+                f"{own[head[0] + '.weight'].shape[0]} classes), all other layers copied")
+    return f"initialized from {source}: all {len(own)} tensors copied"
+
+
 def list_runs(root: str | Path) -> list[dict]:
     """One summary per run directory under `root` (those with a config.json), oldest first."""
     root = Path(root)

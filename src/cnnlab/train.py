@@ -94,6 +94,8 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
     if state is None and hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer
         sample = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:5000]
         model.init_from_data(norm(ds.x_train[sample]).to(device))
+    if state is None and cfg.init_from:
+        log(runs.init_from(model, cfg.model, cfg.init_from))
     opt = make_optimizer(cfg, model)
     sched = make_schedule(cfg, opt, total_steps)
     lookahead = Lookahead(model, total_steps) if cfg.lookahead else None
@@ -165,8 +167,7 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
             seconds = running["seconds"]
             # test-time augmentation multiplies evaluation cost; spend it only on the final weights
             tta = cfg.tta if epoch == cfg.epochs - 1 else 0
-            val = evaluate.loss_and_accuracy(model, ds.x_test, ds.y_test, norm, device, dtype, cfg.eval_batch_size,
-                                             tta=tta)
+            val = evaluate.loss_and_accuracy(model, *ds.validation, norm, device, dtype, cfg.eval_batch_size, tta=tta)
             record = {"epoch": epoch + 1, "train_loss": running["loss"] / running["seen"],
                       "train_acc": running["correct"] / running["seen"], "val_loss": val[0], "val_acc": val[1],
                       "seconds": round(seconds, 3), "images_per_s": round(running["seen"] / seconds, 1)}
@@ -187,7 +188,10 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log) 
 
 def _load_data(data_cfg: DataConfig, seed: int) -> Dataset:
     ds = data.load_dataset(data_cfg.path, val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
-                           image_size=data_cfg.image_size)
+                           image_size=data_cfg.image_size, label_mode=data_cfg.label_mode,
+                           class_names=data_cfg.class_names)
+    if data_cfg.val_split:  # before the subset, so that the held-out images never depend on the training seed
+        ds = ds.hold_out(data_cfg.val_split, data_cfg.split_seed)
     return ds.subset(data_cfg.subset, seed) if data_cfg.subset else ds
 
 
@@ -211,6 +215,9 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
           with_report: bool = True, log=say) -> Path:
     """Train, evaluate and return the run directory. `dataset` skips loading (already in memory)."""
     data_cfg = data_cfg or DataConfig()
+    models.check(cfg.model)  # a typo in a name or spec should not cost a data load first
+    if cfg.init_from:
+        runs.read_json(Path(cfg.init_from) / "model.json", "--init-from needs a finished training run")
     ds = dataset or _load_data(data_cfg, cfg.seed)
     if out is not None:
         run_dir = Path(out)
@@ -222,7 +229,10 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     device = pick_device(cfg.device)
     config = {"preset": preset, "train": asdict(cfg),
               "data": {**asdict(data_cfg), "path": ds.source, "format": ds.format, "split": ds.split,
-                       "classes": ds.classes, "train_images": len(ds.y_train), "test_images": len(ds.y_test)},
+                       "classes": ds.classes, "train_images": len(ds.y_train), "test_images": len(ds.y_test),
+                       "validation": (f"stratified {data_cfg.val_split:.0%} of the training images "
+                                      f"(seed {data_cfg.split_seed}), {len(ds.y_val)} images"
+                                      if ds.y_val is not None else "the test set (as the tutorial does)")},
               "environment": {"cnnlab": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
                               "device": str(device),
                               "precision": precision_name(pick_precision(cfg.precision, device))}}
