@@ -74,7 +74,7 @@ def _bad_inputs(tmp_path, cifar_python_dir):
         (["data", "info", "--data", tmp_path / "missing"], "does not exist"),
         (["data", "info", "--data", tmp_path / "layout"], "unknown data layout"),
         (["data", "info", "--data", empty_class], "class folder .*/train/b has no images"),
-        (["data", "info", "--data", truncated], "cannot read image .*001.jpg"),
+        (["data", "info", "--data", truncated], "1 unreadable image file.*001.jpg"),
         (["evaluate", no_weights], "has no weights"),
         (["evaluate", tmp_path / "nope"], "does not exist"),
         (["predict", no_weights, not_image], "has no weights"),

@@ -63,7 +63,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, cifar_pyth
     with pytest.raises(train.Interrupted, match="--resume"):
         train.train(SMALL, data_cfg, out=tmp_path / "cut", **quiet)
     cut = tmp_path / "cut"
-    assert (cut / "checkpoint.pt").is_file() and not (cut / "model.safetensors").exists()
+    assert (cut / runs.CHECKPOINT).is_file() and not (cut / "model.safetensors").exists()
     state = runs.load_checkpoint(cut)
     assert (state["epoch"], state["step"]) == divmod(stop_at_call, 10)
     monkeypatch.setattr(train, "_train_step", real_step)

@@ -73,6 +73,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-mode", choices=["fine", "coarse"], default="fine",
                    help="CIFAR-100: 100 fine classes (default) or 20 coarse superclasses")
     p.add_argument("--class-names", type=_names, metavar="A,B,...", help="rename the classes, in label order")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out unreadable image files (listed in the run) instead of stopping with their list")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (GPUs)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<timestamp>-<preset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
+                   help="also checkpoint every STEPS steps within an epoch (default: at epoch ends)")
+    p.add_argument("--on-nan", choices=["stop", "skip-batch"],
+                   help="on a non-finite loss: stop, keeping the last good checkpoint (default), or skip the batch")
+    p.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="data-parallel training in N processes on this machine (runs torchrun; the batch size "
+                   "stays the global one)")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="with several processes: BatchNorm statistics over the global batch")
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
     p.add_argument("--no-report", action="store_true", help="skip report.html at the end")
 
@@ -159,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_config(args: argparse.Namespace, **extra) -> DataConfig:
     return DataConfig(path=args.data, image_size=args.image_size, val_fraction=args.val_fraction,
-                      label_mode=args.label_mode, class_names=args.class_names, **extra)
+                      label_mode=args.label_mode, class_names=args.class_names,
+                      skip_bad_images=args.skip_bad_images, **extra)
 
 
 def _load(args: argparse.Namespace):
@@ -167,7 +179,7 @@ def _load(args: argparse.Namespace):
 
     c = _data_config(args)
     return data.load_dataset(c.path, val_fraction=c.val_fraction, image_size=c.image_size,
-                             label_mode=c.label_mode, class_names=c.class_names)
+                             label_mode=c.label_mode, class_names=c.class_names, skip_bad_images=c.skip_bad_images)
 
 
 def _check_model(name: str | None) -> None:
@@ -186,22 +198,39 @@ def list_models() -> str:
     return "\n".join(lines) + "\n\nor a layer spec:\n" + spec.__doc__.split("Grammar", 1)[1].split("\n", 1)[1]
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
     from . import train
 
     _check_model(args.model)
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from . import dist
+
+        dist.launch(args.nproc, _without_nproc(argv))
     if args.resume:
         train.resume(args.resume, args.data, with_report=not args.no_report)
         return
     cfg = override(presets.get(args.preset), model=args.model, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
-                   compile=args.compile, init_from=args.init_from)
+                   compile=args.compile, init_from=args.init_from, checkpoint_every=args.checkpoint_every,
+                   on_nan=args.on_nan, sync_bn=args.sync_bn)
     subset = args.subset
     if args.dry_run:
         subset = subset or 512
         cfg = override(cfg, epochs=args.epochs or 1)
     train.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset, out=args.out,
                 with_report=not args.no_report)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
@@ -247,7 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                   max_upload_mb=args.max_upload_mb, max_files=args.max_files, device=args.device))
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     if args.command == "data":
         from . import data
 
@@ -268,7 +297,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "models":
         print(list_models())
     elif args.command == "train":
-        cmd_train(args)
+        cmd_train(args, sys.argv[1:] if argv is None else argv)
     elif args.command == "evaluate":
         cmd_evaluate(args)
     elif args.command == "export":
@@ -294,7 +323,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(args, argv)
     except CnnlabError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ class DataConfig:
     val_split: float | None = None  # hold out this share of train for validation; None: validate on test
     label_mode: str = "fine"  # CIFAR-100: fine (100 classes) or coarse (20 superclasses)
     class_names: tuple[str, ...] | None = None  # rename the classes in order (IDX files carry no names)
+    skip_bad_images: bool = False  # image folders: skip unreadable files (recorded in the run) instead of failing
 
 
 @dataclass
@@ -46,7 +47,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model: pays off on GPUs; on this CPU it was slower
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)
     eval_batch_size: int = 1000  # evaluation has no gradients, so large batches are cheap
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
+    on_nan: str = "stop"  # a non-finite loss: stop (keep the last good checkpoint) | skip-batch
 
 
 def override(cfg, **changes):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from . import cifar, idx
 from .errors import CnnlabError
 from .files import atomic_path
+from .images import MAX_PIXELS
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
@@ -43,6 +45,7 @@ class Dataset:
     split: str  # where the test set came from, recorded in each run
     x_val: torch.Tensor | None = None  # a validation set held out of the training data (--val-split);
     y_val: torch.Tensor | None = None  # without one, training validates on the test set as the tutorial does
+    skipped: tuple[str, ...] = ()  # unreadable image files left out (--skip-bad-images), "path: reason"
 
     @property
     def channels(self) -> int:
@@ -212,45 +215,66 @@ def _class_files(split_dir: Path, classes: list[str] | None = None) -> list[tupl
     return items
 
 
-def _decode(file: Path, size: tuple[int, int] | None) -> np.ndarray:
-    """One image as an (H, W, 3) or (H, W) uint8 array, resized to `size` (H, W) when given."""
+def _decode(file: Path, size: tuple[int, int] | None) -> np.ndarray | str:
+    """One image as an (H, W, 3) or (H, W) uint8 array, resized to `size` (H, W) when given; or why not."""
     try:
-        with Image.open(file) as im:
-            im.load()
-            gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-            im = im.convert("L" if gray else "RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise CnnlabError(f"cannot read image {file}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS below is the limit
+            with Image.open(file) as im:
+                if im.size[0] * im.size[1] > MAX_PIXELS:  # from the header, before decoding a single pixel
+                    return f"{im.size[0]}x{im.size[1]} pixels is over the limit of {MAX_PIXELS:,}"
+                im.load()
+                gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+                im = im.convert("L" if gray else "RGB")
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                return np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
 
 
-def read_image_folder(root: Path, image_size: tuple[int, int] | None = None):
+def _decode_all(files: list[Path], size: tuple[int, int] | None, desc: str) -> list[np.ndarray | str]:
+    # PIL releases the GIL while decoding, so threads overlap the two cores.
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        decoded = pool.map(lambda f: _decode(f, size), files, chunksize=256)
+        return list(tqdm(decoded, total=len(files), desc=desc, unit="img", leave=False, disable=None))
+
+
+def read_image_folder(root: Path, image_size: tuple[int, int] | None = None, skip_bad: bool = False):
     """Decode `root/train/<class>/*` and, when present, `root/test/<class>/*`.
 
-    Images are resized to `image_size`, or to the size of the first training image. The set is
+    Images are resized to `image_size`, or to the size of the first readable training image. The set is
     grayscale only when every image is; otherwise grayscale images are repeated to three channels.
+    Unreadable files are all listed in one error, or with `skip_bad` left out and returned as `skipped`.
     """
     train_items = _class_files(root / "train")
     classes = sorted({d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith(".")})
     test_items = _class_files(root / "test", classes) if (root / "test").is_dir() else []
+    items = train_items + test_items
     if image_size is None:
-        image_size = _decode(train_items[0][0], None).shape[:2]
-    files = [f for f, _ in train_items + test_items]
-    # PIL releases the GIL while decoding, so threads overlap the two cores.
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        decoded = pool.map(lambda f: _decode(f, image_size), files, chunksize=256)
-        arrays = list(tqdm(decoded, total=len(files), desc=f"decoding {root.name}", unit="img", leave=False,
-                           disable=None))
+        first = next((a for f, _ in train_items if not isinstance(a := _decode(f, None), str)), None)
+        image_size = first.shape[:2] if first is not None else (1, 1)
+    arrays = _decode_all([f for f, _ in items], image_size, f"decoding {root.name}")
+    bad = [f"{f}: {a}" for (f, _), a in zip(items, arrays, strict=True) if isinstance(a, str)]
+    if bad and not skip_bad:
+        shown = "; ".join(bad[:20]) + (f"; and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise CnnlabError(f"{len(bad)} unreadable image file(s): {shown}. Fix or remove them, "
+                          "or pass --skip-bad-images to leave them out")
+    keep = [i for i, a in enumerate(arrays) if not isinstance(a, str)]
+    n = sum(1 for i in keep if i < len(train_items))
+    for split, lo, hi in (("train", 0, len(train_items)), ("test", len(train_items), len(items))):
+        empty = {items[i][1] for i in range(lo, hi)} - {items[i][1] for i in keep if lo <= i < hi}
+        if empty:
+            raise CnnlabError(f"no readable images left in {split}/ for class(es) "
+                              f"{', '.join(classes[k] for k in sorted(empty))}")
+    arrays = [arrays[i] for i in keep]
     rgb = any(a.ndim == 3 for a in arrays)
     arrays = [np.repeat(a[:, :, None], 3, 2) if rgb and a.ndim == 2 else a for a in arrays]
     x = np.stack(arrays)
     x = x.transpose(0, 3, 1, 2) if rgb else x[:, None]
-    y = np.array([c for _, c in train_items + test_items], dtype=np.int64)
-    n = len(train_items)
+    y = np.array([items[i][1] for i in keep], dtype=np.int64)
     test = (x[n:], y[n:]) if test_items else None
-    return (x[:n], y[:n]), test, classes
+    return (x[:n], y[:n]), test, classes, bad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,51 +302,57 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:24]
 
 
-def _read_source(fmt: str, path: Path, image_size: tuple[int, int] | None, label_mode: str):
+def _read_source(fmt: str, path: Path, image_size: tuple[int, int] | None, label_mode: str, skip_bad: bool):
+    """(train, test or None, classes, skipped files) from any supported layout."""
+    if fmt == "image-folder":
+        return read_image_folder(path, image_size, skip_bad)
     if fmt == "cifar-python":
-        return cifar.read_python(path)
+        return *cifar.read_python(path), []
     if fmt == "cifar-binary":
-        return cifar.read_binary(path)
+        return *cifar.read_binary(path), []
     if fmt == "cifar100-python":
-        return cifar.read_python100(path, label_mode)
-    if fmt == "idx":
-        return idx.read_folder(path)
-    return read_image_folder(path, image_size)
+        return *cifar.read_python100(path, label_mode), []
+    return *idx.read_folder(path), []
 
 
-def _load_arrays(fmt: str, path: Path, image_size: tuple[int, int] | None, use_cache: bool, label_mode: str):
+def _load_arrays(fmt: str, path: Path, image_size: tuple[int, int] | None, use_cache: bool, label_mode: str,
+                 skip_bad: bool):
     key = fingerprint(path) + (f"-{image_size[0]}x{image_size[1]}" if image_size else "")
     key += "-coarse" if fmt == "cifar100-python" and label_mode == "coarse" else ""
+    key += "-skipbad" if fmt == "image-folder" and skip_bad else ""  # without the flag, bad files must fail
     cache_file = cache_dir() / "decoded" / f"{key}.npz"
     if use_cache and cache_file.is_file():
         try:
             with np.load(cache_file, allow_pickle=False) as z:
                 test = (z["x_test"], z["y_test"]) if "x_test" in z else None
-                return (z["x_train"], z["y_train"]), test, json.loads(str(z["classes"]))
+                skipped = json.loads(str(z["skipped"])) if "skipped" in z else []
+                return (z["x_train"], z["y_train"]), test, json.loads(str(z["classes"])), skipped
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache file is rebuilt below
-    train, test, classes = _read_source(fmt, path, image_size, label_mode)
+    train, test, classes, skipped = _read_source(fmt, path, image_size, label_mode, skip_bad)
     if use_cache:
-        arrays = {"x_train": train[0], "y_train": train[1], "classes": np.array(json.dumps(classes))}
+        arrays = {"x_train": train[0], "y_train": train[1], "classes": np.array(json.dumps(classes)),
+                  "skipped": np.array(json.dumps(skipped))}
         if test is not None:
             arrays.update(x_test=test[0], y_test=test[1])
         try:
             with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-        except OSError:
-            pass  # a read-only cache only costs speed
-    return train, test, classes
+        except (OSError, CnnlabError):
+            pass  # a read-only or full cache only costs speed
+    return train, test, classes, skipped
 
 
 def load_dataset(path: str | os.PathLike | None = None, *, val_fraction: float = 0.1, split_seed: int = 0,
                  image_size: tuple[int, int] | None = None, use_cache: bool = True, label_mode: str = "fine",
-                 class_names: list[str] | None = None) -> Dataset:
+                 class_names: list[str] | None = None, skip_bad_images: bool = False) -> Dataset:
     """Find, read (or take from the cache) and split a data set. See `resolve_path` for the search order.
 
-    `label_mode` picks CIFAR-100's fine or coarse labels; `class_names` renames the classes in order.
+    `label_mode` picks CIFAR-100's fine or coarse labels; `class_names` renames the classes in order;
+    `skip_bad_images` leaves unreadable image files out (listed in `Dataset.skipped`) instead of failing.
     """
     fmt, src = detect_format(resolve_path(path))
-    (x, y), test, classes = _load_arrays(fmt, src, image_size, use_cache, label_mode)
+    (x, y), test, classes, skipped = _load_arrays(fmt, src, image_size, use_cache, label_mode, skip_bad_images)
     num_classes = int(y.max()) + 1 if len(y) else 0
     if len(classes) < num_classes:
         classes = classes + [str(i) for i in range(len(classes), num_classes)]
@@ -334,12 +364,13 @@ def load_dataset(path: str | os.PathLike | None = None, *, val_fraction: float =
     if test is not None:
         split = "test/ folder" if fmt == "image-folder" else "official test set"
         return Dataset(x_t, y_t, torch.from_numpy(np.ascontiguousarray(test[0])), torch.from_numpy(test[1]),
-                       classes, fmt, str(src.resolve()), split)
+                       classes, fmt, str(src.resolve()), split, skipped=tuple(skipped))
     val = stratified_pick(y_t, round(val_fraction * len(y_t)), split_seed, len(classes))
     keep = torch.ones(len(y_t), dtype=torch.bool)
     keep[val] = False
     split = f"stratified {val_fraction:.0%} of train/ held out (seed {split_seed})"
-    return Dataset(x_t[keep], y_t[keep], x_t[val], y_t[val], classes, fmt, str(src.resolve()), split)
+    return Dataset(x_t[keep], y_t[keep], x_t[val], y_t[val], classes, fmt, str(src.resolve()), split,
+                   skipped=tuple(skipped))
 
 
 def info(ds: Dataset) -> str:

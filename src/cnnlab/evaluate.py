@@ -90,14 +90,20 @@ def write_confusion_matrix(run_dir: Path, cm: np.ndarray, classes: list[str]) ->
     report.save_figure(report.plot_confusion_matrix(cm, classes), run_dir / "confusion_matrix.png")
 
 
+def _load_as_trained(config: dict, data_path: str | None, image_size: tuple[int, int] | None) -> Dataset:
+    """The data set as a run's recorded data config read it (`data_path` overrides where it is)."""
+    return data.load_dataset(data_path or config.get("path"), val_fraction=config.get("val_fraction", 0.1),
+                             split_seed=config.get("split_seed", 0), image_size=image_size,
+                             label_mode=config.get("label_mode", "fine"), class_names=config.get("class_names"),
+                             skip_bad_images=config.get("skip_bad_images", False))
+
+
 def run_dataset(run_dir: Path, meta: dict, data_path: str | None = None) -> Dataset:
     """The data set a run was trained on (or `data_path`), checked against the run's classes and size."""
     config = runs.read_json(run_dir / "config.json", "is it a run directory?")["data"]
     size = tuple(config["image_size"]) if config.get("image_size") else None
     for attempt in (size, tuple(meta["image_size"])):  # the run's own setting first: same cache entry
-        dataset = data.load_dataset(data_path or config["path"], val_fraction=config["val_fraction"],
-                                    split_seed=config["split_seed"], image_size=attempt,
-                                    label_mode=config.get("label_mode", "fine"), class_names=config.get("class_names"))
+        dataset = _load_as_trained(config, data_path, attempt)
         if list(dataset.image_size) == meta["image_size"]:
             break
     if dataset.classes != meta["classes"]:
@@ -181,9 +187,7 @@ def evaluate_onnx(model_path: str | Path, data_path: str | None = None) -> dict:
     if not (data_path or config.get("path")):
         raise CnnlabError(f"{model_path} does not say which data it was trained on; pass --data")
     size = tuple(config["image_size"]) if config.get("image_size") else None
-    dataset = data.load_dataset(data_path or config["path"], val_fraction=config.get("val_fraction", 0.1),
-                                split_seed=config.get("split_seed", 0), image_size=size,
-                                label_mode=config.get("label_mode", "fine"), class_names=config.get("class_names"))
+    dataset = _load_as_trained(config, data_path, size)
     if dataset.classes != info["classes"] or list(dataset.image_size) != list(info["image_size"]):
         raise CnnlabError(f"the data at {dataset.source} has classes {dataset.classes} and size "
                           f"{list(dataset.image_size)}; the model expects {info['classes']} at {info['image_size']}")

@@ -1,22 +1,33 @@
-"""Atomic file writes: a crash or Ctrl-C leaves either the old file or the new one, never half of one."""
+"""Atomic file writes: a crash, Ctrl-C or SIGKILL leaves either the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import CnnlabError
+
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`."""
+def atomic_path(path: str | os.PathLike, backup: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`.
+
+    With `backup`, the file being replaced is first renamed to `backup`, so that the previous version
+    survives until the new one is complete. A failed write (a full disk, say) is a CnnlabError naming
+    the file, and leaves no temporary file behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -26,10 +37,43 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        if backup is not None and path.exists():
+            os.replace(path, backup)
         os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames themselves durable (a crash right after could otherwise undo them)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def require_space(folder: Path, needed: int, what: str) -> None:
+    """Fail before a long job starts if `folder` cannot be written or lacks `needed` bytes."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+        free = shutil.disk_usage(folder).free
+    except OSError as e:
+        raise CnnlabError(f"cannot write to {folder}: {e.strerror or e}") from None
+    if free < needed:
+        raise CnnlabError(f"{folder} has {free / 2**20:,.0f} MB free but {what} needs about "
+                          f"{needed / 2**20:,.0f} MB; free some space or choose another --out")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -2,7 +2,8 @@
 
     config.json         resolved configuration (preset, data, training)
     history.csv/.json   one record per epoch
-    checkpoint.pt       last state for --resume (weights, optimizer, scheduler, RNG states, position)
+    checkpoint.safetensors       last state for --resume (weights, optimizer, scheduler, RNG states, position),
+    checkpoint.prev.safetensors  and the one before it, kept until the new one is complete
     model.safetensors   final weights
     model.json          what evaluation and prediction need besides the weights
     metrics.json, confusion_matrix.{csv,json,png}   written by evaluation
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -56,19 +59,110 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     files.write_json(run_dir / "history.json", history)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors (no pickle, so loading runs no code) with the non-tensor structure as JSON in
+# its metadata, and a SHA-256 over both, checked on load.
+
+CHECKPOINT, PREVIOUS = "checkpoint.safetensors", "checkpoint.prev.safetensors"
+CHECKPOINT_FORMAT = "cnnlab-checkpoint-1"
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON for `obj` with each tensor replaced by a reference into `tensors` (types kept exactly)."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu").contiguous()
+        if obj.is_contiguous():
+            return {"__tensor__": key}
+        # Optimizer moments of channels-last weights are channels-last too, and fused optimizers walk
+        # weights and moments as flat memory: the layout must come back exactly as it was.
+        return {"__tensor__": key, "stride": list(obj.stride())}
+    if isinstance(obj, dict):  # optimizer states have int keys, which JSON objects cannot
+        return {"__dict__": [[_flatten(k, tensors), _flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            t = tensors[obj["__tensor__"]]
+            if "stride" in obj:
+                t = torch.empty_strided(t.shape, obj["stride"], dtype=t.dtype).copy_(t)
+            return t
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    return obj
+
+
+def _digest(skeleton: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(skeleton.encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(run_dir: Path, state: dict) -> None:
-    with files.atomic_path(run_dir / "checkpoint.pt") as tmp:
-        torch.save(state, tmp)
+    """Write the checkpoint atomically; the previous one becomes checkpoint.prev.safetensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_flatten(state, tensors))
+    meta = {"format": CHECKPOINT_FORMAT, "state": skeleton, "sha256": _digest(skeleton, tensors)}
+    blob = save(tensors, metadata=meta)
+    with files.atomic_path(run_dir / CHECKPOINT, backup=run_dir / PREVIOUS) as tmp:
+        tmp.write_bytes(blob)
 
 
-def load_checkpoint(run_dir: Path) -> dict:
-    path = run_dir / "checkpoint.pt"
-    if not path.is_file():
-        raise CnnlabError(f"{run_dir} has no checkpoint.pt to resume from")
+def _read_checkpoint(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CnnlabError(f"cannot read checkpoint {path}: {e}") from None
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged headers and data
+        raise ValueError(f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT or "state" not in meta:
+        raise ValueError("not a cnnlab checkpoint")
+    if _digest(meta["state"], tensors) != meta.get("sha256"):
+        raise ValueError("checksum mismatch: the file was damaged after it was written")
+    return _unflatten(json.loads(meta["state"]), tensors)
+
+
+def load_checkpoint(run_dir: Path, log=print) -> dict | None:
+    """The newest intact checkpoint, or None if the run never wrote one.
+
+    A damaged latest checkpoint falls back to the previous one, and says so.
+    """
+    problems = []
+    for name in (CHECKPOINT, PREVIOUS):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            state = _read_checkpoint(path)
+        except ValueError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        if problems:
+            log(f"warning: {problems[0]}; resuming from the previous checkpoint "
+                f"(epoch {state['epoch'] + 1}, step {state['step']})")
+        return state
+    if (run_dir / "checkpoint.pt").is_file():  # written by cnnlab 0.1
+        try:
+            return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            problems.append(f"checkpoint.pt: {e}")
+    if problems:
+        raise CnnlabError(f"no usable checkpoint in {run_dir}: {'; '.join(problems)}")
+    return None
 
 
 def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:

@@ -27,6 +27,8 @@ from .errors import CnnlabError
 LAYER = re.compile(r"c(?P<conv>\d+)(?:k(?P<k>\d+))?(?:s(?P<s>\d+))?(?P<bn>b)?|p(?P<pool>\d+)?|a(?P<avg>\d+)?"
                    r"|(?P<gap>g)|(?P<flat>f)|d(?P<dense>\d+)|r(?P<drop>\d*\.?\d+)")
 GRAMMAR = "c<N>[k<K>][s<S>][b], p[<K>], a[<K>], g, f, d<N>, r<P>"
+MAX_WIDTH, MAX_KERNEL = 65_536, 64  # far beyond any useful CNN, and far below what exhausts memory
+MAX_PARAMS = 500_000_000  # 2 GB of fp32 weights: a typo such as d1280000 fails here, not in the allocator
 
 
 def looks_like_spec(name: str) -> bool:
@@ -56,6 +58,13 @@ def build(spec: str, in_channels: int, num_classes: int, image_size: tuple[int, 
     tokens = spec.strip().split("-")
     layers: list[nn.Module] = []
     channels, (h, w), flat = in_channels, image_size, None  # flat: feature count once flattened
+    params = 0
+
+    def budget(count: int, where: str) -> None:
+        nonlocal params
+        params += count
+        if params > MAX_PARAMS:
+            raise fail(f"{where} brings the network to over {MAX_PARAMS:,} parameters")
     for position, token in enumerate(tokens, 1):
         m = LAYER.fullmatch(token)
         where = f"layer {position} {token!r}"
@@ -65,6 +74,9 @@ def build(spec: str, in_channels: int, num_classes: int, image_size: tuple[int, 
             n, k, s = int(m["conv"]), int(m["k"] or 3), int(m["s"] or 1)
             if n < 1 or k < 1 or s < 1:
                 raise fail(f"{where}: filters, kernel and stride must be at least 1")
+            if n > MAX_WIDTH or k > MAX_KERNEL or s > MAX_KERNEL:
+                raise fail(f"{where}: at most {MAX_WIDTH:,} filters and a kernel and stride of {MAX_KERNEL}")
+            budget(channels * n * k * k + n, where)
             conv = (nn.Conv2d(channels, n, k, padding="same", bias=not m["bn"]) if s == 1
                     else nn.Conv2d(channels, n, k, stride=s, padding=k // 2, bias=not m["bn"]))
             layers += [conv, *([nn.BatchNorm2d(n)] if m["bn"] else []), nn.ReLU(inplace=True)]
@@ -73,7 +85,7 @@ def build(spec: str, in_channels: int, num_classes: int, image_size: tuple[int, 
                 h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
         elif token[0] in "pa" and not m["gap"]:
             k = int(m["pool"] or m["avg"] or 2)
-            if k < 1 or h // k < 1 or w // k < 1:
+            if k < 1 or k > h or k > w:
                 raise fail(f"{where}: cannot pool {h}x{w} by {k}")
             layers.append(nn.MaxPool2d(k) if token[0] == "p" else nn.AvgPool2d(k))
             h, w = h // k, w // k
@@ -87,8 +99,9 @@ def build(spec: str, in_channels: int, num_classes: int, image_size: tuple[int, 
             if flat is None:
                 raise fail(f"{where}: flatten (f or g) before a dense layer")
             n = int(m["dense"])
-            if n < 1:
-                raise fail(f"{where}: a dense layer needs at least 1 unit")
+            if not 1 <= n <= MAX_WIDTH:
+                raise fail(f"{where}: a dense layer needs 1 to {MAX_WIDTH:,} units")
+            budget(flat * n + n, where)
             layers += [nn.Linear(flat, n), nn.ReLU(inplace=True)]
             flat = n
         else:
@@ -96,10 +109,9 @@ def build(spec: str, in_channels: int, num_classes: int, image_size: tuple[int, 
             if not 0 <= p < 1:
                 raise fail(f"{where}: dropout must be at least 0 and below 1")
             layers.append(nn.Dropout(p))
-    if h < 1 or w < 1:
-        raise fail(f"the image shrinks to {h}x{w}")
     if flat is None:
         layers.append(nn.Flatten())
         flat = channels * h * w
+    budget(flat * num_classes + num_classes, "the classifier")
     layers.append(nn.Linear(flat, num_classes))
     return nn.Sequential(*layers)

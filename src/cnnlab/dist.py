@@ -1,0 +1,117 @@
+"""Data-parallel training on PyTorch's own engine: torch.distributed with DistributedDataParallel.
+
+`torchrun --nproc_per_node N -m cnnlab train ...` (or `cnnlab train --nproc N`, which runs that) starts N
+processes; each one calls `init()`, which reads torchrun's environment and joins the process group:
+NCCL between GPUs, Gloo between CPU processes. Outside torchrun, `init()` returns a one-process `World`
+and every helper here does nothing, so the training loop reads the same either way.
+
+Each global batch is split between the ranks by position (rank r takes every world-size-th image), the
+gradients are averaged by DDP, and so W ranks with B/W images each take the step one process takes with
+B images. Only rank 0 writes files or prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import CnnlabError
+
+# How long a collective may wait for a silent rank before the job fails instead of hanging.
+TIMEOUT = timedelta(seconds=float(os.environ.get("CNNLAB_DIST_TIMEOUT", 300)))
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init() -> World:
+    """Join torchrun's process group when launched by torchrun; a single process otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=TIMEOUT)
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device_for(world: World, device: torch.device) -> torch.device:
+    """Each rank on a machine takes its own GPU."""
+    return torch.device("cuda", world.local_rank) if device.type == "cuda" and world.distributed else device
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def broadcast(world: World, value):
+    """Rank 0's `value` on every rank (a path, say)."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(world: World, values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over all ranks."""
+    if not world.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(world: World, flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any: ranks must take the same branch or the next collective hangs."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def shard(world: World, idx: torch.Tensor) -> torch.Tensor:
+    return idx[world.rank::world.size] if world.distributed else idx
+
+
+def per_rank_batch(world: World, batch_size: int) -> int:
+    if batch_size % world.size:
+        raise CnnlabError(f"--batch-size {batch_size} is the global batch and must divide evenly between "
+                          f"{world.size} processes")
+    return batch_size // world.size
+
+
+def close(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`cnnlab train --nproc N ...`: run the same command under torchrun with N processes on this machine."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
+    cmd += ["--standalone", "--nproc_per_node", str(nproc), "-m", "cnnlab", *argv]
+    os.execv(cmd[0], cmd)
+    return 0  # not reached: execv replaces this process

@@ -1,0 +1,137 @@
+"""Data-parallel training with torch.distributed (Gloo, 2 CPU processes): equivalence with one process,
+one writer, resume under another world size, and a dead rank ending the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnnlab import dist, runs
+from cnnlab.errors import CnnlabError
+
+CNNLAB = [sys.executable, "-m", "cnnlab"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# 150 training images, global batch 30: 5 steps an epoch, each rank 15 images a step. The seed model has
+# no BatchNorm, so 2 x 15 and 1 x 30 compute the same step up to float rounding.
+FLAGS = ["--batch-size", "30", "--precision", "fp32", "--no-report", "--seed", "5"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CNNLAB_DIST_TIMEOUT": "60"}
+
+
+def cnnlab(*args, timeout=300, launcher=CNNLAB) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def same_weights(a: Path, b: Path, atol=2e-5) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4, msg=k)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cifar_python_dir):
+    out = tmp_path_factory.mktemp("single") / "run"
+    proc = cnnlab("train", "--data", str(cifar_python_dir), "--epochs", "3", *FLAGS, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_two_processes_reach_the_weights_of_one(single, cifar_python_dir, tmp_path):
+    out = tmp_path / "runs" / "ddp"
+    proc = cnnlab("train", "--nproc", "2", "--data", str(cifar_python_dir), "--epochs", "3", *FLAGS, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    same_weights(single, out)
+    assert proc.stdout.count("run directory:") == 2  # rank 0 only: at the start and in the closing summary
+    assert "2 processes of 15 images a step" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]  # one run directory, nothing else
+    config = json.loads((out / "config.json").read_text())
+    assert config["environment"]["processes"] == 2 and config["train"]["batch_size"] == 30
+    one, two = (json.loads((d / "history.json").read_text()) for d in (single, out))
+    for a, b in zip(one, two, strict=True):  # sharded validation, summed over ranks, equals the whole
+        assert b["val_acc"] == pytest.approx(a["val_acc"], abs=1e-6)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(json.loads((single / "metrics.json").read_text())["test_accuracy"])
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            ppid = next(ln.split()[1] for ln in status.read_text().splitlines() if ln.startswith("PPid:"))
+        except (OSError, StopIteration):
+            continue
+        if int(ppid) == pid:
+            found.append(int(status.parent.name))
+    return found
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(cifar_python_dir, tmp_path):
+    """Kill a 2-process job once it has checkpointed, then finish the run in a single process."""
+    long = ["--data", str(cifar_python_dir), "--epochs", "12", *FLAGS]
+    reference = tmp_path / "single"
+    assert cnnlab("train", *long, "--out", str(reference)).returncode == 0
+    out = tmp_path / "ddp"
+    job = subprocess.Popen([*TORCHRUN, "-m", "cnnlab", "train", *long, "--out", str(out)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / runs.CHECKPOINT).exists() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks, at once
+    job.wait(timeout=60)
+    state = runs.load_checkpoint(out)
+    assert state is not None and state["epoch"] < 12, "the job finished before it could be stopped"
+    proc = cnnlab("train", "--resume", str(out), "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    same_weights(reference, out)
+
+
+def test_a_dead_rank_ends_the_job(cifar_python_dir, tmp_path):
+    out = tmp_path / "ddp"
+    log = (tmp_path / "job.log").open("w")
+    job = subprocess.Popen([*TORCHRUN, "-m", "cnnlab", "train", "--data", str(cifar_python_dir), "--epochs", "500",
+                            *FLAGS, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "history.json").exists():
+            assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-2000:]
+            time.sleep(0.1)
+        workers = children(job.pid)
+        assert len(workers) == 2, workers
+        killed = time.monotonic()
+        os.kill(workers[1], signal.SIGKILL)
+        code = job.wait(timeout=120)
+        assert code != 0 and time.monotonic() - killed < 90
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
+def test_global_batch_must_divide_between_processes():
+    assert dist.per_rank_batch(dist.World(0, 4, 0), 64) == 16
+    with pytest.raises(CnnlabError, match="--batch-size 30 is the global batch and must divide evenly between 4"):
+        dist.per_rank_batch(dist.World(1, 4, 1), 30)
+
+
+def test_shards_cover_every_image_once():
+    idx = torch.arange(31)
+    parts = [dist.shard(dist.World(r, 3, r), idx) for r in range(3)]
+    assert sorted(torch.cat(parts).tolist()) == list(range(31)) and [len(p) for p in parts] == [11, 10, 10]
+
+
+def test_sync_bn_on_cpu_processes_is_a_clear_error(cifar_python_dir, tmp_path):
+    proc = cnnlab("train", "--data", str(cifar_python_dir), "--model", "airbench-s", "--epochs", "1", "--batch-size",
+                  "30", "--sync-bn", "--out", str(tmp_path / "r"), launcher=[*TORCHRUN, "-m", "cnnlab"])
+    assert proc.returncode != 0
+    assert "cnnlab: error: --sync-bn needs CUDA devices" in proc.stderr
+    assert "cnnlab/train.py" not in proc.stderr  # torchrun reports the failed ranks; no traceback of ours

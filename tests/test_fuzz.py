@@ -1,0 +1,162 @@
+"""Property-based tests: random and mutated bytes into every reader, the image decoders, the layer-spec
+parser and the server's upload path. The only acceptable outcomes are a result or a clean CnnlabError
+(an HTTP 4xx for the server): never another exception, a crash or a hang."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cnnlab import cifar, data, idx, images, spec
+from cnnlab.errors import CnnlabError
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def mutations(seed_bytes: bytes) -> st.SearchStrategy[bytes]:
+    """The valid file with some bytes overwritten, some cut off, or some inserted."""
+    def mutate(args):
+        positions, values, cut, insert_at, inserted = args
+        buf = bytearray(seed_bytes)
+        for p, v in zip(positions, values, strict=False):
+            buf[p % len(buf)] = v
+        buf = buf[:max(0, len(buf) - cut)]
+        at = insert_at % (len(buf) + 1)
+        return bytes(buf[:at] + inserted + buf[at:])
+    return st.tuples(st.lists(st.integers(0, 10**6), max_size=8), st.lists(st.integers(0, 255), max_size=8),
+                     st.integers(0, len(seed_bytes)), st.integers(0, 10**6), st.binary(max_size=16)).map(mutate)
+
+
+def some_bytes(valid: bytes) -> st.SearchStrategy[bytes]:
+    return st.one_of(st.binary(max_size=4096), mutations(valid))
+
+
+def png_bytes(size=(6, 5), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+BATCH = pickle.dumps({b"batch_label": b"x", b"labels": [1, 2], b"data": np.zeros((2, 3072), np.uint8),
+                      b"filenames": [b"a.png", b"b.png"]}, protocol=2)
+IDX = struct.pack(">BBBBIII", 0, 0, 8, 3, 2, 4, 4) + bytes(range(32))
+
+
+@FUZZ
+@given(blob=some_bytes(BATCH))
+def test_cifar_pickle_reader(blob):
+    try:
+        batch = cifar._unpickle(blob, "fuzz")
+        cifar._batch_arrays(batch, "fuzz")
+    except CnnlabError:
+        pass
+
+
+@FUZZ
+@given(blob=some_bytes(bytes(3073 * 2)))
+def test_cifar_binary_reader(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("bin") / "data_batch_1.bin"
+    path.write_bytes(blob)
+    try:
+        x, y = cifar._read_bin(path)
+        assert x.shape[1:] == (3, 32, 32) and len(x) == len(y)
+    except CnnlabError:
+        pass
+
+
+@FUZZ
+@given(blob=some_bytes(IDX), compress=st.booleans())
+def test_idx_reader(tmp_path_factory, blob, compress):
+    path = tmp_path_factory.mktemp("idx") / ("f.gz" if compress else "f")
+    path.write_bytes(gzip.compress(blob) if compress and len(blob) % 3 else blob)  # sometimes not gzip at all
+    try:
+        arr = idx.read_idx(path, 3)
+        assert arr.ndim == 3
+    except CnnlabError:
+        pass
+
+
+@FUZZ
+@given(blob=some_bytes(pickle.dumps({b"train": 1}, protocol=2)))
+def test_cifar_archive_reader(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("tar") / "cifar-100-python.tar.gz"
+    path.write_bytes(blob)
+    with pytest.raises(CnnlabError):  # random bytes never make a complete data set
+        data.load_dataset(path, use_cache=False)
+
+
+@FUZZ
+@given(blob=st.one_of(some_bytes(png_bytes()), some_bytes(jpeg_bytes()), some_bytes(png_bytes((3, 3), "L"))),
+       channels=st.sampled_from([1, 3]))
+def test_image_decoder(blob, channels):
+    try:
+        arr = images.decode_image(blob, channels, (4, 4))
+        assert arr.shape == (4, 4, channels) and arr.dtype == np.uint8
+    except CnnlabError:
+        pass
+
+
+@FUZZ
+@given(blob=some_bytes(png_bytes()))
+def test_image_folder_decoder(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("img") / "x.png"
+    path.write_bytes(blob)
+    out = data._decode(path, (4, 4))
+    assert isinstance(out, str) or (out.shape[:2] == (4, 4) and out.dtype == np.uint8)
+
+
+LAYER_TEXT = st.text(alphabet="cpagfdrkbs0123456789.-", max_size=24)
+
+
+@FUZZ
+@given(text=st.one_of(LAYER_TEXT, st.text(max_size=24)), channels=st.sampled_from([1, 3]),
+       size=st.sampled_from([(8, 8), (32, 32), (28, 28)]))
+def test_layer_spec_parser(text, channels, size):
+    try:
+        net = spec.build(text, channels, 10, size)
+    except CnnlabError:
+        return
+    import torch
+    assert net(torch.zeros(1, channels, *size)).shape == (1, 10)
+
+
+@pytest.fixture(scope="module")
+def client(quick_onnx):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from cnnlab import serve
+
+    with TestClient(serve.create_app(serve.ServeConfig(model=str(quick_onnx), max_upload_mb=1))) as c:
+        yield c
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(blob=st.one_of(some_bytes(png_bytes()), some_bytes(jpeg_bytes())),
+       name=st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=40))
+def test_server_upload_path(client, blob, name):
+    r = client.post("/predict", files=[("files", (name or "x", blob, "application/octet-stream"))])
+    assert r.status_code in (200, 400, 413, 415), r.text
+    body = r.json()
+    assert ("results" in body) if r.status_code == 200 else isinstance(body["detail"], str)
+
+
+def test_server_still_answers_after_the_fuzzing(client):
+    image = Path(__file__)  # not an image: the last word is a clean 415
+    assert client.post("/predict", files=[("files", ("t.py", image.read_bytes(), "text/plain"))]).status_code == 415
+    assert client.get("/health").json() == {"status": "ok"}

@@ -1,0 +1,234 @@
+"""Faults: checkpoints that survive SIGKILL, damage and full disks; non-finite losses; bad image files;
+pickles that try to run code."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from cnnlab import cli, data, models, runs, train
+from cnnlab.config import DataConfig, TrainConfig
+from cnnlab.errors import CnnlabError
+from conftest import write_cifar_python, write_image_folder
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def sample_state(value: float) -> dict:
+    return {"model": {"w": torch.full((3, 2), value), "half": torch.ones(4, dtype=torch.bfloat16) * value},
+            "optimizer": {"state": {0: {"step": torch.tensor(5.0)}}, "param_groups": [{"betas": (0.9, 0.99),
+                                                                                     "lr": 1e-3, "params": [0]}]},
+            "moment": torch.arange(96.0).view(2, 3, 4, 4).contiguous(memory_format=torch.channels_last),
+            "epoch": 2, "step": 0, "epoch_rng": None, "history": [{"val_acc": 0.5}], "flag": True}
+
+
+def test_checkpoint_round_trip_keeps_every_type(tmp_path):
+    runs.save_checkpoint(tmp_path, sample_state(1.5))
+    state = runs.load_checkpoint(tmp_path)
+    assert torch.equal(state["model"]["w"], torch.full((3, 2), 1.5))
+    assert state["model"]["half"].dtype == torch.bfloat16
+    assert list(state["optimizer"]["state"]) == [0]  # int keys stay ints
+    assert state["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)  # tuples stay tuples
+    assert state["epoch_rng"] is None and state["history"] == [{"val_acc": 0.5}] and state["flag"] is True
+    moment = sample_state(0)["moment"]  # fused optimizers read moments as flat memory: the layout must survive
+    assert torch.equal(state["moment"], moment) and state["moment"].stride() == moment.stride() != (48, 16, 4, 1)
+    raw = (tmp_path / runs.CHECKPOINT).read_bytes()
+    assert b"__reduce__" not in raw and raw[8:9] == b"{"  # safetensors: a JSON header, no pickle
+
+
+def test_previous_checkpoint_is_kept_and_used_when_the_latest_is_damaged(tmp_path):
+    runs.save_checkpoint(tmp_path, sample_state(1.0))
+    runs.save_checkpoint(tmp_path, sample_state(2.0))
+    assert runs.load_checkpoint(tmp_path)["model"]["w"][0, 0] == 2.0
+    latest = tmp_path / runs.CHECKPOINT
+    raw = bytearray(latest.read_bytes())
+    raw[-3] ^= 0xFF  # one flipped bit pattern in the tensor data: only the checksum can notice
+    latest.write_bytes(bytes(raw))
+    said = []
+    state = runs.load_checkpoint(tmp_path, said.append)
+    assert state["model"]["w"][0, 0] == 1.0
+    assert "checksum mismatch" in said[0] and "resuming from the previous checkpoint" in said[0]
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated: the header no longer parses
+    assert runs.load_checkpoint(tmp_path, said.append)["model"]["w"][0, 0] == 1.0
+    (tmp_path / runs.PREVIOUS).write_bytes(b"garbage")
+    with pytest.raises(CnnlabError, match="no usable checkpoint"):
+        runs.load_checkpoint(tmp_path)
+    assert runs.load_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_a_failed_checkpoint_write_keeps_the_old_one_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    runs.save_checkpoint(tmp_path, sample_state(1.0))
+
+    def disk_full(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(CnnlabError, match="cannot write .*checkpoint.safetensors: No space left on device"):
+        runs.save_checkpoint(tmp_path, sample_state(2.0))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [runs.CHECKPOINT]
+    assert runs.load_checkpoint(tmp_path)["model"]["w"][0, 0] == 1.0
+
+
+def test_unwritable_or_full_destinations_fail_before_training(tmp_path, capsys, monkeypatch, cifar_python_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--out", str(blocker / "run"), "--epochs", "1"]) == 2
+    assert "cannot create the run directory" in capsys.readouterr().err
+
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--out", str(out), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "has 1 MB free but this run's checkpoints needs about" in err and err.count("\n") == 1
+    assert not list(out.glob("checkpoint*")) and not (out / "history.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# SIGKILL at random moments, then --resume: the same final weights as a run never interrupted
+
+
+def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tmp_path, cifar_python_dir):
+    flags = ["--data", str(cifar_python_dir), "--epochs", "12", "--batch-size", "10", "--checkpoint-every", "4",
+             "--no-report", "--seed", "3"]
+    cmd = [sys.executable, "-m", "cnnlab"]
+    subprocess.run([*cmd, "train", *flags, "--out", str(tmp_path / "reference")], check=True, timeout=300,
+                   capture_output=True)
+    run = tmp_path / "killed"
+    rng = random.Random(7)
+    kills = 0
+    proc = subprocess.Popen([*cmd, "train", *flags, "--out", str(run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while kills < 4:
+        time.sleep(rng.uniform(2.0, 6.0))  # starting Python and torch takes about 2 s of it
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        kills += 1
+        for name in (runs.CHECKPOINT, runs.PREVIOUS):
+            if (run / name).exists():
+                runs.load_checkpoint(run)  # whatever is there is whole and checks out
+        proc = subprocess.Popen([*cmd, "train", "--resume", str(run), "--no-report"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=300) == 0
+    assert not list(run.glob(".*.tmp"))  # writes cut short by a kill are cleared away on resume
+    assert kills >= 2, "the run finished before it could be killed twice; lengthen it"
+    want, got = load_file(tmp_path / "reference" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 13))
+    assert json.loads((run / "metrics.json").read_text())["test_accuracy"] == pytest.approx(
+        json.loads((tmp_path / "reference" / "metrics.json").read_text())["test_accuracy"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-finite loss
+
+
+class GoesNaN(nn.Module):
+    """A working network whose output turns to NaN from the `after`-th training forward pass on."""
+
+    def __init__(self, in_channels: int, num_classes: int, after: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, num_classes))
+        self.after, self.calls = after, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        out = self.net(x)
+        return out * float("nan") if self.training and self.calls >= self.after else out
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip-batch"])
+def test_non_finite_loss(tmp_path, monkeypatch, mode):
+    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))
+    models.register("goes_nan")(lambda c, k, s: GoesNaN(c, k, after=6))  # 4 steps an epoch: epoch 2, step 2
+    root = write_image_folder(tmp_path / "set", per_class=4, size=(8, 8))  # 12 images, batch 3
+    cfg = TrainConfig(model="goes_nan", epochs=2, batch_size=3, on_nan=mode)
+    out, said = tmp_path / "run", []
+    if mode == "stop":
+        with pytest.raises(CnnlabError, match=r"non-finite at epoch 2, step 2; .*checkpoint .* kept.* --lr 0\.0001"):
+            train.train(cfg, DataConfig(path=str(root)), out=out, log=said.append)
+        state = runs.load_checkpoint(out)
+        assert state["epoch"] == 1 and state["step"] == 0  # the end of epoch 1: the last good state
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+        assert not (out / "model.safetensors").exists()
+    else:
+        train.train(cfg, DataConfig(path=str(root)), out=out, log=said.append, with_report=False)
+        assert any("3 batches of epoch 2 were skipped" in str(s) for s in said)
+        weights = load_file(out / "model.safetensors")
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input files
+
+
+def broken_folder(tmp_path) -> Path:
+    root = write_image_folder(tmp_path / "set", per_class=6, size=(8, 8))
+    good = (root / "train" / "a" / "000.png").read_bytes()
+    (root / "train" / "a" / "cut.png").write_bytes(good[:40])  # truncated
+    (root / "train" / "b" / "notes.jpg").write_text("not a picture")
+    (root / "test" / "c" / "empty.png").write_bytes(b"")
+    Image.new("L", (5000, 5000)).save(root / "train" / "c" / "bomb.png")  # 25 megapixels in a few KB
+    return root
+
+
+def test_bad_image_files_are_all_listed(tmp_path):
+    root = broken_folder(tmp_path)
+    with pytest.raises(CnnlabError) as info:
+        data.load_dataset(root)
+    message = str(info.value)
+    assert message.startswith("4 unreadable image file(s)") and "--skip-bad-images" in message
+    for name in ("cut.png", "notes.jpg", "empty.png", "bomb.png: 5000x5000 pixels is over the limit"):
+        assert name in message
+
+
+def test_skip_bad_images_trains_and_records_them(tmp_path, capsys):
+    root = broken_folder(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(root), "--skip-bad-images", "--epochs", "1", "--batch-size", "4",
+                     "--out", str(out), "--no-report"]) == 0
+    assert "warning: skipped 4 unreadable image file(s)" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())["data"]
+    assert len(config["skipped_images"]) == 4 and config["train_images"] == 18 and config["test_images"] == 9
+    assert cli.main(["evaluate", str(out)]) == 0  # evaluation reads the data the same way
+
+
+def test_malicious_pickles_never_run(tmp_path, cifar_batches):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = write_cifar_python(tmp_path / "cifar-10-batches-py", cifar_batches)
+    (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}, protocol=2))
+    cifar100 = tmp_path / "c100" / "cifar-100-python"
+    cifar100.mkdir(parents=True)
+    for name in ("train", "test"):
+        (cifar100 / name).write_bytes(pickle.dumps(Payload(), protocol=4))
+    (cifar100 / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"x"]}, protocol=2))
+    for path in (folder, cifar100):
+        with pytest.raises(CnnlabError, match="refusing to load posix.system"):
+            data.load_dataset(path, use_cache=False)
+    assert not marker.exists()
