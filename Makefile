@@ -52,6 +52,8 @@ bench-keras: .venv-keras/bin/.tf
 bench: $(BIN)/.dev bench-keras
 	$(BIN)/python benchmarks/data_load.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/ddp_scaling.py
+	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/vs_keras.py
 	$(BIN)/python benchmarks/time_to_accuracy.py --keras

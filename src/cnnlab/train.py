@@ -262,11 +262,12 @@ def _load_data(data_cfg: DataConfig, seed: int, log=say) -> Dataset:
 
 
 def _load_once(world: World, load) -> Dataset:
-    """Rank 0 reads the data (building the cache) while the others wait; then they read the finished cache."""
-    if not world.main:
+    """The first process of each machine reads the data (building that machine's cache) while the others
+    wait; then they read the finished cache. Every rank passes exactly one barrier."""
+    if world.local_rank != 0:
         dist.barrier(world)
     ds = load()
-    if world.main:
+    if world.local_rank == 0:
         dist.barrier(world)
     return ds
 
