@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -17,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import cifar, idx
 from .errors import CnnlabError
 from .files import atomic_path
-from .images import MAX_PIXELS
+from .images import decode_image
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
@@ -218,19 +216,10 @@ def _class_files(split_dir: Path, classes: list[str] | None = None) -> list[tupl
 def _decode(file: Path, size: tuple[int, int] | None) -> np.ndarray | str:
     """One image as an (H, W, 3) or (H, W) uint8 array, resized to `size` (H, W) when given; or why not."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS below is the limit
-            with Image.open(file) as im:
-                if im.size[0] * im.size[1] > MAX_PIXELS:  # from the header, before decoding a single pixel
-                    return f"{im.size[0]}x{im.size[1]} pixels is over the limit of {MAX_PIXELS:,}"
-                im.load()
-                gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-                im = im.convert("L" if gray else "RGB")
-                if size is not None and im.size != (size[1], size[0]):
-                    im = im.resize((size[1], size[0]), Image.BILINEAR)
-                return np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        return str(e) or type(e).__name__
+        arr = decode_image(file, None, size)
+    except CnnlabError as e:
+        return str(e)
+    return arr[:, :, 0] if arr.shape[2] == 1 else arr
 
 
 def _decode_all(files: list[Path], size: tuple[int, int] | None, desc: str) -> list[np.ndarray | str]:
@@ -255,7 +244,7 @@ def read_image_folder(root: Path, image_size: tuple[int, int] | None = None, ski
         first = next((a for f, _ in train_items if not isinstance(a := _decode(f, None), str)), None)
         image_size = first.shape[:2] if first is not None else (1, 1)
     arrays = _decode_all([f for f, _ in items], image_size, f"decoding {root.name}")
-    bad = [f"{f}: {a}" for (f, _), a in zip(items, arrays, strict=True) if isinstance(a, str)]
+    bad = [a for a in arrays if isinstance(a, str)]  # each message names its file
     if bad and not skip_bad:
         shown = "; ".join(bad[:20]) + (f"; and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise CnnlabError(f"{len(bad)} unreadable image file(s): {shown}. Fix or remove them, "

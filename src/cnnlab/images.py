@@ -34,9 +34,15 @@ class TooManyPixels(ImageError):
     status = 413  # Content Too Large: the decoded image would be too big
 
 
-def decode_image(source: bytes | str | os.PathLike, channels: int, size: tuple[int, int],
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def decode_image(source: bytes | str | os.PathLike, channels: int | None, size: tuple[int, int] | None,
                  max_pixels: int = MAX_PIXELS, name: str | None = None) -> np.ndarray:
-    """A uint8 (H, W, C) array with the model's channel count (1 or 3) and size (H, W)."""
+    """A uint8 (H, W, C) array with the model's channel count (1 or 3) and size (H, W).
+
+    `channels=None` keeps grayscale images grey and makes everything else RGB; `size=None` keeps the size.
+    """
     name = name or (str(source) if not isinstance(source, bytes) else "upload")
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
@@ -47,8 +53,9 @@ def decode_image(source: bytes | str | os.PathLike, channels: int, size: tuple[i
                 width, height = im.size
                 if width * height > max_pixels:
                     raise TooManyPixels(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}")
-                im = im.convert("L" if channels == 1 else "RGB")
-                if im.size != (size[1], size[0]):
+                gray = channels == 1 if channels is not None else im.mode in GRAY_MODES
+                im = im.convert("L" if gray else "RGB")
+                if size is not None and im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
     except ImageError:
