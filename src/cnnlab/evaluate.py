@@ -166,11 +166,9 @@ class TorchPredictor:
         self.model, meta = runs.load_model(run_dir, self.device)
         self.norm = Normalization.from_dict(meta["normalization"])
         self.tta = meta.get("tta", 0)
-        metrics_path = Path(run_dir) / "metrics.json"
-        metrics = runs.read_json(metrics_path, "") if metrics_path.is_file() else {}
         self.info = {"name": Path(run_dir).name, "format": "pytorch", "path": str(run_dir),
                      "classes": meta["classes"], "channels": meta["in_channels"], "image_size": meta["image_size"],
-                     "source_run": str(Path(run_dir).resolve()), "test_accuracy": metrics.get("test_accuracy"),
+                     "source_run": str(Path(run_dir).resolve()), "test_accuracy": runs.recorded_accuracy(run_dir),
                      "cnnlab_version": __version__, "model": meta["model"]}
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:

@@ -50,6 +50,12 @@ def read_json(path: Path, what: str) -> Any:
         raise CnnlabError(f"cannot read {path}: {e}") from None
 
 
+def recorded_accuracy(run_dir: Path) -> float | None:
+    """The run's test accuracy from metrics.json, or None before it has been evaluated."""
+    path = Path(run_dir) / "metrics.json"
+    return read_json(path, "").get("test_accuracy") if path.is_file() else None
+
+
 def write_history(run_dir: Path, history: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
