@@ -117,7 +117,14 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
     proc = subprocess.Popen([*cmd, "train", *flags, "--out", str(run)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     while kills < 4:
-        time.sleep(rng.uniform(2.0, 6.0))  # starting Python and torch takes about 2 s of it
+        if kills == 0:
+            time.sleep(rng.uniform(0.5, 1.5))  # during start-up, before the first checkpoint
+        else:  # mid-training: at a random moment after this process's first checkpoint, however fast the machine
+            started = time.time()
+            checkpoint = run / runs.CHECKPOINT
+            while proc.poll() is None and not (checkpoint.exists() and checkpoint.stat().st_mtime > started):
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.25))
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGKILL)
@@ -126,11 +133,12 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
         for name in (runs.CHECKPOINT, runs.PREVIOUS):
             if (run / name).exists():
                 runs.load_checkpoint(run)  # whatever is there is whole and checks out
-        proc = subprocess.Popen([*cmd, "train", "--resume", str(run), "--no-report"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        # killed before the run directory was set up, the original command starts it again; after, --resume
+        again = ["--resume", str(run), "--no-report"] if (run / "config.json").exists() else [*flags, "--out", str(run)]
+        proc = subprocess.Popen([*cmd, "train", *again], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert proc.wait(timeout=300) == 0
     assert not list(run.glob(".*.tmp"))  # writes cut short by a kill are cleared away on resume
-    assert kills >= 2, "the run finished before it could be killed twice; lengthen it"
+    assert kills >= 3, "the run finished before it could be killed three times; lengthen it"
     want, got = load_file(tmp_path / "reference" / "model.safetensors"), load_file(run / "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     history = json.loads((run / "history.json").read_text())
@@ -232,3 +240,22 @@ def test_malicious_pickles_never_run(tmp_path, cifar_batches):
         with pytest.raises(CnnlabError, match="refusing to load posix.system"):
             data.load_dataset(path, use_cache=False)
     assert not marker.exists()
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path, cifar_python_dir, monkeypatch):
+    cfg, data_cfg = TrainConfig(epochs=2, batch_size=16, seed=1), DataConfig(path=str(cifar_python_dir))
+    whole = train.train(cfg, data_cfg, out=tmp_path / "whole", with_report=False, log=lambda *a: None)
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies where it would have written its first checkpoint
+
+    monkeypatch.setattr(runs, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, data_cfg, out=tmp_path / "cut", with_report=False, log=lambda *a: None)
+    monkeypatch.undo()
+    assert (tmp_path / "cut" / "config.json").exists() and runs.load_checkpoint(tmp_path / "cut") is None
+    said = []
+    train.resume(tmp_path / "cut", with_report=False, log=said.append)
+    assert any("no checkpoint yet" in str(s) for s in said)
+    want, got = load_file(whole / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)
