@@ -135,3 +135,22 @@ def test_sync_bn_on_cpu_processes_is_a_clear_error(cifar_python_dir, tmp_path):
     assert proc.returncode != 0
     assert "cnnlab: error: --sync-bn needs CUDA devices" in proc.stderr
     assert "cnnlab/train.py" not in proc.stderr  # torchrun reports the failed ranks; no traceback of ours
+
+
+def test_sync_bn_converts_every_batchnorm_for_gpu_ranks():
+    """The conversion itself (which runs on CPU tensors); DDP then needs GPUs, which this machine lacks."""
+    from torch import nn
+
+    from cnnlab import models, train
+    from cnnlab.config import TrainConfig
+
+    model = models.build("resnet20")
+    count = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    on = TrainConfig(sync_bn=True)
+    converted = train._sync_bn(model, on, dist.World(0, 2, 0), torch.device("cuda", 0))
+    assert count == 19 and sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == count
+    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+    assert train._sync_bn(model, on, dist.World(), torch.device("cuda", 0)) is model  # one process: unchanged
+    assert train._sync_bn(model, TrainConfig(), dist.World(0, 2, 0), torch.device("cuda", 0)) is model
+    with pytest.raises(CnnlabError, match="--sync-bn needs CUDA devices"):
+        train._sync_bn(model, on, dist.World(0, 2, 0), torch.device("cpu"))

@@ -111,11 +111,7 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log, 
         model.init_from_data(norm(ds.x_train[sample]).to(device))
     if state is None and cfg.init_from:
         log(runs.init_from(model, cfg.model, cfg.init_from))
-    if cfg.sync_bn and world.distributed:  # BatchNorm statistics over the global batch, not each rank's share
-        if device.type != "cuda":
-            raise CnnlabError("--sync-bn needs CUDA devices: PyTorch's DistributedDataParallel refuses "
-                              "SyncBatchNorm in CPU processes")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = _sync_bn(model, cfg, world, device)
     opt = make_optimizer(cfg, model)
     sched = make_schedule(cfg, opt, total_steps)
     lookahead = Lookahead(model, total_steps) if cfg.lookahead else None
@@ -237,6 +233,16 @@ def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log, 
             "params": models.count_params(model), "precision": precision_name(dtype), "tta": cfg.tta,
             "epochs": cfg.epochs, "train_seconds": round(sum(h["seconds"] for h in history), 3)}
     runs.save_model(run_dir, model, meta)
+
+
+def _sync_bn(model: nn.Module, cfg: TrainConfig, world: World, device: torch.device) -> nn.Module:
+    """--sync-bn: BatchNorm statistics over the global batch rather than each rank's share."""
+    if not (cfg.sync_bn and world.distributed):
+        return model
+    if device.type != "cuda":
+        raise CnnlabError("--sync-bn needs CUDA devices: PyTorch's DistributedDataParallel refuses "
+                          "SyncBatchNorm in CPU processes")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def _validate(model, ds: Dataset, norm, device, dtype, cfg: TrainConfig, tta: int, world: World) -> tuple[float, float]:
