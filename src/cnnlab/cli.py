@@ -199,13 +199,20 @@ def list_models() -> str:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
-    from . import train
+    from . import dist
 
     _check_model(args.model)
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from . import dist
-
         dist.launch(args.nproc, _without_nproc(argv))
+    try:
+        _train_or_resume(args)
+    finally:
+        dist.close()
+
+
+def _train_or_resume(args: argparse.Namespace) -> None:
+    from . import train
+
     if args.resume:
         train.resume(args.resume, args.data, with_report=not args.no_report)
         return

@@ -43,7 +43,7 @@ class Dataset:
     split: str  # where the test set came from, recorded in each run
     x_val: torch.Tensor | None = None  # a validation set held out of the training data (--val-split);
     y_val: torch.Tensor | None = None  # without one, training validates on the test set as the tutorial does
-    skipped: tuple[str, ...] = ()  # unreadable image files left out (--skip-bad-images), "path: reason"
+    skipped: tuple[str, ...] = ()  # why each unreadable image file was left out (--skip-bad-images), naming it
 
     @property
     def channels(self) -> int:

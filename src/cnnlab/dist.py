@@ -17,6 +17,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -103,15 +104,15 @@ def per_rank_batch(world: World, batch_size: int) -> int:
     return batch_size // world.size
 
 
-def close(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+def close() -> None:
+    """Leave the process group (if this process joined one) before the process exits."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str]) -> NoReturn:
     """`cnnlab train --nproc N ...`: run the same command under torchrun with N processes on this machine."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
     cmd += ["--standalone", "--nproc_per_node", str(nproc), "-m", "cnnlab", *argv]
-    os.execv(cmd[0], cmd)
-    return 0  # not reached: execv replaces this process
+    os.execv(cmd[0], cmd)  # replaces this process

@@ -358,19 +358,19 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
     world = dist.init()
     log = log if world.main else _quiet
     run_dir = Path(run_dir)
-    config, state = None, None
+    config, state, finished = None, None, False
     if world.main:  # only rank 0's machine need hold the run directory
         config = runs.read_json(run_dir / "config.json", "is it a run directory?")
         for leftover in run_dir.glob(".*.tmp"):  # a write that a kill cut short; never a file anything reads
             leftover.unlink(missing_ok=True)
         state = runs.load_checkpoint(run_dir, log)
-    config, state = dist.broadcast(world, (config, state))
+        finished = (run_dir / "model.safetensors").exists()
+    config, state, finished = dist.broadcast(world, (config, state, finished))
     cfg = from_dict(TrainConfig, config["train"])
     data_cfg = from_dict(DataConfig, {**config["data"], **({"path": data_path} if data_path else {})})
     ds = _load_once(world, lambda: _load_data(data_cfg, cfg.seed, log))
     if ds.classes != config["data"]["classes"]:
         raise CnnlabError(f"the data at {ds.source} has other classes than the run was trained on")
-    finished = dist.broadcast(world, (run_dir / "model.safetensors").exists() if world.main else None)
     if state is not None and state["epoch"] >= cfg.epochs and finished:
         if not world.main or (run_dir / "metrics.json").exists():
             log(f"{run_dir} already finished all {cfg.epochs} epochs")
