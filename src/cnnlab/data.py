@@ -96,11 +96,12 @@ class Normalization:
         return Normalization(tuple(xf.mean((0, 2, 3)).tolist()), tuple(xf.std((0, 2, 3)).tolist()))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255)
         c = x.shape[1]
-        mean = torch.tensor(self.mean, device=x.device).expand(c).view(1, c, 1, 1)
-        std = torch.tensor(self.std, device=x.device).expand(c).view(1, c, 1, 1)
-        return (x - mean) / std
+        std = torch.tensor(self.std, dtype=torch.float64).expand(c)
+        scale = (1 / (255 * std)).float().view(1, c, 1, 1).to(x.device)
+        shift = (-torch.tensor(self.mean, dtype=torch.float64).expand(c) / std).float().view(1, c, 1, 1).to(x.device)
+        # uint8 * float gives floats: two passes over the batch where (x / 255 - mean) / std took four
+        return (x * scale).add_(shift)
 
     def to_dict(self) -> dict:
         return asdict(self)

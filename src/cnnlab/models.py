@@ -130,8 +130,9 @@ def summary(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
 class Whiten(nn.Conv2d):
     """A 2x2 conv whose filters whiten image patches: set once from data by `init_from_data`."""
 
-    def __init__(self, in_channels: int, eps: float = 5e-4):
-        super().__init__(in_channels, 2 * in_channels * 4, kernel_size=2, bias=True)
+    def __init__(self, in_channels: int, eps: float = 5e-4, keep: int | None = None):
+        keep = keep or in_channels * 4  # how many patch directions to keep, largest variance first
+        super().__init__(in_channels, 2 * keep, kernel_size=2, bias=True)
         self.eps = eps
         self.weight.requires_grad_(False)  # the whitening is computed, never learned
 
@@ -149,6 +150,7 @@ class Whiten(nn.Conv2d):
         cov = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         filters = (eigenvectors.T / (eigenvalues + self.eps).sqrt()[:, None]).view(c * 4, c, 2, 2)
+        filters = filters[c * 4 - self.out_channels // 2:]  # eigh sorts ascending: the last are the largest
         self.weight.copy_(torch.cat([filters, -filters]).to(self.weight.dtype))
 
 
@@ -168,10 +170,10 @@ class ConvGroup(nn.Sequential):
 
 class AirNet(nn.Sequential):
     def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, int, int],
-                 bn_momentum: float = 0.4, scale: float = 1 / 9):
-        whiten = Whiten(in_channels)
+                 bn_momentum: float = 0.4, scale: float = 1 / 9, keep: int | None = None, relu: bool = False):
+        whiten = Whiten(in_channels, keep=keep)
         super().__init__(OrderedDict(
-            whiten=whiten, act=nn.GELU(),
+            whiten=whiten, act=nn.ReLU(inplace=True) if relu else nn.GELU(),
             group1=ConvGroup(whiten.out_channels, widths[0], bn_momentum),
             group2=ConvGroup(widths[0], widths[1], bn_momentum),
             group3=ConvGroup(widths[1], widths[2], bn_momentum),
@@ -186,16 +188,18 @@ class AirNet(nn.Sequential):
         self.whiten.init_from_data(x)
 
 
-def _airnet(widths: tuple[int, int, int]) -> Builder:
+def _airnet(widths: tuple[int, int, int], **options) -> Builder:
     def build_airnet(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
         if min(image_size) < 16:
             raise CnnlabError(f"airbench networks need images of at least 16x16 pixels, got {image_size}")
-        return AirNet(in_channels, num_classes, widths)
+        return AirNet(in_channels, num_classes, widths, **options)
     return build_airnet
 
 
 register("airbench94")(_airnet((64, 256, 256)))  # the published widths: the `fast` recipe
-register("airbench-s")(_airnet((16, 32, 96)))  # narrow where images are largest: the `quick` recipe
+# The `quick` recipe's network: narrow where images are largest, and whitening that keeps the 6 largest of
+# the 12 patch directions. Measured in one process, 1 epoch: 70.2% in 9.0 s against 68.6% in 10.4 s with all 12.
+register("airbench-s")(_airnet((16, 32, 96), keep=6))
 
 
 from . import zoo  # noqa: E402,F401  (registers the standard CIFAR architectures)

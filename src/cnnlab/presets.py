@@ -57,7 +57,7 @@ QUICK = replace(
     batch_size=256,  # 196 steps in the one epoch: measured 70.6% against 67.5% at batch 512, same time
     warmup=0.15,  # one epoch leaves no time for a long warm-up
     lr_start=0.5,  # measured 68.3% against 67.3% starting from 0.2
-    whiten_bias_epochs=None,  # a single epoch is too short for freezing to matter
+    whiten_bias_epochs=0,  # frozen whitening needs no backward through the 32x32 layers: 12.3 -> 10.4 s, -0.3 points
 )
 
 # The classic recipe of the ResNet papers, for the standard architectures listed by `cnnlab models`.

@@ -27,7 +27,7 @@ from . import __version__, augment, data, dist, evaluate, files, models, report,
 from .analysis import Interpretation
 from .config import DataConfig, TrainConfig, from_dict
 from .data import Dataset, Normalization
-from .device import autocast, pick_device, pick_precision, precision_name
+from .device import autocast, keep_freed_memory, pick_device, pick_precision, precision_name
 from .dist import World
 from .errors import CnnlabError, Interrupted
 from .optim import Lookahead, make_optimizer, make_schedule
@@ -88,6 +88,8 @@ def _ctrl_c_requests_stop():
 def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log, world: World = World()) -> None:
     device = dist.device_for(world, pick_device(cfg.device))
     dtype = pick_precision(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)  # the same seed on every rank: identical initial weights
     model = models.build(cfg.model, ds.channels, ds.num_classes, ds.image_size).to(device)
     model = model.to(memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions run faster in NHWC
