@@ -22,11 +22,31 @@ CNNLAB = [sys.executable, "-m", "cnnlab.cli"]
 KERAS_PYTHON = ROOT / ".venv-keras" / "bin" / "python"
 
 
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of the best of `reps` square matrix products: what the cores deliver at this moment."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
 def machine() -> dict:
+    """The machine, and how fast its shared cores ran when the benchmark was taken.
+
+    On this shared host the bf16 matrix-product rate has been seen anywhere from 410 to 950 GFLOP/s on
+    different hours while fp32 moved far less, so bf16-against-fp32 ratios (cnnlab against Keras) move
+    with it; the probe is recorded next to every result.
+    """
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                   if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    probe = {name: round(matmul_peak(dtype) / 1e9, 1) for name, dtype in (("fp32", torch.float32),
+                                                                         ("bf16", torch.bfloat16))}
     return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+            "date": time.strftime("%Y-%m-%d %H:%M"), "matmul_gflops_now": probe}
 
 
 def run(cmd: list[str], log: Path) -> tuple[float, int, int]:

@@ -23,21 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cnnlab import models
 from cnnlab.device import PRECISIONS, autocast
-from common import machine, save
+from common import machine, matmul_peak, save
 
 CASES = [("seed", 64), ("seed", 256), ("airbench-s", 256), ("airbench94", 512)]
 FLOPS_PER_CYCLE = {"fp32": 64, "bf16": 128}  # per core, AVX-512: 2 FMA pipes x 16 lanes x 2 (bf16: x2 again)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def train_step_rate(name: str, batch: int, dtype: torch.dtype, steps: int) -> tuple[float, float]:
