@@ -131,7 +131,7 @@ class Whiten(nn.Conv2d):
     """A 2x2 conv whose filters whiten image patches: set once from data by `init_from_data`."""
 
     def __init__(self, in_channels: int, eps: float = 5e-4, keep: int | None = None):
-        keep = keep or in_channels * 4  # how many patch directions to keep, largest variance first
+        keep = min(keep or in_channels * 4, in_channels * 4)  # patch directions kept, largest variance first
         super().__init__(in_channels, 2 * keep, kernel_size=2, bias=True)
         self.eps = eps
         self.weight.requires_grad_(False)  # the whitening is computed, never learned
