@@ -170,10 +170,10 @@ class ConvGroup(nn.Sequential):
 
 class AirNet(nn.Sequential):
     def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, int, int],
-                 bn_momentum: float = 0.4, scale: float = 1 / 9, keep: int | None = None, relu: bool = False):
+                 bn_momentum: float = 0.4, scale: float = 1 / 9, keep: int | None = None):
         whiten = Whiten(in_channels, keep=keep)
         super().__init__(OrderedDict(
-            whiten=whiten, act=nn.ReLU(inplace=True) if relu else nn.GELU(),
+            whiten=whiten, act=nn.GELU(),
             group1=ConvGroup(whiten.out_channels, widths[0], bn_momentum),
             group2=ConvGroup(widths[0], widths[1], bn_momentum),
             group3=ConvGroup(widths[1], widths[2], bn_momentum),
