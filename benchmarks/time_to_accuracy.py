@@ -49,13 +49,11 @@ def summarize(records: list[dict]) -> dict:
             "runs": records}
 
 
-def previous_records() -> dict[str, list[dict]]:
-    """Per-seed records of earlier runs (files from before per-seed records are not reused)."""
+def previous_results() -> dict:
     try:
-        old = json.loads(RESULTS.read_text())
+        return json.loads(RESULTS.read_text())
     except (OSError, ValueError):
         return {}
-    return {name: entry["runs"] for name, entry in old.get("recipes", {}).items() if "runs" in entry}
 
 
 def main() -> None:
@@ -68,8 +66,9 @@ def main() -> None:
     args = parser.parse_args()
     recipes = args.recipes.split(",") if args.recipes else ["quick"] + (["fast"] if args.full else [])
     now = machine()
-    records = previous_records()
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    old = previous_results()
+    # per-seed records of earlier runs (files from before per-seed records are not reused)
+    records = {name: entry["runs"] for name, entry in old.get("recipes", {}).items() if "runs" in entry}
     result = {"machine": now, "data": "CIFAR-10 (JPEG copy)", "recipes": {}}
     if "keras_15_epochs" in old:
         result["keras_15_epochs"] = old["keras_15_epochs"]
