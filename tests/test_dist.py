@@ -64,31 +64,25 @@ def test_two_processes_reach_the_weights_of_one(single, cifar_python_dir, tmp_pa
     assert metrics["test_accuracy"] == pytest.approx(json.loads((single / "metrics.json").read_text())["test_accuracy"])
 
 
+def proc_field(pid: int | str, name: str) -> str | None:
+    """One field of /proc/PID/status (e.g. PPid, State), or None once the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(name + ":")), None)
+
+
 def children(pid: int) -> list[int]:
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            ppid = next(ln.split()[1] for ln in status.read_text().splitlines() if ln.startswith("PPid:"))
-        except (OSError, StopIteration):
-            continue
-        if int(ppid) == pid:
-            found.append(int(status.parent.name))
-    return found
+    return [int(d.name) for d in Path("/proc").glob("[0-9]*") if proc_field(d.name, "PPid") == str(pid)]
 
 
 def wait_gone(pids: list[int], timeout: float = 30) -> bool:
     """Whether the processes have ended (gone, or zombies nobody has reaped yet) within the timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = []
-        for pid in pids:
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            if "\nState:\tZ" not in status:
-                alive.append(pid)
-        if not alive:
+        states = [proc_field(pid, "State") for pid in pids]
+        if all(state is None or state.startswith("Z") for state in states):
             return True
         time.sleep(0.05)
     return False
