@@ -174,3 +174,13 @@ def test_val_split_validates_on_held_out_training_images(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--data", str(root), "--val-split", "1.5"])
     assert exit_info.value.code == 2 and "must be below 1" in capsys.readouterr().err
+
+
+def test_idx_header_whose_size_overflows_64_bits_is_refused(tmp_path):
+    import struct
+
+    from cnnlab import idx
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 65536, 16777216, 16777216))  # 2**64 pixels, no data
+    with pytest.raises(CnnlabError, match="has 0 bytes of data"):
+        idx.read_idx(path, 3)

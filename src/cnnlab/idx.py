@@ -11,6 +11,7 @@ digits; Fashion-MNIST's are the standard ten below, used when the folder's name 
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def read_idx(path: Path, dims: int) -> np.ndarray:
         raise CnnlabError(f"{path} is not an IDX file of unsigned bytes with {dims} dimension(s)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
     body = raw[4 + 4 * dims:]
-    if len(body) != int(np.prod(shape, dtype=np.int64)):
+    if len(body) != math.prod(shape):  # Python integers: np.prod wrapped 2**64 round to 0
         raise CnnlabError(f"{path} has {len(body):,} bytes of data but its header says {shape}")
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
