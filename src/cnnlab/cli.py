@@ -206,8 +206,10 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
         dist.launch(args.nproc, _without_nproc(argv))
     try:
         _train_or_resume(args)
-    finally:
-        dist.close()
+    except BaseException:
+        dist.close()  # no barrier: the other ranks may never reach it
+        raise
+    dist.close(together=True)
 
 
 def _train_or_resume(args: argparse.Namespace) -> None:
