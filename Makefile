@@ -56,4 +56,5 @@ bench: $(BIN)/.dev bench-keras
 	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/vs_keras.py
+	$(BIN)/python benchmarks/seed_step.py
 	$(BIN)/python benchmarks/time_to_accuracy.py --keras

@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from cnnlab import files
+from cnnlab.device import autocast
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -32,6 +34,22 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: int, dtype: torch.dtype):
+    """One training step on a fixed random batch, as cnnlab's loop runs it (channels-last, autocast)."""
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    device = torch.device("cpu")
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def machine() -> dict:

@@ -18,12 +18,11 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnlab import models
-from cnnlab.device import PRECISIONS, autocast
-from common import machine, save
+from cnnlab.device import PRECISIONS
+from common import machine, save, training_step
 
 CASES = [("seed", 64), ("seed", 256), ("airbench-s", 256), ("airbench94", 512)]
 FLOPS_PER_CYCLE = {"fp32": 64, "bf16": 128}  # per core, AVX-512: 2 FMA pipes x 16 lanes x 2 (bf16: x2 again)
@@ -34,17 +33,7 @@ def train_step_rate(name: str, batch: int, dtype: torch.dtype, steps: int) -> tu
     torch.manual_seed(0)
     model = models.build(name).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    device = torch.device("cpu")
-
-    def step() -> None:
-        with autocast(device, dtype):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = training_step(model, opt, batch, dtype)
     with FlopCounterMode(display=False) as counter:
         step()
     step()  # warm-up: oneDNN picks its kernels on the first calls
