@@ -57,4 +57,5 @@ bench: $(BIN)/.dev bench-keras
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/vs_keras.py
 	$(BIN)/python benchmarks/seed_step.py
+	$(BIN)/python benchmarks/precision.py
 	$(BIN)/python benchmarks/time_to_accuracy.py --keras
