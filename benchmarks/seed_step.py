@@ -3,14 +3,16 @@
     .venv/bin/python benchmarks/seed_step.py [--rounds 5] [--steps 100] [--compile]
 
 The tutorial's network at batch 64 in bf16, as `cnnlab train --preset seed` runs it, against variants that
-each remove one kind of work. The variants run in interleaved rounds in one process and each figure is
+remove one kind of work after another. The variants run in interleaved rounds in one process and each figure is
 the median over rounds: this host's speed drifts by 20% from one minute to the next, so only figures
 taken side by side compare.
 
 - step: the real step (autocast bf16, channels-last, fused Adam).
-- no pooling or ReLU: max-pooling replaced by a strided view and ReLU removed: the most that a fused
-  pooling kernel could save.
-- convolutions alone: conv1's weight gradient and conv2's forward and both gradients at the step's shapes.
+- without the optimizer: forward and backward only; the difference is Adam.
+- without the dense layers: forward and backward of conv1, pool, ReLU, conv2, pool, ReLU, with the mean
+  of the features as the loss; the difference is the dense head (flatten, two layers, cross-entropy).
+- convolutions alone: conv1's weight gradient and conv2's forward and both gradients at the step's shapes;
+  the difference to the previous line is pooling, ReLU and the bf16 casts.
 - one thread, half batch: the work of one core if the batch were split between the cores instead of each
   operation; twice its images/s is what two single-threaded workers would reach with no overhead.
 - compiled (--compile): the step under torch.compile.
@@ -28,6 +30,7 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnlab import models
@@ -39,22 +42,26 @@ from common import HERE, machine, save, training_step
 BATCH = 64
 
 
-class StridedView(nn.Module):
-    """Keeps one pixel of each 2x2 window: pooling's shape without its work."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :, ::2, ::2]
-
-
-def seed_step(batch: int = BATCH, cheap_pooling: bool = False, compiled: bool = False):
+def seed_step(batch: int = BATCH, compiled: bool = False):
     torch.manual_seed(0)
-    model = models.build("seed")
-    if cheap_pooling:
-        model.pool1, model.pool2 = StridedView(), StridedView()
-        model.relu1, model.relu2 = nn.Identity(), nn.Identity()
-    model = model.to(memory_format=torch.channels_last)
+    model = models.build("seed").to(memory_format=torch.channels_last)
     opt = make_optimizer(SEED, model)
     return training_step(torch.compile(model) if compiled else model, opt, batch, torch.bfloat16)
+
+
+def forward_backward(dense_layers: bool):
+    model = models.build("seed").to(memory_format=torch.channels_last)
+    net = model if dense_layers else nn.Sequential(*list(model.children())[:6])  # up to relu2
+    x = torch.rand(BATCH, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (BATCH,))
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16):
+            out = net(x).float()
+        (F.cross_entropy(out, y) if dense_layers else out.mean()).backward()
+
+    return step
 
 
 def convolutions_alone():
@@ -92,7 +99,8 @@ def main() -> None:
     with FlopCounterMode(display=False) as counter:
         seed_step()()
     flops = counter.get_total_flops()
-    variants = {"step": seed_step(), "no pooling or ReLU": seed_step(cheap_pooling=True),
+    variants = {"step": seed_step(), "without the optimizer": forward_backward(dense_layers=True),
+                "without the dense layers": forward_backward(dense_layers=False),
                 "convolutions alone": convolutions_alone(),
                 "one thread, half batch": one_thread(seed_step(BATCH // 2))}
     if args.compile:
@@ -110,7 +118,7 @@ def main() -> None:
     ms = {name: round(statistics.median(t), 2) for name, t in times.items()}
     floor = flops / (host["matmul_gflops_now"]["bf16"] * 1e9) * 1e3
     for name, value in ms.items():
-        print(f"{name:<24} {value:6.2f} ms  (rounds: {', '.join(f'{t:.2f}' for t in times[name])})")
+        print(f"{name:<26} {value:6.2f} ms  (rounds: {', '.join(f'{t:.2f}' for t in times[name])})")
     print(f"{flops / 1e9:.2f} GFLOP a step: {floor:.2f} ms at the probe's {host['matmul_gflops_now']['bf16']} "
           f"GFLOP/s bf16")
     result = {"machine": host, "batch": BATCH, "precision": "bf16", "rounds": args.rounds,
