@@ -1,4 +1,4 @@
-"""The fast engine: batch augmentations, precision choice, optimizer scaling, schedules, lookahead,
+"""The fast engine: batch augmentations, precision choice, optimizer scaling, Muon, schedules, lookahead,
 whitening, test-time augmentation, and the quick recipe on real data."""
 
 from __future__ import annotations
@@ -118,6 +118,56 @@ def test_per_1024_scaling_keeps_the_step_per_example():
     assert all(p.requires_grad for g in a.param_groups for p in g["params"])
 
 
+def test_orthogonalize_sets_every_singular_value_near_one():
+    torch.manual_seed(0)
+    skewed = torch.randn(64, 576) * torch.logspace(-3, 0, 576)  # condition number about 1000
+    for g in (torch.randn(64, 576), torch.randn(576, 64), skewed):
+        q = optim.orthogonalize(g)
+        s = torch.linalg.svdvals(q)
+        assert q.shape == g.shape and s.min() > 0.5 and s.max() < 1.5, (s.min(), s.max())
+        assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > s.max() / s.min()
+
+
+def test_muon_groups_cover_each_parameter_once_and_filters_take_orthogonal_steps():
+    torch.manual_seed(0)
+    model = models.build("airbench-s")
+    opt = optim.make_optimizer(presets.FAST, model)
+    assert isinstance(opt, optim.FilterMuon) and presets.FAST.optimizer == "muon"
+    grouped = [p for g in opt.param_groups for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
+    filters = next(g for g in opt.param_groups if g["orthogonal"])
+    assert all(p.ndim == 4 for p in filters["params"]) and len(filters["params"]) == 6
+    model(torch.randn(8, 3, 32, 32)).square().mean().backward()
+    w = model.group2.conv2.weight
+    before = w.detach().clone()
+    opt.step()
+    start = before * len(before) ** 0.5 / before.norm()  # rescaled to a fixed norm, then stepped
+    step = (start - w.detach()).reshape(len(w), -1) / filters["lr"]
+    s = torch.linalg.svdvals(step)
+    assert s.min() > 0.5 and s.max() < 1.5
+
+
+def test_muon_steps_the_other_parameters_exactly_as_nesterov_sgd():
+    torch.manual_seed(0)
+    model = models.build("airbench-s")
+    twin = models.build("airbench-s")
+    twin.load_state_dict(model.state_dict())
+    cfg = override(presets.FAST, weight_decay=0.5)  # large enough that the decay term shows
+    muon = optim.make_optimizer(cfg, model)
+    sgd = optim.make_optimizer(override(cfg, optimizer="sgd"), twin)
+    for _ in range(3):  # the same gradients for both, so momentum, Nesterov and decay are all compared
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for net, opt in ((model, muon), (twin, sgd)):
+            for p, g in zip(net.parameters(), grads, strict=True):
+                p.grad = g.clone() if p.requires_grad else None
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if a.requires_grad and a.ndim != 4:
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+    assert not torch.allclose(model.group1.conv1.weight, twin.group1.conv1.weight)
+
+
 def test_triangle_schedule():
     cfg = TrainConfig(optimizer="sgd", lr=1.0, schedule="triangle", warmup=0.25, lr_start=0.2, lr_end=0.1)
     opt = optim.make_optimizer(cfg, torch.nn.Linear(2, 2))
@@ -231,7 +281,7 @@ def test_quick_recipe_one_epoch_on_real_subset(tmp_path, real_subset):
     run = train.train(cfg, DataConfig(path=str(real_subset)), preset="quick", out=tmp_path / "q",
                       log=lambda *a: None)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test_accuracy"] > 0.3  # chance is 0.1; measured 0.412
+    assert metrics["test_accuracy"] > 0.45  # chance is 0.1; measured 0.544 (0.426 with SGD throughout)
     meta = json.loads((run / "model.json").read_text())
     assert meta["model"] == "airbench-s" and meta["tta"] == 2
     assert meta["precision"] == device.precision_name(device.pick_precision("auto", torch.device("cpu")))

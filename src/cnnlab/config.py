@@ -24,12 +24,14 @@ class TrainConfig:
     init_from: str | None = None  # a finished run whose weights start this one (fine-tuning)
     epochs: int = 15
     batch_size: int = 64
-    optimizer: str = "adam"  # adam | sgd
+    optimizer: str = "adam"  # adam | sgd | muon (sgd, but conv filters take orthogonalized steps)
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decays
     eps: float = 1e-7  # Keras' Adam epsilon; PyTorch's default is 1e-8
     momentum: float = 0.9  # SGD only
     nesterov: bool = False  # SGD only
+    filter_lr: float = 0.24  # muon: conv filters' step as an angle (fixed norm); per step, not per 1024
+    filter_momentum: float = 0.6  # muon: the filters' momentum; orthogonalizing already smooths the step
     weight_decay: float = 0.0
     per_1024: bool = False  # lr and weight_decay are per 1024 examples (airbench's convention, SGD only)
     bias_lr_scale: float = 1.0  # BatchNorm shifts learn this many times faster (and decay as much slower)

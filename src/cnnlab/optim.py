@@ -17,8 +17,8 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         # fused: one kernel for all parameters instead of a dozen small ops each (9.5 -> 6.0 ms a step here)
         return torch.optim.Adam([p for _, p in params], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                 weight_decay=cfg.weight_decay, fused=True)
-    if cfg.optimizer != "sgd":
-        raise CnnlabError(f"unknown optimizer {cfg.optimizer!r}; use adam or sgd")
+    if cfg.optimizer not in ("sgd", "muon"):
+        raise CnnlabError(f"unknown optimizer {cfg.optimizer!r}; use adam, sgd or muon")
     lr, decay = cfg.lr, cfg.weight_decay
     if cfg.per_1024:
         # A step with momentum m moves the weights by about lr / (1 - m) in total, so 1024 examples with
@@ -27,13 +27,66 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         per_example = 1 / (1024 * (1 + 1 / (1 - cfg.momentum)))
         lr = cfg.lr * per_example * cfg.batch_size
         decay = cfg.weight_decay * per_example * cfg.batch_size / lr  # decoupled: lr * decay is fixed per step
+    filters = [p for _, p in params if p.ndim == 4] if cfg.optimizer == "muon" else []
     norm_biases = [p for n, p in params if ".norm" in n]
-    others = [p for n, p in params if ".norm" not in n]
+    others = [p for n, p in params if ".norm" not in n and id(p) not in {id(f) for f in filters}]
     groups = [{"params": others, "lr": lr, "weight_decay": decay}]
     if norm_biases:
         scale = cfg.bias_lr_scale
         groups.append({"params": norm_biases, "lr": lr * scale, "weight_decay": decay / scale})
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    groups.append({"params": filters, "lr": cfg.filter_lr, "momentum": cfg.filter_momentum, "weight_decay": 0.0,
+                   "orthogonal": True})
+    return FilterMuon(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest matrix to `g` with all singular values near 1 (roughly 0.7-1.2), by a quintic iteration.
+
+    Each step maps every singular value s to a*s + b*s^3 + c*s^5; these coefficients (Jordan et al.) push
+    small values up fast at the cost of not converging exactly to 1, which training does not mind.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T  # iterate on the smaller Gram matrix
+    x = x / (x.norm() + 1e-7)  # the Frobenius norm bounds the largest singular value: start inside (0, 1]
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+class FilterMuon(torch.optim.Optimizer):
+    """Nesterov SGD, except that groups marked `orthogonal` (conv filters) take orthogonalized steps (Muon).
+
+    A conv's gradient is dominated by a few directions; orthogonalizing the momentum gives every direction
+    of the filter bank the same step: `fast` for 5 epochs (filter lr 0.24) reached 89.38% against 88.26% with
+    SGD (seed 0), and `quick` went from 70.30 to 73.95% (seeds 0-2). The filters are rescaled to a fixed norm
+    before each step: BatchNorm follows every conv, so only their direction matters, and a fixed norm keeps
+    the step's angle set by the learning rate. torch.optim.Muon takes 2-D weights only, hence this class.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float, nesterov: bool = True):
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": 0.0,
+                                  "orthogonal": False})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            m = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(m).add_(g)
+                update = g.add(buf, alpha=m) if group["nesterov"] else buf
+                if group["orthogonal"]:
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
+                    update = orthogonalize(update.reshape(len(p), -1)).view_as(p)
+                p.add_(update, alpha=-group["lr"])
 
 
 def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
