@@ -28,8 +28,9 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         lr = cfg.lr * per_example * cfg.batch_size
         decay = cfg.weight_decay * per_example * cfg.batch_size / lr  # decoupled: lr * decay is fixed per step
     filters = [p for _, p in params if p.ndim == 4] if cfg.optimizer == "muon" else []
+    filter_ids = {id(p) for p in filters}
     norm_biases = [p for n, p in params if ".norm" in n]
-    others = [p for n, p in params if ".norm" not in n and id(p) not in {id(f) for f in filters}]
+    others = [p for n, p in params if ".norm" not in n and id(p) not in filter_ids]
     groups = [{"params": others, "lr": lr, "weight_decay": decay}]
     if norm_biases:
         scale = cfg.bias_lr_scale
