@@ -96,3 +96,10 @@ def save(name: str, result: dict) -> Path:
     files.write_json(path, result)
     print(f"wrote {path}")
     return path
+
+
+def cpu_class() -> str:
+    """The CPU class every figure is labelled with (avx512_bf16, avx512f, avx2, other)."""
+    from cnnlab.hardware import cpu_class as read
+
+    return read()

@@ -26,6 +26,9 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("CNNLAB_CACHE", str(home / ".cache" / "cnnlab"))
     monkeypatch.delenv("CNNLAB_DATA", raising=False)
+    # A fixed thread count, so that bit-for-bit comparisons hold on a loaded CI machine (threads.py says
+    # why); tests/test_threads.py turns the governor back on where it is the subject.
+    monkeypatch.setenv("CNNLAB_THREADS", "keep")
     return home
 
 

@@ -90,10 +90,12 @@ def wait_gone(pids: list[int], timeout: float = 30) -> bool:
 
 def test_a_two_process_checkpoint_resumes_in_one_process(cifar_python_dir, tmp_path):
     """Kill a 2-process job once it has checkpointed, then finish the run in a single process."""
-    # 6 epochs: the two paths add gradients in another order, and past about 8 epochs of Adam on these
-    # random images a rounding difference can flip a max-pool choice and grow (measured 1e-6 at 6 epochs,
-    # 8e-4 at 12). A checkpoint every 2 steps lets the kill land early.
-    long = ["--data", str(cifar_python_dir), "--epochs", "6", "--checkpoint-every", "2", *FLAGS]
+    # 3 epochs: the two paths add gradients in another order, and on these random images a rounding
+    # difference can flip a max-pool choice and grow with every further step of Adam. On the AVX-512 BF16
+    # host of 2026-11-25 a resume at epoch 1, step 2 ended 2e-3 apart after 6 epochs (the code before and
+    # after the engine rebuild alike) and within tolerance after 3. A checkpoint every 2 steps lets the
+    # kill land early.
+    long = ["--data", str(cifar_python_dir), "--epochs", "3", "--checkpoint-every", "2", *FLAGS]
     reference = tmp_path / "single"
     assert cnnlab("train", *long, "--out", str(reference)).returncode == 0
     out = tmp_path / "ddp"
@@ -109,7 +111,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(cifar_python_dir, tmp_p
     job.wait(timeout=60)
     assert len(ranks) == 2 and wait_gone(ranks)
     state = runs.load_checkpoint(out)
-    assert state is not None and state["epoch"] < 6, "the job finished before it could be stopped"
+    assert state is not None and state["epoch"] < 3, "the job finished before it could be stopped"
     proc = cnnlab("train", "--resume", str(out), "--no-report")
     assert proc.returncode == 0, proc.stderr
     assert f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']}" in proc.stdout

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 where the CPU or GPU computes it natively, else fp32")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (GPUs)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads, fixed (bit-exact repeatable); default: as many as other processes leave free")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<timestamp>-<preset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
@@ -198,18 +200,27 @@ def list_models() -> str:
     return "\n".join(lines) + "\n\nor a layer spec:\n" + spec.__doc__.split("Grammar", 1)[1].split("\n", 1)[1]
 
 
-def cmd_train(args: argparse.Namespace, argv: list[str]) -> None:
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from . import dist
 
-    _check_model(args.model)
+    _train_config(args).validate()  # before starting processes: one message, not one per process
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        dist.launch(args.nproc, _without_nproc(argv))
+        return dist.launch(args.nproc, _without_nproc(argv))
     try:
         _train_or_resume(args)
     except BaseException:
         dist.close()  # no barrier: the other ranks may never reach it
         raise
     dist.close(together=True)
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    cfg = override(presets.get(args.preset), model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
+                   compile=args.compile, init_from=args.init_from, checkpoint_every=args.checkpoint_every,
+                   on_nan=args.on_nan, sync_bn=args.sync_bn, threads=args.threads)
+    return override(cfg, epochs=args.epochs or 1) if args.dry_run else cfg
 
 
 def _train_or_resume(args: argparse.Namespace) -> None:
@@ -218,16 +229,9 @@ def _train_or_resume(args: argparse.Namespace) -> None:
     if args.resume:
         train.resume(args.resume, args.data, with_report=not args.no_report)
         return
-    cfg = override(presets.get(args.preset), model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                   lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
-                   compile=args.compile, init_from=args.init_from, checkpoint_every=args.checkpoint_every,
-                   on_nan=args.on_nan, sync_bn=args.sync_bn)
-    subset = args.subset
-    if args.dry_run:
-        subset = subset or 512
-        cfg = override(cfg, epochs=args.epochs or 1)
-    train.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset, out=args.out,
-                with_report=not args.no_report)
+    subset = (args.subset or 512) if args.dry_run else args.subset
+    train.train(_train_config(args), _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset,
+                out=args.out, with_report=not args.no_report)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -285,7 +289,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                   max_upload_mb=args.max_upload_mb, max_files=args.max_files, device=args.device))
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None) -> None:
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
+    """Carry out one parsed command; returns its exit code where it is not 0."""
     if args.command == "data":
         from . import data
 
@@ -306,7 +311,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     elif args.command == "models":
         print(list_models())
     elif args.command == "train":
-        cmd_train(args, sys.argv[1:] if argv is None else argv)
+        return cmd_train(args, sys.argv[1:] if argv is None else argv)
     elif args.command == "evaluate":
         cmd_evaluate(args)
     elif args.command == "export":
@@ -331,13 +336,15 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    where = f"(process {rank}) " if rank not in ("0", "") else ""  # under torchrun each process speaks for itself
     try:
-        run(args, argv)
+        code = run(args, argv)
     except CnnlabError as e:
-        print(f"cnnlab: error: {e}", file=sys.stderr)
+        print(f"cnnlab: error: {where}{e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"cnnlab: {e}", file=sys.stderr)
+        print(f"cnnlab: {where}{e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)
@@ -345,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line for users, the traceback on request
         if os.environ.get("CNNLAB_DEBUG"):
             raise
-        print(f"cnnlab: internal error: {type(e).__name__}: {e} (set CNNLAB_DEBUG=1 for the traceback)",
+        print(f"cnnlab: internal error: {where}{type(e).__name__}: {e} (set CNNLAB_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,24 @@
-"""One dataclass per concern. Presets (presets.py) fill them in; command-line flags override fields."""
+"""One dataclass per concern. Presets (presets.py) fill them in; command-line flags override fields.
+
+Fields that take one of a fixed set of values are `Literal` types, and `TrainConfig.validate()` checks
+every field in one place; `train()` calls it before it reads any data or creates the run directory, so
+a typo costs nothing and leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args, get_type_hints
+
+from .errors import CnnlabError
+
+Optimizer = Literal["adam", "sgd", "muon"]
+Schedule = Literal["constant", "triangle"]
+Normalize = Literal["unit", "meanstd"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+OnNan = Literal["stop", "skip-batch"]
+LabelMode = Literal["fine", "coarse"]
 
 
 @dataclass
@@ -13,9 +29,18 @@ class DataConfig:
     image_size: tuple[int, int] | None = None  # None: the size of the first training image
     subset: int | None = None  # train on a seeded, stratified subset of this many images
     val_split: float | None = None  # hold out this share of train for validation; None: validate on test
-    label_mode: str = "fine"  # CIFAR-100: fine (100 classes) or coarse (20 superclasses)
+    label_mode: LabelMode = "fine"  # CIFAR-100: fine (100 classes) or coarse (20 superclasses)
     class_names: tuple[str, ...] | None = None  # rename the classes in order (IDX files carry no names)
     skip_bad_images: bool = False  # image folders: skip unreadable files (recorded in the run) instead of failing
+
+    def validate(self) -> DataConfig:
+        check_literals(self)
+        _require(0 < self.val_fraction < 1, f"val-fraction must be between 0 and 1, got {self.val_fraction}")
+        _require(self.val_split is None or 0 < self.val_split < 1,
+                 f"val-split must be between 0 and 1, got {self.val_split}")
+        _require(self.subset is None or self.subset >= 1, f"subset must be at least 1, got {self.subset}")
+        _require(self.image_size is None or min(self.image_size) >= 1, f"bad image size {self.image_size}")
+        return self
 
 
 @dataclass
@@ -24,7 +49,7 @@ class TrainConfig:
     init_from: str | None = None  # a finished run whose weights start this one (fine-tuning)
     epochs: int = 15
     batch_size: int = 64
-    optimizer: str = "adam"  # adam | sgd | muon (sgd, but conv filters take orthogonalized steps)
+    optimizer: Optimizer = "adam"  # adam | sgd | muon (sgd, but conv filters take orthogonalized steps)
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decays
     eps: float = 1e-7  # Keras' Adam epsilon; PyTorch's default is 1e-8
@@ -35,24 +60,63 @@ class TrainConfig:
     weight_decay: float = 0.0
     per_1024: bool = False  # lr and weight_decay are per 1024 examples (airbench's convention, SGD only)
     bias_lr_scale: float = 1.0  # BatchNorm shifts learn this many times faster (and decay as much slower)
-    schedule: str = "constant"  # constant | triangle (lr_start -> 1 at `warmup` of all steps -> lr_end)
+    schedule: Schedule = "constant"  # constant | triangle (lr_start -> 1 at `warmup` of all steps -> lr_end)
     warmup: float = 0.0  # triangle: where the peak is, as a fraction of all steps
     lr_start: float = 0.0  # triangle: first step's learning rate, as a fraction of the peak
     lr_end: float = 0.0  # triangle: last step's learning rate, as a fraction of the peak
     label_smoothing: float = 0.0
     augment: str = "none"  # a name from cnnlab.augment.AUGMENTS
-    normalize: str = "unit"  # unit: pixels / 255 as the tutorial does; meanstd: per-channel standardization
+    normalize: Normalize = "unit"  # unit: pixels / 255 as the tutorial does; meanstd: per-channel standardization
     lookahead: bool = False  # average the weights every 5 steps with a decay that rises to the end
     whiten_bias_epochs: int | None = None  # airbench nets: stop training the whitening bias after this
     tta: int = 0  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
+    precision: Precision = "auto"  # auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
+    threads: int = 0  # CPU threads: 0 follows the machine's load (threads.py); N fixes N (bit-exact repeatable)
     compile: bool = False  # torch.compile the model: pays off on GPUs; on this CPU it was slower
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)
     eval_batch_size: int = 1000  # evaluation has no gradients, so large batches are cheap
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
-    on_nan: str = "stop"  # a non-finite loss: stop (keep the last good checkpoint) | skip-batch
+    on_nan: OnNan = "stop"  # a non-finite loss: stop (keep the last good checkpoint) | skip-batch
+
+    def validate(self) -> TrainConfig:
+        """Every field checked at once; raises CnnlabError naming the first bad one. Returns self."""
+        check_literals(self)
+        for names, test, what in ((("epochs", "batch_size", "eval_batch_size"), lambda v: v >= 1, "at least 1"),
+                                  (("lr", "eps", "filter_lr"), lambda v: v > 0, "above 0"),
+                                  (("weight_decay", "checkpoint_every", "threads", "label_smoothing", "warmup", "lr_start",
+                                    "lr_end"), lambda v: v >= 0, "0 or more")):
+            for name in names:
+                value = getattr(self, name)
+                _require(test(value), f"{name.replace('_', '-')} must be {what}, got {value}")
+        _require(self.label_smoothing < 1, f"label-smoothing must be below 1, got {self.label_smoothing}")
+        _require(self.warmup <= 1, f"warmup is a fraction of all steps (0 to 1), got {self.warmup}")
+        _require(0 <= self.momentum < 1 and 0 <= self.filter_momentum < 1, "momentum must be in [0, 1)")
+        _require(self.tta in (0, 1, 2), f"tta must be 0, 1 or 2, got {self.tta}")
+        _require(self.whiten_bias_epochs is None or self.whiten_bias_epochs >= 0, "whiten-bias-epochs must be >= 0")
+        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
+                 f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        _require(not (self.per_1024 and self.optimizer == "adam"), "per-1024 learning rates are for sgd and muon")
+        from . import augment, models  # here, not at the top: they import torch
+
+        augment.get(self.augment)
+        models.check(self.model)
+        return self
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise CnnlabError(message)
+
+
+def check_literals(cfg) -> None:
+    """Each `Literal`-typed field of dataclass `cfg` holds one of its allowed values."""
+    for name, hint in get_type_hints(type(cfg)).items():
+        allowed = get_args(hint) if getattr(hint, "__origin__", None) is Literal else ()
+        if allowed and getattr(cfg, name) not in allowed:
+            raise CnnlabError(f"unknown {name.replace('_', '-')} {getattr(cfg, name)!r}; use one of: "
+                              + ", ".join(allowed))
 
 
 def override(cfg, **changes):

@@ -13,11 +13,9 @@ B images. Only rank 0 writes files or prints.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -117,9 +115,28 @@ def close(together: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def launch(nproc: int, argv: list[str]) -> NoReturn:
-    """`cnnlab train --nproc N ...`: run the same command under torchrun with N processes on this machine."""
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
-    cmd += ["--standalone", "--nproc_per_node", str(nproc), "-m", "cnnlab", *argv]
-    os.execv(cmd[0], cmd)  # replaces this process
+def launch(nproc: int, argv: list[str]) -> int:
+    """`cnnlab train --nproc N ...`: the same command in N processes on this machine; returns the exit code.
+
+    torchrun's own machinery runs in this process (torch.distributed.run), so that a failed rank ends as
+    cnnlab's one line (each rank prints its own `cnnlab: error: ...`) and an exit code, not as the
+    launcher's ChildFailedError traceback.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # its banner and failure tables
+    args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "cnnlab", *argv])
+    try:
+        torchrun(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:  # killed by a signal: the rank could not say why itself
+            print(f"cnnlab: error: training process {rank} was killed by signal {-failure.exitcode}",
+                  file=sys.stderr)
+            return 1
+        return failure.exitcode
+    return 0

@@ -75,19 +75,29 @@ class FilterMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update; skipped on the device when `self.found_inf` (a 0-d tensor, as GradScaler sets it) is 1."""
+        found_inf = getattr(self, "found_inf", None)
+        keep = None if found_inf is None else found_inf.to(torch.bool)
         for group in self.param_groups:
-            m = group["momentum"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(m).add_(g)
-                update = g.add(buf, alpha=m) if group["nesterov"] else buf
-                if group["orthogonal"]:
-                    p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
-                    update = orthogonalize(update.reshape(len(p), -1)).view_as(p)
-                p.add_(update, alpha=-group["lr"])
+                if p.grad is not None:
+                    self._update(p, group, keep)
+
+    def _update(self, p: torch.Tensor, group: dict, keep: torch.Tensor | None) -> None:
+        m = group["momentum"]
+        g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        new_buf = buf * m + g
+        update = g.add(new_buf, alpha=m) if group["nesterov"] else new_buf
+        new_p = p
+        if group["orthogonal"]:
+            new_p = p * (len(p) ** 0.5 / p.norm().clamp(min=1e-12))
+            update = orthogonalize(update.reshape(len(p), -1)).view_as(p)
+        new_p = new_p.add(update, alpha=-group["lr"])
+        if keep is not None:  # a non-finite step: keep the old values, decided on the device
+            new_buf, new_p = torch.where(keep, buf, new_buf), torch.where(keep, p, new_p)
+        buf.copy_(new_buf)
+        p.copy_(new_p)
 
 
 def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
@@ -115,18 +125,24 @@ class Lookahead:
         self.total_steps = total_steps
         self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
-    def step(self, model: nn.Module, step: int) -> None:
-        """Call after optimizer step number `step` (counted from 1)."""
+    def step(self, model: nn.Module, step: int, skip: torch.Tensor | None = None) -> None:
+        """Call after optimizer step number `step` (counted from 1). `skip`: a 0-d bool tensor, true when
+        that step was not taken (non-finite loss); then the weights and the average stay as they are."""
         if step % LOOKAHEAD_EVERY == 0 or step == self.total_steps:
             decay = 1.0 if step == self.total_steps else 0.95 ** LOOKAHEAD_EVERY * (step / self.total_steps) ** 3
-            self._update(model, decay)
+            self._update(model, decay, skip)
 
     @torch.no_grad()
-    def _update(self, model: nn.Module, decay: float) -> None:
+    def _update(self, model: nn.Module, decay: float, skip: torch.Tensor | None) -> None:
         for k, v in model.state_dict().items():
-            if k in self.average:
+            if k not in self.average:
+                continue
+            if skip is None:
                 self.average[k].lerp_(v, 1 - decay)
                 v.copy_(self.average[k])
+            else:  # decided on the device: no host read
+                self.average[k].copy_(torch.where(skip, self.average[k], self.average[k].lerp(v, 1 - decay)))
+                v.copy_(torch.where(skip, v, self.average[k]))
 
     def state_dict(self) -> dict:
         return dict(self.average)

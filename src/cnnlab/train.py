@@ -3,6 +3,18 @@
     run = train(presets.get("seed"), DataConfig(path="cifar10-jpeg"))   # returns the run directory
     resume(run)                                                           # after an interruption
 
+`fit()` reads in one screen: build the state, then per epoch set what trains (and wrap the model for
+data-parallel training when that changed), run the epoch's steps, and end the epoch (validate, record,
+checkpoint). Everything a checkpoint holds is one `TrainState` (state.py).
+
+The hot loop never waits for the device. The loss, the correct count and the skipped-step count add up
+on the device; the host reads them every `SYNC_EVERY` steps (and at the end of an epoch) to update the
+progress bar, to stop on a non-finite loss, and, under several processes, to agree on Ctrl-C. A
+non-finite step never changes the weights even though nobody looks at once: the optimizer receives a
+device-side `found_inf` flag and skips its update inside its own kernel (fused Adam and SGD do this for
+GradScaler; FilterMuon and Lookahead honour the same flag), and under `--on-nan skip-batch` the BatchNorm
+statistics that the bad forward pass moved are put back.
+
 A seeded CPU run is bit-for-bit repeatable: every epoch draws its shuffle and augmentations from its
 own generator seeded by (seed, epoch), and a checkpoint stores that generator's state mid-epoch, so a
 resumed run continues exactly where the interrupted one stopped.
@@ -14,7 +26,7 @@ import contextlib
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,8 +43,14 @@ from .device import autocast, keep_freed_memory, pick_device, pick_precision, pr
 from .dist import World
 from .errors import CnnlabError, Interrupted
 from .optim import Lookahead, make_optimizer, make_schedule
+from .state import TrainState
+from .threads import ThreadGovernor
 
 STOP = threading.Event()  # set by Ctrl-C; the loop checks it between steps so no update is cut in half
+# Steps between host reads of the running totals. A read waits for the device to finish its queue: a GPU
+# queues ~20 small steps ahead in the time the host takes to launch them, and on a CPU (where every op has
+# already run when it returns) a read costs a few microseconds, so nothing is lost either way.
+SYNC_EVERY = 20
 
 
 def say(*args) -> None:
@@ -40,28 +58,276 @@ def say(*args) -> None:
     print(*args, flush=True)
 
 
+@dataclass
+class Loop:
+    """What stays fixed while training: the configuration, data on the device, and the wrapped model."""
+    cfg: TrainConfig
+    ds: Dataset
+    world: World
+    run_dir: Path
+    log: object
+    device: torch.device
+    dtype: torch.dtype
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    steps_per_epoch: int
+    forward: nn.Module | None = None  # the model as the steps call it (DDP and/or compiled)
+    trainable: tuple[bool, ...] = ()  # requires_grad of each parameter when `forward` was built
+    governor: ThreadGovernor | None = None
+
+
 # ---------------------------------------------------------------------------------------------------
-# Training
+# Build
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log, world: World):
+    device = dist.device_for(world, pick_device(cfg.device))
+    dtype = pick_precision(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(cfg.seed)  # the same seed on every rank: identical initial weights
+    model = models.build(cfg.model, ds.channels, ds.num_classes, ds.image_size).to(device)
+    model = model.to(memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions run faster in NHWC
+    norm = Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" else Normalization()
+    if world.main:
+        _require_space(run_dir, cfg, model)
+    steps_per_epoch = -(-len(ds.y_train) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    if state is None and hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer
+        sample = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
+        model.init_from_data(norm(ds.x_train[sample]).to(device))
+    if state is None and cfg.init_from:
+        log(runs.init_from(model, cfg.model, cfg.init_from))
+    model = _sync_bn(model, cfg, world, device)
+    opt = make_optimizer(cfg, model)  # before any freezing: the optimizer knows every trainable parameter
+    ts = TrainState(model, opt, make_schedule(cfg, opt, total_steps),
+                    torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                    Lookahead(model, total_steps) if cfg.lookahead else None, norm, device)
+    if state is not None:
+        ts.load_state_dict(state, world)
+    loop = Loop(cfg, ds, world, run_dir, log, device, dtype, ds.x_train.to(device), ds.y_train.to(device),
+                steps_per_epoch, governor=_threads(cfg, device, log))
+    return ts, loop
 
 
-def _train_step(model, opt, sched, scaler, xb, yb, cfg: TrainConfig, device, dtype, world: World = World()):
-    """One SGD step; (None, None) without an update when the loss is not finite (on any rank)."""
-    with autocast(device, dtype):
-        logits = model(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-    if dist.any_rank(world, not torch.isfinite(loss), device):  # before the update: the weights never see it
-        sched.step()  # the schedule stays aligned with the step count when the batch is skipped
-        return None, None
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
-    return loss.detach(), (logits.argmax(1) == yb).sum()
+def _threads(cfg: TrainConfig, device: torch.device, log) -> ThreadGovernor | None:
+    """A fixed thread count (--threads N), or a governor that follows the machine's load (threads.py)."""
+    if device.type != "cpu":
+        return None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+        return None
+    return ThreadGovernor(log=log)
+
+
+def _require_space(run_dir: Path, cfg: TrainConfig, model: nn.Module) -> None:
+    """A checkpoint and its predecessor (weights + optimizer state + lookahead copy), final weights, reports."""
+    per_copy = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    copies = 2 * (2 + (cfg.optimizer == "adam") + cfg.lookahead) + 1
+    files.require_space(run_dir, per_copy * copies + 2**25, "this run's checkpoints")
+
+
+def _sync_bn(model: nn.Module, cfg: TrainConfig, world: World, device: torch.device) -> nn.Module:
+    """--sync-bn: BatchNorm statistics over the global batch rather than each rank's share."""
+    if not (cfg.sync_bn and world.distributed):
+        return model
+    if device.type != "cuda":
+        raise CnnlabError("--sync-bn needs CUDA devices: PyTorch's DistributedDataParallel refuses "
+                          "SyncBatchNorm in CPU processes")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What trains, and the wrapper around it
+
+
+def set_trainable(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
+    """The parameters that train in `epoch`: airbench's whitening bias only for its first epochs."""
+    if cfg.whiten_bias_epochs is not None and hasattr(model, "whiten"):
+        model.whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
+
+
+def _wrap(loop: Loop, model: nn.Module) -> None:
+    """(Re)build the forward wrapper when the set of trainable parameters changed.
+
+    DistributedDataParallel records at construction which parameters take gradients and waits for each
+    of them in every backward pass; a parameter frozen afterwards never arrives and the step fails
+    ("Expected to have finished reduction..."). Rebuilding the wrapper at the epoch where the set changes
+    keeps the arithmetic of one process exactly (a frozen parameter gets no gradient, so the optimizer
+    leaves it and its momentum alone) for the price of one broadcast of the weights; freezing by zeroing
+    gradients would not (momentum and weight decay would still move it), and find_unused_parameters
+    would walk the autograd graph on every step.
+    """
+    trainable = tuple(p.requires_grad for p in model.parameters())
+    if loop.forward is not None and trainable == loop.trainable:
+        return
+    forward = model
+    if loop.world.distributed:
+        forward = DDP(model, device_ids=[loop.device] if loop.device.type == "cuda" else None)
+    loop.forward = torch.compile(forward) if loop.cfg.compile else forward
+    loop.trainable = trainable
+
+
+# ---------------------------------------------------------------------------------------------------
+# One step, one epoch, the end of an epoch
+
+
+def _train_step(loop: Loop, ts: TrainState, xb: torch.Tensor, yb: torch.Tensor, step: int) -> None:
+    """Forward, backward and update, with no host read; a non-finite step leaves the weights as they were."""
+    guarded = _float_buffers(ts.model) if loop.cfg.on_nan == "skip-batch" else []
+    saved = [b.clone() for b in guarded]
+    with autocast(loop.device, loop.dtype):
+        logits = loop.forward(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=loop.cfg.label_smoothing)
+    ts.optimizer.zero_grad(set_to_none=True)
+    ts.scaler.scale(loss).backward()
+    grads = [p.grad for p in ts.model.parameters() if p.grad is not None]
+    bad = ~torch.isfinite(loss)
+    if not ts.scaler.is_enabled():  # (GradScaler finds non-finite gradients itself, and expects them)
+        bad |= ~torch.isfinite(torch.nn.utils.get_total_norm(grads))  # after DDP's all-reduce: equal on all ranks
+        ts.optimizer.found_inf = bad.float()  # the optimizer skips its update on the device when set
+        ts.optimizer.step()
+    else:
+        ts.scaler.step(ts.optimizer)
+        ts.scaler.update()
+    ts.schedule.step()  # every step, skipped or not: the schedule stays aligned with the step count
+    for b, s in zip(guarded, saved, strict=True):
+        b.copy_(torch.where(bad, s, b))
+    if ts.lookahead is not None:
+        ts.lookahead.step(ts.model, ts.epoch * loop.steps_per_epoch + step + 1, skip=bad)
+    ts.add(loss, (logits.argmax(1) == yb).sum(), len(yb), bad, step)
+
+
+def _float_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
+def _run_epoch(loop: Loop, ts: TrainState) -> None:
+    """The epoch's steps from `ts.step` on: shuffle, augment, step; look at the host every SYNC_EVERY steps."""
+    cfg, world = loop.cfg, loop.world
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + ts.epoch)
+    perm = torch.randperm(len(loop.y_train), generator=g).to(loop.device)
+    if ts.step:
+        g.set_state(ts.epoch_rng)
+    aug = augment.get(cfg.augment)
+    bar = tqdm(total=loop.steps_per_epoch, initial=ts.step, desc=f"Epoch {ts.epoch + 1}/{cfg.epochs}", unit="step",
+               leave=False, dynamic_ncols=True, disable=None if world.main else True)
+    t0, shown = time.perf_counter() - ts.seconds, ts.step
+    for step in range(ts.step, loop.steps_per_epoch):
+        idx = dist.shard(world, perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+        if len(idx):  # a last batch smaller than the world is the same on every rank, so all skip it
+            xb = aug(ts.norm(loop.x_train[idx]), g, epoch=ts.epoch, idx=idx)
+            _train_step(loop, ts, xb.contiguous(memory_format=torch.channels_last), loop.y_train[idx], step)
+        else:
+            ts.schedule.step()
+        ts.step, ts.seconds = step + 1, time.perf_counter() - t0
+        last = ts.step == loop.steps_per_epoch
+        stop = STOP.is_set() if not world.distributed else False  # one process: a free host-side look
+        if ts.step % SYNC_EVERY == 0 or last or stop:
+            stop = _sync(loop, ts, bar, ts.step - shown) or stop
+            shown = ts.step
+        if stop and not last:  # after the last step the epoch ends first (validation, checkpoint)
+            bar.close()
+            _checkpoint(loop, ts, g)
+            raise Interrupted(loop.run_dir)
+        if cfg.checkpoint_every and ts.step % cfg.checkpoint_every == 0 and not last:
+            _sync(loop, ts, None, 0)  # never checkpoint a state after a non-finite step under --on-nan stop
+            _checkpoint(loop, ts, g)
+    bar.close()
+
+
+def _sync(loop: Loop, ts: TrainState, bar, steps: int) -> bool:
+    """The host's look at the device: progress, the non-finite check, the thread count, and whether to stop."""
+    totals = ts.read()
+    if totals["skipped"] and loop.cfg.on_nan == "stop":
+        if bar is not None:
+            bar.close()
+        where = f"epoch {ts.epoch + 1}, step {totals['first_bad_step'] + 1}"
+        raise CnnlabError(f"the loss became non-finite at {where}; training stopped and the last good checkpoint "
+                          f"in {loop.run_dir} is kept. Try a lower learning rate (e.g. --lr {loop.cfg.lr / 10:g}), "
+                          "or --on-nan skip-batch")
+    if bar is not None and steps:
+        seen = max(totals["seen"], 1)
+        bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}", acc=f"{totals['correct'] / seen:.4f}",
+                        img_s=f"{totals['seen'] / max(ts.seconds, 1e-9):,.0f}", refresh=False)
+        bar.update(steps)
+    if loop.governor is not None:
+        loop.governor.tick()
+    return dist.any_rank(loop.world, STOP.is_set(), loop.device)  # torchrun signals each rank at its own moment
+
+
+def _checkpoint(loop: Loop, ts: TrainState, g: torch.Generator | None) -> None:
+    """Every rank calls this (the totals are summed over ranks); rank 0 writes the file."""
+    ts.epoch_rng = g.get_state() if g is not None else None
+    state = ts.state_dict(loop.world)
+    if loop.world.main:
+        runs.save_checkpoint(loop.run_dir, state)
+
+
+def _end_epoch(loop: Loop, ts: TrainState) -> None:
+    """Validate, record the epoch in the history, checkpoint, and say how it went."""
+    cfg, epoch = loop.cfg, ts.epoch
+    tta = cfg.tta if epoch == cfg.epochs - 1 else 0  # test-time augmentation only for the final weights
+    val_loss, val_acc = _validate(ts.model, loop, ts.norm, tta)
+    t = ts.read()
+    loss, correct, seen, skipped = dist.all_sum(loop.world, [t["loss"], t["correct"], t["seen"], t["skipped"]],
+                                                loop.device)
+    record = {"epoch": epoch + 1, "train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1),
+              "val_loss": val_loss, "val_acc": val_acc, "seconds": round(ts.seconds, 3),
+              "images_per_s": round(seen / max(ts.seconds, 1e-9), 1)}
+    ts.history.append(record)
+    if loop.world.main:
+        runs.write_history(loop.run_dir, ts.history)
+    ts.epoch, ts.step = epoch + 1, 0
+    ts.reset_totals()
+    _checkpoint(loop, ts, None)
+    loop.log(f"Epoch {epoch + 1}/{cfg.epochs} - {record['seconds']:.1f}s - {record['images_per_s']:,.0f} img/s - "
+             f"loss {record['train_loss']:.4f} - acc {record['train_acc']:.4f} - "
+             f"val_loss {val_loss:.4f} - val_acc {val_acc:.4f}")
+    if skipped:
+        loop.log(f"warning: {int(skipped)} batches of epoch {epoch + 1} were skipped (non-finite loss)")
+
+
+def _validate(model: nn.Module, loop: Loop, norm: Normalization, tta: int) -> tuple[float, float]:
+    """Loss and accuracy on the validation set, each rank taking its share (summed, not repeated)."""
+    x, y = loop.ds.validation
+    x, y = dist.shard(loop.world, x), dist.shard(loop.world, y)
+    loss, acc = (evaluate.loss_and_accuracy(model, x, y, norm, loop.device, loop.dtype, loop.cfg.eval_batch_size,
+                                            tta=tta) if len(y) else (0.0, 0.0))
+    loss_sum, correct, count = dist.all_sum(loop.world, [loss * len(y), acc * len(y), len(y)], loop.device)
+    return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fit: the whole loop
+
+
+def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log, world: World = World()) -> None:
+    """Train from scratch (`state` None) or from a checkpoint's state to the end; rank 0 saves the model."""
+    ts, loop = _build(run_dir, cfg, ds, state, log, world)
+    log(f"training {cfg.model} ({models.count_params(ts.model):,} parameters) on {len(ds.y_train):,} images, "
+        f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {loop.steps_per_epoch} steps; device {loop.device}, "
+        f"{precision_name(loop.dtype)}"
+        + (f"; {world.size} processes of {dist.per_rank_batch(world, cfg.batch_size)} images a step"
+           if world.distributed else ""))
+    with _ctrl_c_requests_stop():
+        while ts.epoch < cfg.epochs:
+            set_trainable(ts.model, cfg, ts.epoch)
+            _wrap(loop, ts.model)
+            ts.model.train()
+            _run_epoch(loop, ts)
+            _end_epoch(loop, ts)
+            if dist.any_rank(world, STOP.is_set(), loop.device):
+                raise Interrupted(run_dir)
+    if world.main:
+        runs.save_model(run_dir, ts.model, _model_meta(cfg, ds, ts, loop.dtype))
+
+
+def _model_meta(cfg: TrainConfig, ds: Dataset, ts: TrainState, dtype: torch.dtype) -> dict:
+    return {"model": cfg.model, "classes": ds.classes, "in_channels": ds.channels,
+            "image_size": list(ds.image_size), "normalization": ts.norm.to_dict(),
+            "params": models.count_params(ts.model), "precision": precision_name(dtype), "tta": cfg.tta,
+            "epochs": cfg.epochs, "train_seconds": round(sum(h["seconds"] for h in ts.history), 3)}
 
 
 @contextlib.contextmanager
@@ -85,176 +351,8 @@ def _ctrl_c_requests_stop():
         signal.signal(signal.SIGINT, previous)
 
 
-def _fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log, world: World = World()) -> None:
-    device = dist.device_for(world, pick_device(cfg.device))
-    dtype = pick_precision(cfg.precision, device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    torch.manual_seed(cfg.seed)  # the same seed on every rank: identical initial weights
-    model = models.build(cfg.model, ds.channels, ds.num_classes, ds.image_size).to(device)
-    model = model.to(memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions run faster in NHWC
-    norm = Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" else Normalization()
-    if cfg.normalize not in ("unit", "meanstd"):
-        raise CnnlabError(f"unknown normalization {cfg.normalize!r}; use unit or meanstd")
-    if cfg.on_nan not in ("stop", "skip-batch"):
-        raise CnnlabError(f"unknown --on-nan {cfg.on_nan!r}; use stop or skip-batch")
-    # checkpoint and its predecessor (weights + optimizer state + lookahead copy), final weights, reports
-    per_copy = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if world.main:
-        files.require_space(run_dir, per_copy * 2 * (2 + (cfg.optimizer == "adam") + cfg.lookahead) + per_copy
-                            + 2**25, "this run's checkpoints")
-    rank_batch = dist.per_rank_batch(world, cfg.batch_size)
-    aug = augment.get(cfg.augment)
-    n = len(ds.y_train)
-    steps_per_epoch = -(-n // cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    if state is None and hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer
-        sample = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:5000]
-        model.init_from_data(norm(ds.x_train[sample]).to(device))
-    if state is None and cfg.init_from:
-        log(runs.init_from(model, cfg.model, cfg.init_from))
-    model = _sync_bn(model, cfg, world, device)
-    opt = make_optimizer(cfg, model)
-    sched = make_schedule(cfg, opt, total_steps)
-    lookahead = Lookahead(model, total_steps) if cfg.lookahead else None
-    forward = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world.distributed else model
-    forward = torch.compile(forward) if cfg.compile else forward
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    history: list[dict] = []
-    start_epoch, start_step = 0, 0
-    running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if lookahead is not None:
-            lookahead.load_state_dict(state["lookahead"])
-        norm = Normalization.from_dict(state["normalization"])
-        torch.set_rng_state(state["torch_rng"])
-        history, running = state["history"], state["running"]  # all ranks' totals, kept by rank 0 alone
-        running = running if world.main else {**running, "loss": 0.0, "correct": 0, "seen": 0}
-        start_epoch, start_step = state["epoch"], state["step"]
-    x_train = ds.x_train.to(device)
-    y_train = ds.y_train.to(device)
-
-    def checkpoint(epoch: int, step: int, g: torch.Generator | None) -> None:
-        """The global state (every rank calls this; rank 0 writes it), so any world size can resume it."""
-        totals = dist.all_sum(world, [running["loss"], running["correct"], running["seen"]], device)
-        if not world.main:
-            return
-        runs.save_checkpoint(run_dir, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "lookahead": lookahead.state_dict() if lookahead else None,
-            "epoch": epoch, "step": step,
-            "epoch_rng": g.get_state() if g is not None else None, "torch_rng": torch.get_rng_state(),
-            "running": {**running, "loss": totals[0], "correct": int(totals[1]), "seen": int(totals[2])},
-            "history": history, "normalization": norm.to_dict()})
-
-    log(f"training {cfg.model} ({models.count_params(model):,} parameters) on {n:,} images, "
-        f"{cfg.epochs} epochs of {steps_per_epoch} steps; device {device}, {precision_name(dtype)}"
-        + (f"; {world.size} processes of {rank_batch} images a step" if world.distributed else ""))
-    with _ctrl_c_requests_stop():
-        for epoch in range(start_epoch, cfg.epochs):
-            g = _epoch_generator(cfg.seed, epoch)
-            perm = torch.randperm(n, generator=g).to(device)
-            first = start_step if epoch == start_epoch else 0
-            if first:
-                g.set_state(state["epoch_rng"])
-            else:
-                running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            model.train()
-            if cfg.whiten_bias_epochs is not None and hasattr(model, "whiten"):
-                model.whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
-            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"Epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", leave=False, dynamic_ncols=True, disable=None if world.main else True)
-            t0 = time.perf_counter() - running["seconds"]
-            for step in range(first, steps_per_epoch):
-                idx = dist.shard(world, perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
-                if len(idx) == 0:  # a last batch smaller than the world: the same on every rank, so all skip it
-                    sched.step()
-                    continue
-                xb = aug(norm(x_train[idx]), g, epoch=epoch, idx=idx).contiguous(memory_format=torch.channels_last)
-                yb = y_train[idx]
-                loss, correct = _train_step(forward, opt, sched, scaler, xb, yb, cfg, device, dtype, world)
-                if loss is None:
-                    where = f"epoch {epoch + 1}, step {step + 1}"
-                    if cfg.on_nan == "stop":
-                        bar.close()
-                        raise CnnlabError(
-                            f"the loss became non-finite at {where}; training stopped and the last good checkpoint "
-                            f"in {run_dir} is kept. Try a lower learning rate (e.g. --lr {cfg.lr / 10:g}), or "
-                            "--on-nan skip-batch")
-                    running["skipped"] = running.get("skipped", 0) + 1
-                    tqdm.write(f"warning: non-finite loss at {where}: batch skipped")
-                    bar.update()
-                    continue
-                if lookahead is not None:
-                    lookahead.step(model, epoch * steps_per_epoch + step + 1)
-                running["loss"] += loss.item() * len(idx)
-                running["correct"] += int(correct)
-                running["seen"] += len(idx)
-                running["seconds"] = time.perf_counter() - t0
-                bar.update()
-                if step % 10 == 0 or step == steps_per_epoch - 1:
-                    bar.set_postfix(loss=f"{running['loss'] / running['seen']:.4f}",
-                                    acc=f"{running['correct'] / running['seen']:.4f}",
-                                    img_s=f"{running['seen'] / running['seconds']:,.0f}", refresh=False)
-                stop = dist.any_rank(world, STOP.is_set(), device)  # torchrun signals each rank at its own moment
-                if stop and step < steps_per_epoch - 1:  # after the last step, finish the epoch
-                    bar.close()
-                    checkpoint(epoch, step + 1, g)
-                    raise Interrupted(run_dir)
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step < steps_per_epoch - 1:
-                    checkpoint(epoch, step + 1, g)
-            bar.close()
-            seconds = running["seconds"]
-            # test-time augmentation multiplies evaluation cost; spend it only on the final weights
-            tta = cfg.tta if epoch == cfg.epochs - 1 else 0
-            val = _validate(model, ds, norm, device, dtype, cfg, tta, world)
-            loss_sum, correct_sum, seen = dist.all_sum(world, [running["loss"], running["correct"], running["seen"]],
-                                                       device)
-            record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                      "train_acc": correct_sum / max(seen, 1), "val_loss": val[0], "val_acc": val[1],
-                      "seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 1)}
-            history.append(record)
-            if world.main:
-                runs.write_history(run_dir, history)
-            checkpoint(epoch + 1, 0, None)
-            log(f"Epoch {epoch + 1}/{cfg.epochs} - {seconds:.1f}s - {record['images_per_s']:,.0f} img/s - "
-                f"loss {record['train_loss']:.4f} - acc {record['train_acc']:.4f} - "
-                f"val_loss {val[0]:.4f} - val_acc {val[1]:.4f}")
-            if running.get("skipped"):
-                log(f"warning: {running['skipped']} batches of epoch {epoch + 1} were skipped (non-finite loss)")
-            if dist.any_rank(world, STOP.is_set(), device):
-                raise Interrupted(run_dir)
-    if not world.main:
-        return
-    meta = {"model": cfg.model, "classes": ds.classes, "in_channels": ds.channels,
-            "image_size": list(ds.image_size), "normalization": norm.to_dict(),
-            "params": models.count_params(model), "precision": precision_name(dtype), "tta": cfg.tta,
-            "epochs": cfg.epochs, "train_seconds": round(sum(h["seconds"] for h in history), 3)}
-    runs.save_model(run_dir, model, meta)
-
-
-def _sync_bn(model: nn.Module, cfg: TrainConfig, world: World, device: torch.device) -> nn.Module:
-    """--sync-bn: BatchNorm statistics over the global batch rather than each rank's share."""
-    if not (cfg.sync_bn and world.distributed):
-        return model
-    if device.type != "cuda":
-        raise CnnlabError("--sync-bn needs CUDA devices: PyTorch's DistributedDataParallel refuses "
-                          "SyncBatchNorm in CPU processes")
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-def _validate(model, ds: Dataset, norm, device, dtype, cfg: TrainConfig, tta: int, world: World) -> tuple[float, float]:
-    """Loss and accuracy on the validation set, each rank taking its share (summed, not repeated)."""
-    x, y = ds.validation
-    x, y = dist.shard(world, x), dist.shard(world, y)
-    loss, acc = (evaluate.loss_and_accuracy(model, x, y, norm, device, dtype, cfg.eval_batch_size, tta=tta)
-                 if len(y) else (0.0, 0.0))
-    loss_sum, correct, count = dist.all_sum(world, [loss * len(y), acc * len(y), len(y)], device)
-    return loss_sum / max(count, 1), correct / max(count, 1)
+# ---------------------------------------------------------------------------------------------------
+# The API: train and resume
 
 
 def _load_data(data_cfg: DataConfig, seed: int, log=say) -> Dataset:
@@ -306,19 +404,21 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
 
     Under torchrun every process calls this; rank 0 alone writes the run directory and prints.
     """
-    world = dist.init()
-    log = log if world.main else _quiet
-    data_cfg = data_cfg or DataConfig()
-    models.check(cfg.model)  # a typo in a name or spec should not cost a data load first
+    cfg.validate()  # before any data is read or any directory made: a typo leaves nothing behind
+    data_cfg = (data_cfg or DataConfig()).validate()
+    pick_device(cfg.device)
     if cfg.init_from:
         runs.read_json(Path(cfg.init_from) / "model.json", "--init-from needs a finished training run")
+    world = dist.init()
+    dist.per_rank_batch(world, cfg.batch_size)
+    log = log if world.main else _quiet
     ds = dataset or _load_once(world, lambda: _load_data(data_cfg, cfg.seed, log))
     run_dir = _new_run_dir(out, runs_root, preset) if world.main else None
     run_dir = Path(dist.broadcast(world, str(run_dir) if run_dir else None))
     if world.main:
         _write_config(run_dir, cfg, data_cfg, ds, preset, world)
         log(f"run directory: {run_dir}")
-    _fit(run_dir, cfg, ds, None, log, world)
+    fit(run_dir, cfg, ds, None, log, world)
     return _finish(run_dir, ds, cfg, log, with_report) if world.main else run_dir
 
 
@@ -352,6 +452,18 @@ def _write_config(run_dir: Path, cfg: TrainConfig, data_cfg: DataConfig, ds: Dat
     files.write_json(run_dir / "config.json", config)
 
 
+def _read_run(run_dir: Path, world: World, log) -> tuple[dict, dict | None, bool]:
+    """Rank 0 reads the run's config, newest intact checkpoint and whether it has its final weights."""
+    config, state, finished = None, None, False
+    if world.main:  # only rank 0's machine need hold the run directory
+        config = runs.read_json(run_dir / "config.json", "is it a run directory?")
+        for leftover in run_dir.glob(".*.tmp"):  # a write that a kill cut short; never a file anything reads
+            leftover.unlink(missing_ok=True)
+        state = runs.load_checkpoint(run_dir, log)
+        finished = (run_dir / "model.safetensors").exists()
+    return dist.broadcast(world, (config, state, finished))
+
+
 def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bool = True, log=say) -> Path:
     """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run.
 
@@ -360,15 +472,8 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
     world = dist.init()
     log = log if world.main else _quiet
     run_dir = Path(run_dir)
-    config, state, finished = None, None, False
-    if world.main:  # only rank 0's machine need hold the run directory
-        config = runs.read_json(run_dir / "config.json", "is it a run directory?")
-        for leftover in run_dir.glob(".*.tmp"):  # a write that a kill cut short; never a file anything reads
-            leftover.unlink(missing_ok=True)
-        state = runs.load_checkpoint(run_dir, log)
-        finished = (run_dir / "model.safetensors").exists()
-    config, state, finished = dist.broadcast(world, (config, state, finished))
-    cfg = from_dict(TrainConfig, config["train"])
+    config, state, finished = _read_run(run_dir, world, log)
+    cfg = from_dict(TrainConfig, config["train"]).validate()
     data_cfg = from_dict(DataConfig, {**config["data"], **({"path": data_path} if data_path else {})})
     ds = _load_once(world, lambda: _load_data(data_cfg, cfg.seed, log))
     if ds.classes != config["data"]["classes"]:
@@ -383,5 +488,5 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
         log(f"{run_dir} has no checkpoint yet (it stopped before the first one): starting from the beginning")
     else:
         log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    _fit(run_dir, cfg, ds, state, log, world)
+    fit(run_dir, cfg, ds, state, log, world)
     return _finish(run_dir, ds, cfg, log, with_report) if world.main else run_dir
