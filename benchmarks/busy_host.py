@@ -113,7 +113,8 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     base = statistics.median(times["default (spin)"]["quiet"])
     rows = {}
-    print(f"\nseed step, batch 64, {precision}, {args.isa} kernels; medians of {args.rounds} rounds of {args.steps} steps")
+    print(f"\nseed step, batch 64, {precision}, {args.isa} kernels; "
+          f"medians of {args.rounds} rounds of {args.steps} steps")
     print(f"{'setting':<26}{'quiet ms':>10}{'busy ms':>10}{'slowdown':>10}{'vs default quiet':>18}")
     for name, t in times.items():
         q, b = statistics.median(t["quiet"]), statistics.median(t["busy"])

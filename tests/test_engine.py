@@ -285,3 +285,18 @@ def test_quick_recipe_one_epoch_on_real_subset(tmp_path, real_subset):
     meta = json.loads((run / "model.json").read_text())
     assert meta["model"] == "airbench-s" and meta["tta"] == 2
     assert meta["precision"] == device.precision_name(device.pick_precision("auto", torch.device("cpu")))
+
+
+def test_whitening_bias_trains_for_its_epochs_then_stays(tmp_path, cifar_python_dir, monkeypatch):
+    cfg = override(presets.FAST, model="airbench-s", epochs=4, batch_size=30)  # 5 steps an epoch
+    biases, real_run_epoch = [], train._run_epoch
+
+    def run_epoch_and_record(loop, ts):
+        real_run_epoch(loop, ts)
+        biases.append(ts.model.whiten.bias.detach().clone())
+    monkeypatch.setattr(train, "_run_epoch", run_epoch_and_record)
+    train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False,
+                log=lambda *a: None)
+    assert cfg.whiten_bias_epochs == 3 and len(biases) == 4
+    assert not torch.equal(biases[1], biases[2])  # epoch 3 still trains it
+    assert torch.equal(biases[2], biases[3])  # epoch 4 does not

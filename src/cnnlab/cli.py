@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -334,6 +335,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
         cmd_predict(args)
 
 
+def _lost_contact(e: Exception) -> bool:
+    if "torch" not in sys.modules:
+        return False
+    from . import dist
+
+    return dist.lost_contact(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
@@ -352,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line for users, the traceback on request
         if os.environ.get("CNNLAB_DEBUG"):
             raise
+        if _lost_contact(e):  # another process failed first and says why; this one stays quiet, and waits
+            time.sleep(3)  # so that the launcher sees that process end first and reports its exit code
+            return 75
         print(f"cnnlab: internal error: {where}{type(e).__name__}: {e} (set CNNLAB_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1

@@ -85,8 +85,8 @@ class TrainConfig:
         check_literals(self)
         for names, test, what in ((("epochs", "batch_size", "eval_batch_size"), lambda v: v >= 1, "at least 1"),
                                   (("lr", "eps", "filter_lr"), lambda v: v > 0, "above 0"),
-                                  (("weight_decay", "checkpoint_every", "threads", "label_smoothing", "warmup", "lr_start",
-                                    "lr_end"), lambda v: v >= 0, "0 or more")):
+                                  (("weight_decay", "checkpoint_every", "threads", "label_smoothing", "warmup",
+                                    "lr_start", "lr_end"), lambda v: v >= 0, "0 or more")):
             for name in names:
                 value = getattr(self, name)
                 _require(test(value), f"{name.replace('_', '-')} must be {what}, got {value}")

@@ -133,10 +133,30 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         torchrun(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode < 0:  # killed by a signal: the rank could not say why itself
-            print(f"cnnlab: error: training process {rank} was killed by signal {-failure.exitcode}",
-                  file=sys.stderr)
-            return 1
-        return failure.exitcode
+        return _report_failure(e.failures)
     return 0
+
+
+def _report_failure(failures: dict) -> int:
+    """The exit code of the process that failed first for a reason of its own (it has printed it)."""
+    by_time = sorted(failures.items(), key=lambda kv: kv[1].timestamp)
+    rank, failure = next(((r, f) for r, f in by_time if f.exitcode != LOST_CONTACT), by_time[0])
+    if failure.exitcode == LOST_CONTACT:
+        print("cnnlab: error: the training processes lost contact with each other", file=sys.stderr)
+        return 1
+    if failure.exitcode < 0:  # killed by a signal: the process could not say why itself
+        print(f"cnnlab: error: training process {rank} was killed by signal {-failure.exitcode}", file=sys.stderr)
+        return 1
+    return failure.exitcode
+
+
+LOST_CONTACT = 75  # a process' exit code when a collective failed because another process had gone
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another process ended (which says why itself)."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):  # not one of several processes
+        return False
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "gloo"))

@@ -174,7 +174,7 @@ def _wrap(loop: Loop, model: nn.Module) -> None:
 
 def _train_step(loop: Loop, ts: TrainState, xb: torch.Tensor, yb: torch.Tensor, step: int) -> None:
     """Forward, backward and update, with no host read; a non-finite step leaves the weights as they were."""
-    guarded = _float_buffers(ts.model) if loop.cfg.on_nan == "skip-batch" else []
+    guarded = list(ts.model.buffers()) if loop.cfg.on_nan == "skip-batch" else []  # BatchNorm statistics
     saved = [b.clone() for b in guarded]
     with autocast(loop.device, loop.dtype):
         logits = loop.forward(xb)
@@ -196,10 +196,6 @@ def _train_step(loop: Loop, ts: TrainState, xb: torch.Tensor, yb: torch.Tensor, 
     if ts.lookahead is not None:
         ts.lookahead.step(ts.model, ts.epoch * loop.steps_per_epoch + step + 1, skip=bad)
     ts.add(loss, (logits.argmax(1) == yb).sum(), len(yb), bad, step)
-
-
-def _float_buffers(model: nn.Module) -> list[torch.Tensor]:
-    return [b for b in model.buffers() if b.is_floating_point()]
 
 
 def _run_epoch(loop: Loop, ts: TrainState) -> None:

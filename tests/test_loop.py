@@ -1,0 +1,127 @@
+"""The rebuilt loop: no host read inside a step, one every SYNC_EVERY steps, non-finite steps that change
+nothing, and a configuration checked whole before any data is read."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cnnlab import cli, presets, train
+from cnnlab.config import DataConfig, TrainConfig, override
+from cnnlab.errors import CnnlabError
+
+# What makes a host wait for the device: reading a value back (on a GPU each is a sync point).
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts every host read of a tensor's value from here on."""
+    count = {"n": 0}
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            count["n"] += 1
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return count
+
+
+@pytest.mark.parametrize("preset", ["seed", "quick", "standard"])
+def test_a_step_never_reads_the_device_and_an_epoch_reads_it_every_sync_every_steps(
+        tmp_path, cifar_python_dir, monkeypatch, host_reads, preset):
+    cfg = override(presets.get(preset), epochs=2, batch_size=4, model="resnet20" if preset == "standard" else None)
+    steps = math.ceil(150 / 4)  # 38 steps an epoch on the 150 fake images
+    in_steps, in_epochs, real_step, real_epoch = [], [], train._train_step, train._run_epoch
+
+    def step(*args):
+        before = host_reads["n"]
+        real_step(*args)
+        in_steps.append(host_reads["n"] - before)
+
+    def epoch(*args):
+        before = host_reads["n"]
+        real_epoch(*args)
+        in_epochs.append(host_reads["n"] - before)
+    monkeypatch.setattr(train, "_train_step", step)
+    monkeypatch.setattr(train, "_run_epoch", epoch)
+    train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False,
+                log=lambda *a: None)
+    assert len(in_steps) == 2 * steps and set(in_steps) == {0}
+    syncs = math.ceil(steps / train.SYNC_EVERY)  # at each SYNC_EVERY-th step and at the last one
+    assert in_epochs == [syncs, syncs], (in_epochs, syncs)
+
+
+class Blows(nn.Module):
+    """BatchNorm then a linear layer; its output is NaN while `nan` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.head, self.nan = nn.BatchNorm2d(3), nn.Linear(3, 2), False
+
+    def forward(self, x):
+        out = self.head(self.norm(x).mean((2, 3)))
+        return out * float("nan") if self.nan else out
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "muon"])
+def test_a_non_finite_step_changes_no_weight_statistic_or_optimizer_state(optimizer, tmp_path):
+    from cnnlab.data import Dataset, Normalization
+    from cnnlab.dist import World
+    from cnnlab.optim import Lookahead, make_optimizer, make_schedule
+    from cnnlab.state import TrainState
+
+    torch.manual_seed(0)
+    model = Blows()
+    cfg = TrainConfig(optimizer=optimizer, lr=0.1, on_nan="skip-batch", lookahead=True)
+    opt = make_optimizer(cfg, model)
+    ts = TrainState(model, opt, make_schedule(cfg, opt, 10), torch.amp.GradScaler("cpu", enabled=False),
+                    Lookahead(model, 10), Normalization(), torch.device("cpu"))
+    x = torch.zeros(4, 3, 4, 4, dtype=torch.uint8)
+    ds = Dataset(x, torch.zeros(4, dtype=torch.long), x, torch.zeros(4, dtype=torch.long), ["a", "b"], "test", "", "")
+    loop = train.Loop(cfg, ds, World(), tmp_path, print, torch.device("cpu"), torch.float32, x, ds.y_train, 10,
+                      forward=model)
+    xb, yb = torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 0, 1])
+    for step in range(4):  # a few good steps (the 5th would be a lookahead step too)
+        train._train_step(loop, ts, xb, yb, step)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_before = {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
+    model.nan = True
+    train._train_step(loop, ts, xb, yb, 4)  # step 5: also the lookahead's turn
+    after = model.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    opt_after = {k: v for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
+    assert all(torch.equal(opt_before[k], opt_after[k]) for k in opt_before)
+    assert ts.read()["skipped"] == 1 and ts.read()["first_bad_step"] == 4 and ts.read()["seen"] == 16
+    model.nan = False
+    train._train_step(loop, ts, xb, yb, 5)
+    assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])  # good steps go on
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(optimizer="adamw"), "unknown optimizer 'adamw'; use one of: adam, sgd, muon"),
+    (dict(schedule="cosine"), "unknown schedule 'cosine'"),
+    (dict(augment="sed"), "unknown augmentation 'sed'"),
+    (dict(model="resnet21"), "unknown model 'resnet21'"),
+    (dict(on_nan="ignore"), "unknown on-nan 'ignore'"),
+    (dict(precision="fp8"), "unknown precision 'fp8'"),
+    (dict(device="gpu"), "unknown device 'gpu'"),
+    (dict(epochs=0), "epochs must be at least 1"),
+    (dict(label_smoothing=1.5), "label-smoothing must be below 1"),
+    (dict(tta=3), "tta must be 0, 1 or 2"),
+])
+def test_a_bad_config_fails_before_reading_data_or_making_the_run_directory(tmp_path, bad, message):
+    out = tmp_path / "run"
+    with pytest.raises(CnnlabError, match=message):  # the data path does not exist either: config comes first
+        train.train(TrainConfig(**bad), DataConfig(path=str(tmp_path / "no-such-data")), out=out)
+    assert not out.exists()
+
+
+def test_the_command_line_checks_the_config_before_the_data(tmp_path, capsys):
+    code = cli.main(["train", "--data", str(tmp_path / "missing"), "--augment", "sed", "--out", str(tmp_path / "r")])
+    assert code == 2 and "unknown augmentation 'sed'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
