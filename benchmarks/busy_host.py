@@ -38,6 +38,7 @@ SETTINGS: dict[str, dict[str, str]] = {
     "1 thread": {"OMP_NUM_THREADS": "1", "CNNLAB_THREADS": "keep"},
     "cnnlab": {},
 }
+HOG = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"  # busy until its parent ends
 OWN_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "CNNLAB_THREADS")
 
 
@@ -81,8 +82,8 @@ def measure(env_extra: dict[str, str], steps: int, precision: str, isa_env: dict
 
 
 def busy_process() -> subprocess.Popen:
-    """One process that keeps a core busy, as another user's job would."""
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    """One process that keeps a core busy, as another user's job would (it ends when this process does)."""
+    return subprocess.Popen([sys.executable, "-c", HOG])
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ import torch
 from cnnlab import threads
 from cnnlab.hardware import cpu_class, usable_cores
 
+HOG = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"  # busy until its parent ends
+
 
 def fresh_python(code: str, **env) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in threads.USER_KEYS + ("CNNLAB_THREADS",)}
@@ -72,7 +74,7 @@ def test_governor_measures_a_real_busy_process(monkeypatch):
     monkeypatch.delenv("CNNLAB_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    hog = subprocess.Popen([sys.executable, "-c", HOG])
     try:
         gov = threads.ThreadGovernor(every=0.5)
         assert gov.enabled
@@ -93,3 +95,22 @@ def test_cpu_class_reads_the_flags(tmp_path):
                             ("sse4_2 avx2 fma", "avx2"), ("sse4_2", "other"), ("avx2 amx_bf16", "avx512_bf16")):
         info.write_text(f"model name\t: Test CPU\nflags\t\t: {flags}\n")
         assert cpu_class(info) == expected
+
+
+def test_doctor_reports_the_machine_and_measures_it(capsys):
+    import json
+
+    from cnnlab import cli
+
+    assert cli.main(["doctor", "--json", "--seconds", "0.1"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cpu"]["class"] == cpu_class() and info["cpu"]["cores"] == usable_cores()
+    assert info["precision"] in ("fp32", "bf16") and info["precision_why"].startswith(info["precision"])
+    assert info["measured"]["matmul_gflops"]["fp32"] > 0
+    steps, expected = info["measured"]["steps"], info["measured"]["expected_train_seconds"]
+    assert set(steps) == set(expected) == {"seed", "quick", "fast"}
+    # seed: 15 epochs of 782 steps; the estimate is the measured step times that many
+    assert expected["seed"] == pytest.approx(782 * 15 * steps["seed"]["ms_per_step"] / 1000, rel=0.01)
+    assert cli.main(["doctor", "--seconds", "0.1"]) == 0
+    text = capsys.readouterr().out
+    assert f"(class {cpu_class()})" in text and "expected   quick:" in text

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="seed", help=MODEL_HELP + " (default seed)")
     _add_data_args(p)
 
+    p = sub.add_parser("doctor", help="this machine: CPU, GPU, threads, precision, measured speed, expected times")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--seconds", type=_positive_float, default=1.0, help="time spent on each step measurement")
+
     sub.add_parser("presets", help="list the training presets")
     sub.add_parser("models", help="list the registered models and the layer-spec grammar")
 
@@ -306,6 +310,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
         else:  # CIFAR-10's shape, without reading (or downloading) anything
             shape, k = (3, *(args.image_size or (32, 32))), 10
         print(models.summary(models.build(args.model, shape[0], k, shape[1:]), shape))
+    elif args.command == "doctor":
+        from . import doctor
+
+        info = doctor.report(args.seconds)
+        print(json.dumps(info, indent=2) if args.json else doctor.format_report(info))
     elif args.command == "presets":
         for name, cfg in presets.PRESETS.items():
             print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))

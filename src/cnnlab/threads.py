@@ -24,14 +24,12 @@ bit-for-bit repeatable and resumable; `--threads N` makes every run so. The log 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 from .hardware import usable_cores
 
 USER_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-TORCH_WAS_FIRST = "torch" in sys.modules  # imported before cnnlab: its OpenMP kept what it had
 
 
 def user_settings(environ=None) -> dict[str, str]:
