@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cnnlab import files
-from cnnlab.device import autocast
+from cnnlab.doctor import matmul_gflops, training_step  # noqa: F401  (training_step: for the benchmarks)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -22,34 +21,6 @@ SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data" / "cifar10-jpeg"
 CNNLAB = [sys.executable, "-m", "cnnlab.cli"]
 KERAS_PYTHON = ROOT / ".venv-keras" / "bin" / "python"
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of the best of `reps` square matrix products: what the cores deliver at this moment."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
-def training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: int, dtype: torch.dtype):
-    """One training step on a fixed random batch, as cnnlab's loop runs it (channels-last, autocast)."""
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    device = torch.device("cpu")
-
-    def step() -> None:
-        with autocast(device, dtype):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def machine() -> dict:
@@ -61,9 +32,10 @@ def machine() -> dict:
     """
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                   if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    probe = {name: round(matmul_peak(dtype) / 1e9, 1) for name, dtype in (("fp32", torch.float32),
-                                                                         ("bf16", torch.bfloat16))}
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    probe = {name: round(matmul_gflops(dtype, torch.device("cpu")), 1) for name, dtype in (("fp32", torch.float32),
+                                                                                        ("bf16", torch.bfloat16))}
+    return {"cpu": model, "cpu_class": cpu_class(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M"), "matmul_gflops_now": probe}
 
 

@@ -9,8 +9,9 @@ reached, measured after the decoded-image cache exists (evaluation excluded). Wi
 of at most 1/20 of it.
 
 A `fast` seed takes 15-30 minutes here, so seeds may come from separate runs: the results file keeps one
-record per recipe and seed (with its date and the host's matmul rate at the time), a new run replaces the
-records of the seeds it ran, and the summary is recomputed over all of them.
+record per recipe and seed (with its date, CPU and the host's matmul rate at the time), a new run replaces
+the records of the seeds it ran, and the summary is recomputed over the records of this machine's CPU;
+records from other CPUs are kept apart, under `other_cpus`.
 Writes benchmarks/results/time_to_accuracy.json.
 """
 
@@ -56,6 +57,19 @@ def previous_results() -> dict:
         return {}
 
 
+def split_by_cpu(old: dict, cpu: dict) -> tuple[dict[str, list], dict[str, list]]:
+    """Earlier per-seed records: those of this CPU, and those of others (records from before CPUs were
+    recorded came from the AMD EPYC (Zen 4, AVX-512 BF16) of sessions up to 2026-11-24)."""
+    earlier = {"class": "avx512_bf16", "model": "AMD EPYC (Zen 4), before CPUs were recorded"}
+    mine: dict[str, list] = {}
+    others: dict[str, list] = {k: list(v) for k, v in old.get("other_cpus", {}).items()}
+    for name, entry in old.get("recipes", {}).items():
+        for r in entry.get("runs", []):
+            r.setdefault("cpu", earlier)
+            (mine if r["cpu"] == cpu else others).setdefault(name, []).append(r)
+    return mine, others
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="also run the `fast` recipe (15-30 min a seed here)")
@@ -68,9 +82,10 @@ def main() -> None:
     now = machine()
     old = previous_results()
     # per-seed records of earlier runs (files from before per-seed records are not reused)
-    records = {name: entry["runs"] for name, entry in old.get("recipes", {}).items() if "runs" in entry}
+    cpu = {"class": now["cpu_class"], "model": now["cpu"]}
+    records, others = split_by_cpu(old, cpu)
     result = {"machine": now, "data": "CIFAR-10 (JPEG copy)", "recipes": {}}
-    if "keras_15_epochs" in old:
+    if old.get("keras_15_epochs", {}).get("cpu") == cpu:
         result["keras_15_epochs"] = old["keras_15_epochs"]
     with tempfile.TemporaryDirectory() as tmp:
         if args.keras:
@@ -80,7 +95,7 @@ def main() -> None:
             run([str(KERAS_PYTHON), str(SHARED / "bench" / "seed_keras.py"), "15", str(DATA)], log)
             keras = json.loads(next(ln for ln in reversed(log.read_text().splitlines()) if ln.startswith("{")))
             result["keras_15_epochs"] = {"train_seconds": keras["train_s"], "test_accuracy": keras["test_acc"],
-                                         "date": now["date"]}
+                                         "date": now["date"], "cpu": cpu}
         for preset in recipes:
             fresh = []
             for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -89,17 +104,19 @@ def main() -> None:
                       f"peak RSS {r['peak_rss_mb']} MB", flush=True)
                 fresh.append({"seed": seed, "test_accuracy": round(r["test_accuracy"], 4),
                               "train_seconds": r["train_seconds"], "peak_rss_mb": r["peak_rss_mb"],
-                              "first_reached_s": reached(r["history"]), "date": now["date"],
+                              "first_reached_s": reached(r["history"]), "date": now["date"], "cpu": cpu,
                               "matmul_gflops_now": now["matmul_gflops_now"]})
             ran = {r["seed"] for r in fresh}
             records[preset] = sorted([r for r in records.get(preset, []) if r["seed"] not in ran] + fresh,
                                      key=lambda r: r["seed"])
     for preset, recs in records.items():
         result["recipes"][preset] = summarize(recs)
+    if others:
+        result["other_cpus"] = others
     if "keras_15_epochs" in result and "quick" in recipes and args.keras:
         quick = result["recipes"]["quick"]["train_seconds_mean"]
         result["quick_fraction_of_keras_time"] = round(quick / result["keras_15_epochs"]["train_seconds"], 4)
-    elif "quick_fraction_of_keras_time" in old:
+    elif "quick_fraction_of_keras_time" in old and "keras_15_epochs" in result:
         result["quick_fraction_of_keras_time"] = old["quick_fraction_of_keras_time"]
     print(json.dumps(result, indent=2))
     save("time_to_accuracy", result)

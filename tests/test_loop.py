@@ -125,3 +125,17 @@ def test_the_command_line_checks_the_config_before_the_data(tmp_path, capsys):
     code = cli.main(["train", "--data", str(tmp_path / "missing"), "--augment", "sed", "--out", str(tmp_path / "r")])
     assert code == 2 and "unknown augmentation 'sed'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_gradient_scaler_path_trains_and_skips_non_finite_steps(tmp_path, cifar_python_dir, monkeypatch):
+    """fp16 with loss scaling is the path of older GPUs; PyTorch runs it on the CPU as well, so it is tested here."""
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(epochs=1, batch_size=30, precision="fp16", on_nan="skip-batch")
+    run = train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False,
+                      log=lambda *a: None)
+    weights = load_file(run / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    import json
+
+    assert json.loads((run / "model.json").read_text())["precision"] == "fp16"

@@ -30,9 +30,9 @@ TIMED = (("seed", 64), ("quick", 256), ("fast", 128))
 
 
 def training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: int, dtype: torch.dtype,
-                  device: torch.device = torch.device("cpu")):
+                  device: torch.device = torch.device("cpu"), layout: torch.memory_format = torch.channels_last):
     """One training step on a fixed random batch, as cnnlab's loop runs it (channels-last, autocast)."""
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
