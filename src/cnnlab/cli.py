@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the training presets")
     sub.add_parser("models", help="list the registered models and the layer-spec grammar")
 
+    _add_train_parser(sub)
+    _add_result_parsers(sub)
+    return parser
+
+
+def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model, then evaluate it (flags override the preset)")
     _add_data_args(p)
     p.add_argument("--preset", default="seed", help=f"one of: {', '.join(presets.PRESETS)} (default seed); "
@@ -134,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
     p.add_argument("--no-report", action="store_true", help="skip report.html at the end")
 
+
+def _add_result_parsers(sub) -> None:
+    """The commands that use a finished run: evaluate, export, serve, report, runs, predict."""
     p = sub.add_parser("evaluate", help="test loss, accuracy, per-class scores and confusion matrix of a run "
                        "(or of an exported .onnx model, through onnxruntime)")
     p.add_argument("run_dir", metavar="RUN_DIR|MODEL.onnx")
@@ -172,7 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--device", default="auto")
-    return parser
 
 
 def _data_config(args: argparse.Namespace, **extra) -> DataConfig:

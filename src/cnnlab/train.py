@@ -73,6 +73,7 @@ class Loop:
     steps_per_epoch: int
     forward: nn.Module | None = None  # the model as the steps call it (DDP and/or compiled)
     trainable: tuple[bool, ...] = ()  # requires_grad of each parameter when `forward` was built
+    trained: list[torch.Tensor] | None = None  # the parameters that take gradients now
     governor: ThreadGovernor | None = None
 
 
@@ -166,6 +167,7 @@ def _wrap(loop: Loop, model: nn.Module) -> None:
         forward = DDP(model, device_ids=[loop.device] if loop.device.type == "cuda" else None)
     loop.forward = torch.compile(forward) if loop.cfg.compile else forward
     loop.trainable = trainable
+    loop.trained = [p for p in model.parameters() if p.requires_grad]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,10 +183,10 @@ def _train_step(loop: Loop, ts: TrainState, xb: torch.Tensor, yb: torch.Tensor, 
         loss = F.cross_entropy(logits.float(), yb, label_smoothing=loop.cfg.label_smoothing)
     ts.optimizer.zero_grad(set_to_none=True)
     ts.scaler.scale(loss).backward()
-    grads = [p.grad for p in ts.model.parameters() if p.grad is not None]
     bad = ~torch.isfinite(loss)
     if not ts.scaler.is_enabled():  # (GradScaler finds non-finite gradients itself, and expects them)
-        bad |= ~torch.isfinite(torch.nn.utils.get_total_norm(grads))  # after DDP's all-reduce: equal on all ranks
+        if loop.world.distributed:  # the averaged gradients are the same on every rank: so is the decision
+            bad = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in loop.trained]))
         ts.optimizer.found_inf = bad.float()  # the optimizer skips its update on the device when set
         ts.optimizer.step()
     else:
