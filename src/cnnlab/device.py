@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
 from pathlib import Path
 
@@ -12,6 +13,16 @@ import torch
 from .errors import CnnlabError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Denormal floats (below 1.2e-38) count as zero on the CPU once cnnlab has loaded this module, for training,
+# evaluation and serving alike. As training goes on, some gradients and activations fall into the denormal
+# range, where x86 CPUs compute each operation in microcode; TensorFlow flushes them in its CPU threads,
+# PyTorch does not by default. Measured on the Intel AVX-512 BF16 host (11-25): `seed` epochs 2-4 took
+# 8.3-9.3 s without and 6.7-7.9 s with it in four interleaved pairs of runs, with the same validation
+# accuracy; an elementwise op on 8M denormals took 38.9 ms without, 5.4 ms with (both OpenMP threads
+# flush). Nothing a weight update can resolve is that small. CNNLAB_DENORMALS=keep leaves PyTorch's default.
+if os.environ.get("CNNLAB_DENORMALS") != "keep":
+    torch.set_flush_denormal(True)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -76,3 +87,4 @@ def keep_freed_memory() -> bool:
         return bool(applied and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))  # trim only beyond 1 GB of free heap
     except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
         return False
+
