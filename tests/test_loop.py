@@ -139,3 +139,39 @@ def test_the_gradient_scaler_path_trains_and_skips_non_finite_steps(tmp_path, ci
     import json
 
     assert json.loads((run / "model.json").read_text())["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("preset", ["seed", "quick"])
+def test_the_final_metrics_are_the_last_validation_without_a_second_pass(tmp_path, cifar_python_dir, monkeypatch,
+                                                                         preset):
+    import json
+
+    from cnnlab import evaluate
+
+    passes, real = [], evaluate.predict_logits
+
+    def counted(model, x, *args, **kwargs):
+        passes.append(len(x))
+        return real(model, x, *args, **kwargs)
+    monkeypatch.setattr(evaluate, "predict_logits", counted)
+    cfg = override(presets.get(preset), epochs=2, batch_size=30)
+    run = train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False,
+                      log=lambda *a: None)
+    assert passes == [30, 30]  # one pass over the 30 test images per epoch, none after training
+    history, metrics = (json.loads((run / f).read_text()) for f in ("history.json", "metrics.json"))
+    assert metrics["test_accuracy"] == pytest.approx(history[-1]["val_acc"], abs=1e-9)
+    assert metrics["test_loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-5)
+    assert all(h["val_seconds"] > 0 for h in history)
+    fresh = evaluate.evaluate_run(run)  # a separate evaluation of the saved weights agrees
+    assert fresh["test_accuracy"] == metrics["test_accuracy"]
+    assert fresh["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
+
+
+def test_a_held_out_validation_set_still_gets_one_test_pass_at_the_end(tmp_path, cifar_python_dir, monkeypatch):
+    from cnnlab import evaluate
+
+    passes, real = [], evaluate.predict_logits
+    monkeypatch.setattr(evaluate, "predict_logits", lambda m, x, *a, **k: passes.append(len(x)) or real(m, x, *a, **k))
+    train.train(TrainConfig(epochs=2, batch_size=30), DataConfig(path=str(cifar_python_dir), val_split=0.2),
+                out=tmp_path / "r", with_report=False, log=lambda *a: None)
+    assert passes == [30, 30, 30]  # 30 held-out images after each epoch, then the 30 test images once

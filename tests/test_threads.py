@@ -114,3 +114,9 @@ def test_doctor_reports_the_machine_and_measures_it(capsys):
     assert cli.main(["doctor", "--seconds", "0.1"]) == 0
     text = capsys.readouterr().out
     assert f"(class {cpu_class()})" in text and "expected   quick:" in text
+
+
+def test_denormals_flush_to_zero_once_cnnlab_loads_unless_kept():
+    code = "import torch, cnnlab.device; print((torch.tensor([1e-39]) * 1).item() == 0)"
+    assert fresh_python(code) == "True"
+    assert fresh_python(code, CNNLAB_DENORMALS="keep") == "False"

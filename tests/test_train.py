@@ -32,7 +32,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def _history_without_times(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")}
+    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s", "val_seconds")}
             for h in json.loads((run_dir / "history.json").read_text())]
 
 

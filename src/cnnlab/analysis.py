@@ -50,13 +50,20 @@ class Interpretation:
     @classmethod
     def from_run(cls, run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
                  device: str = "auto") -> Interpretation:
+        """Evaluate a run's final weights on its test set (one pass, with the run's test-time augmentation)."""
+        logits, meta, ds = evaluate.run_test_logits(Path(run_dir), data_path, dataset=dataset, device=device)
+        return cls.from_logits(run_dir, ds, logits, meta["classes"])
+
+    @classmethod
+    def from_logits(cls, run_dir: str | Path, ds: Dataset, logits: torch.Tensor,
+                    classes: list[str] | None = None) -> Interpretation:
+        """From test-set logits already computed (training's last validation pass, when it was the test set)."""
         run_dir = Path(run_dir)
-        logits, meta, ds = evaluate.run_test_logits(run_dir, data_path, dataset=dataset, device=device)
         history_file = run_dir / "history.json"
         history = json.loads(history_file.read_text()) if history_file.is_file() else []
         config = runs.read_json(run_dir / "config.json", "is it a run directory?")
         train_cfg = from_dict(TrainConfig, config["train"])
-        return cls(meta["classes"], ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
+        return cls(classes or ds.classes, ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
                    train_cfg.augment)
 
     # -- numbers -------------------------------------------------------------------------------------

@@ -91,6 +91,18 @@ def any_rank(world: World, flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def gather_shards(world: World, part: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from every rank's `shard` of it (rank r held rows r, r + size, ...): a CPU tensor."""
+    if not world.distributed:
+        return part
+    parts: list = [None] * world.size
+    dist.all_gather_object(parts, part.cpu())
+    whole = torch.empty(sum(len(p) for p in parts), *part.shape[1:], dtype=part.dtype)
+    for r, p in enumerate(parts):
+        whole[r::world.size] = p
+    return whole
+
+
 def shard(world: World, idx: torch.Tensor) -> torch.Tensor:
     return idx[world.rank::world.size] if world.distributed else idx
 

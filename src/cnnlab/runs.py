@@ -27,7 +27,7 @@ from torch import nn
 from . import files, models
 from .errors import CnnlabError
 
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s"]
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s", "val_seconds"]
 
 
 def new_run_dir(root: str | Path, preset: str) -> Path:

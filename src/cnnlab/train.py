@@ -75,6 +75,7 @@ class Loop:
     trainable: tuple[bool, ...] = ()  # requires_grad of each parameter when `forward` was built
     trained: list[torch.Tensor] | None = None  # the parameters that take gradients now
     governor: ThreadGovernor | None = None
+    test_logits: torch.Tensor | None = None  # the last validation's, when the validation set is the test set
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,13 +267,17 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
     """Validate, record the epoch in the history, checkpoint, and say how it went."""
     cfg, epoch = loop.cfg, ts.epoch
     tta = cfg.tta if epoch == cfg.epochs - 1 else 0  # test-time augmentation only for the final weights
-    val_loss, val_acc = _validate(ts.model, loop, ts.norm, tta)
+    t0 = time.perf_counter()
+    val_loss, val_acc, logits = _validate(ts.model, loop, ts.norm, tta)
+    val_seconds = time.perf_counter() - t0
+    if ts.epoch == cfg.epochs - 1 and loop.ds.y_val is None:  # the final weights on the test set, with TTA:
+        loop.test_logits = logits  # what the run's evaluation would compute again
     t = ts.read()
     loss, correct, seen, skipped = dist.all_sum(loop.world, [t["loss"], t["correct"], t["seen"], t["skipped"]],
                                                 loop.device)
     record = {"epoch": epoch + 1, "train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1),
               "val_loss": val_loss, "val_acc": val_acc, "seconds": round(ts.seconds, 3),
-              "images_per_s": round(seen / max(ts.seconds, 1e-9), 1)}
+              "images_per_s": round(seen / max(ts.seconds, 1e-9), 1), "val_seconds": round(val_seconds, 3)}
     ts.history.append(record)
     if loop.world.main:
         runs.write_history(loop.run_dir, ts.history)
@@ -281,27 +286,31 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
     _checkpoint(loop, ts, None)
     loop.log(f"Epoch {epoch + 1}/{cfg.epochs} - {record['seconds']:.1f}s - {record['images_per_s']:,.0f} img/s - "
              f"loss {record['train_loss']:.4f} - acc {record['train_acc']:.4f} - "
-             f"val_loss {val_loss:.4f} - val_acc {val_acc:.4f}")
+             f"val_loss {val_loss:.4f} - val_acc {val_acc:.4f} - validation {val_seconds:.1f}s")
     if skipped:
         loop.log(f"warning: {int(skipped)} batches of epoch {epoch + 1} were skipped (non-finite loss)")
 
 
-def _validate(model: nn.Module, loop: Loop, norm: Normalization, tta: int) -> tuple[float, float]:
-    """Loss and accuracy on the validation set, each rank taking its share (summed, not repeated)."""
+def _validate(model: nn.Module, loop: Loop, norm: Normalization, tta: int) -> tuple[float, float, torch.Tensor]:
+    """Loss, accuracy and logits on the validation set, each rank taking its share (summed, not repeated);
+    the logits come back whole on every rank."""
     x, y = loop.ds.validation
     x, y = dist.shard(loop.world, x), dist.shard(loop.world, y)
-    loss, acc = (evaluate.loss_and_accuracy(model, x, y, norm, loop.device, loop.dtype, loop.cfg.eval_batch_size,
-                                            tta=tta) if len(y) else (0.0, 0.0))
-    loss_sum, correct, count = dist.all_sum(loop.world, [loss * len(y), acc * len(y), len(y)], loop.device)
-    return loss_sum / max(count, 1), correct / max(count, 1)
+    logits = evaluate.predict_logits(model, x, norm, loop.device, loop.dtype, loop.cfg.eval_batch_size, tta=tta)
+    loss = F.cross_entropy(logits, y, reduction="sum").item() if len(y) else 0.0
+    correct = (logits.argmax(1) == y).sum().item() if len(y) else 0
+    loss_sum, correct, count = dist.all_sum(loop.world, [loss, correct, len(y)], loop.device)
+    return loss_sum / max(count, 1), correct / max(count, 1), dist.gather_shards(loop.world, logits)
 
 
 # ---------------------------------------------------------------------------------------------------
 # fit: the whole loop
 
 
-def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log, world: World = World()) -> None:
-    """Train from scratch (`state` None) or from a checkpoint's state to the end; rank 0 saves the model."""
+def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log,
+        world: World = World()) -> torch.Tensor | None:
+    """Train from scratch (`state` None) or from a checkpoint's state to the end; rank 0 saves the model.
+    Returns the final weights' test-set logits when the last validation computed them (else None)."""
     ts, loop = _build(run_dir, cfg, ds, state, log, world)
     log(f"training {cfg.model} ({models.count_params(ts.model):,} parameters) on {len(ds.y_train):,} images, "
         f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {loop.steps_per_epoch} steps; device {loop.device}, "
@@ -319,6 +328,7 @@ def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log, w
                 raise Interrupted(run_dir)
     if world.main:
         runs.save_model(run_dir, ts.model, _model_meta(cfg, ds, ts, loop.dtype))
+    return loop.test_logits
 
 
 def _model_meta(cfg: TrainConfig, ds: Dataset, ts: TrainState, dtype: torch.dtype) -> dict:
@@ -380,9 +390,12 @@ def _quiet(*args) -> None:
     pass
 
 
-def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bool) -> Path:
-    """Evaluate the final weights, write metrics, confusion matrix and report, say where they are."""
-    interp = Interpretation.from_run(run_dir, dataset=ds, device=cfg.device)
+def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bool,
+            test_logits: torch.Tensor | None = None) -> Path:
+    """Write metrics, confusion matrix and report of the final weights, say where they are. The test set is
+    evaluated here only when training's last validation did not already do it (`test_logits`)."""
+    interp = (Interpretation.from_logits(run_dir, ds, test_logits) if test_logits is not None
+              else Interpretation.from_run(run_dir, dataset=ds, device=cfg.device))
     result = evaluate.save_metrics(run_dir, interp.logits, interp.y_true, interp.classes, ds.source)
     log(evaluate.format_metrics(result))
     outputs = ["model.safetensors", "metrics.json", "confusion_matrix.png", "history.csv"]
@@ -416,8 +429,8 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     if world.main:
         _write_config(run_dir, cfg, data_cfg, ds, preset, world)
         log(f"run directory: {run_dir}")
-    fit(run_dir, cfg, ds, None, log, world)
-    return _finish(run_dir, ds, cfg, log, with_report) if world.main else run_dir
+    logits = fit(run_dir, cfg, ds, None, log, world)
+    return _finish(run_dir, ds, cfg, log, with_report, logits) if world.main else run_dir
 
 
 def _new_run_dir(out: str | Path | None, runs_root: str | Path, preset: str) -> Path:
@@ -486,5 +499,5 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
         log(f"{run_dir} has no checkpoint yet (it stopped before the first one): starting from the beginning")
     else:
         log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    fit(run_dir, cfg, ds, state, log, world)
-    return _finish(run_dir, ds, cfg, log, with_report) if world.main else run_dir
+    logits = fit(run_dir, cfg, ds, state, log, world)
+    return _finish(run_dir, ds, cfg, log, with_report, logits) if world.main else run_dir
