@@ -175,3 +175,13 @@ def test_a_held_out_validation_set_still_gets_one_test_pass_at_the_end(tmp_path,
     train.train(TrainConfig(epochs=2, batch_size=30), DataConfig(path=str(cifar_python_dir), val_split=0.2),
                 out=tmp_path / "r", with_report=False, log=lambda *a: None)
     assert passes == [30, 30, 30]  # 30 held-out images after each epoch, then the 30 test images once
+
+
+def test_val_sample_validates_on_a_fixed_sample_and_the_last_epoch_on_all(tmp_path, cifar_python_dir, monkeypatch):
+    from cnnlab import evaluate
+
+    seen, real = [], evaluate.predict_logits
+    monkeypatch.setattr(evaluate, "predict_logits", lambda m, x, *a, **k: seen.append(x.clone()) or real(m, x, *a, **k))
+    train.train(TrainConfig(epochs=3, batch_size=30, val_sample=10), DataConfig(path=str(cifar_python_dir)),
+                out=tmp_path / "r", with_report=False, log=lambda *a: None)
+    assert [len(x) for x in seen] == [10, 10, 30] and torch.equal(seen[0], seen[1])  # the same 10 each time

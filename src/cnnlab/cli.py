@@ -137,6 +137,8 @@ def _add_train_parser(sub) -> None:
                    "stays the global one)")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="with several processes: BatchNorm statistics over the global batch")
+    p.add_argument("--val-sample", type=_positive_int, metavar="N",
+                   help="validate each epoch on a fixed stratified sample of N images (the last epoch: on all)")
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
     p.add_argument("--no-report", action="store_true", help="skip report.html at the end")
 
@@ -232,7 +234,7 @@ def _train_config(args: argparse.Namespace):
     cfg = override(presets.get(args.preset), model=args.model, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
                    compile=args.compile, init_from=args.init_from, checkpoint_every=args.checkpoint_every,
-                   on_nan=args.on_nan, sync_bn=args.sync_bn, threads=args.threads)
+                   on_nan=args.on_nan, sync_bn=args.sync_bn, threads=args.threads, val_sample=args.val_sample)
     return override(cfg, epochs=args.epochs or 1) if args.dry_run else cfg
 
 

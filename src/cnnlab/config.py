@@ -77,6 +77,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model: pays off on GPUs; on this CPU it was slower
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)
     eval_batch_size: int = 1000  # evaluation has no gradients, so large batches are cheap
+    val_sample: int = 0  # validate each epoch on a fixed stratified sample of this many images (0: all of
+    # them); the last epoch always validates on all, so the final metrics never come from a sample
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
     on_nan: OnNan = "stop"  # a non-finite loss: stop (keep the last good checkpoint) | skip-batch
 
@@ -85,8 +87,8 @@ class TrainConfig:
         check_literals(self)
         for names, test, what in ((("epochs", "batch_size", "eval_batch_size"), lambda v: v >= 1, "at least 1"),
                                   (("lr", "eps", "filter_lr"), lambda v: v > 0, "above 0"),
-                                  (("weight_decay", "checkpoint_every", "threads", "label_smoothing", "warmup",
-                                    "lr_start", "lr_end"), lambda v: v >= 0, "0 or more")):
+                                  (("weight_decay", "checkpoint_every", "threads", "val_sample", "label_smoothing",
+                                    "warmup", "lr_start", "lr_end"), lambda v: v >= 0, "0 or more")):
             for name in names:
                 value = getattr(self, name)
                 _require(test(value), f"{name.replace('_', '-')} must be {what}, got {value}")

@@ -156,13 +156,14 @@ def write_report(run_dir: str | Path, interp, out: str | Path | None = None) -> 
     meta = runs.read_json(run_dir / "model.json", "is it a finished training run?")
     test_loss = float(interp.losses.mean()) if len(interp.losses) else float("nan")
     train_s = sum(h["seconds"] for h in interp.history)
+    val_s = sum(h.get("val_seconds", 0.0) for h in interp.history)
     per_class = [[name, f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
                  for name, r in score_rows(interp.classification_report())]
     confused = [[c.true, c.predicted, c.count] for c in interp.most_confused(10)]
     environment = {**config.get("environment", {}), "python": platform.python_version(),
                    "platform": platform.platform()}
     headline = [("test accuracy", f"{interp.accuracy:.2%}"), ("test loss", f"{test_loss:.4f}"),
-                ("training time", f"{train_s:.1f} s"), ("model", meta["model"]),
+                ("training time", f"{train_s:.1f} s"), ("validation time", f"{val_s:.1f} s"), ("model", meta["model"]),
                 ("preset", config.get("preset", "")), ("parameters", f"{meta['params']:,}")]
     parts = [
         f"<h1>cnnlab report: {html.escape(run_dir.name)}</h1>",

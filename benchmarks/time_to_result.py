@@ -1,0 +1,80 @@
+"""The wall clock of whole commands, from pressing Enter to the answer, and where it goes.
+
+    .venv/bin/python benchmarks/time_to_result.py [--skip-fast]
+
+For `quick` (with and without the report), `seed` for 1 epoch and `fast` for 1 epoch: the whole command,
+the training seconds, and the overheads read from the run directory's file times: start-up and data load
+(to config.json), validation (history's val_seconds), the rest of `fit` (model build, whitening init,
+checkpoints), the final evaluation (model.safetensors to metrics.json), the report, and the exit. Then
+`export`, `predict` of one image and `data info` on the cached data. Run after the decoded-data cache
+exists (the script makes sure it does). Writes benchmarks/results/time_to_result.json with the CPU class.
+
+Targets (issue "time to result"): quick at most 1.3x its training seconds with --no-report and 1.5x with
+the report; predict of one image and data info under 2 s; export under 8 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from common import CNNLAB, DATA, ROOT, machine, save
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    return time.perf_counter() - t0
+
+
+def train(out: Path, *flags: str) -> dict:
+    t0 = time.time()
+    timed([*CNNLAB, "train", "--data", str(DATA), "--out", str(out), *flags])
+    end = time.time()
+    mtime = {p.name: p.stat().st_mtime for p in out.iterdir()}
+    history = json.loads((out / "history.json").read_text())
+    train_s = sum(h["seconds"] for h in history)
+    val_s = sum(h.get("val_seconds", 0.0) for h in history)
+    in_fit = mtime["model.safetensors"] - mtime["config.json"]
+    last = mtime.get("report.html", mtime["metrics.json"])
+    parts = {"wall": end - t0, "training": train_s, "startup_and_data_load": mtime["config.json"] - t0,
+             "validation": val_s, "init_and_checkpoints": in_fit - train_s - val_s,
+             "final_evaluation": mtime["metrics.json"] - mtime["model.safetensors"],
+             "report": mtime["report.html"] - mtime["metrics.json"] if "report.html" in mtime else 0.0,
+             "exit": end - last}
+    parts = {k: round(v, 2) for k, v in parts.items()}
+    parts["wall_over_training"] = round(parts["wall"] / parts["training"], 2)
+    return parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skip-fast", action="store_true", help="leave out fast's epoch (over a minute)")
+    args = parser.parse_args()
+    timed([*CNNLAB, "data", "info", "--data", str(DATA)])  # builds the decoded-data cache if it is missing
+    result: dict = {"machine": machine(), "commands": {}}
+    runs = [("quick --no-report", ["--preset", "quick", "--no-report"]), ("quick", ["--preset", "quick"]),
+            ("seed, 1 epoch, --no-report", ["--preset", "seed", "--epochs", "1", "--no-report"])]
+    if not args.skip_fast:
+        runs.append(("fast, 1 epoch, --no-report", ["--preset", "fast", "--epochs", "1", "--no-report"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, flags) in enumerate(runs):
+            result["commands"][f"train {name}"] = train(Path(tmp) / f"run{i}", *flags)
+            print(f"train {name}: {result['commands'][f'train {name}']}", flush=True)
+        run = Path(tmp) / "run0"
+        image = next((DATA / "test" / "cat").iterdir())
+        for name, cmd in (("export", ["export", str(run)]), ("predict one image", ["predict", str(run), str(image)]),
+                          ("data info", ["data", "info", "--data", str(DATA)])):
+            result["commands"][name] = {"wall": round(timed([*CNNLAB, *cmd]), 2)}
+            print(f"{name}: {result['commands'][name]['wall']} s", flush=True)
+    result["targets"] = {"quick --no-report wall/training": 1.3, "quick wall/training": 1.5,
+                         "predict one image s": 2.0, "data info s": 2.0, "export s": 8.0}
+    save("time_to_result", result)
+
+
+if __name__ == "__main__":
+    main()
