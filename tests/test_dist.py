@@ -242,3 +242,21 @@ def test_sync_bn_converts_every_batchnorm_for_gpu_ranks():
     assert train._sync_bn(model, TrainConfig(), dist.World(0, 2, 0), torch.device("cuda", 0)) is model
     with pytest.raises(CnnlabError, match="--sync-bn needs CUDA devices"):
         train._sync_bn(model, on, dist.World(0, 2, 0), torch.device("cpu"))
+
+
+def test_ctrl_c_stops_every_process_after_a_checkpoint_in_one_line(cifar_python_dir, tmp_path):
+    out = tmp_path / "ddp"
+    job = subprocess.Popen([*CNNLAB, "train", "--nproc", "2", "--data", str(cifar_python_dir), "--epochs", "500",
+                            *FLAGS, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=ENV, start_new_session=True)  # its own process group, as a terminal's job
+    deadline = time.monotonic() + 120
+    while not (out / "history.json").exists():
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err
+    assert err.strip().splitlines() == [f"cnnlab: interrupted; checkpoint saved. Continue with: cnnlab train "
+                                        f"--resume {out}"], err
+    state = runs.load_checkpoint(out)
+    assert state is not None and 0 < state["epoch"] < 500

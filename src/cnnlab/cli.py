@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cnnlab: error: {where}{e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"cnnlab: {where}{e}", file=sys.stderr)
+        if not where:  # the other processes stopped at the same step: process 0 speaks for all
+            print(f"cnnlab: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)

@@ -136,16 +136,20 @@ def launch(nproc: int, argv: list[str]) -> int:
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # its banner and failure tables
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # its banner, failure tables and signal notices
     args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "cnnlab", *argv])
     try:
         torchrun(args)
     except ChildFailedError as e:
         return _report_failure(e.failures)
+    except SignalException as e:  # Ctrl-C (or a kill) reached the launcher; it passed the signal to the
+        return 128 + int(e.sigval)  # processes, which stopped after a checkpoint and said so themselves
     return 0
 
 
