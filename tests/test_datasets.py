@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import cli, data, evaluate, idx, runs, train
+from cnnlab import checkpoints, cli, data, evaluate, idx, train
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.data import Normalization
 from cnnlab.device import pick_precision
@@ -166,7 +166,7 @@ def test_val_split_validates_on_held_out_training_images(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_images"] == 30  # the test set is used once, at the end
     history = json.loads((out / "history.json").read_text())
-    model, meta = runs.load_model(out)
+    model, meta = checkpoints.load_model(out)
     held = data.load_dataset(root).hold_out(0.25, seed=0)
     cpu, norm = torch.device("cpu"), Normalization.from_dict(meta["normalization"])
     loss, acc = evaluate.loss_and_accuracy(model, held.x_val, held.y_val, norm, cpu, pick_precision("auto", cpu))

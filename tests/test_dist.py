@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnlab import dist, runs
+from cnnlab import checkpoints, dist
 from cnnlab.errors import CnnlabError
 
 CNNLAB = [sys.executable, "-m", "cnnlab"]
@@ -102,7 +102,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(cifar_python_dir, tmp_p
     job = subprocess.Popen([*TORCHRUN, "-m", "cnnlab", "train", *long, "--out", str(out)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not (out / runs.CHECKPOINT).exists() and time.monotonic() < deadline and job.poll() is None:
+    while not (out / checkpoints.CHECKPOINT).exists() and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.02)
     ranks = children(job.pid)  # torchrun starts each rank in a session of its own: kill them by pid
     for pid in ranks:
@@ -110,7 +110,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(cifar_python_dir, tmp_p
     os.killpg(job.pid, signal.SIGKILL)
     job.wait(timeout=60)
     assert len(ranks) == 2 and wait_gone(ranks)
-    state = runs.load_checkpoint(out)
+    state = checkpoints.load_checkpoint(out)
     assert state is not None and state["epoch"] < 3, "the job finished before it could be stopped"
     proc = cnnlab("train", "--resume", str(out), "--no-report")
     assert proc.returncode == 0, proc.stderr
@@ -258,5 +258,5 @@ def test_ctrl_c_stops_every_process_after_a_checkpoint_in_one_line(cifar_python_
     assert job.returncode == 130, err
     assert err.strip().splitlines() == [f"cnnlab: interrupted; checkpoint saved. Continue with: cnnlab train "
                                         f"--resume {out}"], err
-    state = runs.load_checkpoint(out)
+    state = checkpoints.load_checkpoint(out)
     assert state is not None and 0 < state["epoch"] < 500

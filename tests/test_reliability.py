@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from cnnlab import cli, data, models, runs, train
+from cnnlab import checkpoints, cli, data, models, train
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
 from conftest import write_cifar_python, write_image_folder
@@ -37,8 +37,8 @@ def sample_state(value: float) -> dict:
 
 
 def test_checkpoint_round_trip_keeps_every_type(tmp_path):
-    runs.save_checkpoint(tmp_path, sample_state(1.5))
-    state = runs.load_checkpoint(tmp_path)
+    checkpoints.save_checkpoint(tmp_path, sample_state(1.5))
+    state = checkpoints.load_checkpoint(tmp_path)
     assert torch.equal(state["model"]["w"], torch.full((3, 2), 1.5))
     assert state["model"]["half"].dtype == torch.bfloat16
     assert list(state["optimizer"]["state"]) == [0]  # int keys stay ints
@@ -46,32 +46,32 @@ def test_checkpoint_round_trip_keeps_every_type(tmp_path):
     assert state["epoch_rng"] is None and state["history"] == [{"val_acc": 0.5}] and state["flag"] is True
     moment = sample_state(0)["moment"]  # fused optimizers read moments as flat memory: the layout must survive
     assert torch.equal(state["moment"], moment) and state["moment"].stride() == moment.stride() != (48, 16, 4, 1)
-    raw = (tmp_path / runs.CHECKPOINT).read_bytes()
+    raw = (tmp_path / checkpoints.CHECKPOINT).read_bytes()
     assert b"__reduce__" not in raw and raw[8:9] == b"{"  # safetensors: a JSON header, no pickle
 
 
 def test_previous_checkpoint_is_kept_and_used_when_the_latest_is_damaged(tmp_path):
-    runs.save_checkpoint(tmp_path, sample_state(1.0))
-    runs.save_checkpoint(tmp_path, sample_state(2.0))
-    assert runs.load_checkpoint(tmp_path)["model"]["w"][0, 0] == 2.0
-    latest = tmp_path / runs.CHECKPOINT
+    checkpoints.save_checkpoint(tmp_path, sample_state(1.0))
+    checkpoints.save_checkpoint(tmp_path, sample_state(2.0))
+    assert checkpoints.load_checkpoint(tmp_path)["model"]["w"][0, 0] == 2.0
+    latest = tmp_path / checkpoints.CHECKPOINT
     raw = bytearray(latest.read_bytes())
     raw[-3] ^= 0xFF  # one flipped bit pattern in the tensor data: only the checksum can notice
     latest.write_bytes(bytes(raw))
     said = []
-    state = runs.load_checkpoint(tmp_path, said.append)
+    state = checkpoints.load_checkpoint(tmp_path, said.append)
     assert state["model"]["w"][0, 0] == 1.0
     assert "checksum mismatch" in said[0] and "resuming from the previous checkpoint" in said[0]
     latest.write_bytes(latest.read_bytes()[:100])  # truncated: the header no longer parses
-    assert runs.load_checkpoint(tmp_path, said.append)["model"]["w"][0, 0] == 1.0
-    (tmp_path / runs.PREVIOUS).write_bytes(b"garbage")
+    assert checkpoints.load_checkpoint(tmp_path, said.append)["model"]["w"][0, 0] == 1.0
+    (tmp_path / checkpoints.PREVIOUS).write_bytes(b"garbage")
     with pytest.raises(CnnlabError, match="no usable checkpoint"):
-        runs.load_checkpoint(tmp_path)
-    assert runs.load_checkpoint(tmp_path / "nothing-here") is None
+        checkpoints.load_checkpoint(tmp_path)
+    assert checkpoints.load_checkpoint(tmp_path / "nothing-here") is None
 
 
 def test_a_failed_checkpoint_write_keeps_the_old_one_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    runs.save_checkpoint(tmp_path, sample_state(1.0))
+    checkpoints.save_checkpoint(tmp_path, sample_state(1.0))
 
     def disk_full(self, data):
         with open(self, "wb") as f:
@@ -80,10 +80,10 @@ def test_a_failed_checkpoint_write_keeps_the_old_one_and_leaves_no_temporary_fil
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)
     with pytest.raises(CnnlabError, match="cannot write .*checkpoint.safetensors: No space left on device"):
-        runs.save_checkpoint(tmp_path, sample_state(2.0))
+        checkpoints.save_checkpoint(tmp_path, sample_state(2.0))
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [runs.CHECKPOINT]
-    assert runs.load_checkpoint(tmp_path)["model"]["w"][0, 0] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoints.CHECKPOINT]
+    assert checkpoints.load_checkpoint(tmp_path)["model"]["w"][0, 0] == 1.0
 
 
 def test_unwritable_or_full_destinations_fail_before_training(tmp_path, capsys, monkeypatch, cifar_python_dir):
@@ -121,7 +121,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
             time.sleep(rng.uniform(0.5, 1.5))  # during start-up, before the first checkpoint
         else:  # mid-training: at a random moment after this process's first checkpoint, however fast the machine
             started = time.time()
-            checkpoint = run / runs.CHECKPOINT
+            checkpoint = run / checkpoints.CHECKPOINT
             while proc.poll() is None and not (checkpoint.exists() and checkpoint.stat().st_mtime > started):
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.25))
@@ -130,9 +130,9 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         kills += 1
-        for name in (runs.CHECKPOINT, runs.PREVIOUS):
+        for name in (checkpoints.CHECKPOINT, checkpoints.PREVIOUS):
             if (run / name).exists():
-                runs.load_checkpoint(run)  # whatever is there is whole and checks out
+                checkpoints.load_checkpoint(run)  # whatever is there is whole and checks out
         # killed before the run directory was set up, the original command starts it again; after, --resume
         again = ["--resume", str(run), "--no-report"] if (run / "config.json").exists() else [*flags, "--out", str(run)]
         proc = subprocess.Popen([*cmd, "train", *again], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -176,7 +176,7 @@ def test_non_finite_loss(tmp_path, monkeypatch, mode):
     if mode == "stop":
         with pytest.raises(CnnlabError, match=r"non-finite at epoch 2, step 2; .*checkpoint .* kept.* --lr 0\.0001"):
             train.train(cfg, DataConfig(path=str(root)), out=out, log=said.append)
-        state = runs.load_checkpoint(out)
+        state = checkpoints.load_checkpoint(out)
         assert state["epoch"] == 1 and state["step"] == 0  # the end of epoch 1: the last good state
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
         assert not (out / "model.safetensors").exists()
@@ -249,11 +249,11 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path, cifar_python_d
     def killed(*args):
         raise KeyboardInterrupt  # the process dies where it would have written its first checkpoint
 
-    monkeypatch.setattr(runs, "save_checkpoint", killed)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg, data_cfg, out=tmp_path / "cut", with_report=False, log=lambda *a: None)
     monkeypatch.undo()
-    assert (tmp_path / "cut" / "config.json").exists() and runs.load_checkpoint(tmp_path / "cut") is None
+    assert (tmp_path / "cut" / "config.json").exists() and checkpoints.load_checkpoint(tmp_path / "cut") is None
     said = []
     train.resume(tmp_path / "cut", with_report=False, log=said.append)
     assert any("no checkpoint yet" in str(s) for s in said)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnlab import cli, runs, train
+from cnnlab import checkpoints, cli, runs, train
 from cnnlab.config import DataConfig, TrainConfig
 
 SMALL = TrainConfig(epochs=2, batch_size=16, augment="seed", seed=7)  # 150 images: 10 steps per epoch
@@ -63,8 +63,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, cifar_pyth
     with pytest.raises(train.Interrupted, match="--resume"):
         train.train(SMALL, data_cfg, out=tmp_path / "cut", **quiet)
     cut = tmp_path / "cut"
-    assert (cut / runs.CHECKPOINT).is_file() and not (cut / "model.safetensors").exists()
-    state = runs.load_checkpoint(cut)
+    assert (cut / checkpoints.CHECKPOINT).is_file() and not (cut / "model.safetensors").exists()
+    state = checkpoints.load_checkpoint(cut)
     assert (state["epoch"], state["step"]) == divmod(stop_at_call, 10)
     monkeypatch.setattr(train, "_train_step", real_step)
     train.resume(cut, **quiet)
@@ -103,7 +103,7 @@ def test_ctrl_c_in_a_real_process_saves_a_checkpoint_and_exits_cleanly(tmp_path,
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and f"cnnlab train --resume {out}" in stderr
-    state = runs.load_checkpoint(out)
+    state = checkpoints.load_checkpoint(out)
     assert 1 <= state["epoch"] < 500
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab import cli, models, runs, spec, train
+from cnnlab import checkpoints, cli, models, spec, train
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
 from conftest import write_image_folder
@@ -110,7 +110,7 @@ def test_users_register_their_own_model_and_train_it_by_name(tmp_path, monkeypat
     root = write_image_folder(tmp_path / "set", per_class=8, size=(8, 8))
     run = train.train(TrainConfig(model="tiny", epochs=1, batch_size=8), DataConfig(path=str(root)),
                       out=tmp_path / "run", with_report=False, log=lambda *a: None)
-    model, meta = runs.load_model(run)
+    model, meta = checkpoints.load_model(run)
     assert meta["model"] == "tiny" and isinstance(model, Tiny) and meta["params"] == 8 * 3 * 9 + 8 + 8 * 3 + 3
     with pytest.raises(CnnlabError, match="already registered"):
         models.register("tiny")(lambda c, k, s: Tiny(c, k))
@@ -132,9 +132,9 @@ def source_run(tmp_path_factory):
 
 
 def test_fine_tuning_with_a_new_head(source_run, tmp_path):
-    before = runs.load_model(source_run)[0].state_dict()
+    before = checkpoints.load_model(source_run)[0].state_dict()
     fresh = models.build("seed", 3, 5, (16, 16))
-    message = runs.init_from(fresh, "seed", source_run)
+    message = checkpoints.init_from(fresh, "seed", source_run)
     assert "new classifier head (3 -> 5 classes)" in message
     after = fresh.state_dict()
     for key in ("conv1.weight", "conv2.bias", "dense1.weight"):
@@ -148,14 +148,14 @@ def test_fine_tuning_with_a_new_head(source_run, tmp_path):
     assert any("new classifier head (3 -> 5 classes)" in str(line) for line in lines)
     assert json.loads((run / "config.json").read_text())["train"]["init_from"] == str(source_run)
     same = models.build("seed", 3, 3, (16, 16))
-    assert "all 8 tensors copied" in runs.init_from(same, "seed", source_run)
+    assert "all 8 tensors copied" in checkpoints.init_from(same, "seed", source_run)
 
 
 def test_fine_tuning_a_different_architecture_is_a_clear_error(source_run, tmp_path, capsys):
     with pytest.raises(CnnlabError, match="that run trained 'seed', this one is 'resnet20'"):
-        runs.init_from(models.build("resnet20", 3, 3), "resnet20", source_run)
+        checkpoints.init_from(models.build("resnet20", 3, 3), "resnet20", source_run)
     with pytest.raises(CnnlabError, match="do not fit this model .*dense1.weight"):
-        runs.init_from(models.build("seed", 3, 3, (32, 32)), "seed", source_run)  # trained at 16x16
+        checkpoints.init_from(models.build("seed", 3, 3, (32, 32)), "seed", source_run)  # trained at 16x16
     root = write_image_folder(tmp_path / "set", per_class=4, size=(16, 16))
     code = cli.main(["train", "--data", str(root), "--model", "resnet20", "--init-from", str(source_run),
                      "--epochs", "1", "--out", str(tmp_path / "x")])

@@ -262,11 +262,12 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from . import report, runs
+    from . import runs
 
     if not args.compare:
         print(runs.format_runs(runs.list_runs(args.dir)))
         return
+    from . import report  # matplotlib: only for --compare
     curves = {}
     for run_dir in args.compare:
         path = Path(run_dir)

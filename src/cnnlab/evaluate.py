@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, data, files, report, runs
+from . import __version__, checkpoints, data, files, report, runs
 from .data import Dataset, Normalization
 from .device import autocast, pick_device, pick_precision
 from .errors import CnnlabError
@@ -118,7 +118,7 @@ def run_test_logits(run_dir: str | Path, data_path: str | None = None, *, datase
     metadata, and the data set they came from."""
     run_dir = Path(run_dir)
     dev = pick_device(device)
-    model, meta = runs.load_model(run_dir, dev)
+    model, meta = checkpoints.load_model(run_dir, dev)
     dataset = dataset or run_dataset(run_dir, meta, data_path)
     norm = Normalization.from_dict(meta["normalization"])
     dtype = pick_precision(meta.get("precision", "fp32"), dev)
@@ -163,7 +163,7 @@ class TorchPredictor:
 
     def __init__(self, run_dir: str | Path, device: str = "auto"):
         self.device = pick_device(device)
-        self.model, meta = runs.load_model(run_dir, self.device)
+        self.model, meta = checkpoints.load_model(run_dir, self.device)
         self.norm = Normalization.from_dict(meta["normalization"])
         self.tta = meta.get("tta", 0)
         self.info = {"name": Path(run_dir).name, "format": "pytorch", "path": str(run_dir),

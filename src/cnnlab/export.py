@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, files, runs
+from . import __version__, checkpoints, files, runs
 from .data import Normalization
 from .deploy import METADATA_PREFIX, OnnxPredictor
 from .errors import CnnlabError
@@ -44,7 +44,7 @@ class DeployModule(nn.Module):
 
 
 def deploy_module(run_dir: str | Path) -> tuple[DeployModule, dict]:
-    model, meta = runs.load_model(run_dir, "cpu")
+    model, meta = checkpoints.load_model(run_dir, "cpu")
     module = DeployModule(model.float(), Normalization.from_dict(meta["normalization"]), meta["in_channels"],
                           meta.get("tta", 0))
     return module.eval(), meta

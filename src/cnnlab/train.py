@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from . import __version__, augment, data, dist, evaluate, files, models, report, runs
+from . import __version__, augment, checkpoints, data, dist, evaluate, files, models, report, runs
 from .analysis import Interpretation
 from .config import DataConfig, TrainConfig, from_dict
 from .data import Dataset, Normalization
@@ -101,7 +101,7 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
         sample = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
         model.init_from_data(norm(ds.x_train[sample]).to(device))
     if state is None and cfg.init_from:
-        log(runs.init_from(model, cfg.model, cfg.init_from))
+        log(checkpoints.init_from(model, cfg.model, cfg.init_from))
     model = _sync_bn(model, cfg, world, device)
     opt = make_optimizer(cfg, model)  # before any freezing: the optimizer knows every trainable parameter
     ts = TrainState(model, opt, make_schedule(cfg, opt, total_steps),
@@ -276,7 +276,7 @@ def _checkpoint(loop: Loop, ts: TrainState, g: torch.Generator | None) -> None:
     ts.epoch_rng = g.get_state() if g is not None else None
     state = ts.state_dict(loop.world)
     if loop.world.main:
-        runs.save_checkpoint(loop.run_dir, state)
+        checkpoints.save_checkpoint(loop.run_dir, state)
 
 
 def _end_epoch(loop: Loop, ts: TrainState) -> None:
@@ -348,7 +348,7 @@ def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log,
     finally:
         _release(loop)
     if world.main:
-        runs.save_model(run_dir, ts.model, _model_meta(cfg, ds, ts, loop.dtype))
+        checkpoints.save_model(run_dir, ts.model, _model_meta(cfg, ds, ts, loop.dtype))
     return loop.test_logits
 
 
@@ -491,7 +491,7 @@ def _read_run(run_dir: Path, world: World, log) -> tuple[dict, dict | None, bool
         config = runs.read_json(run_dir / "config.json", "is it a run directory?")
         for leftover in run_dir.glob(".*.tmp"):  # a write that a kill cut short; never a file anything reads
             leftover.unlink(missing_ok=True)
-        state = runs.load_checkpoint(run_dir, log)
+        state = checkpoints.load_checkpoint(run_dir, log)
         finished = (run_dir / "model.safetensors").exists()
     return dist.broadcast(world, (config, state, finished))
 
