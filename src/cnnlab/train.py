@@ -15,9 +15,9 @@ device-side `found_inf` flag and skips its update inside its own kernel (fused A
 GradScaler; FilterMuon and Lookahead honour the same flag), and under `--on-nan skip-batch` the BatchNorm
 statistics that the bad forward pass moved are put back.
 
-A seeded CPU run is bit-for-bit repeatable: every epoch draws its shuffle and augmentations from its
-own generator seeded by (seed, epoch), and a checkpoint stores that generator's state mid-epoch, so a
-resumed run continues exactly where the interrupted one stopped.
+A seeded CPU run at a steady thread count (threads.py) is bit-for-bit repeatable: every epoch draws its
+shuffle and augmentations from its own generator seeded by (seed, epoch), and a checkpoint stores that
+generator's state mid-epoch, so a resumed run continues exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
