@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import torch
 
 from cnnlab import files
 from cnnlab.doctor import matmul_gflops, training_step  # noqa: F401  (training_step: for the benchmarks)
+from cnnlab.hardware import cpu_class, cpu_model  # noqa: F401  (cpu_class: for the benchmarks)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -30,11 +30,9 @@ def machine() -> dict:
     different hours while fp32 moved far less, so bf16-against-fp32 ratios (cnnlab against Keras) move
     with it; the probe is recorded next to every result.
     """
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     probe = {name: round(matmul_gflops(dtype, torch.device("cpu")), 1) for name, dtype in (("fp32", torch.float32),
                                                                                         ("bf16", torch.bfloat16))}
-    return {"cpu": model, "cpu_class": cpu_class(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cpu_class": cpu_class(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M"), "matmul_gflops_now": probe}
 
@@ -68,10 +66,3 @@ def save(name: str, result: dict) -> Path:
     files.write_json(path, result)
     print(f"wrote {path}")
     return path
-
-
-def cpu_class() -> str:
-    """The CPU class every figure is labelled with (avx512_bf16, avx512f, avx2, other)."""
-    from cnnlab.hardware import cpu_class as read
-
-    return read()

@@ -218,11 +218,11 @@ def list_models() -> str:
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from . import dist
 
-    _train_config(args).validate()  # before starting processes: one message, not one per process
+    cfg = _train_config(args).validate()  # before starting processes: one message, not one per process
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return dist.launch(args.nproc, _without_nproc(argv))
     try:
-        _train_or_resume(args)
+        _train_or_resume(args, cfg)
     except BaseException:
         dist.close()  # no barrier: the other ranks may never reach it
         raise
@@ -238,15 +238,15 @@ def _train_config(args: argparse.Namespace):
     return override(cfg, epochs=args.epochs or 1) if args.dry_run else cfg
 
 
-def _train_or_resume(args: argparse.Namespace) -> None:
+def _train_or_resume(args: argparse.Namespace, cfg) -> None:
     from . import train
 
     if args.resume:
         train.resume(args.resume, args.data, with_report=not args.no_report)
         return
     subset = (args.subset or 512) if args.dry_run else args.subset
-    train.train(_train_config(args), _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset,
-                out=args.out, with_report=not args.no_report)
+    train.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset, out=args.out,
+                with_report=not args.no_report)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import hardware
 from .errors import CnnlabError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,13 +38,9 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def cpu_has_native_bf16(cpuinfo: Path = hardware.CPUINFO) -> bool:
     """Whether the CPU advertises bf16 arithmetic (AVX-512 BF16 or AMX); False where that is unknown."""
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return hardware.cpu_class(cpuinfo) == "avx512_bf16"
 
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype:
@@ -87,4 +84,3 @@ def keep_freed_memory() -> bool:
         return bool(applied and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))  # trim only beyond 1 GB of free heap
     except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
         return False
-

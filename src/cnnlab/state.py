@@ -25,18 +25,6 @@ from .optim import Lookahead
 LOSS, CORRECT, SEEN, SKIPPED, FIRST_BAD = range(5)  # FIRST_BAD: 1 + the step of the epoch's first non-finite step
 
 
-class _Constants(dict):
-    """Small constant tensors on the device, made once per key: a step adds them without a host copy."""
-
-    def __init__(self, make):
-        super().__init__()
-        self.make = make
-
-    def __missing__(self, key):
-        self[key] = value = self.make(key)
-        return value
-
-
 @dataclass
 class TrainState:
     model: nn.Module
@@ -60,12 +48,12 @@ class TrainState:
     def reset_totals(self) -> None:
         self.totals = torch.zeros(5, dtype=torch.float64, device=self.device)
         self.seconds = 0.0
-        self._n = _Constants(lambda n: torch.tensor([float(n)], dtype=torch.float64, device=self.device))
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int, bad: torch.Tensor, step: int) -> None:
         """Count one step on the device, no host read: a non-finite (`bad`) step adds to SKIPPED only."""
-        good = torch.stack([loss.detach().double() * n, correct.double()])
-        self.totals[LOSS:SEEN + 1] += torch.where(bad, 0.0, torch.cat([good, self._n[n]]))
+        ok = ~bad
+        counts = torch.stack([loss.detach().double() * n, correct.double(), ok.double() * n])
+        self.totals[LOSS:SEEN + 1] += torch.where(ok, counts, 0.0)  # (where, not a product: the loss may be NaN)
         self.totals[SKIPPED] += bad
         first = bad & (self.totals[FIRST_BAD] == 0)
         self.totals[FIRST_BAD] = torch.where(first, step + 1.0, self.totals[FIRST_BAD])

@@ -1,4 +1,4 @@
-"""CPU thread settings: OpenMP's environment before PyTorch loads, and a thread count that follows the load.
+"""CPU threads: a thread count that follows the machine's load, set through PyTorch, not OpenMP's environment.
 
 PyTorch's CPU kernels run on OpenMP (GNU libgomp in the pip wheels), whose threads split every operation
 between the cores and spin-wait for each other between operations. On a quiet machine that is the fastest
@@ -10,10 +10,10 @@ does. So `ThreadGovernor` watches how much CPU other processes take (from /proc/
 a look) and sets torch's thread count to the cores they leave free, rechecking every second or so.
 
 libgomp reads its environment once, when `import torch` loads it (a variable set later changes nothing:
-tests/test_threads.py checks this in fresh processes), so `cnnlab/__init__.py` imports this module first.
-The user's own settings always win: `--threads N` (TrainConfig.threads) and OMP_NUM_THREADS (which
-torchrun sets to 1 for each of several processes) fix the count, and CNNLAB_THREADS=keep leaves
-everything as PyTorch would have it.
+tests/test_threads.py checks this in fresh processes), so the count is set with torch.set_num_threads,
+which works at any time, and cnnlab sets no OpenMP variable. The user's own settings always win:
+`--threads N` (TrainConfig.threads) and OMP_NUM_THREADS (which torchrun sets to 1 for each of several
+processes) fix the count, and CNNLAB_THREADS=keep leaves everything as PyTorch would have it.
 
 A caveat that comes with following the load: PyTorch's kernels split their sums differently for another
 thread count, so a run whose thread count changed differs from one whose did not in the last bits (one

@@ -27,7 +27,7 @@ import gc
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -73,8 +73,7 @@ class Loop:
     y_train: torch.Tensor
     steps_per_epoch: int
     forward: nn.Module | None = None  # the model as the steps call it (DDP and/or compiled)
-    trainable: tuple[bool, ...] = ()  # requires_grad of each parameter when `forward` was built
-    trained: list[torch.Tensor] | None = None  # the parameters that take gradients now
+    trained: list[torch.Tensor] = field(default_factory=list)  # the parameters `forward` was built to train
     governor: ThreadGovernor | None = None
     test_logits: torch.Tensor | None = None  # the last validation's, when the validation set is the test set
     val_sample: torch.Tensor | None = None  # --val-sample: the fixed validation images of the epochs before the last
@@ -164,16 +163,15 @@ def _wrap(loop: Loop, model: nn.Module) -> None:
     gradients would not (momentum and weight decay would still move it), and find_unused_parameters
     would walk the autograd graph on every step.
     """
-    trainable = tuple(p.requires_grad for p in model.parameters())
-    if loop.forward is not None and trainable == loop.trainable:
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if loop.forward is not None and [id(p) for p in trained] == [id(p) for p in loop.trained]:
         return
     _release(loop)
     forward = model
     if loop.world.distributed:
         forward = DDP(model, device_ids=[loop.device] if loop.device.type == "cuda" else None)
     loop.forward = torch.compile(forward) if loop.cfg.compile else forward
-    loop.trainable = trainable
-    loop.trained = [p for p in model.parameters() if p.requires_grad]
+    loop.trained = trained
 
 
 def _release(loop: Loop) -> None:
@@ -282,11 +280,12 @@ def _checkpoint(loop: Loop, ts: TrainState, g: torch.Generator | None) -> None:
 def _end_epoch(loop: Loop, ts: TrainState) -> None:
     """Validate, record the epoch in the history, checkpoint, and say how it went."""
     cfg, epoch = loop.cfg, ts.epoch
+    last = epoch == cfg.epochs - 1
     t0 = time.perf_counter()
-    val_loss, val_acc, logits = _validate(ts.model, loop, ts.norm, last=epoch == cfg.epochs - 1)
+    val_loss, val_acc, logits = _validate(ts.model, loop, ts.norm, last)
+    if last and loop.ds.y_val is None:  # the final weights on the test set, with TTA: what the run's
+        loop.test_logits = dist.gather_shards(loop.world, logits)  # evaluation would otherwise compute again
     val_seconds = time.perf_counter() - t0
-    if ts.epoch == cfg.epochs - 1 and loop.ds.y_val is None:  # the final weights on the test set, with TTA:
-        loop.test_logits = logits  # what the run's evaluation would compute again
     t = ts.read()
     loss, correct, seen, skipped = dist.all_sum(loop.world, [t["loss"], t["correct"], t["seen"], t["skipped"]],
                                                 loop.device)
@@ -308,7 +307,7 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
 
 def _validate(model: nn.Module, loop: Loop, norm: Normalization, last: bool) -> tuple[float, float, torch.Tensor]:
     """Loss, accuracy and logits on the validation set (or its fixed sample, --val-sample, before the last
-    epoch), each rank taking its share (summed, not repeated); the logits come back whole on every rank."""
+    epoch), each rank taking its share (summed, not repeated), and this rank's logits of its share."""
     x, y = loop.ds.validation
     if loop.val_sample is not None and not last:
         x, y = x[loop.val_sample], y[loop.val_sample]
@@ -318,7 +317,7 @@ def _validate(model: nn.Module, loop: Loop, norm: Normalization, last: bool) -> 
     loss = F.cross_entropy(logits, y, reduction="sum").item() if len(y) else 0.0
     correct = (logits.argmax(1) == y).sum().item() if len(y) else 0
     loss_sum, correct, count = dist.all_sum(loop.world, [loss, correct, len(y)], loop.device)
-    return loss_sum / max(count, 1), correct / max(count, 1), dist.gather_shards(loop.world, logits)
+    return loss_sum / max(count, 1), correct / max(count, 1), logits
 
 
 # ---------------------------------------------------------------------------------------------------
