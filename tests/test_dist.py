@@ -172,6 +172,10 @@ def ddp_run(tmp_path, cifar_python_dir, *flags) -> tuple[Path, subprocess.Comple
     assert "2 processes of 15 images a step" in proc.stdout
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    # the final metrics are the last validation's: its two ranks' halves gathered, not a second pass
+    history, metrics = (json.loads((out / f).read_text()) for f in ("history.json", "metrics.json"))
+    assert metrics["test_images"] == 30 and metrics["test_accuracy"] == pytest.approx(history[-1]["val_acc"])
+    assert metrics["test_loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-5)
     return out, proc
 
 
@@ -199,10 +203,12 @@ def test_fast_in_two_processes_runs_past_the_whitening_bias_epochs(tmp_path, cif
     assert not torch.equal(final["whiten.bias"], start["whiten.bias"])  # trained in epochs 1-3
 
 
-def test_standard_resnet_in_two_processes(tmp_path, cifar_python_dir):
-    out, _ = ddp_run(tmp_path, cifar_python_dir, "--preset", "standard", "--model", "resnet20", "--epochs", "1")
+def test_standard_resnet_in_two_processes_with_a_validation_sample(tmp_path, cifar_python_dir):
+    out, _ = ddp_run(tmp_path, cifar_python_dir, "--preset", "standard", "--model", "resnet20", "--epochs", "2",
+                     "--val-sample", "10")
     history = json.loads((out / "history.json").read_text())
-    assert len(history) == 1 and history[0]["train_loss"] > 0
+    assert len(history) == 2 and history[0]["train_loss"] > 0
+    assert round(history[0]["val_acc"] * 10) == history[0]["val_acc"] * 10  # epoch 1: a sample of 10 images
 
 
 def test_global_batch_must_divide_between_processes():
@@ -260,3 +266,28 @@ def test_ctrl_c_stops_every_process_after_a_checkpoint_in_one_line(cifar_python_
                                         f"--resume {out}"], err
     state = checkpoints.load_checkpoint(out)
     assert state is not None and 0 < state["epoch"] < 500
+
+
+@pytest.mark.parametrize("mode", ["skip-batch", "stop"])
+def test_non_finite_steps_in_two_processes_on_a_photo_folder(tmp_path, mode):
+    """lr 1e20 sends the loss to NaN from the second step on (measured): both ranks must skip the same steps."""
+    from conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "photos", per_class=10, size=(12, 10))  # 30 training images, 15 test
+    out = tmp_path / "ddp"
+    proc = cnnlab("train", "--nproc", "2", "--data", str(root), "--batch-size", "10", "--epochs", "2", "--lr", "1e20",
+                  "--precision", "fp32", "--on-nan", mode, "--no-report", "--out", str(out))
+    assert "Traceback" not in proc.stderr
+    if mode == "stop":
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()  # one line: every process stopped, process 0 says so
+        assert len(lines) == 1 and lines[0].startswith("cnnlab: error: the loss became non-finite at epoch 1, step 2")
+        assert checkpoints.load_checkpoint(out) is None and not (out / "model.safetensors").exists()
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: 2 batches of epoch 1 were skipped" in proc.stdout
+    assert "warning: 3 batches of epoch 2 were skipped" in proc.stdout
+    weights = load_file(out / "model.safetensors")  # as after step 1: never touched by a NaN step
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    history, metrics = (json.loads((out / f).read_text()) for f in ("history.json", "metrics.json"))
+    assert metrics["test_images"] == 15 and metrics["test_accuracy"] == pytest.approx(history[-1]["val_acc"])

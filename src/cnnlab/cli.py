@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__, presets
 from .config import DataConfig, override
-from .errors import CnnlabError, Interrupted
+from .errors import CnnlabError, EveryProcessError, Interrupted
 
 MODEL_HELP = "a name from `cnnlab models` or a layer spec such as c32-p-c64-p-f-d128"
 
@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(args, argv)
     except CnnlabError as e:
-        print(f"cnnlab: error: {where}{e}", file=sys.stderr)
+        if not (where and isinstance(e, EveryProcessError)):  # process 0 says it for all of them
+            print(f"cnnlab: error: {where}{e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         if not where:  # the other processes stopped at the same step: process 0 speaks for all

@@ -9,6 +9,11 @@ class CnnlabError(Exception):
     """A problem the user can fix (bad path, bad data, bad flag). The CLI prints it and exits 2."""
 
 
+class EveryProcessError(CnnlabError):
+    """A CnnlabError that every training process meets at the same step (they decide together, e.g. a
+    non-finite loss); under several processes process 0 alone prints it."""
+
+
 class Interrupted(Exception):
     """Training stopped on request after saving a checkpoint. The CLI exits 130."""
 

@@ -6,7 +6,9 @@ totals live on the training device and are added to without reading them back (s
 loop never waits for the device; `read()` is the one place that copies them to the host.
 
 Under several processes each rank holds its own totals; `state_dict(world)` sums them (every rank must
-call it) so the checkpoint holds the global state, and any number of processes can resume it.
+call it) so the checkpoint holds the global state, and any number of processes can resume it. The count
+of skipped steps is the exception: every rank skips the same steps (train.py decides on the averaged
+gradients), so each rank's count is already the global one, and it is not summed.
 """
 
 from __future__ import annotations
@@ -76,10 +78,11 @@ class TrainState:
                 "epoch_rng": self.epoch_rng if self.step else None, "torch_rng": torch.get_rng_state(),
                 "history": self.history,
                 "running": {"loss": totals[LOSS], "correct": int(totals[CORRECT]), "seen": int(totals[SEEN]),
-                            "skipped": int(totals[SKIPPED]), "seconds": self.seconds}}
+                            "skipped": int(self.totals[SKIPPED]), "seconds": self.seconds}}
 
     def load_state_dict(self, state: dict, world: World) -> None:
-        """Restore a checkpoint; rank 0 takes the saved totals, the other ranks start theirs from zero."""
+        """Restore a checkpoint; rank 0 takes the saved sums, the other ranks start theirs from zero (and every
+        rank takes the skipped count, which is the same on all)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
@@ -92,7 +95,9 @@ class TrainState:
         self.epoch_rng = state.get("epoch_rng")
         self.reset_totals()
         running = state["running"]
-        if self.step and world.main:  # mid-epoch: continue this epoch's totals
-            self.totals[:4] = torch.tensor([running["loss"], running["correct"], running["seen"],
-                                            running.get("skipped", 0)], dtype=torch.float64)
+        if self.step:  # mid-epoch: continue this epoch's totals
+            if world.main:
+                self.totals[:SKIPPED] = torch.tensor([running["loss"], running["correct"], running["seen"]],
+                                                     dtype=torch.float64)
+            self.totals[SKIPPED] = float(running.get("skipped", 0))
         self.seconds = running.get("seconds", 0.0) if self.step else 0.0

@@ -42,7 +42,7 @@ from .config import DataConfig, TrainConfig, from_dict
 from .data import Dataset, Normalization
 from .device import autocast, keep_freed_memory, pick_device, pick_precision, precision_name
 from .dist import World
-from .errors import CnnlabError, Interrupted
+from .errors import CnnlabError, EveryProcessError, Interrupted
 from .optim import Lookahead, make_optimizer, make_schedule
 from .state import TrainState
 from .threads import ThreadGovernor
@@ -256,7 +256,7 @@ def _sync(loop: Loop, ts: TrainState, bar, steps: int) -> bool:
         if bar is not None:
             bar.close()
         where = f"epoch {ts.epoch + 1}, step {totals['first_bad_step'] + 1}"
-        raise CnnlabError(f"the loss became non-finite at {where}; training stopped and the last good checkpoint "
+        raise EveryProcessError(f"the loss became non-finite at {where}; training stopped and the last good checkpoint "
                           f"in {loop.run_dir} is kept. Try a lower learning rate (e.g. --lr {loop.cfg.lr / 10:g}), "
                           "or --on-nan skip-batch")
     if bar is not None and steps:
@@ -287,8 +287,8 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
         loop.test_logits = dist.gather_shards(loop.world, logits)  # evaluation would otherwise compute again
     val_seconds = time.perf_counter() - t0
     t = ts.read()
-    loss, correct, seen, skipped = dist.all_sum(loop.world, [t["loss"], t["correct"], t["seen"], t["skipped"]],
-                                                loop.device)
+    loss, correct, seen = dist.all_sum(loop.world, [t["loss"], t["correct"], t["seen"]], loop.device)
+    skipped = t["skipped"]  # the same steps on every rank: not summed
     record = {"epoch": epoch + 1, "train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1),
               "val_loss": val_loss, "val_acc": val_acc, "seconds": round(ts.seconds, 3),
               "images_per_s": round(seen / max(ts.seconds, 1e-9), 1), "val_seconds": round(val_seconds, 3)}
