@@ -291,3 +291,11 @@ def test_non_finite_steps_in_two_processes_on_a_photo_folder(tmp_path, mode):
     assert all(torch.isfinite(v).all() for v in weights.values())
     history, metrics = (json.loads((out / f).read_text()) for f in ("history.json", "metrics.json"))
     assert metrics["test_images"] == 15 and metrics["test_accuracy"] == pytest.approx(history[-1]["val_acc"])
+
+
+def test_fine_tuning_in_two_processes(single, tmp_path, cifar_python_dir):
+    """--init-from (the fine-tuning family) under DDP: rank 0's copied weights are every rank's start."""
+    out, proc = ddp_run(tmp_path, cifar_python_dir, "--init-from", str(single), "--epochs", "1", "--lr", "1e-9",
+                        "--precision", "fp32")
+    assert f"initialized from {single}: all 8 tensors copied" in proc.stdout
+    same_weights(single, out, atol=1e-6)  # a step of 1e-9 leaves the source's weights
