@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import cifar, data
+from cnnlab import cache, cifar, data
 from cnnlab.errors import CnnlabError
 from conftest import CLASSES, make_tar_gz, write_cifar_python, write_image_folder
 
@@ -103,7 +103,7 @@ def test_subset_is_stratified_and_exact(cifar_python_dir):
 def test_second_load_comes_from_cache(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "c", per_class=2, size=(5, 5))
     first = data.load_dataset(root)
-    monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("decoded again despite the cache"))
+    monkeypatch.setattr(cache, "_decode_chunk", lambda *a: pytest.fail("decoded again despite the cache"))
     second = data.load_dataset(root)
     assert torch.equal(first.x_train, second.x_train) and first.classes == second.classes
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab import deploy, evaluate, report, train
+from cnnlab import cache, deploy, evaluate, report, train
 from cnnlab.config import DataConfig, TrainConfig
 from conftest import write_image_folder
 
@@ -101,5 +101,5 @@ def test_predict_probabilities_match_evaluation(trained_run):
 def test_evaluating_a_run_reuses_the_decoded_cache(trained_run, monkeypatch):
     from cnnlab import data
     data.load_dataset(trained_run[0])  # what training did: fill the cache with the run's own data settings
-    monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("evaluation decoded the images again"))
+    monkeypatch.setattr(cache, "_decode_chunk", lambda *a: pytest.fail("evaluation decoded the images again"))
     assert evaluate.evaluate_run(trained_run[1])["test_images"] == 60

@@ -68,6 +68,25 @@ def cutout(x: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
     return x.masked_fill(inside[:, None], 0.0)
 
 
+def random_resized_crop(x: torch.Tensor, g: torch.Generator, scale: tuple[float, float] = (0.35, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Per image, a random region covering `scale` of its area with aspect `ratio`, scaled back to full size.
+
+    The training half of `--resize crop`: the cache holds the centre crop that evaluation sees, and
+    training sees random parts of it at random zooms (timm's and torchvision's RandomResizedCrop, here as
+    one batched bilinear resampling rather than per-image crops).
+    """
+    b = len(x)
+    area = torch.empty(b).uniform_(*scale, generator=g)
+    aspect = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).exp()
+    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # fractions of each side
+    cx, cy = (torch.rand(2, b, generator=g) * 2 - 1) * torch.stack([1 - w, 1 - h])  # centres, in [-1, 1]
+    zero = torch.zeros(b)
+    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1).to(x.device, x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Rotation and shift (Keras' ImageDataGenerator)
 
@@ -119,11 +138,17 @@ def flip_translate_cutout(x: torch.Tensor, g: torch.Generator, *, epoch: int, id
     return cutout(flip_translate(x, g, epoch=epoch, idx=idx), g, size=12)
 
 
+def flip_crop(x: torch.Tensor, g: torch.Generator, *, epoch: int, idx: torch.Tensor) -> torch.Tensor:
+    """For photos: alternating flips and a random resized crop (scale 0.35-1, aspect 3:4 to 4:3)."""
+    return random_resized_crop(alternating_flip(x, idx, epoch), g)
+
+
 AUGMENTS: dict[str, Augment] = {
     "none": lambda x, g, **_: x,
     "seed": keras_tutorial,
     "flip-translate": flip_translate,
     "flip-translate-cutout": flip_translate_cutout,
+    "flip-crop": flip_crop,
 }
 
 

@@ -68,7 +68,11 @@ def _size(text: str) -> tuple[int, int]:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder, or an image-folder tree "
                    "(default: $CNNLAB_DATA, ~/.cache/cnnlab, ~/.keras/datasets, else download)")
-    p.add_argument("--image-size", type=_size, metavar="HxW", help="resize image-folder data to this size")
+    p.add_argument("--image-size", type=_size, metavar="HxW",
+                   help="input size (default: images up to 64 px keep their size, larger ones become 128x128)")
+    p.add_argument("--resize", choices=["crop", "pad", "squish"], default="crop",
+                   help="how images reach that size: crop (default; cover it, cut the centre), pad (fit inside, "
+                   "black borders) or squish (stretch each side)")
     p.add_argument("--val-fraction", type=_fraction, default=0.1,
                    help="share of train/ held out when an image folder has no test/ (default 0.1)")
     p.add_argument("--label-mode", choices=["fine", "coarse"], default="fine",
@@ -179,24 +183,23 @@ def _add_result_parsers(sub) -> None:
 
     p = sub.add_parser("predict", help="classify image files with a trained run or an exported .onnx model")
     p.add_argument("run_dir", metavar="RUN_DIR|MODEL.onnx")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders (searched at any depth)")
     p.add_argument("--top-k", type=_positive_int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--csv", metavar="FILE", help="write image, class_1, probability_1, ..., error rows to FILE")
     p.add_argument("--device", default="auto")
 
 
 def _data_config(args: argparse.Namespace, **extra) -> DataConfig:
     return DataConfig(path=args.data, image_size=args.image_size, val_fraction=args.val_fraction,
                       label_mode=args.label_mode, class_names=args.class_names,
-                      skip_bad_images=args.skip_bad_images, **extra)
+                      skip_bad_images=args.skip_bad_images, resize=args.resize, **extra)
 
 
 def _load(args: argparse.Namespace):
     from . import data
 
-    c = _data_config(args)
-    return data.load_dataset(c.path, val_fraction=c.val_fraction, image_size=c.image_size,
-                             label_mode=c.label_mode, class_names=c.class_names, skip_bad_images=c.skip_bad_images)
+    return data.load(_data_config(args))
 
 
 def _check_model(name: str | None) -> None:
@@ -285,15 +288,44 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"\nwrote metrics.json and confusion_matrix.csv/.json/.png in {args.run_dir}")
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
+def cmd_predict(args: argparse.Namespace) -> int:
     from . import deploy
 
     results = deploy.predict_files(args.run_dir, args.images, args.top_k, args.device)
+    if not results:
+        raise CnnlabError(f"no images found in {' '.join(args.images)}")
+    if args.csv:
+        _write_predictions_csv(args.csv, results, args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
-        return
+    elif not args.csv:
+        for r in results:
+            if "predictions" in r:
+                print(f"{r['image']}: " + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"]))
+    else:
+        print(f"wrote {len(results)} predictions to {args.csv}")
+    bad = [r for r in results if "error" in r]
+    if bad:
+        print(f"cnnlab: error: {len(bad)} of {len(results)} file(s) could not be read (the rest were classified): "
+              + "; ".join(r["error"] for r in bad[:10]) + ("; ..." if len(bad) > 10 else ""), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _write_predictions_csv(path: str, results: list[dict], k: int) -> None:
+    import csv
+    import io
+
+    from . import files
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "probability")),
+                     "error"])
     for r in results:
-        print(f"{r['image']}: " + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"]))
+        cells = [c for p in r.get("predictions", []) for c in (p["class"], f"{p['probability']:.6f}")]
+        writer.writerow([r["image"], *cells, *[""] * (2 * k - len(cells)), r.get("error", "")])
+    files.write_text(path, buf.getvalue())
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -308,9 +340,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
     """Carry out one parsed command; returns its exit code where it is not 0."""
     if args.command == "data":
-        from . import data
+        from . import cache  # no PyTorch: cached data is described from its meta.json
 
-        print(data.info(_load(args)))
+        print(cache.describe(cache.entry_for(_data_config(args).validate()).meta))
     elif args.command == "summary":
         from . import models
 
@@ -320,7 +352,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
             shape, k = (ds.channels, *ds.image_size), ds.num_classes
         else:  # CIFAR-10's shape, without reading (or downloading) anything
             shape, k = (3, *(args.image_size or (32, 32))), 10
-        print(models.summary(models.build(args.model, shape[0], k, shape[1:]), shape))
+        model = models.build(args.model, shape[0], k, shape[1:])
+        print(models.summary(model, shape))
+        if warning := models.size_warning(model, shape[1:]):
+            print(warning)
     elif args.command == "doctor":
         from . import doctor
 
@@ -352,7 +387,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
     elif args.command == "runs":
         cmd_runs(args)
     elif args.command == "predict":
-        cmd_predict(args)
+        return cmd_predict(args)
 
 
 def _lost_contact(e: Exception) -> bool:

@@ -19,6 +19,7 @@ Normalize = Literal["unit", "meanstd"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OnNan = Literal["stop", "skip-batch"]
 LabelMode = Literal["fine", "coarse"]
+Resize = Literal["crop", "pad", "squish"]  # images.py: how an image file reaches the input size
 
 
 @dataclass
@@ -26,7 +27,8 @@ class DataConfig:
     path: str | None = None  # None: $CNNLAB_DATA, ~/.cache/cnnlab, ~/.keras/datasets, then download
     val_fraction: float = 0.1  # held out of train/ only when an image folder has no test/
     split_seed: int = 0  # the held-out split must not move between runs, whatever the training seed
-    image_size: tuple[int, int] | None = None  # None: the size of the first training image
+    image_size: tuple[int, int] | None = None  # None: small images (<= 64 px) keep theirs, larger ones become 128x128
+    resize: Resize = "crop"  # fastai's default: no distortion; training crops at random, evaluation the centre
     subset: int | None = None  # train on a seeded, stratified subset of this many images
     val_split: float | None = None  # hold out this share of train for validation; None: validate on test
     label_mode: LabelMode = "fine"  # CIFAR-100: fine (100 classes) or coarse (20 superclasses)

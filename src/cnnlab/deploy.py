@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import CnnlabError
+from .folders import IMAGE_EXTENSIONS
 from .images import MAX_PIXELS, decode_image
 
 METADATA_PREFIX = "cnnlab."
@@ -56,6 +57,7 @@ class OnnxPredictor:
             "classes": json.loads(meta[METADATA_PREFIX + "classes"]),
             "channels": int(meta[METADATA_PREFIX + "channels"]),
             "image_size": json.loads(meta[METADATA_PREFIX + "image_size"]),
+            "resize": meta.get(METADATA_PREFIX + "resize", "squish"),  # models exported before it existed squished
             "source_run": meta.get(METADATA_PREFIX + "source_run"),
             "test_accuracy": json.loads(meta.get(METADATA_PREFIX + "test_accuracy", "null")),
             "cnnlab_version": meta.get(METADATA_PREFIX + "version"),
@@ -82,7 +84,8 @@ def load_predictor(path: str | os.PathLike, device: str = "auto") -> Predictor:
 def decode_for(predictor: Predictor, source: bytes | str | os.PathLike, name: str | None = None,
                max_pixels: int = MAX_PIXELS) -> np.ndarray:
     info = predictor.info
-    return decode_image(source, info["channels"], tuple(info["image_size"]), max_pixels, name)
+    return decode_image(source, info["channels"], tuple(info["image_size"]), max_pixels, name,
+                        info.get("resize", "squish"))
 
 
 def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list[dict]]:
@@ -93,14 +96,35 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list[dict]]:
             for row, idx in zip(probs, order, strict=True)]
 
 
+def expand_paths(paths: list[str]) -> list[str]:
+    """Files as given, and the images at any depth under each folder (sorted; hidden files left out)."""
+    out = []
+    for p in paths:
+        if Path(p).is_dir():
+            out += [str(f) for f in sorted(Path(p).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS
+                    and f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+        else:
+            out.append(p)
+    return out
+
+
 def predict_files(model: str | os.PathLike, paths: list[str], k: int = 3, device: str = "auto",
                   batch_size: int = 256) -> list[dict]:
-    """Top-k class names and probabilities for each image file, with an ONNX file or a run directory."""
+    """Top-k class names and probabilities for each image file (folders: every image under them), with an
+    ONNX file or a run directory. A file that cannot be read gets {"image", "error"} instead of predictions,
+    and the others are still classified."""
     predictor = load_predictor(model, device)
     results = []
-    for i in range(0, len(paths), batch_size):
-        chunk = paths[i:i + batch_size]
-        probs = predictor.probabilities(np.stack([decode_for(predictor, p) for p in chunk]))
-        results += [{"image": str(p), "predictions": preds}
-                    for p, preds in zip(chunk, top_k(probs, predictor.info["classes"], k), strict=True)]
+    for i in range(0, len(paths := expand_paths(paths)), batch_size):
+        decoded: dict[str, np.ndarray | str] = {}
+        for p in paths[i:i + batch_size]:
+            try:
+                decoded[p] = decode_for(predictor, p)
+            except CnnlabError as e:
+                decoded[p] = str(e)
+        good = [p for p, a in decoded.items() if not isinstance(a, str)]
+        probs = predictor.probabilities(np.stack([decoded[p] for p in good])) if good else []
+        preds = dict(zip(good, top_k(probs, predictor.info["classes"], k), strict=True)) if good else {}
+        results += [{"image": str(p), "predictions": preds[p]} if p in preds else {"image": str(p), "error": a}
+                    for p, a in decoded.items()]
     return results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__, checkpoints, data, files, report, runs
+from .config import DataConfig, from_dict
 from .data import Dataset, Normalization
 from .device import autocast, pick_device, pick_precision
 from .errors import CnnlabError
@@ -91,11 +93,10 @@ def write_confusion_matrix(run_dir: Path, cm: np.ndarray, classes: list[str]) ->
 
 
 def _load_as_trained(config: dict, data_path: str | None, image_size: tuple[int, int] | None) -> Dataset:
-    """The data set as a run's recorded data config read it (`data_path` overrides where it is)."""
-    return data.load_dataset(data_path or config.get("path"), val_fraction=config.get("val_fraction", 0.1),
-                             split_seed=config.get("split_seed", 0), image_size=image_size,
-                             label_mode=config.get("label_mode", "fine"), class_names=config.get("class_names"),
-                             skip_bad_images=config.get("skip_bad_images", False))
+    """The data set as a run's recorded data config read it (`data_path` overrides where it is). Runs
+    recorded before `resize` existed squished images to size."""
+    recorded = from_dict(DataConfig, {"resize": "squish", **config})
+    return data.load(replace(recorded, path=data_path or config.get("path"), image_size=image_size))
 
 
 def run_dataset(run_dir: Path, meta: dict, data_path: str | None = None) -> Dataset:
@@ -168,7 +169,8 @@ class TorchPredictor:
         self.tta = meta.get("tta", 0)
         self.info = {"name": Path(run_dir).name, "format": "pytorch", "path": str(run_dir),
                      "classes": meta["classes"], "channels": meta["in_channels"], "image_size": meta["image_size"],
-                     "source_run": str(Path(run_dir).resolve()), "test_accuracy": runs.recorded_accuracy(run_dir),
+                     "resize": meta.get("resize", "squish"), "source_run": str(Path(run_dir).resolve()),
+                     "test_accuracy": runs.recorded_accuracy(run_dir),
                      "cnnlab_version": __version__, "model": meta["model"]}
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:

@@ -53,7 +53,8 @@ def deploy_module(run_dir: str | Path) -> tuple[DeployModule, dict]:
 def _metadata(run_dir: Path, meta: dict) -> dict[str, str]:
     config = runs.read_json(run_dir / "config.json", "is it a run directory?")
     fields = {"classes": meta["classes"], "channels": meta["in_channels"], "image_size": meta["image_size"],
-              "model": meta["model"], "input": "uint8 NHWC, 0-255", "output": "probabilities",
+              "resize": meta.get("resize", "squish"), "model": meta["model"], "input": "uint8 NHWC, 0-255",
+              "output": "probabilities",
               "source_run": str(run_dir.resolve()), "test_accuracy": runs.recorded_accuracy(run_dir),
               "data": config["data"], "version": __version__}
     return {METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}

@@ -83,6 +83,20 @@ def seed_cnn(in_channels: int, num_classes: int, image_size: tuple[int, int]) ->
     )))
 
 
+def size_warning(model: nn.Module, image_size: tuple[int, int]) -> str | None:
+    """A warning when one dense layer after a Flatten holds most of a large network: its weights grow with
+    the image area (the tutorial's net has 0.5 M parameters at 32x32 and 41 M at 274x297)."""
+    dense = max((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: m.weight.numel(),
+                default=None)
+    total = count_params(model, trainable_only=False)
+    if dense is None or total < 5_000_000 or dense.weight.numel() < total / 2:
+        return None
+    h, w = image_size
+    return (f"warning: the network has {total / 1e6:.1f} M parameters at {h}x{w}, {dense.weight.numel() / 1e6:.1f} M "
+            "of them in one dense layer after a flatten, whose size grows with the image area. Pass a smaller "
+            "--image-size (e.g. 32), or use a network with global pooling (photonet, resnet20, or `g` in a layer spec)")
+
+
 def count_params(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

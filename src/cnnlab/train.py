@@ -91,13 +91,17 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
     torch.manual_seed(cfg.seed)  # the same seed on every rank: identical initial weights
     model = models.build(cfg.model, ds.channels, ds.num_classes, ds.image_size).to(device)
     model = model.to(memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions run faster in NHWC
+    if (warning := models.size_warning(model, ds.image_size)) and state is None:
+        log(warning)
     norm = Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" else Normalization()
     if world.main:
         _require_space(run_dir, cfg, model)
     steps_per_epoch = -(-len(ds.y_train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if state is None and hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer
-        sample = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
+        # 5,000 CIFAR images' worth of pixels: larger images take fewer, so the patch statistics stay bounded
+        count = max(64, min(5000, 5000 * 32 * 32 // (ds.image_size[0] * ds.image_size[1])))
+        sample = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(cfg.seed))[:count]
         model.init_from_data(norm(ds.x_train[sample]).to(device))
     if state is None and cfg.init_from:
         log(checkpoints.init_from(model, cfg.model, cfg.init_from))
@@ -353,7 +357,7 @@ def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log,
 
 def _model_meta(cfg: TrainConfig, ds: Dataset, ts: TrainState, dtype: torch.dtype) -> dict:
     return {"model": cfg.model, "classes": ds.classes, "in_channels": ds.channels,
-            "image_size": list(ds.image_size), "normalization": ts.norm.to_dict(),
+            "image_size": list(ds.image_size), "resize": ds.resize or "squish", "normalization": ts.norm.to_dict(),
             "params": models.count_params(ts.model), "precision": precision_name(dtype), "tta": cfg.tta,
             "epochs": cfg.epochs, "train_seconds": round(sum(h["seconds"] for h in ts.history), 3)}
 
@@ -384,9 +388,7 @@ def _ctrl_c_requests_stop():
 
 
 def _load_data(data_cfg: DataConfig, seed: int, log=say) -> Dataset:
-    ds = data.load_dataset(data_cfg.path, val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
-                           image_size=data_cfg.image_size, label_mode=data_cfg.label_mode,
-                           class_names=data_cfg.class_names, skip_bad_images=data_cfg.skip_bad_images)
+    ds = data.load(data_cfg)
     if ds.skipped:
         log(f"warning: skipped {len(ds.skipped)} unreadable image file(s) (recorded in config.json): "
             + "; ".join(ds.skipped[:3]) + ("; ..." if len(ds.skipped) > 3 else ""))

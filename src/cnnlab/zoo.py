@@ -11,6 +11,7 @@ and 10 classes, as published (the tests check them):
     wrn16_4    2,748,890  Wide ResNet 16-4 (Zagoruyko & Komodakis 2016), pre-activation blocks
     mobilenetv2 2,236,682 MobileNetV2 (torchvision's layers) with CIFAR strides: stride 1 in the stem
                           and the second stage, so 32x32 inputs end at 4x4 rather than 1x1
+    photonet    1,185,954 for photos (the `photos` preset): a stride-4 stem, then airbench-shaped groups
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CnnlabError
 from .models import register
 
 
@@ -198,3 +200,27 @@ def mobilenetv2(in_channels: int, num_classes: int, image_size: tuple[int, int])
             nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
     return _he_init(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A from-scratch network for photos (the `photos` preset)
+
+
+def _stage(c_in: int, c_out: int) -> list[nn.Module]:
+    """conv, pool, BN, ReLU, conv, BN, ReLU: airbench's group, with ReLU and learned BatchNorm scales."""
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2, ceil_mode=True), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True), nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True)]
+
+
+@register("photonet")
+def photonet(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+    """For inputs of 96-224 px: two stride-2 convolutions bring 128 px to 32 px for a fraction of the cost
+    of full-resolution layers, then three conv groups (widths 64/128/256, each halving the size), global
+    average pooling and a linear head. 1.2 M parameters whatever the input size."""
+    if min(image_size) < 16:
+        raise CnnlabError(f"photonet needs images of at least 16x16 pixels, got {image_size}")
+    layers = [nn.Conv2d(in_channels, 24, 3, 2, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True),
+              nn.Conv2d(24, 48, 3, 2, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU(inplace=True),
+              *_stage(48, 64), *_stage(64, 128), *_stage(128, 256), *_head(256, num_classes)]
+    return _he_init(nn.Sequential(*layers))

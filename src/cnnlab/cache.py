@@ -1,0 +1,391 @@
+"""The decoded-pixel cache: each data set decoded once into uint8 files that are memory-mapped, not loaded.
+
+An entry is a folder `~/.cache/cnnlab/decoded/<key>/` holding, per split ("train", "val", "test"),
+`<split>.u8` (raw uint8 pixels, N x C x H x W) and `<split>.labels.npy`, and `meta.json` (classes, sizes,
+counts per class, skipped and ignored files). The key changes with the resolved path, every file's size
+and modification time, and every setting that changes the pixels (size, resize method, ...), so
+`../x` and `/abs/x` share an entry and an edited folder is decoded again.
+
+Opening an entry maps the files copy-on-write: opening costs milliseconds whatever the size, pages come
+from the page cache as batches touch them, and a process's own (anonymous) memory does not grow with
+the data set. Two processes on one machine share the same pages. CIFAR-sized data goes through the
+same path: the mapped set trains as fast as one held in RAM (benchmarks/data_load.py), and loads faster.
+
+Building an entry decodes image files in a pool of processes (one per usable core) that write straight
+into the mapped file, with a progress bar showing images/s. It is written under a temporary name and
+renamed when complete, so a crash or Ctrl-C never leaves a half entry that a later run would read.
+No PyTorch here: `cnnlab data info` on cached data reads `meta.json` and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import cifar, folders, hardware, idx, sources
+from .config import DataConfig
+from .errors import CnnlabError
+from .images import Resize, decode_image, image_size, resize_to
+
+CACHE_VERSION = 2  # bump when an entry's meaning changes
+# Images larger than SMALL px are resized to DEFAULT_IMAGE_SIZE unless --image-size says otherwise; smaller
+# ones (CIFAR, MNIST and their kind) keep their own size. 128 px: benchmarks/photos.py measures the choice.
+DEFAULT_IMAGE_SIZE = 128
+SMALL = 64
+CHUNK = 32  # images per task handed to a decoding process
+POOL_FROM = 256  # fewer images than this decode in this process: starting the pool would cost more
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything that decides an entry's pixels and labels."""
+
+    fmt: str
+    path: Path
+    image_size: tuple[int, int] | None = None
+    resize: Resize = "crop"
+    label_mode: str = "fine"
+    skip_bad: bool = False
+    val_fraction: float = 0.1  # image trees without a test split: the held-out share
+    split_seed: int = 0
+
+    def key(self) -> str:
+        settings = {k: v for k, v in asdict(self).items() if k not in ("path", "fmt")}
+        h = hashlib.sha256(f"v{CACHE_VERSION}:{self.fmt}:{json.dumps(settings, default=str)}".encode())
+        h.update(fingerprint(self.path.resolve()).encode())
+        return h.hexdigest()[:24]
+
+
+def fingerprint(path: Path) -> str:
+    """A key that changes when any file under `path` changes path, size or modification time."""
+    h = hashlib.sha256(str(path).encode())
+    stack = [path]
+    while stack:
+        p = stack.pop()
+        if p.is_dir():
+            with os.scandir(p) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for e in entries:
+                if e.is_dir():
+                    stack.append(Path(e.path))
+                else:
+                    st = e.stat()
+                    h.update(f"{e.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        else:
+            st = p.stat()
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading an entry
+
+
+@dataclass
+class Entry:
+    folder: Path
+    meta: dict
+
+    def images(self, split: str) -> np.ndarray:
+        """(N, C, H, W) uint8, memory-mapped copy-on-write (writable, but writes never reach the file)."""
+        n, shape = self.meta["counts"][split]["total"], (self.meta["channels"], *self.meta["image_size"])
+        if n == 0:
+            return np.zeros((0, *shape), np.uint8)
+        return np.memmap(self.folder / f"{split}.u8", np.uint8, "c", shape=(n, *shape))
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.load(self.folder / f"{split}.labels.npy")
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if s in self.meta["counts"]]
+
+
+def entry_for(c: DataConfig, use_cache: bool = True) -> Entry:
+    """The entry for a data configuration: its data found, decoded when not cached, classes renamed as asked."""
+    fmt, src = sources.detect_format(sources.resolve_path(c.path))
+    req = Request(fmt, src.resolve(), tuple(c.image_size) if c.image_size else None, c.resize, c.label_mode,
+                  c.skip_bad_images, c.val_fraction, c.split_seed)
+    entry = open_entry(req, use_cache)
+    if c.class_names:
+        if len(c.class_names) != len(entry.meta["classes"]):
+            raise CnnlabError(f"--class-names gives {len(c.class_names)} names, but {src} has "
+                              f"{len(entry.meta['classes'])} classes")
+        entry.meta = {**entry.meta, "classes": list(c.class_names)}
+    return entry
+
+
+def open_entry(req: Request, use_cache: bool = True) -> Entry:
+    """The cached entry for `req`, built first when missing (or, without `use_cache`, built and unlinked:
+    the mapped files stay readable until the process ends)."""
+    if use_cache:
+        folder = sources.cache_dir() / "decoded" / req.key()
+        meta = _read_meta(folder)
+        if meta is not None:
+            return Entry(folder, meta)
+        parent = folder.parent
+    else:
+        folder, parent = None, Path(tempfile.gettempdir())
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=parent))
+    except OSError:
+        if not use_cache:
+            raise CnnlabError(f"cannot write the decoded images to {parent}") from None
+        return open_entry(req, use_cache=False)  # a read-only or full cache only costs speed
+    try:
+        meta = _build(req, tmp)
+        if folder is None:
+            return Entry(tmp, meta)  # mapped below by the caller; removed at exit
+        return Entry(_publish(tmp, folder), meta)
+    finally:
+        if folder is None:
+            _remove_when_mapped(tmp)
+        elif tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None  # missing, or unreadable: built again
+    return meta if meta.get("version") == CACHE_VERSION else None
+
+
+def _publish(tmp: Path, folder: Path) -> Path:
+    """Rename the finished entry into place; if another process finished the same entry first, keep theirs."""
+    if not folder.exists():
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            pass  # another process renamed its copy into place between the look and the rename
+    return folder
+
+
+def _remove_when_mapped(tmp: Path) -> None:
+    import atexit
+
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building an entry
+
+
+def _build(req: Request, tmp: Path) -> dict:
+    if req.fmt == "image-folder":
+        meta = _build_images(req, tmp)
+    else:
+        meta = _build_arrays(req, tmp)
+    meta.update(version=CACHE_VERSION, format=req.fmt, source=str(req.path.resolve()))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def _read_arrays(req: Request):
+    if req.fmt == "cifar-python":
+        return cifar.read_python(req.path)
+    if req.fmt == "cifar-binary":
+        return cifar.read_binary(req.path)
+    if req.fmt == "cifar100-python":
+        return cifar.read_python100(req.path, req.label_mode)
+    return idx.read_folder(req.path)
+
+
+def _build_arrays(req: Request, tmp: Path) -> dict:
+    """CIFAR and IDX: already pixels; resized only when --image-size asks for another size."""
+    (x, y), (xt, yt), classes = _read_arrays(req)
+    num_classes = max(int(y.max(initial=-1)), int(yt.max(initial=-1))) + 1
+    classes = list(classes) + [str(i) for i in range(len(classes), num_classes)]
+    size = tuple(req.image_size or x.shape[2:])
+    counts = {}
+    for split, images, labels in (("train", x, y), ("test", xt, yt)):
+        if size != tuple(images.shape[2:]):
+            images = _resize_array(images, size, req.resize)
+        images.tofile(tmp / f"{split}.u8")
+        np.save(tmp / f"{split}.labels.npy", labels.astype(np.int64))
+        counts[split] = _counts(labels, len(classes))
+    return {"classes": classes, "image_size": list(size), "resize": req.resize if size != x.shape[2:] else None,
+            "channels": int(x.shape[1]), "counts": counts, "layout": req.fmt, "split": "official test set",
+            "skipped": [], "ignored": {}}
+
+
+def _resize_array(x: np.ndarray, size: tuple[int, int], resize: Resize) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty((len(x), x.shape[1], *size), np.uint8)
+    for i, img in enumerate(x):
+        im = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+        arr = np.asarray(resize_to(im, size, resize))
+        out[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return out
+
+
+def _counts(labels: np.ndarray, num_classes: int) -> dict:
+    return {"total": int(len(labels)), "per_class": np.bincount(labels, minlength=num_classes).tolist()}
+
+
+def default_size(files: list[str]) -> tuple[int, int]:
+    """The input size when none is given: small images keep theirs, larger ones become DEFAULT_IMAGE_SIZE."""
+    for f in files[:20]:
+        try:
+            h, w = image_size(f)
+        except (OSError, ValueError, SyntaxError):
+            continue  # an unreadable file is reported by the decode itself
+        return (h, w) if max(h, w) <= SMALL else (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    return (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+
+
+def _build_images(req: Request, tmp: Path) -> dict:
+    listing = folders.list_images(req.path, req.val_fraction, req.split_seed)
+    size = tuple(req.image_size or default_size(listing.files["train"]))
+    splits = [s for s in SPLITS if s in listing.files]
+    decoded = {s: _decode_split(listing.files[s], tmp / f"{s}.u8", size, req.resize, f"decoding {s}")
+               for s in splits}
+    bad = [msg for s in splits for msg in decoded[s][0].values()]
+    if bad and not req.skip_bad:
+        shown = "; ".join(bad[:20]) + (f"; and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise CnnlabError(f"{len(bad)} unreadable image file(s): {shown}. Fix or remove them, "
+                          "or pass --skip-bad-images to leave them out")
+    gray = all(decoded[s][1] for s in splits)
+    counts = {}
+    for s in splits:
+        errors = decoded[s][0]
+        keep = np.array([i for i in range(len(listing.files[s])) if i not in errors], np.int64)
+        labels = listing.labels[s][keep]
+        _finish_split(tmp / f"{s}.u8", len(listing.files[s]), size, keep, gray)
+        _check_not_emptied(s, listing, labels)
+        np.save(tmp / f"{s}.labels.npy", labels)
+        counts[s] = _counts(labels, len(listing.classes))
+    return {"classes": listing.classes, "image_size": list(size), "resize": req.resize, "channels": 1 if gray else 3,
+            "counts": counts, "layout": listing.layout, "split": listing.split, "skipped": bad,
+            "ignored": dict(+listing.ignored)}
+
+
+def _check_not_emptied(split: str, listing: folders.Listing, labels: np.ndarray) -> None:
+    had = set(listing.labels[split].tolist())
+    empty = sorted(had - set(labels.tolist()))
+    if empty:
+        raise CnnlabError(f"no readable images left in {split} for class(es) "
+                          f"{', '.join(listing.classes[k] for k in empty)}")
+
+
+def _finish_split(path: Path, n: int, size: tuple[int, int], keep: np.ndarray, gray: bool) -> None:
+    """Close the gaps that unreadable files left, and keep one channel when every image was grey."""
+    if len(keep) == n and not gray:
+        return
+    src = np.memmap(path, np.uint8, "r+", shape=(n, 3, *size)) if n else np.zeros((0, 3, *size), np.uint8)
+    channels = 1 if gray else 3
+    out_path = path.with_suffix(".tmp")
+    out = np.memmap(out_path, np.uint8, "w+", shape=(len(keep), channels, *size)) if len(keep) else None
+    for lo in range(0, len(keep), 256):
+        out[lo:lo + 256] = src[keep[lo:lo + 256], :channels]
+    if out is not None:
+        out.flush()
+        del out
+    else:
+        out_path.write_bytes(b"")
+    del src
+    os.replace(out_path, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding image files (in a process pool)
+
+
+def _decode_chunk(out: str, shape: tuple, start: int, files: list[str], size: tuple[int, int],
+                  resize: Resize) -> tuple[int, list[str | bool]]:
+    """Decode `files` into rows `start...` of the mapped file; per file: an error message, or whether it is grey."""
+    mm = np.memmap(out, np.uint8, "r+", shape=shape)
+    results: list[str | bool] = []
+    for i, f in enumerate(files):
+        try:
+            arr = decode_image(f, None, size, resize=resize)
+        except CnnlabError as e:
+            results.append(str(e))
+            continue
+        mm[start + i] = arr.transpose(2, 0, 1)  # a grey (1, H, W) image fills all three channels
+        results.append(arr.shape[2] == 1)
+    mm.flush()
+    return start, results
+
+
+def _decode_split(files: list[str], out: Path, size: tuple[int, int], resize: Resize,
+                  desc: str) -> tuple[dict[int, str], bool]:
+    """Decode every file into `out` as (N, 3, H, W); returns {row: why unreadable} and whether all were grey."""
+    shape = (len(files), 3, *size)
+    with open(out, "wb") as f:
+        f.truncate(int(np.prod(shape)))
+    tasks = [(str(out), shape, lo, files[lo:lo + CHUNK], size, resize) for lo in range(0, len(files), CHUNK)]
+    errors: dict[int, str] = {}
+    gray = True
+    with tqdm(total=len(files), desc=desc, unit="img", leave=False, disable=None) as bar:
+        for start, results in _run(tasks, len(files)):
+            for i, r in enumerate(results):
+                if isinstance(r, str):
+                    errors[start + i] = r
+                else:
+                    gray &= r
+            bar.update(len(results))
+    return errors, gray and len(errors) < len(files)
+
+
+def _run(tasks: list[tuple], n: int):
+    """Results of `_decode_chunk` over `tasks`, in a process pool when there are enough images to pay for it."""
+    workers = min(hardware.usable_cores(), max(1, len(tasks)))
+    if n < POOL_FROM or workers == 1:
+        yield from (_decode_chunk(*t) for t in tasks)
+        return
+    # forkserver: the workers start clean, not as copies of a parent that may hold PyTorch's threads
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        futures = [pool.submit(_decode_chunk, *t) for t in tasks]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# Describing a data set (`cnnlab data info`)
+
+
+def describe(meta: dict) -> str:
+    """Format, classes, image size, counts per class and split, and what was left out, in words."""
+    h, w = meta["image_size"]
+    c = meta["channels"]
+    splits = [s for s in SPLITS if s in meta["counts"]]
+    resize = f" ({meta['resize']})" if meta.get("resize") else ""
+    lines = [f"source:      {meta['source']}", f"format:      {meta['format']} ({meta.get('layout', meta['format'])})",
+             f"image size:  {h}x{w}{resize}, {c} channel{'s' if c > 1 else ''}",
+             f"classes:     {len(meta['classes'])}", f"test split:  {meta['split']}"]
+    if "val" in splits:
+        lines.append("validation:  val/ folder")
+    width = max(len("class"), *(len(k) for k in meta["classes"]))
+    lines += ["", f"{'class':<{width}}" + "".join(f"  {s:>7}" for s in splits)]
+    for k, name in enumerate(meta["classes"]):
+        lines.append(f"{name:<{width}}" + "".join(f"  {meta['counts'][s]['per_class'][k]:>7}" for s in splits))
+    lines.append(f"{'total':<{width}}" + "".join(f"  {meta['counts'][s]['total']:>7}" for s in splits))
+    ignored = Counter(meta.get("ignored") or {})
+    if ignored:
+        lines.append("\nignored:     " + ", ".join(f"{n} {why} file(s)" for why, n in sorted(ignored.items())))
+    skipped = meta.get("skipped") or []
+    if skipped:
+        lines.append(f"skipped:     {len(skipped)} unreadable file(s) (--skip-bad-images):")
+        lines += [f"  {s}" for s in skipped]
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""Finding labelled images on disk: which file is which class, in which split. No pixels are read here.
+
+Layouts, tried in this order (`list_images`):
+- a CSV file of `path,label` rows (a header row is optional; paths are relative to the CSV's folder);
+- split folders: `ROOT/train/<class>/...`, with `val/`, `valid/` or `validation/` as the validation split
+  and `test/` as the test split, each `<class>/...` beside train's;
+- flat class folders: `ROOT/<class>/...`, from which a seeded, stratified share is held out as the test set.
+
+Under a class folder, images at any depth belong to that class. Hidden files and folders (a leading dot)
+and files that are not images are left out and counted, so that `cnnlab data info` can say so.
+No PyTorch here: `cnnlab data info` runs without it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CnnlabError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
+                    ".heic", ".heif", ".avif"}
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass
+class Listing:
+    """Image files per split ("train", "val", "test"; flat layouts have only "train" until `hold_out`)."""
+
+    layout: str  # "split folders" | "class folders" | "csv"
+    classes: list[str]
+    files: dict[str, list[str]]  # split -> absolute paths, sorted within each class
+    labels: dict[str, np.ndarray]  # split -> int64 class indices
+    ignored: Counter = field(default_factory=Counter)  # "hidden" / "not an image" -> count
+    split: str = ""  # where the test set comes from, in words
+
+    def hold_out(self, fraction: float, seed: int) -> Listing:
+        """Move a seeded, stratified `fraction` of train into test (flat layouts and CSVs without a test set)."""
+        y = self.labels["train"]
+        test = stratified_pick(y, round(fraction * len(y)), seed, len(self.classes))
+        keep = np.ones(len(y), bool)
+        keep[test] = False
+        files = np.array(self.files["train"], dtype=object)
+        return Listing(self.layout, self.classes, {**self.files, "train": list(files[keep]), "test": list(files[test])},
+                       {**self.labels, "train": y[keep], "test": y[test]}, self.ignored,
+                       f"stratified {fraction:.0%} of the images held out (seed {seed})")
+
+
+def stratified_pick(y: np.ndarray, count: int, seed: int, num_classes: int) -> np.ndarray:
+    """Sorted indices of `count` items, each class in proportion (largest remainder), by a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    sizes = np.bincount(y, minlength=num_classes).astype(float)
+    exact = sizes * count / max(len(y), 1)
+    take = np.floor(exact)
+    extra = count - int(take.sum())
+    take[np.argsort(-(exact - take), kind="stable")[:extra]] += 1
+    picked = [rng.permutation(np.flatnonzero(y == c))[:int(take[c])] for c in range(num_classes)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def is_image_tree(path: Path) -> bool:
+    """Whether `path` looks like one of the layouts above (a CSV, split folders or class folders of images)."""
+    if path.is_file():
+        return path.suffix.lower() == ".csv"
+    if any((path / name).is_dir() for name in ("train", "test")):
+        return True
+    return any(d.is_dir() and not d.name.startswith(".") and _has_image(d) for d in path.iterdir())
+
+
+def _has_image(folder: Path) -> bool:
+    for _, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(Path(n).suffix.lower() in IMAGE_EXTENSIONS and not n.startswith(".") for n in names):
+            return True
+    return False
+
+
+def _walk(folder: Path, ignored: Counter) -> list[str]:
+    """Image files at any depth under `folder`, sorted; hidden and other files counted in `ignored`."""
+    found = []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        ignored["hidden"] += sum(1 for d in dirs if d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            if name.startswith("."):
+                ignored["hidden"] += 1
+            elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(os.path.join(top, name))
+            else:
+                ignored["not an image"] += 1
+    return sorted(found)
+
+
+def _class_folders(split_dir: Path, ignored: Counter) -> dict[str, list[str]]:
+    """{class name: its image files} for the class folders directly under `split_dir`."""
+    out = {}
+    for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            ignored["hidden"] += 1
+        elif entry.is_dir():
+            files = _walk(entry, ignored)
+            if not files:
+                raise CnnlabError(f"class folder {entry} has no images ({' '.join(sorted(IMAGE_EXTENSIONS))})")
+            out[entry.name] = files
+        else:
+            ignored["not an image"] += 1  # a loose file beside the class folders belongs to no class
+    return out
+
+
+def _split_folders(root: Path, ignored: Counter) -> Listing:
+    splits: dict[str, dict[str, list[str]]] = {}
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        split = SPLIT_FOLDERS.get(entry.name.lower()) if entry.is_dir() else None
+        if split is None:
+            continue
+        if split in splits:
+            raise CnnlabError(f"{root} has two {split} folders; keep one of them")
+        splits[split] = _class_folders(entry, ignored)
+    if "train" not in splits:
+        raise CnnlabError(f"{root} has split folders but no train/; put the training images in train/<class>/")
+    classes = sorted(splits["train"])
+    for split, found in splits.items():
+        missing = sorted(set(found) - set(classes))
+        if missing:
+            raise CnnlabError(f"{root / split} has class(es) {', '.join(missing)} that {root / 'train'} does not have")
+    files = {s: [f for c in classes for f in found.get(c, [])] for s, found in splits.items()}
+    labels = {s: np.array([i for i, c in enumerate(classes) for _ in found.get(c, [])], np.int64)
+              for s, found in splits.items()}
+    return Listing("split folders", classes, files, labels, ignored, "test/ folder" if "test" in splits else "")
+
+
+def _csv(path: Path, ignored: Counter) -> Listing:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CnnlabError(f"cannot read {path}: {e}") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["path", "label"], ["file", "label"],
+                                                              ["filename", "label"], ["image", "label"]):
+        rows = rows[1:]
+    bad = next((i for i, r in enumerate(rows) if len(r) < 2 or not r[0].strip() or not r[1].strip()), None)
+    if bad is not None:
+        raise CnnlabError(f"{path} row {bad + 1} is not `path,label`: {','.join(rows[bad])!r}")
+    rows = [(r[0].strip(), r[1].strip()) for r in rows]
+    classes = sorted({label for _, label in rows})
+    missing = [p for p, _ in rows if not (path.parent / p).is_file()]
+    if missing:
+        raise CnnlabError(f"{path} names {len(missing)} file(s) that do not exist, e.g. {path.parent / missing[0]}")
+    ignored["not an image"] += sum(1 for p, _ in rows if Path(p).suffix.lower() not in IMAGE_EXTENSIONS)
+    rows = [(str((path.parent / p).resolve()), classes.index(label)) for p, label in rows
+            if Path(p).suffix.lower() in IMAGE_EXTENSIONS]
+    return Listing("csv", classes, {"train": [p for p, _ in rows]},
+                   {"train": np.array([k for _, k in rows], np.int64)}, ignored)
+
+
+def _flat(root: Path, ignored: Counter) -> Listing:
+    found = _class_folders(root, ignored)
+    classes = sorted(found)
+    return Listing("class folders", classes, {"train": [f for c in classes for f in found[c]]},
+                   {"train": np.array([i for i, c in enumerate(classes) for _ in found[c]], np.int64)}, ignored)
+
+
+def list_images(root: Path, val_fraction: float = 0.1, split_seed: int = 0) -> Listing:
+    """Every labelled image under `root` (or in the CSV `root`), with a test split in every case."""
+    ignored: Counter = Counter()
+    root = root.resolve()
+    if root.is_file():
+        listing = _csv(root, ignored)
+    elif any((root / name).is_dir() for name in SPLIT_FOLDERS):
+        listing = _split_folders(root, ignored)
+    else:
+        listing = _flat(root, ignored)
+    if len(listing.classes) < 2:
+        found = f"only {listing.classes[0]!r}" if listing.classes else "none"
+        raise CnnlabError(f"{root} needs at least two classes to classify, found {found}")
+    empty = [c for k, c in enumerate(listing.classes) if not (listing.labels["train"] == k).any()]
+    if empty:
+        raise CnnlabError(f"{root}: class(es) {', '.join(empty)} have no training images")
+    if "test" not in listing.files:
+        listing = listing.hold_out(val_fraction, split_seed)
+    return listing
