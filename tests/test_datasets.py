@@ -131,6 +131,16 @@ def test_idx_labels_count_must_match(tmp_path):
         data.load_dataset(folder, use_cache=False)
 
 
+def test_idx_data_at_another_image_size(tmp_path):
+    folder, _ = write_idx(tmp_path / "mnist", n_train=20, n_test=10)
+    ds = data.load_dataset(folder, image_size=(14, 14))
+    assert ds.x_train.shape == (20, 1, 14, 14) and ds.x_test.shape == (10, 1, 14, 14)
+    full = data.load_dataset(folder)
+    # at the same aspect each output pixel is an antialiased mean around its 2x2 block of the original
+    blocks = full.x_train.float().view(20, 1, 14, 2, 14, 2).mean((3, 5))
+    assert np.corrcoef(ds.x_train.flatten().numpy(), blocks.flatten().numpy())[0, 1] > 0.6
+
+
 def test_training_on_idx_data_keeps_one_channel(tmp_path):
     folder, _ = write_idx(tmp_path / "mnist", n_train=60)
     run = train.train(TrainConfig(epochs=1, batch_size=16), DataConfig(path=str(folder)), out=tmp_path / "run",

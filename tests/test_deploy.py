@@ -20,6 +20,7 @@ def test_export_matches_pytorch_and_carries_its_metadata(quick_run, quick_onnx, 
     model = deploy.OnnxPredictor(quick_onnx)
     assert model.info["classes"] == CLASSES
     assert model.info["channels"] == 3 and model.info["image_size"] == [32, 32]
+    assert model.info["resize"] == evaluate.TorchPredictor(quick_run, "cpu").info["resize"] == "crop"  # as trained
     assert model.info["cnnlab_version"] and model.info["source_run"] == str(quick_run.resolve())
     expected_accuracy = json.loads((quick_run / "metrics.json").read_text())["test_accuracy"]
     assert model.info["test_accuracy"] == pytest.approx(expected_accuracy)

@@ -60,6 +60,13 @@ def test_split_folders_with_a_validation_folder(tmp_path):
         ds.hold_out(0.2, 0)
 
 
+def test_two_validation_folders_are_refused(tmp_path):
+    for split in ("train", "val", "validation"):
+        write_split(tmp_path / split, 1)
+    with pytest.raises(CnnlabError, match="two val folders"):
+        data.load_dataset(tmp_path)
+
+
 def test_flat_class_folders_hold_out_a_recorded_stratified_test_set(tmp_path):
     write_split(tmp_path, 10)
     ds = data.load_dataset(tmp_path, val_fraction=0.2, split_seed=3)

@@ -27,7 +27,7 @@ def test_published_parameter_counts(name):
 
 
 @pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (3, 96, 80)])  # the last: a photo-sized input
 def test_every_model_trains_forward_and_backward(name, shape):
     torch.manual_seed(0)
     model = models.build(name, shape[0], 7, shape[1:])
