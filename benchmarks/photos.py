@@ -1,6 +1,7 @@
 """Photo folders larger than memory: first decode, cached load, peak anonymous memory, training speed, accuracy.
 
-    .venv/bin/python benchmarks/photos.py [--sizes 5000 20000] [--epochs 1] [--image-size 128]
+    .venv/bin/python benchmarks/photos.py [--sizes 5000 20000] [--epochs 1] [--image-size 96]
+    .venv/bin/python benchmarks/photos.py --sweep 96 128 160 [--sweep-epochs 8]   # choosing the default size
 
 Generates a photo-like folder from CIFAR-10 (real pixels upscaled to 200-640 px with aspect ratios 4:3, 3:4
 and 1:1, saved as JPEG; a stratified pick of N training images and 2,000 test images) once per N under
@@ -116,13 +117,36 @@ def measure(n: int, epochs: int, image_size: str, out: Path) -> dict:
     return result
 
 
+def sweep(n: int, sizes: list[int], epochs: int, out: Path) -> dict:
+    """The `photos` preset at each input size on the N-image folder: accuracy, training seconds, and accuracy
+    per CPU-minute (training seconds x cores), for choosing the default size."""
+    folder, results = make_folder(n), {}
+    for size in sizes:
+        run = out / f"sweep-{size}"
+        subprocess.run([*CNNLAB, "train", "--preset", "photos", "--epochs", str(epochs), "--data", str(folder),
+                        "--image-size", str(size), "--out", str(run), "--no-report"], cwd=ROOT, check=True,
+                       capture_output=True)
+        train_s = sum(h["seconds"] for h in json.loads((run / "history.json").read_text()))
+        accuracy = json.loads((run / "metrics.json").read_text())["test_accuracy"]
+        results[str(size)] = {"test_accuracy": accuracy, "train_seconds": round(train_s, 1),
+                              "accuracy_per_cpu_minute": round(accuracy / (train_s * os.cpu_count() / 60), 4)}
+        print(json.dumps({size: results[str(size)]}))
+    return {"train_images": n, "epochs": epochs, "sizes": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--image-size", default="128")
+    parser.add_argument("--image-size", default="96")
+    parser.add_argument("--sweep", type=int, nargs="*", metavar="SIZE",
+                        help="only train the photos preset at these sizes on the smallest N (default-size choice)")
+    parser.add_argument("--sweep-epochs", type=int, default=8)
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="photos-bench-"))
+    if args.sweep:
+        save("photos_size", {"machine": machine(), **sweep(min(args.sizes), args.sweep, args.sweep_epochs, out)})
+        return
     results = {str(n): measure(n, args.epochs, args.image_size, out) for n in args.sizes}
     summary = {"machine": machine(), "command": "cnnlab train --preset photos --epochs "
                f"{args.epochs} --image-size {args.image_size}", "results": results}

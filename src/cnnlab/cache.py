@@ -40,8 +40,11 @@ from .images import Resize, decode_image, image_size, resize_to
 
 CACHE_VERSION = 2  # bump when an entry's meaning changes
 # Images larger than SMALL px are resized to DEFAULT_IMAGE_SIZE unless --image-size says otherwise; smaller
-# ones (CIFAR, MNIST and their kind) keep their own size. 128 px: benchmarks/photos.py measures the choice.
-DEFAULT_IMAGE_SIZE = 128
+# ones (CIFAR, MNIST and their kind) keep their own size. 96 px: the `photos` preset for 8 epochs on 5,000
+# photo-sized images (benchmarks/photos.py --sweep, results/photos_size.json) reached 58.9% at 96 px, 58.3% at
+# 128 and 58.5% at 160 in 42, 70 and 106 s: the best accuracy per CPU-second. That benchmark's photos are
+# upscaled CIFAR images with no detail beyond 32 px; photos with fine detail may want --image-size 128-224.
+DEFAULT_IMAGE_SIZE = 96
 SMALL = 64
 CHUNK = 32  # images per task handed to a decoding process
 POOL_FROM = 256  # fewer images than this decode in this process: starting the pool would cost more

@@ -69,7 +69,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or folder, or an image-folder tree "
                    "(default: $CNNLAB_DATA, ~/.cache/cnnlab, ~/.keras/datasets, else download)")
     p.add_argument("--image-size", type=_size, metavar="HxW",
-                   help="input size (default: images up to 64 px keep their size, larger ones become 128x128)")
+                   help="input size (default: images up to 64 px keep their size, larger ones become 96x96)")
     p.add_argument("--resize", choices=["crop", "pad", "squish"], default="crop",
                    help="how images reach that size: crop (default; cover it, cut the centre), pad (fit inside, "
                    "black borders) or squish (stretch each side)")

@@ -27,7 +27,7 @@ class DataConfig:
     path: str | None = None  # None: $CNNLAB_DATA, ~/.cache/cnnlab, ~/.keras/datasets, then download
     val_fraction: float = 0.1  # held out of train/ only when an image folder has no test/
     split_seed: int = 0  # the held-out split must not move between runs, whatever the training seed
-    image_size: tuple[int, int] | None = None  # None: small images (<= 64 px) keep theirs, larger ones become 128x128
+    image_size: tuple[int, int] | None = None  # None: small images (<= 64 px) keep theirs, larger ones become 96x96
     resize: Resize = "crop"  # fastai's default: no distortion; training crops at random, evaluation the centre
     subset: int | None = None  # train on a seeded, stratified subset of this many images
     val_split: float | None = None  # hold out this share of train for validation; None: validate on test

@@ -89,7 +89,7 @@ def size_warning(model: nn.Module, image_size: tuple[int, int]) -> str | None:
     dense = max((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: m.weight.numel(),
                 default=None)
     total = count_params(model, trainable_only=False)
-    if dense is None or total < 5_000_000 or dense.weight.numel() < total / 2:
+    if dense is None or dense.weight.numel() < 2_000_000 or dense.weight.numel() < total / 2:
         return None
     h, w = image_size
     return (f"warning: the network has {total / 1e6:.1f} M parameters at {h}x{w}, {dense.weight.numel() / 1e6:.1f} M "

@@ -215,7 +215,7 @@ def _stage(c_in: int, c_out: int) -> list[nn.Module]:
 
 @register("photonet")
 def photonet(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
-    """For inputs of 96-224 px: two stride-2 convolutions bring 128 px to 32 px for a fraction of the cost
+    """For inputs of 96-224 px: two stride-2 convolutions bring 96 px to 24 px for a fraction of the cost
     of full-resolution layers, then three conv groups (widths 64/128/256, each halving the size), global
     average pooling and a linear head. 1.2 M parameters whatever the input size."""
     if min(image_size) < 16:
