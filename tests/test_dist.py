@@ -299,3 +299,24 @@ def test_fine_tuning_in_two_processes(single, tmp_path, cifar_python_dir):
                         "--precision", "fp32")
     assert f"initialized from {single}: all 8 tensors copied" in proc.stdout
     same_weights(single, out, atol=1e-6)  # a step of 1e-9 leaves the source's weights
+
+
+def test_photos_preset_in_two_processes_on_a_flat_photo_folder(tmp_path):
+    """The photos path under DDP: a flat class-folder tree of 150-200 px JPEGs (held-out test set), decoded
+    once by process 0 into the mapped cache that both ranks then read; metrics are the last validation's."""
+    from test_photos import write_split
+
+    root = write_split(tmp_path / "photos", per_class=12, size=(200, 150))
+    write_split(root / "extra" / "more", per_class=2, size=(150, 200))  # a class with images in a sub-folder
+    out, cache = tmp_path / "ddp", tmp_path / "cache"
+    args = ["train", "--nproc", "2", "--preset", "photos", "--data", str(root), "--epochs", "2", "--batch-size", "8",
+            "--image-size", "48", "--resize", "pad", "--no-report", "--out", str(out)]
+    proc = subprocess.run([*CNNLAB, *args], capture_output=True, text=True, timeout=300,
+                          env={**ENV, "CNNLAB_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config, meta = (json.loads((out / f).read_text()) for f in ("config.json", "model.json"))
+    assert config["data"]["split"].startswith("stratified 10%") and config["environment"]["processes"] == 2
+    assert meta["resize"] == "pad" and meta["image_size"] == [48, 48] and meta["model"] == "photonet"
+    history, metrics = (json.loads((out / f).read_text()) for f in ("history.json", "metrics.json"))
+    assert metrics["test_images"] == 4 and metrics["test_accuracy"] == pytest.approx(history[-1]["val_acc"])
+    assert len(list((cache / "decoded").iterdir())) == 1  # one entry, built by process 0, read by both

@@ -13,15 +13,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 
 from . import augment, evaluate, report, runs
 from .config import TrainConfig, from_dict
 from .data import Dataset
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Pictures of a trained classifier (matplotlib, no display needed). Each function returns the figure."""
+"""Pictures of a trained classifier (matplotlib, no display needed). Each function returns the figure.
+
+Figures are made with matplotlib's object API (`Figure`, no pyplot and no GUI backend), imported on first
+use: commands that draw nothing (predict, export, serve, evaluate without files) never pay for it.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,28 @@ import io
 import json
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from . import files, runs
 
-from . import files, runs  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _subplots(*grid: int, figsize: tuple[float, float], **kw):
+    """A figure and its axes, as pyplot.subplots gives them, without pyplot."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kw)
+
+
+def _integer_ticks(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: str | None = None,
@@ -31,7 +47,7 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: str | N
         values = values / np.maximum(values.sum(0, keepdims=True), 1)
     k = len(classes)
     size = min(4 + 0.6 * k, 24)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85), layout="constrained")
+    fig, ax = _subplots(figsize=(size, size * 0.85))
     im = ax.imshow(values, cmap="Blues")
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set(title=title, xlabel="Predicted", ylabel="True")
@@ -54,8 +70,7 @@ def image_grid(images, titles: list[str], title: str, columns: int = 8) -> Figur
     n = len(titles)
     columns = max(1, min(columns, n))
     rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.1 * rows + 0.4), squeeze=False,
-                             layout="constrained")
+    fig, axes = _subplots(rows, columns, figsize=(1.9 * columns, 2.1 * rows + 0.4), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -73,7 +88,7 @@ def plot_per_class(rows: list[dict]) -> Figure:
     """Grouped bars of precision, recall and F1 per class."""
     names = [r["class"] for r in rows]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names) + 2), 4), layout="constrained")
+    fig, ax = _subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))
     for offset, key in zip((-0.27, 0, 0.27), ("precision", "recall", "f1"), strict=True):
         ax.bar(x + offset, [r[key] for r in rows], width=0.27, label=key)
     step = max(1, int(np.ceil(len(names) / 30)))
@@ -86,12 +101,12 @@ def plot_per_class(rows: list[dict]) -> Figure:
 def plot_history(history: list[dict]) -> Figure:
     """Loss and accuracy per epoch, training against validation."""
     epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    fig, (loss_ax, acc_ax) = _subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((loss_ax, "loss", "Loss"), (acc_ax, "acc", "Accuracy")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="validation")
         ax.set(xlabel="Epoch", ylabel=label, title=f"{label} per epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _integer_ticks(ax)
         ax.grid(alpha=0.3)
         ax.legend()
     return fig
@@ -99,11 +114,11 @@ def plot_history(history: list[dict]) -> Figure:
 
 def plot_val_accuracy(curves: dict[str, list[dict]]) -> Figure:
     """Validation accuracy per epoch of several runs, overlaid."""
-    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    fig, ax = _subplots(figsize=(7, 4.2))
     for name, history in curves.items():
         ax.plot([h["epoch"] for h in history], [h["val_acc"] for h in history], "o-", label=name)
     ax.set(xlabel="Epoch", ylabel="Validation accuracy", title="Validation accuracy per epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _integer_ticks(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -113,7 +128,6 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write a PNG atomically and free the figure."""
     with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
     return Path(path)
 
 
@@ -124,7 +138,6 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
 def _img(fig: Figure, alt: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
     data = base64.b64encode(buf.getvalue()).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
