@@ -1,6 +1,6 @@
 """The wall clock of whole commands, from pressing Enter to the answer, and where it goes.
 
-    .venv/bin/python benchmarks/time_to_result.py [--skip-fast]
+    .venv/bin/python benchmarks/time_to_result.py [--skip-fast] [--isa native|avx2]
 
 For `quick` (with and without the report), `seed` for 1 epoch and `fast` for 1 epoch: the whole command,
 the training seconds, and the overheads read from the run directory's file times: start-up and data load
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -24,10 +25,12 @@ from pathlib import Path
 
 from common import CNNLAB, DATA, ROOT, machine, save
 
+ENV: dict[str, str] = dict(os.environ)  # --isa avx2 adds the variables that cap the kernels at AVX2
+
 
 def timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=ENV)
     return time.perf_counter() - t0
 
 
@@ -54,16 +57,22 @@ def train(out: Path, *flags: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-fast", action="store_true", help="leave out fast's epoch (over a minute)")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native",
+                        help="avx2: PyTorch's kernels and oneDNN capped at AVX2, fp32 (an AVX2 laptop's path)")
     args = parser.parse_args()
+    extra = []
+    if args.isa == "avx2":
+        ENV.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+        extra = ["--precision", "fp32"]
     timed([*CNNLAB, "data", "info", "--data", str(DATA)])  # builds the decoded-data cache if it is missing
-    result: dict = {"machine": machine(), "commands": {}}
+    result: dict = {"machine": machine(), "isa": args.isa, "commands": {}}
     runs = [("quick --no-report", ["--preset", "quick", "--no-report"]), ("quick", ["--preset", "quick"]),
             ("seed, 1 epoch, --no-report", ["--preset", "seed", "--epochs", "1", "--no-report"])]
     if not args.skip_fast:
         runs.append(("fast, 1 epoch, --no-report", ["--preset", "fast", "--epochs", "1", "--no-report"]))
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, flags) in enumerate(runs):
-            result["commands"][f"train {name}"] = train(Path(tmp) / f"run{i}", *flags)
+            result["commands"][f"train {name}"] = train(Path(tmp) / f"run{i}", *flags, *extra)
             print(f"train {name}: {result['commands'][f'train {name}']}", flush=True)
         run = Path(tmp) / "run0"
         image = next((DATA / "test" / "cat").iterdir())
@@ -73,7 +82,7 @@ def main() -> None:
             print(f"{name}: {result['commands'][name]['wall']} s", flush=True)
     result["targets"] = {"quick --no-report wall/training": 1.3, "quick wall/training": 1.5,
                          "predict one image s": 2.0, "data info s": 2.0, "export s": 8.0}
-    save("time_to_result", result)
+    save("time_to_result" + ("-avx2" if args.isa == "avx2" else ""), result)
 
 
 if __name__ == "__main__":

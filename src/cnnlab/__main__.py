@@ -1,7 +1,5 @@
 """`python -m cnnlab`: the same as the `cnnlab` command."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()
