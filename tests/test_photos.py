@@ -357,3 +357,29 @@ def test_jpeg_bytes_roundtrip_for_the_server():
     arr = images.decode_image(buf.getvalue(), 3, (32, 32), resize="crop")
     assert arr.shape == (32, 32, 3) and arr[..., 1].mean() > 150
     assert folders.stratified_pick(np.array([0, 0, 1, 1]), 2, 0, 2).tolist() in ([0, 2], [0, 3], [1, 2], [1, 3])
+
+
+def test_data_info_on_cached_data_never_imports_torch(tmp_path):
+    write_split(tmp_path / "train", 2)
+    code = ("import sys; from cnnlab import cli; rc = cli.main(['data', 'info', '--data', sys.argv[1]]); "
+            "print('torch imported:', 'torch' in sys.modules)")
+    for _ in range(2):  # building the cache, then reading it
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+        assert out.returncode == 0 and "torch imported: False" in out.stdout and "total" in out.stdout
+
+
+def test_building_an_optimizer_leaves_torch_dynamo_unimported():
+    code = ("import sys; from cnnlab import models, optim, presets; "
+            "opts = [optim.make_optimizer(presets.get(p), models.build('airbench-s')) for p in ('quick', 'standard')]; "
+            "[o.zero_grad() or o.load_state_dict(o.state_dict()) for o in opts]; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_command_flushes_its_output_before_leaving(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cnnlab", "presets"], capture_output=True, text=True)
+    assert out.returncode == 0 and "photos:" in out.stdout.splitlines()[-1]  # the last line arrived
+    bad = subprocess.run([sys.executable, "-m", "cnnlab", "data", "info", "--data", str(tmp_path / "nothing")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("cnnlab: error: data path")
