@@ -68,11 +68,12 @@ def test_every_plot_returns_a_labelled_figure(interp, tmp_path):
     loss_ax, acc_ax = interp.plot_history().axes
     assert (loss_ax.get_xlabel(), loss_ax.get_ylabel(), acc_ax.get_ylabel()) == ("Epoch", "Loss", "Accuracy")
     assert [line.get_label() for line in acc_ax.get_lines()] == ["train", "validation"]
-    top = interp.plot_top_losses(4)
-    titles = [ax.get_title() for ax in top.axes if ax.get_title()]
+    top = interp.plot_top_losses(4)  # one mosaic, each image's title written above it, in order
+    titles = [t.get_text() for t in top.axes[0].texts]
     assert titles[0].startswith("eel / cat\n") and len(titles) == 4
+    assert top.axes[0].images[0].get_array().shape[:2] == (4 + 2, 4 * (4 + 1))  # 4x4 images in a row, with gaps
     samples = interp.plot_samples(per_class=2)
-    assert sorted(ax.get_title() for ax in samples.axes if ax.get_title()) == ["cat", "cat", "dog", "dog", "eel", "eel"]
+    assert sorted(t.get_text() for t in samples.axes[0].texts) == ["cat", "cat", "dog", "dog", "eel", "eel"]
     cm.savefig(tmp_path / "cm.png")
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
 

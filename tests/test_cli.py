@@ -119,3 +119,11 @@ def test_real_process_shows_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"cnnlab: error: {tmp_path} has no weights (model.safetensors); " \
                                   "is it a finished training run?"
+
+
+@pytest.mark.parametrize("argv", [["presets"], ["runs", "nowhere"], ["--help"], ["train", "--help"], ["--version"]])
+def test_commands_that_need_no_tensors_never_import_torch(argv):
+    code = ("import sys; from cnnlab import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert "torch imported: False" in out.stdout, out.stderr

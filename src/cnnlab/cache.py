@@ -66,6 +66,7 @@ class Request:
 
     def key(self) -> str:
         settings = {k: v for k, v in asdict(self).items() if k not in ("path", "fmt")}
+        settings["default_size"] = DEFAULT_IMAGE_SIZE  # what image_size None means
         h = hashlib.sha256(f"v{CACHE_VERSION}:{self.fmt}:{json.dumps(settings, default=str)}".encode())
         h.update(fingerprint(self.path.resolve()).encode())
         return h.hexdigest()[:24]

@@ -66,20 +66,27 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: str | N
 
 
 def image_grid(images, titles: list[str], title: str, columns: int = 8) -> Figure:
-    """uint8 (N, C, H, W) images in a grid, each with its title (a text-only grid when images is None)."""
+    """uint8 (N, C, H, W) images in a grid, each with its title (a text-only grid when images is None).
+
+    One mosaic in one axes with the titles written over its gaps: 40 separate small axes took 0.3 s to draw.
+    """
     n = len(titles)
     columns = max(1, min(columns, n))
     rows = max(1, -(-n // columns))
-    fig, axes = _subplots(rows, columns, figsize=(1.9 * columns, 2.1 * rows + 0.4), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        if images is not None:
-            img = images[i].permute(1, 2, 0).cpu().numpy()
-            ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
-                      interpolation="nearest")
-        ax.set_title(titles[i], fontsize=7)
+    h, w, c = (images.shape[2], images.shape[3], images.shape[1]) if images is not None and n else (4, 4, 1)
+    gap_x, gap_y = max(1, w // 8), max(2, h // 4)  # the space above each image holds its title
+    mosaic = np.full((rows * (h + gap_y), columns * (w + gap_x), c), 255, np.uint8)
+    fig, ax = _subplots(figsize=(1.9 * columns, 1.9 * columns * mosaic.shape[0] / mosaic.shape[1] + 0.5))
+    ax.axis("off")
+    for i in range(n if images is not None else 0):
+        r, k = divmod(i, columns)
+        y, x = r * (h + gap_y) + gap_y, k * (w + gap_x)
+        mosaic[y:y + h, x:x + w] = images[i].permute(1, 2, 0).cpu().numpy()
+    ax.imshow(mosaic[:, :, 0] if c == 1 else mosaic, cmap="gray" if c == 1 else None, interpolation="nearest",
+              vmin=0, vmax=255)
+    for i, text in enumerate(titles):
+        r, k = divmod(i, columns)
+        ax.text(k * (w + gap_x) + w / 2, r * (h + gap_y) + gap_y - 0.5, text, fontsize=7, ha="center", va="bottom")
     fig.suptitle(title)
     return fig
 
