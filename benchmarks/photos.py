@@ -52,8 +52,8 @@ def make_folder(n_train: int, n_test: int = 2000) -> Path:
     if (root / ".complete").exists():
         return root
     tasks = []
+    listing = folders.list_images(DATA)
     for split, n in (("train", n_train), ("test", n_test)):
-        listing = folders._split_folders(DATA, __import__("collections").Counter())
         files, labels = listing.files[split], listing.labels[split]
         for i in folders.stratified_pick(labels, n, 0, len(listing.classes)):
             dest = root / split / listing.classes[labels[i]] / f"{i:05d}.jpg"

@@ -40,6 +40,15 @@ def write_split(root, per_class: int = 4, size=(80, 60), ext: str = "jpg", class
     return root
 
 
+def _mapped(tensor: torch.Tensor, name: str) -> bool:
+    """Whether the tensor's pixels are a mapping of the cache file `name` (not a copy in memory)."""
+    for line in open("/proc/self/maps").read().splitlines():
+        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+        if line.endswith(name) and lo <= tensor.data_ptr() < hi:
+            return True
+    return False
+
+
 def cli(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cnnlab.cli", *args], capture_output=True, text=True, env=env)
 
@@ -240,9 +249,7 @@ def test_draft_mode_decodes_a_large_jpeg_like_a_full_decode(tmp_path):
 def test_the_cache_is_mapped_and_keyed_by_the_resolved_path(tmp_path, monkeypatch):
     write_split(tmp_path / "d" / "train", 3)
     ds = data.load_dataset(tmp_path / "d")
-    maps = open("/proc/self/maps").read()  # the pixels are a mapping of the cache file, not a copy in memory
-    assert any(line.endswith("train.u8") and int(line.split("-")[0], 16) <= ds.x_train.data_ptr()
-               < int(line.split()[0].split("-")[1], 16) for line in maps.splitlines())
+    assert _mapped(ds.x_train, "train.u8")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cache, "_decode_chunk", lambda *a: pytest.fail("decoded again for another spelling"))
     again = data.load_dataset("./d/../d")
@@ -383,3 +390,18 @@ def test_the_command_flushes_its_output_before_leaving(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cnnlab", "data", "info", "--data", str(tmp_path / "nothing")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("cnnlab: error: data path")
+
+
+def test_val_split_is_held_out_by_the_cache_without_copying_the_training_set(tmp_path, cifar_python_dir):
+    write_split(tmp_path / "train", 10)
+    write_split(tmp_path / "test", 2)
+    for source in (tmp_path, cifar_python_dir):
+        whole = data.load(DataConfig(path=str(source)))
+        split = data.load(DataConfig(path=str(source), val_split=0.2))
+        assert _mapped(split.x_train, "train.u8") and _mapped(split.x_val, "val.u8")  # both read from disk
+        expected = whole.hold_out(0.2, 0)  # the same images as the in-memory hold-out picks
+        assert torch.equal(split.x_val, expected.x_val) and torch.equal(split.y_train, expected.y_train)
+    (tmp_path / "val").mkdir()
+    write_split(tmp_path / "val", 1)
+    with pytest.raises(CnnlabError, match="own validation folder"):
+        data.load(DataConfig(path=str(tmp_path), val_split=0.2))

@@ -63,6 +63,7 @@ class Request:
     skip_bad: bool = False
     val_fraction: float = 0.1  # image trees without a test split: the held-out share
     split_seed: int = 0
+    val_split: float | None = None  # --val-split: this share of train becomes the "val" split, decoded apart
 
     def key(self) -> str:
         settings = {k: v for k, v in asdict(self).items() if k not in ("path", "fmt")}
@@ -121,7 +122,7 @@ def entry_for(c: DataConfig, use_cache: bool = True) -> Entry:
     """The entry for a data configuration: its data found, decoded when not cached, classes renamed as asked."""
     fmt, src = sources.detect_format(sources.resolve_path(c.path))
     req = Request(fmt, src.resolve(), tuple(c.image_size) if c.image_size else None, c.resize, c.label_mode,
-                  c.skip_bad_images, c.val_fraction, c.split_seed)
+                  c.skip_bad_images, c.val_fraction, c.split_seed, c.val_split)
     entry = open_entry(req, use_cache)
     if c.class_names:
         if len(c.class_names) != len(entry.meta["classes"]):
@@ -215,8 +216,13 @@ def _build_arrays(req: Request, tmp: Path) -> dict:
     num_classes = max(int(y.max(initial=-1)), int(yt.max(initial=-1))) + 1
     classes = list(classes) + [str(i) for i in range(len(classes), num_classes)]
     size = tuple(req.image_size or x.shape[2:])
-    counts = {}
-    for split, images, labels in (("train", x, y), ("test", xt, yt)):
+    counts, splits = {}, [("train", x, y), ("test", xt, yt)]
+    if req.val_split:  # the same stratified pick as Dataset.hold_out, written apart instead of copied in memory
+        val = folders.stratified_pick(y, round(req.val_split * len(y)), req.split_seed, len(classes))
+        keep = np.ones(len(y), bool)
+        keep[val] = False
+        splits = [("train", x[keep], y[keep]), ("val", x[val], y[val]), ("test", xt, yt)]
+    for split, images, labels in splits:
         if size != tuple(images.shape[2:]):
             images = _resize_array(images, size, req.resize)
         images.tofile(tmp / f"{split}.u8")
@@ -255,6 +261,10 @@ def default_size(files: list[str]) -> tuple[int, int]:
 
 def _build_images(req: Request, tmp: Path) -> dict:
     listing = folders.list_images(req.path, req.val_fraction, req.split_seed)
+    if req.val_split:  # held out before decoding: the validation images are never copied out of the training set
+        if "val" in listing.files:
+            raise CnnlabError(f"{req.path} has its own validation folder; leave out --val-split")
+        listing = listing.hold_out(req.val_split, req.split_seed, into="val")
     size = tuple(req.image_size or default_size(listing.files["train"]))
     splits = [s for s in SPLITS if s in listing.files]
     decoded = {s: _decode_split(listing.files[s], tmp / f"{s}.u8", size, req.resize, f"decoding {s}")

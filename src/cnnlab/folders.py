@@ -39,16 +39,19 @@ class Listing:
     ignored: Counter = field(default_factory=Counter)  # "hidden" / "not an image" -> count
     split: str = ""  # where the test set comes from, in words
 
-    def hold_out(self, fraction: float, seed: int) -> Listing:
-        """Move a seeded, stratified `fraction` of train into test (flat layouts and CSVs without a test set)."""
+    def hold_out(self, fraction: float, seed: int, into: str = "test") -> Listing:
+        """Move a seeded, stratified `fraction` of train into the split `into`: the test set of a flat layout
+        or a CSV, or the validation set that --val-split asks for."""
         y = self.labels["train"]
-        test = stratified_pick(y, round(fraction * len(y)), seed, len(self.classes))
+        picked = stratified_pick(y, round(fraction * len(y)), seed, len(self.classes))
+        if len(picked) == 0 or len(picked) == len(y):
+            raise CnnlabError(f"holding out {fraction:.0%} of {len(y)} training images leaves an empty set")
         keep = np.ones(len(y), bool)
-        keep[test] = False
+        keep[picked] = False
         files = np.array(self.files["train"], dtype=object)
-        return Listing(self.layout, self.classes, {**self.files, "train": list(files[keep]), "test": list(files[test])},
-                       {**self.labels, "train": y[keep], "test": y[test]}, self.ignored,
-                       f"stratified {fraction:.0%} of the images held out (seed {seed})")
+        split = f"stratified {fraction:.0%} of the images held out (seed {seed})" if into == "test" else self.split
+        return Listing(self.layout, self.classes, {**self.files, "train": list(files[keep]), into: list(files[picked])},
+                       {**self.labels, "train": y[keep], into: y[picked]}, self.ignored, split)
 
 
 def stratified_pick(y: np.ndarray, count: int, seed: int, num_classes: int) -> np.ndarray:

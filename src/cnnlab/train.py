@@ -392,8 +392,8 @@ def _load_data(data_cfg: DataConfig, seed: int, log=say) -> Dataset:
     if ds.skipped:
         log(f"warning: skipped {len(ds.skipped)} unreadable image file(s) (recorded in config.json): "
             + "; ".join(ds.skipped[:3]) + ("; ..." if len(ds.skipped) > 3 else ""))
-    if data_cfg.val_split:  # before the subset, so that the held-out images never depend on the training seed
-        ds = ds.hold_out(data_cfg.val_split, data_cfg.split_seed)
+    # --val-split was held out by the cache (data.load), before the subset: the held-out images never depend on
+    # the training seed, and they are decoded apart rather than copied out of the mapped training set
     return ds.subset(data_cfg.subset, seed) if data_cfg.subset else ds
 
 
