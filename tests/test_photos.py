@@ -143,6 +143,7 @@ def test_every_format_decodes_to_the_pixels_a_viewer_shows(tmp_path):
     red = photo((200, 30, 30), (16, 12))
     cases = {name: _save(red, tmp_path / f"x.{name}") for name in ("jpg", "png", "bmp", "tiff", "webp", "avif")}
     cases["gif"] = _save(red.convert("P", palette=Image.ADAPTIVE), tmp_path / "x.gif")
+    cases["palette png"] = _save(red.convert("P", palette=Image.ADAPTIVE), tmp_path / "p.png")
     for name, path in cases.items():
         arr = images.decode_image(path, None, None)
         assert arr.shape == (12, 16, 3), name

@@ -264,6 +264,21 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def cmd_summary(args: argparse.Namespace) -> None:
+    from . import models
+
+    _check_model(args.model)
+    if args.data:
+        ds = _load(args)
+        shape, k = (ds.channels, *ds.image_size), ds.num_classes
+    else:  # CIFAR-10's shape, without reading (or downloading) anything
+        shape, k = (3, *(args.image_size or (32, 32))), 10
+    model = models.build(args.model, shape[0], k, shape[1:])
+    print(models.summary(model, shape))
+    if warning := models.size_warning(model, shape[1:]):
+        print(warning)
+
+
 def cmd_runs(args: argparse.Namespace) -> None:
     from . import runs
 
@@ -344,18 +359,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
 
         print(cache.describe(cache.entry_for(_data_config(args).validate()).meta))
     elif args.command == "summary":
-        from . import models
-
-        _check_model(args.model)
-        if args.data:
-            ds = _load(args)
-            shape, k = (ds.channels, *ds.image_size), ds.num_classes
-        else:  # CIFAR-10's shape, without reading (or downloading) anything
-            shape, k = (3, *(args.image_size or (32, 32))), 10
-        model = models.build(args.model, shape[0], k, shape[1:])
-        print(models.summary(model, shape))
-        if warning := models.size_warning(model, shape[1:]):
-            print(warning)
+        cmd_summary(args)
     elif args.command == "doctor":
         from . import doctor
 
