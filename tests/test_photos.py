@@ -266,6 +266,16 @@ def test_the_process_pool_decodes_what_one_process_does(tmp_path, monkeypatch):
     assert torch.equal(one.x_train, pooled.x_train) and torch.equal(one.x_test, pooled.x_test)
 
 
+def test_the_pool_works_from_a_script_without_a_main_guard(tmp_path):
+    """Workers must not run the caller's script again (spawn and forkserver do): here it is read from stdin."""
+    write_split(tmp_path / "train", 12, size=(90, 70))
+    code = ("import sys; from cnnlab import cache, data; cache.POOL_FROM = 4; cache.CHUNK = 5; "
+            "ds = data.load_dataset(sys.argv[1], use_cache=False); print('loaded', len(ds.y_train) + len(ds.y_test))")
+    out = subprocess.run([sys.executable, "-", str(tmp_path)], input=code, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "loaded 36" in out.stdout, out.stderr[-2000:]
+
+
 def test_skipped_bad_files_are_named_and_the_rest_keep_their_order(tmp_path, monkeypatch):
     write_split(tmp_path / "train", 4)
     write_split(tmp_path / "test", 2)

@@ -363,8 +363,10 @@ def _run(tasks: list[tuple], n: int):
     if n < POOL_FROM or workers == 1:
         yield from (_decode_chunk(*t) for t in tasks)
         return
-    # forkserver: the workers start clean, not as copies of a parent that may hold PyTorch's threads
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    # fork, as PyTorch's DataLoader workers on Linux: forkserver and spawn would run the caller's main script
+    # again in every worker (breaking `python -c`, stdin and notebooks), and the workers only decode with
+    # Pillow and write with NumPy, never touching the parent's PyTorch threads
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         futures = [pool.submit(_decode_chunk, *t) for t in tasks]
         try:
             for fut in as_completed(futures):
