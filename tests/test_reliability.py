@@ -259,3 +259,93 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path, cifar_python_d
     assert any("no checkpoint yet" in str(s) for s in said)
     want, got = load_file(whole / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The end of a run: a kill after any of its files, damaged weights, SIGTERM
+
+END_OF_RUN = ["model.safetensors", "model.json", *train.END_FILES, "report.html"]
+# Runs `cnnlab train` in this process, SIGKILLing it as soon as the N-th file of the end of the run is complete
+# (files.atomic_path has renamed it into place): what a kill between two files leaves.
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+from cnnlab import cli, files
+after, names, real = int(sys.argv[1]), sys.argv[2].split(","), files.atomic_path.__wrapped__
+def counting(path, *a, **k):
+    gen = real(path, *a, **k)
+    tmp = next(gen)
+    try:
+        yield tmp
+    except BaseException as e:
+        gen.throw(e)
+    next(gen, None)
+    done = [n for n in names if (Path(path).parent / n).exists()]
+    if Path(path).name in names and len(done) >= after:
+        os.kill(os.getpid(), signal.SIGKILL)
+files.atomic_path = files.contextmanager(counting)
+cli.main(sys.argv[3:])
+"""
+
+
+def _end_of_run_files(run: Path) -> dict[str, bool]:
+    return {name: (run / name).exists() for name in END_OF_RUN}
+
+
+def test_a_kill_after_any_file_of_the_end_of_a_run_is_completed_by_resume(tmp_path, cifar_python_dir):
+    flags = ["--data", str(cifar_python_dir), "--epochs", "1", "--batch-size", "30", "--seed", "3"]
+    assert cli.main(["train", *flags, "--out", str(tmp_path / "reference")]) == 0
+    want = load_file(tmp_path / "reference" / "model.safetensors")
+    for after in range(1, len(END_OF_RUN)):  # killed after the 1st ... 6th file; the 7th ends the run anyway
+        run = tmp_path / f"killed-{after}"
+        proc = subprocess.run([sys.executable, "-c", KILLER, str(after), ",".join(END_OF_RUN), "train", *flags,
+                               "--out", str(run)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert list(_end_of_run_files(run).values()) == [True] * after + [False] * (len(END_OF_RUN) - after)
+        assert cli.main(["train", "--resume", str(run)]) == 0
+        assert all(_end_of_run_files(run).values()), after
+        got = load_file(run / "model.safetensors")
+        assert all(torch.equal(want[k], got[k]) for k in want), after
+        assert checkpoints.model_complete(run)
+
+
+def test_damaged_weights_are_refused_by_every_reader_and_rewritten_by_resume(tmp_path, cifar_python_dir, capsys):
+    from cnnlab import deploy, evaluate, export
+
+    run = tmp_path / "run"
+    flags = ["--data", str(cifar_python_dir), "--epochs", "1", "--batch-size", "30", "--no-report"]
+    assert cli.main(["train", *flags, "--out", str(run)]) == 0
+    want = {k: v.clone() for k, v in load_file(run / "model.safetensors").items()}  # not a view of the file
+    blob = bytearray((run / "model.safetensors").read_bytes())
+    blob[-3] ^= 0x40  # one flipped exponent bit in the last weight
+    (run / "model.safetensors").write_bytes(bytes(blob))
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (9, 99, 199)).save(image)
+    for read in (lambda: evaluate.evaluate_run(run), lambda: deploy.predict_files(run, [str(image)]),
+                 lambda: export.export_onnx(run, tmp_path / "m.onnx"), lambda: evaluate.TorchPredictor(run)):
+        with pytest.raises(CnnlabError, match="is damaged"):
+            read()
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run)]) == 0  # written again from the final checkpoint
+    got = load_file(run / "model.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert cli.main(["train", "--resume", str(run), "--no-report"]) == 0
+    assert "is complete: all 1 epochs trained, its weights verified" in capsys.readouterr().out
+
+
+def test_sigterm_stops_like_ctrl_c_with_a_checkpoint(tmp_path, cifar_python_dir):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--data", str(cifar_python_dir), "--epochs",
+                             "200", "--batch-size", "10", "--no-report", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = run / checkpoints.CHECKPOINT
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:  # the first epoch has ended
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGTERM: stopping after this step and saving a checkpoint" in out
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    state = checkpoints.load_checkpoint(run)
+    assert state is not None and state["epoch"] + state["step"] > 0 and state["epoch"] < 200

@@ -3,6 +3,12 @@
 Checkpoints are safetensors (no pickle, so loading runs no code) with the non-tensor structure as JSON in
 their metadata and a SHA-256 over both, checked on load; the previous one is kept until a new one is
 complete. The final weights are model.safetensors beside model.json, which says how to rebuild the network.
+
+The final weights are committed in order: model.safetensors (with the SHA-256 of its tensors in its header),
+then model.json, which records the same digest. model.json is the commit: a run that has it has complete
+weights, and every reader (evaluate, predict, export, serve, report) checks them against the digest, so a
+damaged file is an error instead of silently wrong predictions. A kill between the two files leaves a run
+that `train --resume` completes from its final checkpoint.
 """
 
 from __future__ import annotations
@@ -124,10 +130,36 @@ def load_checkpoint(run_dir: Path, log=print) -> dict | None:
 
 
 def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:
-    """Final weights (safetensors) and the metadata that makes them usable on their own."""
+    """Final weights (safetensors) and the metadata that makes them usable on their own, committed in order."""
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    files.write_bytes(run_dir / "model.safetensors", save(weights))
-    files.write_json(run_dir / "model.json", meta)
+    digest = _digest("", weights)
+    files.write_bytes(run_dir / "model.safetensors", save(weights, metadata={"sha256": digest}))
+    files.write_json(run_dir / "model.json", {**meta, "sha256": digest})
+
+
+def load_weights(run_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The final weights, checked against the digest model.json recorded (runs before it had none)."""
+    path = run_dir / "model.safetensors"
+    try:
+        weights = load_file(path)
+    except FileNotFoundError:
+        raise CnnlabError(f"{run_dir} has no weights (model.safetensors); is it a finished training run?") from None
+    except Exception as e:  # safetensors raises its own error types for damaged headers and data
+        raise CnnlabError(f"cannot read weights {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                          ) from None
+    if "sha256" in meta and _digest("", weights) != meta["sha256"]:
+        raise CnnlabError(f"{path} is damaged (its checksum does not match model.json); `cnnlab train --resume "
+                          f"{run_dir}` writes it again from the run's final checkpoint")
+    return weights
+
+
+def model_complete(run_dir: Path) -> bool:
+    """Whether the run has committed final weights that pass their checksum."""
+    try:
+        load_weights(run_dir, read_json(run_dir / "model.json", "it is not a complete training run"))
+    except CnnlabError:
+        return False
+    return True
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -135,15 +167,15 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CnnlabError(f"run directory {run_dir} does not exist")
-    weights_path = run_dir / "model.safetensors"
-    if not weights_path.is_file():
+    if not (run_dir / "model.safetensors").is_file():
         raise CnnlabError(f"{run_dir} has no weights (model.safetensors); is it a finished training run?")
     meta = read_json(run_dir / "model.json", "it is not a complete training run")
+    weights = load_weights(run_dir, meta)
     model = models.build(meta["model"], meta["in_channels"], len(meta["classes"]), tuple(meta["image_size"]))
     try:
-        model.load_state_dict(load_file(weights_path))
+        model.load_state_dict(weights)
     except Exception as e:
-        raise CnnlabError(f"cannot load weights {weights_path}: {e}") from None
+        raise CnnlabError(f"cannot load weights {run_dir / 'model.safetensors'}: {e}") from None
     return model.to(device).eval(), meta
 
 
@@ -158,10 +190,7 @@ def init_from(model: nn.Module, model_name: str, source: str | Path) -> str:
     if meta["model"] != model_name:
         raise CnnlabError(f"--init-from {source}: that run trained {meta['model']!r}, this one is {model_name!r}; "
                           "fine-tuning needs the same architecture (pass --model)")
-    try:
-        weights = load_file(source / "model.safetensors")
-    except Exception as e:
-        raise CnnlabError(f"cannot load weights {source / 'model.safetensors'}: {e}") from None
+    weights = load_weights(source, meta)
     own = model.state_dict()
     head = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
     differ = sorted(k for k in own if k in weights and weights[k].shape != own[k].shape)

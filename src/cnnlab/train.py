@@ -48,6 +48,8 @@ from .state import TrainState
 from .threads import ThreadGovernor
 
 STOP = threading.Event()  # set by Ctrl-C; the loop checks it between steps so no update is cut in half
+# What a run writes after its weights (model.safetensors, then model.json), in order; report.html comes last.
+END_FILES = ("metrics.json", "confusion_matrix.csv", "confusion_matrix.json", "confusion_matrix.png")
 # Steps between host reads of the running totals. A read waits for the device to finish its queue: a GPU
 # queues ~20 small steps ahead in the time the host takes to launch them, and on a CPU (where every op has
 # already run when it returns) a read costs a few microseconds, so nothing is lost either way.
@@ -364,7 +366,8 @@ def _model_meta(cfg: TrainConfig, ds: Dataset, ts: TrainState, dtype: torch.dtyp
 
 @contextlib.contextmanager
 def _ctrl_c_requests_stop():
-    """While training, the first Ctrl-C asks the loop to stop and checkpoint; a second one aborts."""
+    """While training, the first Ctrl-C (or SIGTERM, which schedulers send before they kill) asks the loop to
+    stop and checkpoint; a second one aborts."""
     STOP.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -374,13 +377,15 @@ def _ctrl_c_requests_stop():
         if STOP.is_set():
             raise KeyboardInterrupt
         STOP.set()
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
+        what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        print(f"\n{what}: stopping after this step and saving a checkpoint ({what} again to abort)", flush=True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,6 +415,19 @@ def _load_once(world: World, load) -> Dataset:
 
 def _quiet(*args) -> None:
     pass
+
+
+def _complete(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bool) -> Path:
+    """A run whose weights are committed and verified: write again whatever of the end of the run is missing
+    (a kill or a full disk after the weights), or say that nothing is."""
+    wanted = [*END_FILES, *(["report.html"] if with_report else [])]
+    missing = [name for name in wanted if not (run_dir / name).exists()]
+    if not missing:
+        log(f"{run_dir} is complete: all {cfg.epochs} epochs trained, its weights verified, "
+            f"{', '.join(wanted)} present")
+        return run_dir
+    log(f"{run_dir} finished training; writing what its end left missing: {', '.join(missing)}")
+    return _finish(run_dir, ds, cfg, log, with_report)
 
 
 def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bool,
@@ -449,7 +467,7 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     run_dir = _new_run_dir(out, runs_root, preset) if world.main else None
     run_dir = Path(dist.broadcast(world, str(run_dir) if run_dir else None))
     if world.main:
-        _write_config(run_dir, cfg, data_cfg, ds, preset, world)
+        _write_config(run_dir, cfg, data_cfg, ds, preset, world, with_report)
         log(f"run directory: {run_dir}")
     logits = fit(run_dir, cfg, ds, None, log, world)
     return _finish(run_dir, ds, cfg, log, with_report, logits) if world.main else run_dir
@@ -470,9 +488,9 @@ def _new_run_dir(out: str | Path | None, runs_root: str | Path, preset: str) -> 
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, data_cfg: DataConfig, ds: Dataset, preset: str,
-                  world: World) -> None:
+                  world: World, with_report: bool) -> None:
     device = pick_device(cfg.device)
-    config = {"preset": preset, "train": asdict(cfg),
+    config = {"preset": preset, "train": asdict(cfg), "outputs": {"report": with_report},
               "data": {**asdict(data_cfg), "path": ds.source, "format": ds.format, "split": ds.split,
                        "classes": ds.classes, "train_images": len(ds.y_train), "test_images": len(ds.y_test),
                        "skipped_images": list(ds.skipped),
@@ -493,7 +511,7 @@ def _read_run(run_dir: Path, world: World, log) -> tuple[dict, dict | None, bool
         for leftover in run_dir.glob(".*.tmp"):  # a write that a kill cut short; never a file anything reads
             leftover.unlink(missing_ok=True)
         state = checkpoints.load_checkpoint(run_dir, log)
-        finished = (run_dir / "model.safetensors").exists()
+        finished = checkpoints.model_complete(run_dir)  # committed and intact; else written again from the state
     return dist.broadcast(world, (config, state, finished))
 
 
@@ -512,11 +530,7 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
     if ds.classes != config["data"]["classes"]:
         raise CnnlabError(f"the data at {ds.source} has other classes than the run was trained on")
     if state is not None and state["epoch"] >= cfg.epochs and finished:
-        if not world.main or (run_dir / "metrics.json").exists():
-            log(f"{run_dir} already finished all {cfg.epochs} epochs")
-            return run_dir
-        log(f"{run_dir} finished training but not its evaluation: evaluating now")  # stopped in between
-        return _finish(run_dir, ds, cfg, log, with_report)
+        return _complete(run_dir, ds, cfg, log, with_report and config.get("outputs", {}).get("report", True))
     if state is None:
         log(f"{run_dir} has no checkpoint yet (it stopped before the first one): starting from the beginning")
     else:
