@@ -349,3 +349,57 @@ def test_sigterm_stops_like_ctrl_c_with_a_checkpoint(tmp_path, cifar_python_dir)
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     state = checkpoints.load_checkpoint(run)
     assert state is not None and state["epoch"] + state["step"] > 0 and state["epoch"] < 200
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small things that used to go wrong
+
+
+def test_flag_errors_are_one_line(tmp_path):
+    for args, message in ((["train", "--epochs", "0"], "--epochs: must be at least 1"),
+                          (["train", "--lr", "inf"], "--lr: must be a finite number above 0"),
+                          (["bogus"], "invalid choice: 'bogus'"), (["data"], "required: SUBCOMMAND")):
+        proc = subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0] and "--help" in lines[0], args
+    with pytest.raises(CnnlabError, match="lr must be a finite number"):
+        TrainConfig(lr=float("nan")).validate()
+
+
+def test_out_must_be_new_or_empty_and_a_refused_run_leaves_nothing(tmp_path, cifar_python_dir, monkeypatch):
+    mine = tmp_path / "my-notes"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("do not overwrite")
+    with pytest.raises(CnnlabError, match="folder of other files"):
+        train.train(TrainConfig(epochs=1), DataConfig(path=str(cifar_python_dir)), out=mine)
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
+    monkeypatch.setattr(train, "_require_space", lambda *a: (_ for _ in ()).throw(CnnlabError("no space")))
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        with pytest.raises(CnnlabError, match="no space"):
+            train.train(TrainConfig(epochs=1), DataConfig(path=str(cifar_python_dir)), out=out, log=lambda *a: None)
+        assert not out.exists() if out.name == "new" else not any(out.iterdir())  # the command can simply run again
+
+
+def test_a_killed_decode_leaves_nothing_that_stays(tmp_path):
+    write_image_folder(tmp_path / "imgs", per_class=3, size=(8, 8))
+    decoded = Path(os.environ["CNNLAB_CACHE"]) / "decoded"
+    decoded.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = decoded / f".building-{dead.stdout.strip()}-x1"  # what a SIGKILL mid-decode leaves
+    (abandoned / "train.u8").parent.mkdir()
+    (abandoned / "train.u8").write_bytes(b"\0" * 100)
+    alive = decoded / f".building-{os.getpid()}-x2"  # a decode still running in this process: left alone
+    alive.mkdir()
+    data.load_dataset(tmp_path / "imgs")
+    assert not abandoned.exists() and alive.exists()
+
+
+def test_training_on_no_images_is_an_error(tmp_path):
+    empty = torch.zeros(0, 3, 8, 8, dtype=torch.uint8)
+    ds = data.Dataset(empty, torch.zeros(0, dtype=torch.int64), empty, torch.zeros(0, dtype=torch.int64), ["a", "b"],
+                      "image-folder", str(tmp_path), "none")
+    with pytest.raises(CnnlabError, match="no training images"):
+        train.train(TrainConfig(epochs=1), dataset=ds, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

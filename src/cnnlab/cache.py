@@ -145,7 +145,8 @@ def open_entry(req: Request, use_cache: bool = True) -> Entry:
         folder, parent = None, Path(tempfile.gettempdir())
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=parent))
+        _clear_abandoned(parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=parent))
     except OSError:
         if not use_cache:
             raise CnnlabError(f"cannot write the decoded images to {parent}") from None
@@ -160,6 +161,17 @@ def open_entry(req: Request, use_cache: bool = True) -> Entry:
             _remove_when_mapped(tmp)
         elif tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _clear_abandoned(parent: Path) -> None:
+    """Remove the half-built entries of processes that no longer run (killed while decoding)."""
+    for folder in parent.glob(".building-*"):
+        try:
+            os.kill(int(folder.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue  # not ours to judge, or its process is alive
 
 
 def _read_meta(folder: Path) -> dict | None:

@@ -50,8 +50,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value}")
     return value
 
 
@@ -82,13 +82,20 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="leave out unreadable image files (listed in the run) instead of stopping with their list")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (which command's --help to read), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"cnnlab: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__)
+    parser = Parser(prog="cnnlab", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("data", help="inspect a data set")
-    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
     _add_data_args(dsub.add_parser("info", help="format, classes, image size, counts per class and split"))
 
     p = sub.add_parser("summary", help="a Keras-style table of a model's layers and parameters")

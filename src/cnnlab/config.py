@@ -7,6 +7,7 @@ a typo costs nothing and leaves nothing behind.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args, get_type_hints
@@ -87,6 +88,10 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Every field checked at once; raises CnnlabError naming the first bad one. Returns self."""
         check_literals(self)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            _require(not isinstance(value, float) or math.isfinite(value),
+                     f"{f.name.replace('_', '-')} must be a finite number, got {value}")
         for names, test, what in ((("epochs", "batch_size", "eval_batch_size"), lambda v: v >= 1, "at least 1"),
                                   (("lr", "eps", "filter_lr"), lambda v: v > 0, "above 0"),
                                   (("weight_decay", "checkpoint_every", "threads", "val_sample", "label_smoothing",

@@ -462,23 +462,54 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
         runs.read_json(Path(cfg.init_from) / "model.json", "--init-from needs a finished training run")
     world = dist.init()
     dist.per_rank_batch(world, cfg.batch_size)
+    if world.main and out is not None:
+        _check_out(Path(out))  # before the data is read: a wrong --out costs nothing
     log = log if world.main else _quiet
     ds = dataset or _load_once(world, lambda: _load_data(data_cfg, cfg.seed, log))
+    if len(ds.y_train) == 0:
+        raise CnnlabError(f"{ds.source} has no training images")
+    created = out is None or not Path(out).exists()
     run_dir = _new_run_dir(out, runs_root, preset) if world.main else None
     run_dir = Path(dist.broadcast(world, str(run_dir) if run_dir else None))
-    if world.main:
-        _write_config(run_dir, cfg, data_cfg, ds, preset, world, with_report)
-        log(f"run directory: {run_dir}")
-    logits = fit(run_dir, cfg, ds, None, log, world)
+    try:
+        if world.main:
+            _write_config(run_dir, cfg, data_cfg, ds, preset, world, with_report)
+            log(f"run directory: {run_dir}")
+        logits = fit(run_dir, cfg, ds, None, log, world)
+    except CnnlabError:
+        if world.main:
+            _discard(run_dir, created)
+        raise
     return _finish(run_dir, ds, cfg, log, with_report, logits) if world.main else run_dir
+
+
+def _check_out(out: Path) -> None:
+    """--out must be new, or an empty folder: never a run (that is --resume) nor a folder of other files."""
+    if (out / "config.json").exists():
+        raise CnnlabError(f"{out} already holds a run; use --resume {out} or another --out")
+    if out.is_dir() and any(out.iterdir()):
+        raise CnnlabError(f"{out} is a folder of other files, not a cnnlab run; choose a new or empty --out")
+    if out.exists() and not out.is_dir():
+        raise CnnlabError(f"--out {out} is a file; choose a new or empty folder")
+
+
+def _discard(run_dir: Path, created: bool) -> None:
+    """A run refused before its first checkpoint (no disk space, a non-finite first step, ...) leaves nothing:
+    the same command can then simply be run again."""
+    if any((run_dir / name).exists() for name in (checkpoints.CHECKPOINT, checkpoints.PREVIOUS)):
+        return  # it trained: --resume continues it
+    for name in ("config.json", "history.csv", "history.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only when nothing else is in it
 
 
 def _new_run_dir(out: str | Path | None, runs_root: str | Path, preset: str) -> Path:
     try:
         if out is not None:
             run_dir = Path(out)
-            if (run_dir / "config.json").exists():
-                raise CnnlabError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+            _check_out(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
         else:
             run_dir = runs.new_run_dir(runs_root, preset)
