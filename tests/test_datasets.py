@@ -192,5 +192,54 @@ def test_idx_header_whose_size_overflows_64_bits_is_refused(tmp_path):
     from cnnlab import idx
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 65536, 16777216, 16777216))  # 2**64 pixels, no data
-    with pytest.raises(CnnlabError, match="has 0 bytes of data"):
+    with pytest.raises(CnnlabError, match="more than cnnlab reads"):
         idx.read_idx(path, 3)
+
+
+def test_an_idx_gzip_bomb_is_refused_without_inflating_it(tmp_path):
+    """A few KB of gzip that would inflate to 200 MB behind a header declaring 10 images of 28x28."""
+    import gzip
+    import struct
+    import tracemalloc
+
+    from cnnlab import idx
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">III", 10, 28, 28))
+        for _ in range(200):
+            f.write(bytes(2**20))
+    assert path.stat().st_size < 500_000
+    tracemalloc.start()
+    with pytest.raises(CnnlabError, match="has more data than its header says"):
+        idx.read_idx(path, 3)
+    assert tracemalloc.get_traced_memory()[1] < 2**20  # never more than the declared size held
+
+
+def test_labels_that_are_not_class_indices_are_refused_at_load_time(tmp_path, cifar_batches):
+    from conftest import write_cifar_python
+    for bad in (100_000, -1, 2**40):
+        batches = [(x, list(y)) for x, y in cifar_batches]
+        batches[-1][1][3] = bad  # one test-set label
+        folder = write_cifar_python(tmp_path / f"c{bad}", batches)
+        with pytest.raises(CnnlabError, match=f"test label {bad} is not a class index"):
+            data.load_dataset(folder, use_cache=False)
+    mnist, _ = write_idx(tmp_path / "mnist", compress=False)
+    (mnist / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(40, 200, np.uint8)))
+    with pytest.raises(CnnlabError, match="training label 200 is not a class index"):
+        data.load_dataset(mnist, use_cache=False)
+
+
+def test_a_cifar_archive_member_declaring_a_huge_size_is_refused(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        payload = bytes(2**20)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    from cnnlab import cifar
+    monkeypatch.setattr(cifar, "MAX_MEMBER", 2**19)  # a 1 MB member against a 512 KB limit
+    with pytest.raises(CnnlabError, match="declares 1,048,576 bytes"):
+        data.load_dataset(path, use_cache=False)

@@ -225,8 +225,7 @@ def _read_arrays(req: Request):
 def _build_arrays(req: Request, tmp: Path) -> dict:
     """CIFAR and IDX: already pixels; resized only when --image-size asks for another size."""
     (x, y), (xt, yt), classes = _read_arrays(req)
-    num_classes = max(int(y.max(initial=-1)), int(yt.max(initial=-1))) + 1
-    classes = list(classes) + [str(i) for i in range(len(classes), num_classes)]
+    classes = _check_labels(req.path, {"training": y, "test": yt}, list(classes))
     size = tuple(req.image_size or x.shape[2:])
     counts, splits = {}, [("train", x, y), ("test", xt, yt)]
     if req.val_split:  # the same stratified pick as Dataset.hold_out, written apart instead of copied in memory
@@ -243,6 +242,21 @@ def _build_arrays(req: Request, tmp: Path) -> dict:
     return {"classes": classes, "image_size": list(size), "resize": req.resize if size != x.shape[2:] else None,
             "channels": int(x.shape[1]), "counts": counts, "layout": req.fmt, "split": "official test set",
             "skipped": [], "ignored": {}}
+
+
+MAX_CLASSES = 100_000  # far beyond any classifier here; a label of 2**40 must not become 2**40 class names
+
+
+def _check_labels(path: Path, labels: dict[str, np.ndarray], classes: list[str]) -> list[str]:
+    """Every label a class index: below the named classes' count, or (files that name none) below MAX_CLASSES.
+    Checked here, at load time, not an epoch later; returns the class names, numbered where none are given."""
+    limit = len(classes) or MAX_CLASSES
+    for split, y in labels.items():
+        bad = y[(y < 0) | (y >= limit)]
+        if len(bad):
+            raise CnnlabError(f"{path}: {split} label {int(bad[0])} is not a class index (0 to {limit - 1})")
+    found = max(int(y.max(initial=-1)) for y in labels.values()) + 1
+    return classes + [str(i) for i in range(len(classes), found)]
 
 
 def _resize_array(x: np.ndarray, size: tuple[int, int], resize: Resize) -> np.ndarray:

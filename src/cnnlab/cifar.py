@@ -29,6 +29,7 @@ URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+MAX_MEMBER = 2**28  # 256 MB: CIFAR-100's training file, the largest, is 155 MB
 Arrays = tuple[np.ndarray, np.ndarray]  # images (N, 3, 32, 32) uint8, labels (N,) int64
 
 
@@ -86,6 +87,9 @@ def _read_members(path: Path, wanted: set[str]) -> dict[str, bytes]:
                 for member in tar:
                     name = os.path.basename(member.name)
                     if member.isfile() and name in wanted:
+                        if member.size > MAX_MEMBER:  # declared in the tar header, before anything inflates
+                            raise CnnlabError(f"{path}: {member.name} declares {member.size:,} bytes, more than "
+                                              f"any CIFAR file ({MAX_MEMBER:,}); not a CIFAR archive")
                         files[name] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise CnnlabError(f"cannot read archive {path}: {e}") from None

@@ -25,6 +25,7 @@ MNIST_CLASSES = [str(d) for d in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 UBYTE = 0x08  # the only value type the official files use
+MAX_BYTES = 2**31  # 45 times MNIST's training images: a header that declares more is refused before reading
 
 
 def find(folder: Path, name: str) -> Path | None:
@@ -39,17 +40,27 @@ def is_idx_folder(folder: Path) -> bool:
 
 
 def read_idx(path: Path, dims: int) -> np.ndarray:
-    """One IDX file of unsigned bytes with `dims` dimensions, checked against its own header."""
+    """One IDX file of unsigned bytes with `dims` dimensions, checked against its own header.
+
+    The header is read first and the data after it only up to the size it declares (plus one byte, to see
+    whether more follows): a small .gz that would inflate to gigabytes is refused without being inflated.
+    """
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(4 + 4 * dims)
+            if len(head) < 4 + 4 * dims or head[0] != 0 or head[1] != 0 or head[2] != UBYTE or head[3] != dims:
+                raise CnnlabError(f"{path} is not an IDX file of unsigned bytes with {dims} dimension(s)")
+            shape = tuple(int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+            size = math.prod(shape)  # Python integers: np.prod wrapped 2**64 round to 0
+            if size > MAX_BYTES:
+                raise CnnlabError(f"{path}: its header says {shape}, {size:,} bytes, more than cnnlab reads "
+                                  f"({MAX_BYTES:,})")
+            body = f.read(size + 1)
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise CnnlabError(f"cannot read {path}: {e}") from None
-    if len(raw) < 4 + 4 * dims or raw[0] != 0 or raw[1] != 0 or raw[2] != UBYTE or raw[3] != dims:
-        raise CnnlabError(f"{path} is not an IDX file of unsigned bytes with {dims} dimension(s)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
-    body = raw[4 + 4 * dims:]
-    if len(body) != math.prod(shape):  # Python integers: np.prod wrapped 2**64 round to 0
-        raise CnnlabError(f"{path} has {len(body):,} bytes of data but its header says {shape}")
+    if len(body) != size:
+        what = "more data" if len(body) > size else f"{len(body):,} bytes of data"
+        raise CnnlabError(f"{path} has {what} than its header says: {shape}, {size:,} bytes")
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
