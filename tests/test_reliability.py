@@ -22,7 +22,7 @@ from torch import nn
 from cnnlab import checkpoints, cli, data, models, train
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
-from conftest import write_cifar_python, write_image_folder
+from conftest import fake_cifar_arrays, write_cifar_python, write_image_folder
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -403,3 +403,58 @@ def test_training_on_no_images_is_an_error(tmp_path):
     with pytest.raises(CnnlabError, match="no training images"):
         train.train(TrainConfig(epochs=1), dataset=ds, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    cifar = write_cifar_python(root / "cifar", fake_cifar_arrays())
+    run = root / "run"
+    assert cli.main(["train", "--data", str(cifar), "--dry-run", "--out", str(run), "--no-report"]) == 0
+    return run
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"train": 5, "data": "x"}', '{"train": {"epochs": "x"}, "data": {}}'])
+@pytest.mark.parametrize("command", ["evaluate", "report", "resume"])
+def test_a_damaged_config_json_is_a_one_line_error(finished_run, tmp_path, capsys, content, command):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "config.json").write_text(content)
+    capsys.readouterr()
+    code = cli.main(["train", "--resume", str(run)] if command == "resume" else [command, str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("cnnlab: error: "), err
+
+
+@pytest.mark.parametrize("change", [{"image_size": [40000, 40000]}, {"in_channels": 7}, {"classes": "abc"}])
+def test_a_damaged_model_json_is_refused_before_building_anything(finished_run, tmp_path, change):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(CnnlabError, match="is not what cnnlab training writes"):
+        checkpoints.load_model(run)
+
+
+def test_a_seed_beyond_what_generators_take_is_refused():
+    with pytest.raises(CnnlabError, match="seed must be from 0 to 4294967295"):
+        TrainConfig(seed=2**70).validate()
+
+
+def test_a_symbolic_link_loop_in_an_image_folder_reads_each_image_once(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=2, size=(8, 8))
+    os.symlink(root / "train" / "a", root / "train" / "a" / "loop")
+    ds = data.load_dataset(root)
+    assert torch.bincount(ds.y_train).tolist() == [2, 2, 2]
+
+
+def test_class_names_that_look_like_formulas_are_drawn_as_written(tmp_path, cifar_python_dir):
+    names = ["a$\\notacmd$", "$x^2$", *[f"c{i}" for i in range(8)]]
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--dry-run", "--class-names", ",".join(names),
+                     "--out", str(run)]) == 0
+    assert (run / "report.html").exists() and (run / "confusion_matrix.png").exists()

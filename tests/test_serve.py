@@ -55,7 +55,8 @@ def test_health_model_and_docs(client, quick_run):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/model").json()
     assert info["classes"] == CLASSES and info["image_size"] == [32, 32] and info["format"] == "onnx"
-    assert info["source_run"] == str(quick_run.resolve())
+    assert info["source_run"] == quick_run.name and "/" not in info["path"]  # no server paths shown
+    assert all(client.head(p).status_code == 200 for p in ("/", "/health", "/model"))
     assert info["test_accuracy"] == pytest.approx(json.loads((quick_run / "metrics.json").read_text())["test_accuracy"])
     assert client.get("/docs").status_code == 200
     assert "/predict" in client.get("/openapi.json").json()["paths"]
@@ -222,3 +223,32 @@ def test_page_in_a_browser_shows_the_cli_prediction(quick_onnx, test_images, tmp
     assert errors == []
     assert len(shown) == 5 and shown[0] == cli_top
     assert preview_ok
+
+
+def test_a_model_that_fails_its_self_check_is_refused_at_start(quick_run, quick_onnx, tmp_path):
+    import shutil
+
+    import onnx
+    import torch
+
+    from cnnlab import checkpoints
+    from cnnlab.errors import CnnlabError
+
+    nan_run = tmp_path / "nan-run"
+    shutil.copytree(quick_run, nan_run)
+    model, meta = checkpoints.load_model(nan_run)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    checkpoints.save_model(nan_run, model, {k: v for k, v in meta.items() if k != "sha256"})  # NaN, checksummed
+    with pytest.raises(CnnlabError, match="non-finite probabilities"):
+        serve.create_app(serve.ServeConfig(model=str(nan_run)))
+    lying = onnx.load(str(quick_onnx))  # a graph for 32x32 inputs whose metadata claims 64x64
+    for prop in lying.metadata_props:
+        if prop.key == "cnnlab.image_size":
+            prop.value = "[64, 64]"
+    onnx.save(lying, str(tmp_path / "lying.onnx"))
+    with pytest.raises(CnnlabError, match="fails its self-check"):
+        serve.create_app(serve.ServeConfig(model=str(tmp_path / "lying.onnx")))
+    proc = subprocess.run([sys.executable, "-m", "cnnlab", "serve", str(tmp_path / "lying.onnx")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

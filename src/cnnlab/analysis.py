@@ -64,7 +64,7 @@ class Interpretation:
         run_dir = Path(run_dir)
         history_file = run_dir / "history.json"
         history = json.loads(history_file.read_text()) if history_file.is_file() else []
-        config = runs.read_json(run_dir / "config.json", "is it a run directory?")
+        config = runs.read_config(run_dir)
         train_cfg = from_dict(TrainConfig, config["train"])
         return cls(classes or ds.classes, ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
                    train_cfg.augment)

@@ -76,10 +76,13 @@ class Request:
 def fingerprint(path: Path) -> str:
     """A key that changes when any file under `path` changes path, size or modification time."""
     h = hashlib.sha256(str(path).encode())
-    stack = [path]
+    stack, seen = [path], set()
     while stack:
         p = stack.pop()
         if p.is_dir():
+            if (real := os.path.realpath(p)) in seen:
+                continue  # a symbolic link back up the tree (folders.py reads each folder once too)
+            seen.add(real)
             with os.scandir(p) as it:
                 entries = sorted(it, key=lambda e: e.name)
             for e in entries:

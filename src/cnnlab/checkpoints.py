@@ -153,6 +153,21 @@ def load_weights(run_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _checked_meta(meta: Any, run_dir: Path) -> dict:
+    """model.json as training writes it, checked before a network is built from it (a damaged or hand-edited
+    file must be an error, not a 40,000 x 40,000 allocation)."""
+    size = meta.get("image_size") if isinstance(meta, dict) else None
+    ok = (isinstance(meta, dict) and isinstance(meta.get("model"), str) and meta.get("in_channels") in (1, 3)
+          and isinstance(meta.get("classes"), list) and 1 <= len(meta["classes"]) <= 100_000
+          and isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 1 <= v <= 4096 for v in size)
+          and isinstance(meta.get("normalization"), dict))
+    if not ok:
+        raise CnnlabError(f"{run_dir / 'model.json'} is not what cnnlab training writes (model, classes, 1 or 3 "
+                          "input channels, an image size of 1-4096 px per side, normalization); it was damaged or "
+                          "edited")
+    return meta
+
+
 def model_complete(run_dir: Path) -> bool:
     """Whether the run has committed final weights that pass their checksum."""
     try:
@@ -169,7 +184,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
         raise CnnlabError(f"run directory {run_dir} does not exist")
     if not (run_dir / "model.safetensors").is_file():
         raise CnnlabError(f"{run_dir} has no weights (model.safetensors); is it a finished training run?")
-    meta = read_json(run_dir / "model.json", "it is not a complete training run")
+    meta = _checked_meta(read_json(run_dir / "model.json", "it is not a complete training run"), run_dir)
     weights = load_weights(run_dir, meta)
     model = models.build(meta["model"], meta["in_channels"], len(meta["classes"]), tuple(meta["image_size"]))
     try:

@@ -87,6 +87,12 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Every field checked at once; raises CnnlabError naming the first bad one. Returns self."""
+        try:
+            return self._validate()
+        except TypeError:  # a field of the wrong type (a hand-edited config.json): compared with a number
+            raise CnnlabError(f"a training setting has the wrong type: {asdict(self)}") from None
+
+    def _validate(self) -> TrainConfig:
         check_literals(self)
         for f in fields(self):
             value = getattr(self, f.name)
@@ -103,6 +109,7 @@ class TrainConfig:
         _require(self.warmup <= 1, f"warmup is a fraction of all steps (0 to 1), got {self.warmup}")
         _require(0 <= self.momentum < 1 and 0 <= self.filter_momentum < 1, "momentum must be in [0, 1)")
         _require(self.tta in (0, 1, 2), f"tta must be 0, 1 or 2, got {self.tta}")
+        _require(0 <= self.seed < 2**32, f"seed must be from 0 to {2**32 - 1}, got {self.seed}")
         _require(self.whiten_bias_epochs is None or self.whiten_bias_epochs >= 0, "whiten-bias-epochs must be >= 0")
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
                  f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
@@ -139,6 +146,8 @@ def override(cfg, **changes):
 
 def from_dict(cls, d: dict):
     """Rebuild a config from its JSON form (lists back to tuples), ignoring fields it does not know."""
+    if not isinstance(d, dict):
+        raise CnnlabError(f"expected the fields of {cls.__name__} as a JSON object, got {type(d).__name__}")
     names = {f.name: f for f in fields(cls)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
     return cls(**kwargs)

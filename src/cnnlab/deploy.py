@@ -68,6 +68,25 @@ class OnnxPredictor:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.uint8)})[0]
 
 
+def self_check(predictor: Predictor) -> Predictor:
+    """One inference on a blank batch of two, before serving: weights that give NaN, or metadata that disagrees
+    with the graph (another class count, another input size), are refused here rather than as 500s later."""
+    info = predictor.info
+    blank = np.full((2, *info["image_size"], info["channels"]), 128, np.uint8)
+    try:
+        probs = np.asarray(predictor.probabilities(blank))
+    except CnnlabError:
+        raise
+    except Exception as e:  # onnxruntime and PyTorch raise their own types for shape mismatches
+        raise CnnlabError(f"{info['path']} fails its self-check: a {info['image_size']} x {info['channels']}-channel "
+                          f"input, as its metadata says, gives {str(e).splitlines()[0][:200]}") from None
+    if probs.shape != (2, len(info["classes"])) or not np.isfinite(probs).all():
+        what = f"shape {probs.shape}" if probs.shape != (2, len(info["classes"])) else "non-finite probabilities"
+        raise CnnlabError(f"{info['path']} fails its self-check: {what} for {len(info['classes'])} classes "
+                          "(damaged weights, or metadata that does not match the graph)")
+    return predictor
+
+
 def is_onnx(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(".onnx")
 

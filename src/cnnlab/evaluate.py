@@ -101,7 +101,7 @@ def _load_as_trained(config: dict, data_path: str | None, image_size: tuple[int,
 
 def run_dataset(run_dir: Path, meta: dict, data_path: str | None = None) -> Dataset:
     """The data set a run was trained on (or `data_path`), checked against the run's classes and size."""
-    config = runs.read_json(run_dir / "config.json", "is it a run directory?")["data"]
+    config = runs.read_config(run_dir)["data"]
     size = tuple(config["image_size"]) if config.get("image_size") else None
     for attempt in (size, tuple(meta["image_size"])):  # the run's own setting first: same cache entry
         dataset = _load_as_trained(config, data_path, attempt)

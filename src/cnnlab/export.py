@@ -51,7 +51,7 @@ def deploy_module(run_dir: str | Path) -> tuple[DeployModule, dict]:
 
 
 def _metadata(run_dir: Path, meta: dict) -> dict[str, str]:
-    config = runs.read_json(run_dir / "config.json", "is it a run directory?")
+    config = runs.read_config(run_dir)
     fields = {"classes": meta["classes"], "channels": meta["in_channels"], "image_size": meta["image_size"],
               "resize": meta.get("resize", "squish"), "model": meta["model"], "input": "uint8 NHWC, 0-255",
               "output": "probabilities",

@@ -83,10 +83,19 @@ def _has_image(folder: Path) -> bool:
     return False
 
 
+def _raise(error: OSError) -> None:
+    raise CnnlabError(f"cannot read {error.filename}: {error.strerror or error}")
+
+
 def _walk(folder: Path, ignored: Counter) -> list[str]:
     """Image files at any depth under `folder`, sorted; hidden and other files counted in `ignored`."""
-    found = []
-    for top, dirs, names in os.walk(folder, followlinks=True):
+    found, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True, onerror=_raise):
+        real = os.path.realpath(top)
+        if real in seen:  # a symbolic link back up the tree: each folder is read once
+            dirs[:] = []
+            continue
+        seen.add(real)
         ignored["hidden"] += sum(1 for d in dirs if d.startswith("."))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in names:

@@ -30,6 +30,11 @@ def _subplots(*grid: int, figsize: tuple[float, float], **kw):
     return fig, fig.subplots(*grid, **kw)
 
 
+def _literal(text: str) -> str:
+    """Text that matplotlib shows as written: a class named `a$b$` is not a formula (and `$\\x$` no error)."""
+    return str(text).replace("$", r"\$")
+
+
 def _integer_ticks(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -53,8 +58,8 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: str | N
     ax.set(title=title, xlabel="Predicted", ylabel="True")
     step = max(1, int(np.ceil(k / 20)))  # at most about 20 labels per axis stay readable
     ticks = np.arange(0, k, step)
-    ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=45, ha="right")
-    ax.set_yticks(ticks, [classes[i] for i in ticks])
+    ax.set_xticks(ticks, [_literal(classes[i]) for i in ticks], rotation=45, ha="right")
+    ax.set_yticks(ticks, [_literal(classes[i]) for i in ticks])
     if k <= 20:  # beyond 20 classes the numbers would overlap
         threshold = values.max() / 2 if values.size else 0
         for i in range(k):
@@ -86,14 +91,15 @@ def image_grid(images, titles: list[str], title: str, columns: int = 8) -> Figur
               vmin=0, vmax=255)
     for i, text in enumerate(titles):
         r, k = divmod(i, columns)
-        ax.text(k * (w + gap_x) + w / 2, r * (h + gap_y) + gap_y - 0.5, text, fontsize=7, ha="center", va="bottom")
-    fig.suptitle(title)
+        ax.text(k * (w + gap_x) + w / 2, r * (h + gap_y) + gap_y - 0.5, _literal(text), fontsize=7, ha="center",
+                va="bottom")
+    fig.suptitle(_literal(title))
     return fig
 
 
 def plot_per_class(rows: list[dict]) -> Figure:
     """Grouped bars of precision, recall and F1 per class."""
-    names = [r["class"] for r in rows]
+    names = [_literal(r["class"]) for r in rows]
     x = np.arange(len(names))
     fig, ax = _subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))
     for offset, key in zip((-0.27, 0, 0.27), ("precision", "recall", "f1"), strict=True):
@@ -172,7 +178,7 @@ def score_rows(scores: dict) -> list[tuple[str, dict]]:
 def write_report(run_dir: str | Path, interp, out: str | Path | None = None) -> Path:
     """Write report.html for a run from its Interpretation (see cnnlab.analysis)."""
     run_dir = Path(run_dir)
-    config = runs.read_json(run_dir / "config.json", "is it a run directory?")
+    config = runs.read_config(run_dir)
     meta = runs.read_json(run_dir / "model.json", "is it a finished training run?")
     test_loss = float(interp.losses.mean()) if len(interp.losses) else float("nan")
     train_s = sum(h["seconds"] for h in interp.history)

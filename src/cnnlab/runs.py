@@ -47,6 +47,15 @@ def read_json(path: Path, what: str) -> Any:
         raise CnnlabError(f"cannot read {path}: {e}") from None
 
 
+def read_config(run_dir: Path) -> dict:
+    """A run's config.json, checked to be one: an object with "train" and "data" objects."""
+    config = read_json(Path(run_dir) / "config.json", "is it a run directory?")
+    if not (isinstance(config, dict) and all(isinstance(config.get(k), dict) for k in ("train", "data"))):
+        raise CnnlabError(f"{Path(run_dir) / 'config.json'} is not a cnnlab run configuration (it needs \"train\" "
+                          "and \"data\" objects); it was damaged or written by something else")
+    return config
+
+
 def recorded_accuracy(run_dir: Path) -> float | None:
     """The run's test accuracy from metrics.json, or None before it has been evaluated."""
     path = Path(run_dir) / "metrics.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .deploy import Predictor, decode_for, load_predictor, top_k
+from .deploy import Predictor, decode_for, load_predictor, self_check, top_k
 from .errors import CnnlabError
 from .images import MAX_PIXELS, ImageError
 
@@ -160,8 +160,10 @@ class _BodyTooLarge(Exception):
 def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
     if FastAPI is None:
         raise CnnlabError("serving needs FastAPI and uvicorn: pip install 'cnnlab[deploy]'")
-    predictor = predictor or load_predictor(config.model, config.device)
-    info = {k: v for k, v in predictor.info.items() if k != "data"}
+    predictor = predictor or self_check(load_predictor(config.model, config.device))
+    # what clients may see: names, not the server's file system (paths become their last part)
+    info = {k: Path(v).name if k in ("path", "source_run") and v else v for k, v in predictor.info.items()
+            if k != "data"}
     page = PAGE.read_text()
 
     @asynccontextmanager
@@ -175,7 +177,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
                   lifespan=lifespan)
     app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2**20))
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
@@ -186,6 +188,9 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     @app.get("/model")
     async def model() -> dict:
         return {**info, "max_upload_mb": config.max_upload_mb, "max_files": config.max_files}
+
+    for path, endpoint in (("/health", health), ("/model", model)):  # HEAD: what load balancers' probes send
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     @app.post("/predict", responses={400: {}, 413: {}, 415: {}})
     async def predict(files: list[UploadFile] = File(..., description="one or more images (PNG, JPEG, ...)"),
@@ -218,7 +223,7 @@ def serve(config: ServeConfig) -> None:
     if config.workers == 1:
         uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
         return
-    load_predictor(config.model, config.device)  # fail here, once, rather than in every worker
+    self_check(load_predictor(config.model, config.device))  # fail here, once, rather than in every worker
     os.environ["CNNLAB_SERVE"] = json.dumps(asdict(config))
     uvicorn.run("cnnlab.serve:app_from_env", factory=True, host=config.host, port=config.port,
                 workers=config.workers, log_level="info")

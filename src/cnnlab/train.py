@@ -538,7 +538,7 @@ def _read_run(run_dir: Path, world: World, log) -> tuple[dict, dict | None, bool
     """Rank 0 reads the run's config, newest intact checkpoint and whether it has its final weights."""
     config, state, finished = None, None, False
     if world.main:  # only rank 0's machine need hold the run directory
-        config = runs.read_json(run_dir / "config.json", "is it a run directory?")
+        config = runs.read_config(run_dir)
         for leftover in run_dir.glob(".*.tmp"):  # a write that a kill cut short; never a file anything reads
             leftover.unlink(missing_ok=True)
         state = checkpoints.load_checkpoint(run_dir, log)
