@@ -252,3 +252,27 @@ def test_a_model_that_fails_its_self_check_is_refused_at_start(quick_run, quick_
     proc = subprocess.run([sys.executable, "-m", "cnnlab", "serve", str(tmp_path / "lying.onnx")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_request_costs_at_most_its_pixel_budget_and_its_time(quick_onnx):
+    predictor = deploy.OnnxPredictor(quick_onnx)
+    big = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (200, 10, 10)).save(big, "PNG")  # 1 MP, a few KB
+    files = [("files", (f"{i}.png", big.getvalue(), "image/png")) for i in range(5)]
+    config = serve.ServeConfig(model=str(quick_onnx), max_request_pixels=4 * 2**20)
+    with TestClient(serve.create_app(config, predictor)) as c:
+        r = c.post("/predict", files=files)  # 5 MP against a 4 MP budget: refused before any decoding
+        assert r.status_code == 413 and "add up to 5,242,880 pixels" in r.json()["detail"]
+        assert c.post("/predict", files=files[:4]).status_code == 200
+
+    class Slow:
+        info = predictor.info
+
+        def probabilities(self, images):
+            time.sleep(1.0)
+            return predictor.probabilities(images)
+    config = serve.ServeConfig(model=str(quick_onnx), request_seconds=0.2)
+    with TestClient(serve.create_app(config, Slow())) as c:
+        r = c.post("/predict", files=files[:1])
+        assert r.status_code == 503 and "longer than 0.2 s" in r.json()["detail"]
+        assert c.get("/health").status_code == 200  # the server itself keeps answering

@@ -9,11 +9,17 @@
 The event loop only moves bytes. Decoding runs in a thread pool, and inference in one background
 task that gathers the images of all waiting requests into one batch (`Batcher`): under load one
 forward pass serves many clients, and the page stays responsive meanwhile.
+
+What one request may cost is bounded: its body (`max_upload_mb`, 413 while it streams in), its file count,
+each image's pixels and all its images' pixels together (from their headers, before decoding: 413), and
+its decode and inference time (503). Connections are capped and idle ones closed (uvicorn's settings).
+The model runs one inference on a blank batch before the server starts (`deploy.self_check`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 from contextlib import asynccontextmanager
@@ -48,6 +54,11 @@ class ServeConfig:
     max_upload_mb: float = 10.0  # per request, all files together
     max_files: int = 64  # images per request
     max_pixels: int = MAX_PIXELS  # per image, checked before decoding (decompression bombs)
+    # per request, all images together, from their headers: 64 PNGs of 4096x4096 (3 MB uploaded) cost 30 s of
+    # CPU to decode; 64 megapixels (four such images, or 64 phone photos at 1 MP) cost about 2 s
+    max_request_pixels: int = 64 * 2**20
+    request_seconds: float = 30.0  # decode + inference of one request; past it the client gets 503
+    max_connections: int = 64  # open at once (uvicorn's limit_concurrency): more get 503 at once
     max_batch: int = 256  # images per forward pass when requests are gathered
     device: str = "auto"
 
@@ -198,12 +209,17 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         if len(files) > config.max_files:
             raise HTTPException(400, f"{len(files)} files in one request; at most {config.max_files}")
         uploads = [(f.filename or f"file {i + 1}", await f.read()) for i, f in enumerate(files)]
+        pixels = sum(header_pixels(data) for _, data in uploads)
+        if pixels > config.max_request_pixels:
+            return JSONResponse({"detail": f"the images in this request add up to {pixels:,} pixels; at most "
+                                 f"{config.max_request_pixels:,} per request"}, status_code=413)
         try:
-            images = await run_in_threadpool(
-                lambda: np.stack([decode_for(predictor, data, name, config.max_pixels) for name, data in uploads]))
+            probs = await asyncio.wait_for(_classify(app, predictor, uploads, config), config.request_seconds)
         except ImageError as e:
             return JSONResponse({"detail": str(e)}, status_code=e.status)
-        probs = await app.state.batcher(images)
+        except TimeoutError:
+            return JSONResponse({"detail": f"the request took longer than {config.request_seconds:g} s"},
+                                status_code=503)
         return {"model": info["name"],
                 "results": [{"filename": name, "predictions": preds}
                             for (name, _), preds in zip(uploads, top_k(probs, info["classes"], top_k_), strict=True)]}
@@ -211,9 +227,32 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     return app
 
 
+def header_pixels(data: bytes) -> int:
+    """Width x height from an image's header, without decoding it (0 when unreadable: decoding says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size[0] * im.size[1]
+    except Exception:
+        return 0
+
+
+async def _classify(app: FastAPI, predictor: Predictor, uploads: list[tuple[str, bytes]],
+                    config: ServeConfig) -> np.ndarray:
+    images = await run_in_threadpool(
+        lambda: np.stack([decode_for(predictor, data, name, config.max_pixels) for name, data in uploads]))
+    return await app.state.batcher(images)
+
+
 def app_from_env() -> FastAPI:
     """The app factory uvicorn's worker processes call (`--workers N`): the config travels in the environment."""
     return create_app(ServeConfig(**json.loads(os.environ["CNNLAB_SERVE"])))
+
+
+def _uvicorn_limits(config: ServeConfig) -> dict:
+    """uvicorn's connection limits: a cap on open connections, idle keep-alive connections closed after 5 s."""
+    return {"limit_concurrency": config.max_connections, "timeout_keep_alive": 5}
 
 
 def serve(config: ServeConfig) -> None:
@@ -221,9 +260,9 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     if config.workers == 1:
-        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info", **_uvicorn_limits(config))
         return
     self_check(load_predictor(config.model, config.device))  # fail here, once, rather than in every worker
     os.environ["CNNLAB_SERVE"] = json.dumps(asdict(config))
     uvicorn.run("cnnlab.serve:app_from_env", factory=True, host=config.host, port=config.port,
-                workers=config.workers, log_level="info")
+                workers=config.workers, log_level="info", **_uvicorn_limits(config))
