@@ -440,9 +440,11 @@ def test_a_damaged_model_json_is_refused_before_building_anything(finished_run, 
         checkpoints.load_model(run)
 
 
-def test_a_seed_beyond_what_generators_take_is_refused():
+def test_a_seed_beyond_what_generators_take_and_absurd_image_sizes_are_refused():
     with pytest.raises(CnnlabError, match="seed must be from 0 to 4294967295"):
         TrainConfig(seed=2**70).validate()
+    with pytest.raises(CnnlabError, match="image size must be 1 to 4096 px per side"):
+        DataConfig(image_size=(40000, 40000)).validate()
 
 
 def test_a_symbolic_link_loop_in_an_image_folder_reads_each_image_once(tmp_path):

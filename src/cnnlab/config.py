@@ -42,7 +42,8 @@ class DataConfig:
         _require(self.val_split is None or 0 < self.val_split < 1,
                  f"val-split must be between 0 and 1, got {self.val_split}")
         _require(self.subset is None or self.subset >= 1, f"subset must be at least 1, got {self.subset}")
-        _require(self.image_size is None or min(self.image_size) >= 1, f"bad image size {self.image_size}")
+        _require(self.image_size is None or (min(self.image_size) >= 1 and max(self.image_size) <= 4096),
+                 f"image size must be 1 to 4096 px per side, got {self.image_size}")
         return self
 
 
