@@ -175,7 +175,6 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     # what clients may see: names, not the server's file system (paths become their last part)
     info = {k: Path(v).name if k in ("path", "source_run") and v else v for k, v in predictor.info.items()
             if k != "data"}
-    page = PAGE.read_text()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -187,21 +186,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     app = FastAPI(title="cnnlab", summary=f"Image classifier: {info['name']} ({len(info['classes'])} classes)",
                   lifespan=lifespan)
     app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2**20))
-
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/model")
-    async def model() -> dict:
-        return {**info, "max_upload_mb": config.max_upload_mb, "max_files": config.max_files}
-
-    for path, endpoint in (("/health", health), ("/model", model)):  # HEAD: what load balancers' probes send
-        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+    _add_info_routes(app, info, config)
 
     @app.post("/predict", responses={400: {}, 413: {}, 415: {}})
     async def predict(files: list[UploadFile] = File(..., description="one or more images (PNG, JPEG, ...)"),
@@ -225,6 +210,26 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
                             for (name, _), preds in zip(uploads, top_k(probs, info["classes"], top_k_), strict=True)]}
 
     return app
+
+
+def _add_info_routes(app: FastAPI, info: dict, config: ServeConfig) -> None:
+    """The page, /health and /model (GET, and HEAD: what load balancers' probes send)."""
+    page = PAGE.read_text()
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    async def model() -> dict:
+        return {**info, "max_upload_mb": config.max_upload_mb, "max_files": config.max_files}
+
+    for path, endpoint in (("/health", health), ("/model", model)):
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
 
 def header_pixels(data: bytes) -> int:
