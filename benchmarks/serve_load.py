@@ -6,6 +6,13 @@ round on the same server shows whether memory keeps growing.
 
     python benchmarks/serve_load.py                      # trains `quick`, exports it, serves the ONNX file
     python benchmarks/serve_load.py --model RUN_DIR|MODEL.onnx --clients 16 --seconds 30 --rounds 2
+    python benchmarks/serve_load.py --hostile --clients 8 --seconds 30 --rounds 1   # beside hostile clients
+
+`--hostile` adds, beside the normal clients: one client that posts 64 PNGs of 4096x4096 (49 KB each, 3 MB
+in all) again and again, and 6 slow clients that trickle a request header one byte a second. It reports
+the normal clients' latencies, what the large requests got and how long each took, whether the slow
+connections were still open at the end, and the server's peak resident memory (sampled every 0.2 s).
+Writes benchmarks/results/serve_load.json, or serve_load-hostile.json.
 """
 
 from __future__ import annotations
@@ -108,6 +115,73 @@ def load_round(port: int, bodies, clients: int, seconds: float) -> dict:
             "health_max_ms": round(float(np.max(health)) * 1000, 1) if health else None}
 
 
+def large_request() -> tuple[bytes, str]:
+    """64 PNGs of 4096x4096 in one multipart body: small on the wire, 1.07 billion pixels decoded."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (90, 120, 200)).save(buf, "PNG")
+    png, boundary = buf.getvalue(), uuid.uuid4().hex
+    parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big{i}.png"\r\n'
+              f"Content-Type: image/png\r\n\r\n").encode() + png + b"\r\n" for i in range(64)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def bomber(port: int, body: tuple[bytes, str], deadline: float, outcomes: list) -> None:
+    while time.perf_counter() < deadline:
+        conn, t0 = http.client.HTTPConnection("127.0.0.1", port, timeout=120), time.perf_counter()
+        try:
+            conn.request("POST", "/predict", body=body[0], headers={"Content-Type": body[1]})
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException) as e:
+            status = type(e).__name__
+        outcomes.append((status, time.perf_counter() - t0))
+        conn.close()
+
+
+def slow_client(port: int, deadline: float, still_open: list) -> None:
+    """A request header sent one byte a second (slowloris); records whether the server still held it open."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    header = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+    open_ = True
+    for i in range(10**6):
+        if time.perf_counter() > deadline:
+            break
+        try:
+            sock.send(header[i % len(header):i % len(header) + 1])
+        except OSError:
+            open_ = False
+            break
+        time.sleep(1.0)
+    still_open.append(open_)
+    sock.close()
+
+
+def hostile_round(port: int, bodies, clients: int, seconds: float, pid: int) -> dict:
+    """A normal round with the large-request client, 6 slow clients and a memory sampler beside it."""
+    deadline = time.perf_counter() + seconds
+    outcomes, still_open, peak = [], [], [rss_mb(pid)]
+    big = large_request()
+    extra = [threading.Thread(target=bomber, args=(port, big, deadline, outcomes))]
+    extra += [threading.Thread(target=slow_client, args=(port, deadline, still_open)) for _ in range(6)]
+
+    def sample() -> None:
+        while time.perf_counter() < deadline:
+            peak.append(rss_mb(pid))
+            time.sleep(0.2)
+    extra.append(threading.Thread(target=sample))
+    for t in extra:
+        t.start()
+    result = load_round(port, bodies, clients, seconds)
+    for t in extra:
+        t.join()
+    return {**result, "large_requests": len(outcomes), "large_statuses": sorted({str(s) for s, _ in outcomes}),
+            "large_seconds_max": round(max((d for _, d in outcomes), default=0), 2),
+            "slow_clients_still_open": sum(still_open), "peak_rss_mb": max(peak)}
+
+
 def default_model() -> Path:
     """A `quick` run exported to ONNX, made once and reused."""
     work = HERE / "work"
@@ -132,6 +206,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30, help="length of each round (default 30)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    ap.add_argument("--hostile", action="store_true", help="large and slow clients beside the normal ones")
     args = ap.parse_args()
 
     model = Path(args.model) if args.model else default_model()
@@ -158,7 +233,8 @@ def main() -> None:
         memory = [rss_mb(server.pid)]
         rounds = []
         for r in range(args.rounds):
-            result = load_round(port, bodies, args.clients, args.seconds)
+            result = (hostile_round(port, bodies, args.clients, args.seconds, server.pid) if args.hostile
+                      else load_round(port, bodies, args.clients, args.seconds))
             memory.append(rss_mb(server.pid))
             result["rss_after_mb"] = memory[-1]
             rounds.append(result)
@@ -166,15 +242,20 @@ def main() -> None:
                   f"p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, p99 {result['p99_ms']} ms, "
                   f"errors {result['errors']}, /health p50 {result['health_p50_ms']} ms "
                   f"(max {result['health_max_ms']}), server RSS {memory[-2]} -> {memory[-1]} MB")
+            if args.hostile:
+                print(f"  beside it: {result['large_requests']} large requests got {result['large_statuses']} "
+                      f"(slowest {result['large_seconds_max']} s); slow clients still open at the end: "
+                      f"{result['slow_clients_still_open']} of 6; server peak RSS {result['peak_rss_mb']} MB")
     finally:
         server.terminate()
         server.wait(timeout=30)
     growth = round(memory[-1] - memory[1], 1) if len(memory) > 2 else None
     print(f"memory: {memory[0]} MB after warm-up; growth across the rounds after the first: {growth} MB")
-    save("serve_load", {"machine": machine(), "model": str(model), "clients": args.clients,
-                        "seconds": args.seconds, "workers": args.workers, "rss_after_warmup_mb": memory[0],
-                        "rss_growth_after_first_round_mb": growth, "rounds": rounds,
-                        "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])})
+    name = "serve_load" + ("-hostile" if args.hostile else "")
+    save(name, {"machine": machine(), "hostile": args.hostile, "model": str(model), "clients": args.clients,
+                "seconds": args.seconds, "workers": args.workers, "rss_after_warmup_mb": memory[0],
+                "rss_growth_after_first_round_mb": growth, "rounds": rounds,
+                "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])})
 
 
 if __name__ == "__main__":
