@@ -6,7 +6,7 @@ round on the same server shows whether memory keeps growing.
 
     python benchmarks/serve_load.py                      # trains `quick`, exports it, serves the ONNX file
     python benchmarks/serve_load.py --model RUN_DIR|MODEL.onnx --clients 16 --seconds 30 --rounds 2
-    python benchmarks/serve_load.py --hostile --clients 8 --seconds 30 --rounds 1   # beside hostile clients
+    python benchmarks/serve_load.py --hostile --clients 8 --seconds 75 --rounds 1   # beside hostile clients
 
 `--hostile` adds, beside the normal clients: one client that posts 64 PNGs of 4096x4096 (49 KB each, 3 MB
 in all) again and again, and 6 slow clients that trickle a request header one byte a second. It reports
@@ -142,20 +142,21 @@ def bomber(port: int, body: tuple[bytes, str], deadline: float, outcomes: list) 
 
 
 def slow_client(port: int, deadline: float, still_open: list) -> None:
-    """A request header sent one byte a second (slowloris); records whether the server still held it open."""
-    sock = socket.create_connection(("127.0.0.1", port))
+    """A request header sent one byte a second (slowloris); records after how many seconds the server closed
+    the connection (None: still open at the end)."""
+    sock, start = socket.create_connection(("127.0.0.1", port)), time.perf_counter()
     header = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-    open_ = True
+    closed_after = None
     for i in range(10**6):
         if time.perf_counter() > deadline:
             break
         try:
             sock.send(header[i % len(header):i % len(header) + 1])
-        except OSError:
-            open_ = False
+        except OSError:  # the send after the server's close fails
+            closed_after = round(time.perf_counter() - start)
             break
         time.sleep(1.0)
-    still_open.append(open_)
+    still_open.append(closed_after)
     sock.close()
 
 
@@ -179,7 +180,8 @@ def hostile_round(port: int, bodies, clients: int, seconds: float, pid: int) -> 
         t.join()
     return {**result, "large_requests": len(outcomes), "large_statuses": sorted({str(s) for s, _ in outcomes}),
             "large_seconds_max": round(max((d for _, d in outcomes), default=0), 2),
-            "slow_clients_still_open": sum(still_open), "peak_rss_mb": max(peak)}
+            "slow_clients_still_open": sum(1 for s in still_open if s is None),
+            "slow_clients_closed_after_s": sorted(s for s in still_open if s is not None), "peak_rss_mb": max(peak)}
 
 
 def default_model() -> Path:
@@ -245,7 +247,8 @@ def main() -> None:
             if args.hostile:
                 print(f"  beside it: {result['large_requests']} large requests got {result['large_statuses']} "
                       f"(slowest {result['large_seconds_max']} s); slow clients still open at the end: "
-                      f"{result['slow_clients_still_open']} of 6; server peak RSS {result['peak_rss_mb']} MB")
+                      f"{result['slow_clients_still_open']} of 6, closed by the server after "
+                      f"{result['slow_clients_closed_after_s']} s; server peak RSS {result['peak_rss_mb']} MB")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -276,3 +277,31 @@ def test_a_request_costs_at_most_its_pixel_budget_and_its_time(quick_onnx):
         r = c.post("/predict", files=files[:1])
         assert r.status_code == 503 and "longer than 0.2 s" in r.json()["detail"]
         assert c.get("/health").status_code == 200  # the server itself keeps answering
+
+
+def test_a_request_that_arrives_one_byte_a_second_is_cut_off(quick_onnx):
+    import uvicorn
+
+    class Short(serve.DeadlineH11):
+        deadline_seconds = 1.0
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(serve.create_app(serve.ServeConfig(model=str(quick_onnx))), port=port,
+                                           http=Short, log_level="warning", timeout_keep_alive=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.settimeout(5)
+        slow.send(b"POST /predict HTTP/1.1\r\nHo")  # and then nothing more: a slowloris header
+        started = time.perf_counter()
+        assert slow.recv(100) == b""  # the server closed it
+        assert time.perf_counter() - started < 3
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:  # others are served
+            assert r.status == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -12,7 +12,8 @@ forward pass serves many clients, and the page stays responsive meanwhile.
 
 What one request may cost is bounded: its body (`max_upload_mb`, 413 while it streams in), its file count,
 each image's pixels and all its images' pixels together (from their headers, before decoding: 413), and
-its decode and inference time (503). Connections are capped and idle ones closed (uvicorn's settings).
+its decode and inference time (503). Connections are capped, idle ones closed (uvicorn's settings), and a
+request must arrive and be answered within 60 s of its first byte (`DeadlineH11`: slow clients).
 The model runs one inference on a blank batch before the server starts (`deploy.self_check`).
 """
 
@@ -36,8 +37,10 @@ try:
     from fastapi import FastAPI, File, HTTPException, Query, UploadFile
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError:  # the CLI turns this into a one-line hint
     FastAPI = None
+    H11Protocol = object
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 # The page loads nothing from elsewhere; the policy makes the browser enforce that.
@@ -107,6 +110,46 @@ class Batcher:
                 if not future.done():  # the client may have gone away
                     future.set_result(probs[start:start + len(images)])
                 start += len(images)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A deadline on each request's arrival (slow clients)
+
+
+class DeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline from a request's first byte to its response.
+
+    uvicorn has no such timeout (its keep-alive timer restarts on every byte received), so a client that
+    sends a header one byte a second holds its connection for ever (measured: 6 of 6 still open after
+    30 s). Here a request must be answered within `deadline_seconds` of its first byte, or the connection
+    is closed; idle connections between requests are left to uvicorn's keep-alive timeout.
+    """
+
+    deadline_seconds = 60.0  # a 10 MB upload on a 2 Mbit/s link, plus the 30 s a request may take
+    _deadline = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.deadline_seconds, self._expire)
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        self._disarm()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,8 +299,9 @@ def app_from_env() -> FastAPI:
 
 
 def _uvicorn_limits(config: ServeConfig) -> dict:
-    """uvicorn's connection limits: a cap on open connections, idle keep-alive connections closed after 5 s."""
-    return {"limit_concurrency": config.max_connections, "timeout_keep_alive": 5}
+    """uvicorn's connection limits: a cap on open connections, idle keep-alive connections closed after 5 s,
+    and each request answered within a deadline of its first byte, or its connection closed (slow clients)."""
+    return {"limit_concurrency": config.max_connections, "timeout_keep_alive": 5, "http": DeadlineH11}
 
 
 def serve(config: ServeConfig) -> None:
