@@ -257,7 +257,7 @@ def test_the_cache_is_mapped_and_keyed_by_the_resolved_path(tmp_path, monkeypatc
     assert torch.equal(ds.x_train, again.x_train)
 
 
-def test_the_process_pool_decodes_what_one_process_does(tmp_path, monkeypatch):
+def test_the_decode_pool_decodes_what_one_thread_does(tmp_path, monkeypatch):
     write_split(tmp_path / "train", 12, size=(90, 70))
     one = data.load_dataset(tmp_path, use_cache=False, image_size=(24, 24))
     monkeypatch.setattr(cache, "POOL_FROM", 4)
