@@ -320,3 +320,21 @@ def test_photos_preset_in_two_processes_on_a_flat_photo_folder(tmp_path):
     history, metrics = (json.loads((out / f).read_text()) for f in ("history.json", "metrics.json"))
     assert metrics["test_images"] == 4 and metrics["test_accuracy"] == pytest.approx(history[-1]["val_acc"])
     assert len(list((cache / "decoded").iterdir())) == 1  # one entry, built by process 0, read by both
+
+
+def test_resume_in_two_processes_completes_the_end_of_a_finished_run(single, tmp_path):
+    """A run stopped after its weights (metrics and pictures missing): `--resume --nproc 2` writes them, once."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(single, run)
+    for name in ("metrics.json", "confusion_matrix.csv", "confusion_matrix.json", "confusion_matrix.png"):
+        (run / name).unlink()
+    proc = cnnlab("train", "--nproc", "2", "--resume", str(run), "--no-report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("writing what its end left missing") == 1
+    assert all((run / n).exists() for n in ("metrics.json", "confusion_matrix.png"))
+    assert json.loads((run / "metrics.json").read_text())["test_accuracy"] == pytest.approx(
+        json.loads((single / "metrics.json").read_text())["test_accuracy"])
+    again = cnnlab("train", "--nproc", "2", "--resume", str(run), "--no-report")
+    assert again.returncode == 0 and again.stdout.count("is complete") == 1

@@ -135,8 +135,8 @@ def entry_for(c: DataConfig, use_cache: bool = True) -> Entry:
 
 
 def open_entry(req: Request, use_cache: bool = True) -> Entry:
-    """The cached entry for `req`, built first when missing (or, without `use_cache`, built and unlinked:
-    the mapped files stay readable until the process ends)."""
+    """The cached entry for `req`, built first when missing (or, without `use_cache`, built in a temporary
+    folder that is removed when the process exits, or by the next build once it has)."""
     if use_cache:
         folder = sources.cache_dir() / "decoded" / req.key()
         meta = _read_meta(folder)
@@ -231,9 +231,7 @@ def _build_arrays(req: Request, tmp: Path) -> dict:
     size = tuple(req.image_size or x.shape[2:])
     counts, splits = {}, [("train", x, y), ("test", xt, yt)]
     if req.val_split:  # the same stratified pick as Dataset.hold_out, written apart instead of copied in memory
-        val = folders.stratified_pick(y, round(req.val_split * len(y)), req.split_seed, len(classes))
-        keep = np.ones(len(y), bool)
-        keep[val] = False
+        keep, val = folders.hold_out_indices(y, req.val_split, req.split_seed, len(classes))
         splits = [("train", x[keep], y[keep]), ("val", x[val], y[val]), ("test", xt, yt)]
     for split, images, labels in splits:
         if size != tuple(images.shape[2:]):

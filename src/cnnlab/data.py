@@ -65,11 +65,8 @@ class Dataset:
             raise CnnlabError(f"--val-split must be between 0 and 1, got {fraction}")
         if self.x_val is not None:
             raise CnnlabError(f"{self.source} has its own validation folder; leave out --val-split")
-        val = stratified_pick(self.y_train, round(fraction * len(self.y_train)), seed, self.num_classes)
-        if len(val) == 0 or len(val) == len(self.y_train):
-            raise CnnlabError(f"--val-split {fraction} of {len(self.y_train)} training images leaves an empty set")
-        keep = torch.ones(len(self.y_train), dtype=torch.bool)
-        keep[val] = False
+        keep, val = (torch.from_numpy(i) for i in folders.hold_out_indices(self.y_train.numpy(), fraction, seed,
+                                                                           self.num_classes))
         return replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep], x_val=self.x_train[val],
                        y_val=self.y_train[val])
 

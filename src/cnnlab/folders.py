@@ -43,11 +43,7 @@ class Listing:
         """Move a seeded, stratified `fraction` of train into the split `into`: the test set of a flat layout
         or a CSV, or the validation set that --val-split asks for."""
         y = self.labels["train"]
-        picked = stratified_pick(y, round(fraction * len(y)), seed, len(self.classes))
-        if len(picked) == 0 or len(picked) == len(y):
-            raise CnnlabError(f"holding out {fraction:.0%} of {len(y)} training images leaves an empty set")
-        keep = np.ones(len(y), bool)
-        keep[picked] = False
+        keep, picked = hold_out_indices(y, fraction, seed, len(self.classes))
         files = np.array(self.files["train"], dtype=object)
         split = f"stratified {fraction:.0%} of the images held out (seed {seed})" if into == "test" else self.split
         return Listing(self.layout, self.classes, {**self.files, "train": list(files[keep]), into: list(files[picked])},
@@ -64,6 +60,16 @@ def stratified_pick(y: np.ndarray, count: int, seed: int, num_classes: int) -> n
     take[np.argsort(-(exact - take), kind="stable")[:extra]] += 1
     picked = [rng.permutation(np.flatnonzero(y == c))[:int(take[c])] for c in range(num_classes)]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def hold_out_indices(y: np.ndarray, fraction: float, seed: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out): sorted indices, with a seeded, stratified `fraction` held out. Neither may be empty."""
+    picked = stratified_pick(y, round(fraction * len(y)), seed, num_classes)
+    if len(picked) == 0 or len(picked) == len(y):
+        raise CnnlabError(f"holding out {fraction:.0%} of {len(y)} training images leaves an empty set")
+    keep = np.ones(len(y), bool)
+    keep[picked] = False
+    return np.flatnonzero(keep), picked
 
 
 def is_image_tree(path: Path) -> bool:

@@ -112,12 +112,16 @@ def resize_to(im: Image.Image, size: tuple[int, int], resize: Resize) -> Image.I
     return im
 
 
+def _turned(im: Image.Image) -> bool:
+    """Whether the EXIF orientation turns the image by 90 degrees to show it (orientations 5-8)."""
+    return im.getexif().get(0x0112, 1) >= 5
+
+
 def _draft(im: Image.Image, size: tuple[int, int], resize: Resize) -> None:
     """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when that still leaves at least the pixels needed."""
     if im.format != "JPEG":
         return
-    orientation = im.getexif().get(0x0112, 1)
-    th, tw = size if orientation < 5 else size[::-1]  # orientations 5-8 turn the image by 90 degrees
+    th, tw = size if not _turned(im) else size[::-1]
     w, h = fit_size(*im.size, (th, tw), resize)
     im.draft(im.mode if im.mode in ("L", "RGB") else None, (w, h))
 
@@ -160,7 +164,8 @@ def _decode(source, channels, size, max_pixels, name, resize) -> np.ndarray:
             gray = channels == 1 if channels is not None else im.mode in GRAY_MODES
             if size is not None:
                 _draft(im, size, resize)
-            im = ImageOps.exif_transpose(im)  # a photo taken sideways shows upright, as in any viewer
+            ImageOps.exif_transpose(im, in_place=True)  # a photo taken sideways shows upright, as in any viewer
+            # (in place: otherwise Pillow copies every image, turned or not)
             im = _to_8bit(im, gray)
             if size is not None:
                 im = resize_to(im, size, resize)
@@ -172,4 +177,4 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(H, W) as shown (EXIF orientation applied), from the header alone."""
     with Image.open(path) as im:
         w, h = im.size
-        return (w, h) if im.getexif().get(0x0112, 1) >= 5 else (h, w)
+        return (w, h) if _turned(im) else (h, w)

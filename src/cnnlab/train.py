@@ -95,7 +95,8 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
     model = model.to(memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions run faster in NHWC
     if (warning := models.size_warning(model, ds.image_size)) and state is None:
         log(warning)
-    norm = Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" else Normalization()
+    # a resumed run takes the checkpoint's statistics (load_state_dict below): no pass over the data for them
+    norm = Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" and state is None else Normalization()
     if world.main:
         _require_space(run_dir, cfg, model)
     steps_per_epoch = -(-len(ds.y_train) // cfg.batch_size)
@@ -508,8 +509,7 @@ def _discard(run_dir: Path, created: bool) -> None:
 def _new_run_dir(out: str | Path | None, runs_root: str | Path, preset: str) -> Path:
     try:
         if out is not None:
-            run_dir = Path(out)
-            _check_out(run_dir)
+            run_dir = Path(out)  # (checked by _check_out before the data was read)
             run_dir.mkdir(parents=True, exist_ok=True)
         else:
             run_dir = runs.new_run_dir(runs_root, preset)
@@ -561,6 +561,8 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
     if ds.classes != config["data"]["classes"]:
         raise CnnlabError(f"the data at {ds.source} has other classes than the run was trained on")
     if state is not None and state["epoch"] >= cfg.epochs and finished:
+        if not world.main:  # process 0 alone checks and writes the run directory
+            return run_dir
         return _complete(run_dir, ds, cfg, log, with_report and config.get("outputs", {}).get("report", True))
     if state is None:
         log(f"{run_dir} has no checkpoint yet (it stopped before the first one): starting from the beginning")
