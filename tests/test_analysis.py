@@ -134,7 +134,11 @@ def test_report_command_and_no_report_flag(finished_run, tmp_path, capsys, cifar
     assert out.read_text().startswith("<!doctype html>")
     assert cli.main(["train", "--data", str(cifar_python_dir), "--dry-run", "--no-report",
                      "--out", str(tmp_path / "r")]) == 0
-    assert not (tmp_path / "r" / "report.html").exists() and (tmp_path / "r" / "metrics.json").exists()
+    run = tmp_path / "r"
+    assert (run / "metrics.json").exists() and (run / "confusion_matrix.csv").exists()
+    assert not (run / "report.html").exists() and not (run / "confusion_matrix.png").exists()  # no matplotlib
+    assert cli.main(["report", str(run)]) == 0  # draws both later
+    assert (run / "report.html").exists() and (run / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @needs_chromium

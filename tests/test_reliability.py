@@ -264,7 +264,7 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path, cifar_python_d
 # ---------------------------------------------------------------------------------------------------
 # The end of a run: a kill after any of its files, damaged weights, SIGTERM
 
-END_OF_RUN = ["model.safetensors", "model.json", *train.END_FILES, "report.html"]
+END_OF_RUN = ["model.safetensors", "model.json", *train.END_FILES, *train.PICTURES]
 # Runs `cnnlab train` in this process, SIGKILLing it as soon as the N-th file of the end of the run is complete
 # (files.atomic_path has renamed it into place): what a kill between two files leaves.
 KILLER = """

@@ -81,7 +81,8 @@ def per_class_scores(cm: np.ndarray, classes: list[str]) -> dict:
             "weighted_avg": avg(weights)}
 
 
-def write_confusion_matrix(run_dir: Path, cm: np.ndarray, classes: list[str]) -> None:
+def write_confusion_matrix(run_dir: Path, cm: np.ndarray, classes: list[str], picture: bool = True) -> None:
+    """confusion_matrix.csv and .json, and (`picture`) confusion_matrix.png, which costs matplotlib's import."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["true \\ predicted", *classes])
@@ -89,7 +90,8 @@ def write_confusion_matrix(run_dir: Path, cm: np.ndarray, classes: list[str]) ->
     files.write_text(run_dir / "confusion_matrix.csv", buf.getvalue())
     files.write_json(run_dir / "confusion_matrix.json",
                      {"classes": classes, "rows": "true", "columns": "predicted", "matrix": cm.tolist()})
-    report.save_figure(report.plot_confusion_matrix(cm, classes), run_dir / "confusion_matrix.png")
+    if picture:
+        report.save_figure(report.plot_confusion_matrix(cm, classes), run_dir / "confusion_matrix.png")
 
 
 def _load_as_trained(config: dict, data_path: str | None, image_size: tuple[int, int] | None) -> Dataset:
@@ -133,11 +135,12 @@ def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, classes: list[str
             **per_class_scores(cm, classes), "classes": classes, "confusion_matrix": cm.tolist()}
 
 
-def save_metrics(run_dir: Path, logits: torch.Tensor, y: torch.Tensor, classes: list[str], source: str) -> dict:
-    """Write metrics.json and the confusion matrix files; return the metrics."""
+def save_metrics(run_dir: Path, logits: torch.Tensor, y: torch.Tensor, classes: list[str], source: str,
+                 picture: bool = True) -> dict:
+    """Write metrics.json and the confusion matrix files (the PNG only with `picture`); return the metrics."""
     metrics = {**metrics_from_logits(logits, y, classes), "data": source}
     files.write_json(run_dir / "metrics.json", metrics)
-    write_confusion_matrix(run_dir, np.array(metrics["confusion_matrix"]), classes)
+    write_confusion_matrix(run_dir, np.array(metrics["confusion_matrix"]), classes, picture)
     return metrics
 
 

@@ -209,6 +209,8 @@ def write_report(run_dir: str | Path, interp, out: str | Path | None = None) -> 
     ]
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>cnnlab report: '
             f"{html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+    if out is None and not (run_dir / "confusion_matrix.png").exists():  # a --no-report run gets it now
+        save_figure(interp.plot_confusion_matrix(), run_dir / "confusion_matrix.png")
     out = Path(out) if out else run_dir / "report.html"
     files.write_text(out, page)
     return out

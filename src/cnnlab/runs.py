@@ -72,30 +72,36 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
 
 
 def list_runs(root: str | Path) -> list[dict]:
-    """One summary per run directory under `root` (those with a config.json), oldest first."""
+    """One summary per run directory under `root` (those with a config.json), oldest first. A run whose files
+    are damaged is listed as such, never fatal to the listing."""
     root = Path(root)
     if not root.is_dir():
         raise CnnlabError(f"runs folder {root} does not exist")
     rows = []
     for d in sorted(p for p in root.iterdir() if (p / "config.json").is_file()):
         try:
-            config = json.loads((d / "config.json").read_text())
-            history = json.loads((d / "history.json").read_text()) if (d / "history.json").is_file() else []
-            metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
-        except (OSError, ValueError):
-            continue  # a damaged run is skipped, not fatal to the listing
-        rows.append({"name": d.name, "path": str(d), "preset": config.get("preset", ""),
-                     "model": config.get("train", {}).get("model", ""), "epochs": len(history),
-                     "planned_epochs": config.get("train", {}).get("epochs"),
-                     "test_accuracy": metrics.get("test_accuracy"),
-                     "train_seconds": round(sum(h["seconds"] for h in history), 1),
-                     "date": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "config.json").stat().st_mtime))})
+            rows.append(_summary(d))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            rows.append({"name": d.name, "path": str(d), "preset": "(damaged)", "model": type(e).__name__,
+                         "epochs": 0, "planned_epochs": None, "test_accuracy": None, "train_seconds": 0.0, "date": ""})
     return rows
+
+
+def _summary(d: Path) -> dict:
+    config = json.loads((d / "config.json").read_text())
+    history = json.loads((d / "history.json").read_text()) if (d / "history.json").is_file() else []
+    metrics = json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {}
+    return {"name": d.name, "path": str(d), "preset": str(config.get("preset", "")),
+            "model": str(config.get("train", {}).get("model", "")), "epochs": len(history),
+            "planned_epochs": config.get("train", {}).get("epochs"),
+            "test_accuracy": float(metrics["test_accuracy"]) if metrics.get("test_accuracy") is not None else None,
+            "train_seconds": round(sum(float(h["seconds"]) for h in history), 1),
+            "date": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "config.json").stat().st_mtime))}
 
 
 def format_runs(rows: list[dict]) -> str:
     header = ["name", "preset", "model", "epochs", "test acc", "train s", "date"]
-    table = [[r["name"], r["preset"], r["model"], f"{r['epochs']}/{r['planned_epochs']}",
+    table = [[r["name"], r["preset"], r["model"], f"{r['epochs']}/{r['planned_epochs']}" if r["planned_epochs"] else "-",
               "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.2%}", f"{r['train_seconds']:.1f}",
               r["date"]] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
