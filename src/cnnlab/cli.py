@@ -151,8 +151,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--val-sample", type=_positive_int, metavar="N",
                    help="validate each epoch on a fixed stratified sample of N images (the last epoch: on all)")
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
-    p.add_argument("--no-report", action="store_true", help="no pictures at the end (report.html, confusion_matrix.png: "
-                   "matplotlib's 0.4 s); `cnnlab report RUN` draws them later")
+    p.add_argument("--no-report", action="store_true",
+                   help="no pictures at the end (report.html, confusion_matrix.png: matplotlib's 0.4 s); "
+                   "`cnnlab report RUN` draws them later")
 
 
 def _add_result_parsers(sub) -> None:

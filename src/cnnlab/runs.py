@@ -101,7 +101,8 @@ def _summary(d: Path) -> dict:
 
 def format_runs(rows: list[dict]) -> str:
     header = ["name", "preset", "model", "epochs", "test acc", "train s", "date"]
-    table = [[r["name"], r["preset"], r["model"], f"{r['epochs']}/{r['planned_epochs']}" if r["planned_epochs"] else "-",
+    table = [[r["name"], r["preset"], r["model"],
+              f"{r['epochs']}/{r['planned_epochs']}" if r["planned_epochs"] else "-",
               "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.2%}", f"{r['train_seconds']:.1f}",
               r["date"]] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(header)]
