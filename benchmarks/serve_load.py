@@ -11,7 +11,8 @@ round on the same server shows whether memory keeps growing.
 `--hostile` adds, beside the normal clients: one client that posts 64 PNGs of 4096x4096 (49 KB each, 3 MB
 in all) again and again, and 6 slow clients that trickle a request header one byte a second. It reports
 the normal clients' latencies, what the large requests got and how long each took, whether the slow
-connections were still open at the end, and the server's peak resident memory (sampled every 0.2 s).
+connections were still open at the end, and the server's peak resident memory (sampled every 0.2 s). Then
+16 clients post one 9.9 MB PNG of random pixels each at the same moment: their statuses and the peak memory.
 Writes benchmarks/results/serve_load.json, or serve_load-hostile.json.
 """
 
@@ -184,6 +185,49 @@ def hostile_round(port: int, bodies, clients: int, seconds: float, pid: int) -> 
             "slow_clients_closed_after_s": sorted(s for s in still_open if s is not None), "peak_rss_mb": max(peak)}
 
 
+def noise_upload(megabytes: float = 9.9) -> tuple[bytes, str]:
+    """One PNG of random pixels (incompressible) of about `megabytes`, as a multipart body."""
+    import io
+
+    from PIL import Image
+
+    side = int((megabytes * 1e6 / 3) ** 0.5)
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
+    return multipart("noise.png", buf.getvalue())
+
+
+def parallel_uploads(port: int, pid: int, n: int = 16) -> dict:
+    """`n` clients each posting one ~9.9 MB PNG at the same moment: the server's peak memory while it copes."""
+    body, statuses, peak, done = noise_upload(), [], [rss_mb(pid)], threading.Event()
+
+    def post() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            conn.request("POST", "/predict", body=body[0], headers={"Content-Type": body[1]})
+            statuses.append(conn.getresponse().status)
+        except (OSError, http.client.HTTPException) as e:
+            statuses.append(type(e).__name__)
+        conn.close()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(rss_mb(pid))
+            time.sleep(0.05)
+    sampler, t0 = threading.Thread(target=sample), time.perf_counter()
+    sampler.start()
+    clients = [threading.Thread(target=post) for _ in range(n)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    done.set()
+    sampler.join()
+    return {"uploads": n, "upload_mb": round(len(body[0]) / 1e6, 1), "statuses": sorted(map(str, statuses)),
+            "seconds": round(time.perf_counter() - t0, 2), "rss_before_mb": peak[0], "peak_rss_mb": max(peak)}
+
+
 def default_model() -> Path:
     """A `quick` run exported to ONNX, made once and reused."""
     work = HERE / "work"
@@ -249,6 +293,11 @@ def main() -> None:
                       f"(slowest {result['large_seconds_max']} s); slow clients still open at the end: "
                       f"{result['slow_clients_still_open']} of 6, closed by the server after "
                       f"{result['slow_clients_closed_after_s']} s; server peak RSS {result['peak_rss_mb']} MB")
+        uploads = parallel_uploads(port, server.pid) if args.hostile else None
+        if uploads:
+            print(f"  {uploads['uploads']} parallel uploads of {uploads['upload_mb']} MB: {uploads['statuses']} "
+                  f"in {uploads['seconds']} s; server RSS {uploads['rss_before_mb']} -> peak "
+                  f"{uploads['peak_rss_mb']} MB")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -257,7 +306,7 @@ def main() -> None:
     name = "serve_load" + ("-hostile" if args.hostile else "")
     save(name, {"machine": machine(), "hostile": args.hostile, "model": str(model), "clients": args.clients,
                 "seconds": args.seconds, "workers": args.workers, "rss_after_warmup_mb": memory[0],
-                "rss_growth_after_first_round_mb": growth, "rounds": rounds,
+                "rss_growth_after_first_round_mb": growth, "rounds": rounds, "parallel_uploads": uploads,
                 "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])})
 
 

@@ -338,3 +338,22 @@ def test_resume_in_two_processes_completes_the_end_of_a_finished_run(single, tmp
         json.loads((single / "metrics.json").read_text())["test_accuracy"])
     again = cnnlab("train", "--nproc", "2", "--resume", str(run), "--no-report")
     assert again.returncode == 0 and again.stdout.count("is complete") == 1
+
+
+def test_sigterm_to_a_two_process_job_stops_it_like_ctrl_c(cifar_python_dir, tmp_path):
+    """What a scheduler sends before it kills: `cnnlab train --nproc 2` passes it to both processes, which stop
+    after the same step; process 0 writes the checkpoint and says so once; the job ends with 130, as one process
+    does."""
+    out = tmp_path / "ddp"
+    job = subprocess.Popen([*CNNLAB, "train", "--nproc", "2", "--data", str(cifar_python_dir), "--epochs", "500",
+                            *FLAGS, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=ENV)
+    deadline = time.monotonic() + 120
+    while not (out / checkpoints.CHECKPOINT).exists() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.count(f"cnnlab train --resume {out}") == 1, stderr[-3000:]
+    state = checkpoints.load_checkpoint(out)
+    assert state is not None and 1 <= state["epoch"] < 500  # a whole checkpoint, which --resume takes

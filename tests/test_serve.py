@@ -279,6 +279,35 @@ def test_a_request_costs_at_most_its_pixel_budget_and_its_time(quick_onnx):
         assert c.get("/health").status_code == 200  # the server itself keeps answering
 
 
+def test_a_burst_of_large_uploads_is_decoded_a_few_at_a_time(quick_onnx, monkeypatch):
+    """Sixteen 9.9 MB uploads at once took the server from 110 to 562 MB: every request held its bytes and full-size
+    pixels together. Now at most `max_decoding` requests read and decode at once; the others wait (and all get
+    their answer)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    active, peak, lock = [0], [0], threading.Lock()
+    decode = serve.decode_for
+
+    def counting(*args):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.1)  # long enough for every request to be waiting at once
+        try:
+            return decode(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+    monkeypatch.setattr(serve, "decode_for", counting)
+    body = io.BytesIO()
+    Image.new("RGB", (300, 200), (20, 90, 160)).save(body, "PNG")
+    config = serve.ServeConfig(model=str(quick_onnx), max_decoding=2)
+    with TestClient(serve.create_app(config, deploy.OnnxPredictor(quick_onnx))) as c, ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda i: c.post("/predict", files=[("files", (f"{i}.png", body.getvalue()))])
+                                 .status_code, range(8)))
+    assert statuses == [200] * 8 and peak[0] == 2
+
+
 def test_a_request_that_arrives_one_byte_a_second_is_cut_off(quick_onnx):
     import uvicorn
 

@@ -233,10 +233,12 @@ def _build_arrays(req: Request, tmp: Path) -> dict:
     if req.val_split:  # the same stratified pick as Dataset.hold_out, written apart instead of copied in memory
         keep, val = folders.hold_out_indices(y, req.val_split, req.split_seed, len(classes))
         splits = [("train", x[keep], y[keep]), ("val", x[val], y[val]), ("test", xt, yt)]
+    _check_room(tmp, sum(len(labels) for _, _, labels in splits), int(x.shape[1]), size)
     for split, images, labels in splits:
         if size != tuple(images.shape[2:]):
-            images = _resize_array(images, size, req.resize)
-        images.tofile(tmp / f"{split}.u8")
+            _resize_array(images, size, req.resize, tmp / f"{split}.u8")
+        else:
+            images.tofile(tmp / f"{split}.u8")
         np.save(tmp / f"{split}.labels.npy", labels.astype(np.int64))
         counts[split] = _counts(labels, len(classes))
     return {"classes": classes, "image_size": list(size), "resize": req.resize if size != x.shape[2:] else None,
@@ -259,15 +261,26 @@ def _check_labels(path: Path, labels: dict[str, np.ndarray], classes: list[str])
     return classes + [str(i) for i in range(len(classes), found)]
 
 
-def _resize_array(x: np.ndarray, size: tuple[int, int], resize: Resize) -> np.ndarray:
+def _resize_array(x: np.ndarray, size: tuple[int, int], resize: Resize, path: Path) -> None:
+    """Write `x` resized to `size` into the raw file `path`, through a mapping: never all of it in memory."""
     from PIL import Image
 
-    out = np.empty((len(x), x.shape[1], *size), np.uint8)
+    out = np.memmap(path, np.uint8, "w+", shape=(len(x), x.shape[1], *size))
     for i, img in enumerate(x):
         im = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
         arr = np.asarray(resize_to(im, size, resize))
         out[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return out
+    out.flush()
+    del out
+
+
+def _check_room(tmp: Path, n: int, channels: int, size: tuple[int, int]) -> None:
+    """Refuse, before decoding anything, an entry the disk cannot hold (CIFAR at --image-size 3000 is 1.6 TB)."""
+    need, free = n * channels * size[0] * size[1], shutil.disk_usage(tmp).free
+    if need > free:
+        raise CnnlabError(f"the decoded images ({n:,} of {size[0]}x{size[1]}) need {need / 1e6:,.0f} MB, and "
+                          f"{tmp.parent} has {free / 1e6:,.0f} MB free: choose a smaller --image-size, "
+                          "or set CNNLAB_CACHE to a larger disk")
 
 
 def _counts(labels: np.ndarray, num_classes: int) -> dict:
@@ -293,6 +306,7 @@ def _build_images(req: Request, tmp: Path) -> dict:
         listing = listing.hold_out(req.val_split, req.split_seed, into="val")
     size = tuple(req.image_size or default_size(listing.files["train"]))
     splits = [s for s in SPLITS if s in listing.files]
+    _check_room(tmp, sum(len(listing.files[s]) for s in splits), 3, size)
     decoded = {s: _decode_split(listing.files[s], tmp / f"{s}.u8", size, req.resize, f"decoding {s}")
                for s in splits}
     bad = [msg for s in splits for msg in decoded[s][0].values()]

@@ -141,6 +141,8 @@ def load_weights(run_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The final weights, checked against the digest model.json recorded (runs before it had none)."""
     path = run_dir / "model.safetensors"
     try:
+        with open(path, "rb"):  # so that a mode-000 file is reported as such (safetensors calls it missing)
+            pass
         weights = load_file(path)
     except FileNotFoundError:
         raise CnnlabError(f"{run_dir} has no weights (model.safetensors); is it a finished training run?") from None

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__, presets
-from .config import DataConfig, override
+from .config import MAX_IMAGE_SIDE, DataConfig, override
 from .errors import CnnlabError, EveryProcessError, Interrupted
 
 MODEL_HELP = "a name from `cnnlab models` or a layer spec such as c32-p-c64-p-f-d128"
@@ -62,6 +62,8 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 32 or 32x48") from None
     if h < 1 or w < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 32 or 32x48")
+    if max(h, w) > MAX_IMAGE_SIDE:
+        raise argparse.ArgumentTypeError(f"{text!r} is larger than {MAX_IMAGE_SIDE} px per side")
     return h, w
 
 
@@ -428,16 +430,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug: one line for users, the traceback on request
-        if os.environ.get("CNNLAB_DEBUG"):
-            raise
-        if _lost_contact(e):  # another process failed first and says why; this one stays quiet, and waits
-            time.sleep(3)  # so that the launcher sees that process end first and reports its exit code
-            return 75
-        print(f"cnnlab: internal error: {where}{type(e).__name__}: {e} (set CNNLAB_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+    except BrokenPipeError:
+        raise  # the reader of our output left (`| head`): `entry` ends quietly
+    except OSError as e:
+        if e.filename is None:
+            return _internal_error(e, where)
+        print(f"cnnlab: error: {where}cannot use {e.filename}: {e.strerror or e}", file=sys.stderr)  # a mode-000
+        return 2  # folder, a read-only disk, a path that vanished while we read: the user's to fix, not a bug
+    except Exception as e:
+        return _internal_error(e, where)
     return code or 0
+
+
+def _internal_error(e: Exception, where: str) -> int:
+    """A bug: one line for users, the traceback on request."""
+    if os.environ.get("CNNLAB_DEBUG"):
+        raise e
+    if _lost_contact(e):  # another process failed first and says why; this one stays quiet, and waits
+        time.sleep(3)  # so that the launcher sees that process end first and reports its exit code
+        return 75
+    print(f"cnnlab: internal error: {where}{type(e).__name__}: {e} (set CNNLAB_DEBUG=1 for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 def entry() -> None:
@@ -447,8 +461,12 @@ def entry() -> None:
     skipped is the finalization of PyTorch's and every other module's objects, 0.66 s after a `quick` run
     (measured). `main` itself returns normally, for callers in Python.
     """
-    code = main()
-    sys.stdout.flush()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `cnnlab runs | head -1`: the reader has what it wanted; end quietly, as Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # do (SIGPIPE's status, 128 + 13)
+        code = 141
     sys.stderr.flush()
     os._exit(code)
 

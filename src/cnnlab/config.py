@@ -23,6 +23,9 @@ LabelMode = Literal["fine", "coarse"]
 Resize = Literal["crop", "pad", "squish"]  # images.py: how an image file reaches the input size
 
 
+MAX_IMAGE_SIDE = 4096  # 16.7 megapixels, the decoder's own limit: larger inputs are typos, not photos
+
+
 @dataclass
 class DataConfig:
     path: str | None = None  # None: $CNNLAB_DATA, ~/.cache/cnnlab, ~/.keras/datasets, then download
@@ -42,8 +45,8 @@ class DataConfig:
         _require(self.val_split is None or 0 < self.val_split < 1,
                  f"val-split must be between 0 and 1, got {self.val_split}")
         _require(self.subset is None or self.subset >= 1, f"subset must be at least 1, got {self.subset}")
-        _require(self.image_size is None or (min(self.image_size) >= 1 and max(self.image_size) <= 4096),
-                 f"image size must be 1 to 4096 px per side, got {self.image_size}")
+        _require(self.image_size is None or (min(self.image_size) >= 1 and max(self.image_size) <= MAX_IMAGE_SIDE),
+                 f"image size must be 1 to {MAX_IMAGE_SIDE} px per side, got {self.image_size}")
         return self
 
 

@@ -55,6 +55,13 @@ def build(name: str, in_channels: int = 3, num_classes: int = 10, image_size: tu
     check(name)
 
 
+def check_size(name: str, in_channels: int, image_size: tuple[int, int]) -> None:
+    """Build `name` without storage (PyTorch's meta device): a size the network cannot take, or one that would
+    make it absurdly large, fails here, before any data is decoded at that size."""
+    with torch.device("meta"):
+        build(name, in_channels, 10, image_size)
+
+
 def keras_init(model: nn.Module) -> nn.Module:
     """Keras' defaults: Glorot-uniform weights, zero biases (PyTorch's own defaults train differently)."""
     for m in model.modules():
@@ -73,6 +80,9 @@ def seed_cnn(in_channels: int, num_classes: int, image_size: tuple[int, int]) ->
     h, w = image_size[0] // 4, image_size[1] // 4
     if h < 1 or w < 1:
         raise CnnlabError(f"the seed model needs images of at least 4x4 pixels, got {image_size[0]}x{image_size[1]}")
+    if (dense := 64 * h * w * 128) > spec.MAX_PARAMS:  # refused before its weights are allocated (18 GB at 3000 px)
+        raise CnnlabError(f"the seed model at {image_size[0]}x{image_size[1]} px would have over {dense:,} parameters "
+                          f"(at most {spec.MAX_PARAMS:,}); choose a smaller --image-size or a convolutional model")
     # ReLU and max-pooling commute (ReLU never reorders values), so pooling first computes exactly the
     # tutorial's function on a quarter of the pixels: 8.4 -> 6.0 ms per bf16 step here, with in-place ReLU.
     return keras_init(nn.Sequential(OrderedDict(

@@ -31,7 +31,8 @@ import numpy as np
 
 from .deploy import Predictor, decode_for, load_predictor, self_check, top_k
 from .errors import CnnlabError
-from .images import MAX_PIXELS, ImageError
+from .hardware import usable_cores
+from .images import MAX_PIXELS, ImageError, TooManyPixels
 
 try:
     from fastapi import FastAPI, File, HTTPException, Query, UploadFile
@@ -63,6 +64,10 @@ class ServeConfig:
     request_seconds: float = 30.0  # decode + inference of one request; past it the client gets 503
     max_connections: int = 64  # open at once (uvicorn's limit_concurrency): more get 503 at once
     max_batch: int = 256  # images per forward pass when requests are gathered
+    # requests whose files are read and decoded at once (0: one per usable core). Each holds its upload and its
+    # full-size pixels meanwhile (a 9.9 MB PNG: about 30 MB); the rest wait with their bodies spooled to disk.
+    # Unbounded, 16 parallel 9.9 MB uploads took the server from 110 to 562 MB (benchmarks/serve_load.py)
+    max_decoding: int = 0
     device: str = "auto"
 
 
@@ -223,6 +228,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     async def lifespan(app: FastAPI):
         app.state.batcher = Batcher(predictor.probabilities, config.max_batch)
         app.state.batcher.start()
+        app.state.decoding = asyncio.Semaphore(config.max_decoding or usable_cores())
         yield
         await app.state.batcher.stop()
 
@@ -236,13 +242,9 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
                       top_k_: int = Query(5, alias="top_k", ge=1, le=1000, description="classes per image")):
         if len(files) > config.max_files:
             raise HTTPException(400, f"{len(files)} files in one request; at most {config.max_files}")
-        uploads = [(f.filename or f"file {i + 1}", await f.read()) for i, f in enumerate(files)]
-        pixels = sum(header_pixels(data) for _, data in uploads)
-        if pixels > config.max_request_pixels:
-            return JSONResponse({"detail": f"the images in this request add up to {pixels:,} pixels; at most "
-                                 f"{config.max_request_pixels:,} per request"}, status_code=413)
+        names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
         try:
-            probs = await asyncio.wait_for(_classify(app, predictor, uploads, config), config.request_seconds)
+            probs = await asyncio.wait_for(_classify(app, predictor, files, config), config.request_seconds)
         except ImageError as e:
             return JSONResponse({"detail": str(e)}, status_code=e.status)
         except TimeoutError:
@@ -250,7 +252,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
                                 status_code=503)
         return {"model": info["name"],
                 "results": [{"filename": name, "predictions": preds}
-                            for (name, _), preds in zip(uploads, top_k(probs, info["classes"], top_k_), strict=True)]}
+                            for name, preds in zip(names, top_k(probs, info["classes"], top_k_), strict=True)]}
 
     return app
 
@@ -286,10 +288,18 @@ def header_pixels(data: bytes) -> int:
         return 0
 
 
-async def _classify(app: FastAPI, predictor: Predictor, uploads: list[tuple[str, bytes]],
-                    config: ServeConfig) -> np.ndarray:
-    images = await run_in_threadpool(
-        lambda: np.stack([decode_for(predictor, data, name, config.max_pixels) for name, data in uploads]))
+async def _classify(app: FastAPI, predictor: Predictor, files: list[UploadFile], config: ServeConfig) -> np.ndarray:
+    """Read, check and decode a request's files (one of `max_decoding` at a time), then classify them in the
+    next gathered batch. Raises ImageError (with its HTTP status) for what the client sent."""
+    async with app.state.decoding:
+        uploads = [(f.filename or f"file {i + 1}", await f.read()) for i, f in enumerate(files)]
+        pixels = sum(header_pixels(data) for _, data in uploads)
+        if pixels > config.max_request_pixels:
+            raise TooManyPixels(f"the images in this request add up to {pixels:,} pixels; at most "
+                                f"{config.max_request_pixels:,} per request")
+        images = await run_in_threadpool(
+            lambda: np.stack([decode_for(predictor, data, name, config.max_pixels) for name, data in uploads]))
+        uploads.clear()  # the compressed bytes: only the network-sized pixels leave this block
     return await app.state.batcher(images)
 
 

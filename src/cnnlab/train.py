@@ -461,6 +461,8 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     cfg.validate()  # before any data is read or any directory made: a typo leaves nothing behind
     data_cfg = (data_cfg or DataConfig()).validate()
     pick_device(cfg.device)
+    if data_cfg.image_size:  # known before the data: a size the model cannot take costs no decoding
+        models.check_size(cfg.model, 3, data_cfg.image_size)
     if cfg.init_from:
         runs.read_json(Path(cfg.init_from) / "model.json", "--init-from needs a finished training run")
     world = dist.init()
