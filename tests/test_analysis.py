@@ -52,7 +52,7 @@ def test_top_losses_ordering_and_values(interp):
     top = interp.top_losses(3)
     # the worst is image 5 (an eel called cat with logit 5): loss = -log softmax([5, 0, 0])[2]
     assert [t["index"] for t in top] == [5, 1, 6]
-    assert top[0] == {"index": 5, "true": "eel", "predicted": "cat",
+    assert top[0] == {"index": 5, "file": None, "true": "eel", "predicted": "cat",
                       "probability": pytest.approx(math.exp(5) / (math.exp(5) + 2)),
                       "loss": pytest.approx(math.log(math.exp(5) + 2))}
     losses = [t["loss"] for t in interp.top_losses(7)]
@@ -101,9 +101,10 @@ def finished_run(tmp_path_factory):
 def test_training_writes_a_self_contained_report(finished_run):
     _, run = finished_run
     page = (run / "report.html").read_text()
-    sections = ["Training curves", "Confusion matrix", "Per class", "Most confused pairs", "Top losses",
-                "Augmented training samples", "Configuration", "Environment"]
-    positions = [page.index(f"<h2>{s}</h2>") for s in sections]
+    sections = ["<h2>Training curves", "<h2>Confusion matrix", "<h2>Per class", "<h2>Most confused pairs",
+                "<h2>Top losses", "<h2>Augmented training samples", "<summary>Configuration",
+                "<h2>Where it was trained"]
+    positions = [page.index(s) for s in sections]
     assert positions == sorted(positions)  # in the order the issue lists
     assert "test accuracy" in page and "parameters" in page
     assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 6
@@ -159,3 +160,69 @@ def test_report_renders_in_headless_chromium(finished_run):
     assert errors == []
     assert len(sizes) == 6 and all(done and w > 0 and h > 0 for done, w, h in sizes)
     assert (ARTIFACTS / "report.png").stat().st_size > 20_000
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A report of an image-folder run with a validation split: every headline field has something to say."""
+    root = write_image_folder(tmp_path_factory.mktemp("folder") / "photos", per_class=12, size=(24, 24))
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert cli.main(["train", "--data", str(root), "--epochs", "2", "--batch-size", "12", "--val-split", "0.25",
+                     "--out", str(run)]) == 0
+    return run
+
+
+def test_the_report_says_what_was_trained_where_and_names_the_files_it_got_wrong(folder_run):
+    import json
+    import platform
+
+    page = (folder_run / "report.html").read_text()
+    for label in ("test accuracy", "best epoch (validation)", "final epoch (validation)", "data",
+                  "image size", "images train / validation / test", "device and precision", "date"):
+        assert f"<div>{label}<b>" in page, label
+    assert "<b>photos (image-folder)</b>" in page and "<b>24x24, 3 channels</b>" in page
+    assert "<b>27 / 9 / 18</b>" in page  # 36 training images, a quarter held out; 6 test images per class
+    env = json.loads((folder_run / "config.json").read_text())["environment"]
+    assert env["python"] == platform.python_version() and env["cpu class"] and env["started"]
+    assert f"<td>{env['platform']}</td>" in page  # where training ran, recorded by the run
+    assert re.search(r"<td>test/[abc]/\d{3}\.png</td>", page)  # top losses name their files
+    assert "<details><summary>Configuration</summary>" in page  # collapsed
+
+
+def test_the_best_epoch_is_named_when_the_model_overfitted():
+    from cnnlab import report
+
+    history = [{"epoch": e, "val_acc": a} for e, a in ((1, 0.50), (2, 0.70), (3, 0.62))]
+    assert "peaked at epoch 2 (70.00%) and ended at 62.00%" in report.best_epoch_note(history)
+    assert report.best_epoch_note(history[:2]) is None and report.best_epoch_note(history[:1]) is None
+
+
+def test_a_one_epoch_history_has_one_whole_tick():
+    from cnnlab import report
+
+    fig = report.plot_history([{"epoch": 1, "train_loss": 2.0, "val_loss": 1.9, "train_acc": 0.2, "val_acc": 0.3}])
+    assert [t for t in fig.axes[0].get_xticks()] == [1]
+
+
+@needs_chromium
+def test_the_report_in_a_browser_at_1280_px(folder_run):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    ARTIFACTS.mkdir(exist_ok=True)
+    errors = []
+    with playwright.sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto((folder_run / "report.html").as_uri())
+        labels = page.locator(".headline div").all_inner_texts()
+        files = page.locator("table").nth(2).locator("tbody td:first-child").all_inner_texts()
+        config_visible = page.locator("details pre").is_visible()
+        boxes = page.eval_on_selector_all("img[alt*=confusion]", "imgs => imgs.map(i => {"
+                                          "const r = i.getBoundingClientRect(); return [r.top, r.bottom]; })")
+        page.screenshot(path=str(ARTIFACTS / "report-folder.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert any(t.startswith("best epoch (validation)") for t in labels) and len(labels) >= 12
+    assert files and all(re.fullmatch(r"test/[abc]/\d{3}\.png", f) for f in files)
+    assert not config_visible
+    assert len(boxes) == 2 and boxes[1][0] >= boxes[0][1]  # one confusion matrix per row, not two squeezed side by side

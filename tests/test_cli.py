@@ -55,7 +55,10 @@ def test_train_dry_run_evaluate_and_predict(capsys, tmp_path, cifar_python_dir):
     result = json.loads(out)
     assert code == 0 and len(result[0]["predictions"]) == 2
     code, out, _ = run_cli(capsys, "predict", out_dir, img)
-    assert code == 0 and out.startswith(f"{img}: ")
+    assert code == 0 and out.startswith(f"{img}: ") and out.count(",") == 4  # 5 classes by default, as the server
+    code, out, _ = run_cli(capsys, "predict", out_dir, img, "--json")
+    assert set(json.loads(out)[0]) == {"filename", "predictions"}  # the server's word for it
+    assert len(json.loads(out)[0]["predictions"]) == 5
 
 
 def _bad_inputs(tmp_path, cifar_python_dir):

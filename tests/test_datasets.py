@@ -141,6 +141,15 @@ def test_idx_data_at_another_image_size(tmp_path):
     assert np.corrcoef(ds.x_train.flatten().numpy(), blocks.flatten().numpy())[0, 1] > 0.6
 
 
+def test_data_info_reports_the_size_asked_for(tmp_path, capsys):
+    """`cnnlab data info --data IDX_DIR --image-size 64` once reported the files' 28x28."""
+    from cnnlab import cli
+
+    folder, _ = write_idx(tmp_path / "mnist", n_train=20, n_test=10)
+    assert cli.main(["data", "info", "--data", str(folder), "--image-size", "64"]) == 0
+    assert "image size:  64x64 (crop), 1 channel" in capsys.readouterr().out
+
+
 def test_training_on_idx_data_keeps_one_channel(tmp_path):
     folder, _ = write_idx(tmp_path / "mnist", n_train=60)
     run = train.train(TrainConfig(epochs=1, batch_size=16), DataConfig(path=str(folder)), out=tmp_path / "run",

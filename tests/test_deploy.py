@@ -61,7 +61,7 @@ def test_predict_with_onnx_runs_without_pytorch(quick_run, quick_onnx, real_subs
     assert json.loads(proc.stderr.strip().splitlines()[-1]) == {"rc": 0, "torch": False}
     via_onnx = json.loads(proc.stdout)
     via_torch = deploy.predict_files(quick_run, images, 4, device="cpu")
-    assert [r["image"] for r in via_onnx] == images
+    assert [r["filename"] for r in via_onnx] == images
     for a, b in zip(via_onnx, via_torch, strict=True):
         assert len(a["predictions"]) == 4
         assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]

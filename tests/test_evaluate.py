@@ -84,7 +84,7 @@ def test_predict_any_size_and_mode(trained_run, tmp_path):
     Image.fromarray(big).save(tmp_path / "blue.jpg")
     Image.fromarray(big).convert("L").save(tmp_path / "gray.png")
     results = deploy.predict_files(run, [str(tmp_path / "blue.jpg"), str(tmp_path / "gray.png")], k=2)
-    assert [r["image"] for r in results] == [str(tmp_path / "blue.jpg"), str(tmp_path / "gray.png")]
+    assert [r["filename"] for r in results] == [str(tmp_path / "blue.jpg"), str(tmp_path / "gray.png")]
     blue = results[0]["predictions"]
     assert len(blue) == 2 and blue[0]["class"] == "c"
     assert blue[0]["probability"] >= blue[1]["probability"] and 0.5 < blue[0]["probability"] <= 1
@@ -103,3 +103,28 @@ def test_evaluating_a_run_reuses_the_decoded_cache(trained_run, monkeypatch):
     data.load_dataset(trained_run[0])  # what training did: fill the cache with the run's own data settings
     monkeypatch.setattr(cache, "_decode_chunk", lambda *a: pytest.fail("evaluation decoded the images again"))
     assert evaluate.evaluate_run(trained_run[1])["test_images"] == 60
+
+
+def test_evaluating_on_other_data_never_changes_what_the_run_recorded(trained_run, tmp_path, capsys):
+    """`evaluate RUN --data OTHER` used to overwrite the run's metrics.json (and so `cnnlab runs` and a later
+    export) with the foreign figure."""
+    import shutil
+
+    from cnnlab import cli
+
+    root, run = trained_run
+    other = tmp_path / "harder"
+    shutil.copytree(root, other)
+    for f in sorted((other / "test" / "a").iterdir())[:10]:  # ten a's now labelled b: a lower accuracy
+        f.rename(other / "test" / "b" / f"moved-{f.name}")
+    recorded = {n: (run / n).read_bytes() for n in ("metrics.json", "confusion_matrix.json", "confusion_matrix.csv")}
+    assert cli.main(["evaluate", str(run), "--data", str(other)]) == 0
+    assert str(run / "evaluations" / "harder") in capsys.readouterr().out
+    assert {n: (run / n).read_bytes() for n in recorded} == recorded
+    theirs = json.loads((run / "evaluations" / "harder" / "metrics.json").read_text())
+    assert theirs["data"] == str(other.resolve()) and theirs["test_accuracy"] < json.loads(recorded["metrics.json"])[
+        "test_accuracy"]
+    assert cli.main(["evaluate", str(run), "--data", str(other), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "metrics.json").exists()
+    assert cli.main(["evaluate", str(run), "--data", str(root)]) == 0  # its own data: the run's own files
+    assert not (run / "evaluations" / root.name).exists()

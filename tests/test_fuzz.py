@@ -162,3 +162,58 @@ def test_server_still_answers_after_the_fuzzing(client):
     image = Path(__file__)  # not an image: the last word is a clean 415
     assert client.post("/predict", files=[("files", ("t.py", image.read_bytes(), "text/plain"))]).status_code == 415
     assert client.get("/health").json() == {"status": "ok"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run directories: config.json and model.json with any value in any field
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_subnormal=False)
+                    | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=8)
+
+
+@pytest.fixture(scope="module")
+def fuzz_run(tmp_path_factory):
+    from cnnlab import cli
+    from conftest import fake_cifar_arrays, write_cifar_python
+
+    root = tmp_path_factory.mktemp("fuzzrun")
+    cifar = write_cifar_python(root / "cifar", fake_cifar_arrays())
+    assert cli.main(["train", "--data", str(cifar), "--dry-run", "--out", str(root / "run"), "--no-report"]) == 0
+    return root / "run"
+
+
+def _replace_somewhere(doc, path: list[int], value):
+    """`doc` with the value at one place (chosen by `path`, through dicts and lists) replaced by `value`."""
+    if not path or not isinstance(doc, dict | list) or not doc:
+        return value
+    keys = list(doc) if isinstance(doc, dict) else list(range(len(doc)))
+    key = keys[path[0] % len(keys)]
+    out = dict(doc) if isinstance(doc, dict) else list(doc)
+    out[key] = _replace_somewhere(doc[key], path[1:], value)
+    return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["config.json", "model.json"]), path=st.lists(st.integers(0, 50), max_size=3),
+       value=JSON, command=st.sampled_from(["evaluate", "export", "resume"]))
+def test_run_directory_files(fuzz_run, tmp_path_factory, name, path, value, command):
+    """One field of a finished run's config.json or model.json (or the whole file) replaced by any JSON value:
+    evaluate, export and resume give a result or one line with exit 2."""
+    import contextlib
+    import json
+    import shutil
+
+    from cnnlab import cli
+
+    run = tmp_path_factory.mktemp("fuzzed") / "run"
+    shutil.copytree(fuzz_run, run)
+    doc = json.loads((run / name).read_text())
+    (run / name).write_text(json.dumps(_replace_somewhere(doc, path, value)))
+    argv = {"evaluate": ["evaluate", str(run)], "export": ["export", str(run), "--out", str(run / "m.onnx")],
+            "resume": ["train", "--resume", str(run), "--no-report"]}[command]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = cli.main(argv)
+    assert code in (0, 2), err.getvalue()
+    assert "internal error" not in err.getvalue()

@@ -330,7 +330,7 @@ def test_damaged_weights_are_refused_by_every_reader_and_rewritten_by_resume(tmp
     got = load_file(run / "model.safetensors")
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert cli.main(["train", "--resume", str(run), "--no-report"]) == 0
-    assert "is complete: all 1 epochs trained, its weights verified" in capsys.readouterr().out
+    assert "is complete: all 1 epoch trained, its weights verified" in capsys.readouterr().out
 
 
 def test_sigterm_stops_like_ctrl_c_with_a_checkpoint(tmp_path, cifar_python_dir):

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def client(quick_onnx):
 def test_page_is_self_contained(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert 'type="file"' in r.text and 'id="predictions"' in r.text
+    assert 'type="file"' in r.text and 'id="results"' in r.text and "multiple" in r.text
     assert "http://" not in r.text and "https://" not in r.text and "<link" not in r.text
     assert "default-src 'none'" in r.headers["content-security-policy"]
 
@@ -95,8 +96,9 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(client, test_
         r = client.post("/predict", files=files)
         assert r.status_code == status, (status, r.text)
         assert message in r.json()["detail"]
-    assert client.post("/predict").status_code == 422  # no files at all: FastAPI's validation error
-    assert client.post("/predict?top_k=0", files=good).status_code == 422
+    for r in (client.post("/predict"), client.post("/predict?top_k=0", files=good)):  # no files; top_k out of range
+        assert r.status_code == 400 and isinstance(r.json()["detail"], str), r.text  # one format, not FastAPI's 422
+    assert "files: Field required" in client.post("/predict").json()["detail"]
     assert client.post("/predict", files=good).status_code == 200
 
 
@@ -200,30 +202,52 @@ def test_several_worker_processes_serve(quick_onnx, test_images, tmp_path):
 
 
 @needs_chromium
-def test_page_in_a_browser_shows_the_cli_prediction(quick_onnx, test_images, tmp_path):
+def test_page_in_a_browser_classifies_several_images_and_docs_work_offline(quick_onnx, quick_run, test_images,
+                                                                            tmp_path):
+    """Three images and one broken file dropped at once: a card each, in order, the first with the command line's
+    answer and the image as the network sees it; the broken one says why and shows no image; /docs renders with
+    every request off this server refused (as on a machine without internet)."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    image = test_images[1]
+    images = list(test_images[:3])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a picture")
     cli_top = json.loads(subprocess.run(
-        [sys.executable, "-m", "cnnlab", "predict", str(quick_onnx), str(image), "--json"],
+        [sys.executable, "-m", "cnnlab", "predict", str(quick_onnx), str(images[0]), "--json"],
         capture_output=True, text=True, check=True, timeout=120).stdout)[0]["predictions"][0]["class"]
-    errors = []
+    errors, outside = [], []
     ARTIFACTS.mkdir(exist_ok=True)
     with running_server(quick_onnx, tmp_path / "server.log") as url, playwright.sync_playwright() as p:
         browser = launch_chromium(p)
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
+                   else (outside.append(route.request.url), route.abort()))
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
         page.goto(f"{url}/")
-        page.wait_for_function("document.getElementById('about').textContent.includes('classes')")
-        page.set_input_files("#file", str(image))
-        page.wait_for_selector("body[data-state=done]", timeout=30_000)
-        shown = page.locator("#predictions li .name").all_text_contents()
-        preview_ok = page.eval_on_selector("#preview", "img => img.complete && img.naturalWidth === 32")
+        page.locator("#about", has_text="classes").wait_for()
+        name = page.inner_text("#name")
+        page.set_input_files("#file", [str(f) for f in [*images, broken]])
+        page.wait_for_selector("body[data-state=error]", timeout=30_000)  # done, with one file failed
+        cards = page.locator(".card")
+        titles = cards.locator("h2").all_inner_texts()
+        first = cards.nth(0).locator(".name").all_inner_texts()
+        net_view = cards.nth(0).locator("figure.net img").evaluate("i => [i.complete, i.naturalWidth]")
+        failed = [cards.nth(3).locator("img").count(), cards.nth(3).inner_text()]
+        status = page.inner_text("#status")
         page.screenshot(path=str(ARTIFACTS / "serve.png"), full_page=True)
+        page.click("text=API documentation")
+        page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+        docs_title = page.inner_text(".swagger-ui .info .title")
+        page.screenshot(path=str(ARTIFACTS / "serve-docs.png"))
         browser.close()
-    assert errors == []
-    assert len(shown) == 5 and shown[0] == cli_top
-    assert preview_ok
+    assert errors == [] and outside == []
+    assert name == quick_onnx.stem  # the model's own name (for the default model.onnx: its run's)
+    assert deploy._model_name(Path("exports/model.onnx"), "/srv/runs/20261125-quick") == "20261125-quick"
+    assert titles == [f.name for f in [*images, broken]]
+    assert len(first) == 5 and first[0] == cli_top
+    assert net_view == [True, 32]
+    assert failed[0] == 0 and "broken.jpg" in failed[1]
+    assert status == "3 of 4 classified; 1 could not be read"
+    assert docs_title.startswith("cnnlab")
 
 
 def test_a_model_that_fails_its_self_check_is_refused_at_start(quick_run, quick_onnx, tmp_path):
@@ -334,3 +358,17 @@ def test_a_request_that_arrives_one_byte_a_second_is_cut_off(quick_onnx):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_busy_port_is_one_line(quick_onnx, capsys):
+    """uvicorn's own answer was a logged `[Errno 98]` and exit status 3."""
+    from cnnlab import cli
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert cli.main(["serve", str(quick_onnx), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cnnlab: error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another "
+                   "--port (or stop what holds it)"]

@@ -122,3 +122,15 @@ def test_short_real_data_run_learns(tmp_path, real_subset, capsys):
     assert os.path.getsize(out / "confusion_matrix.png") > 10_000
     history = json.loads((out / "history.json").read_text())
     assert history[0]["val_acc"] == pytest.approx(metrics["test_accuracy"])
+
+
+def test_half_precision_on_a_cpu_that_emulates_it_is_pointed_out_once(tmp_path, capsys, monkeypatch, cifar_python_dir):
+    from cnnlab import device
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda *a: False)  # an AVX2 laptop
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--dry-run", "--precision", "bf16", "--no-report",
+                     "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.count("no native bf16 arithmetic; PyTorch emulates it") == 1
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--dry-run", "--no-report",
+                     "--out", str(tmp_path / "auto")]) == 0
+    assert "emulates" not in capsys.readouterr().out  # auto chose fp32

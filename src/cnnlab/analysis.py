@@ -38,7 +38,7 @@ class Interpretation:
     def __init__(self, classes: list[str], y_true: torch.Tensor, logits: torch.Tensor,
                  images: torch.Tensor | None = None, history: list[dict] | None = None,
                  train_images: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
-                 augment_name: str = "none"):
+                 augment_name: str = "none", files: tuple[str, ...] | list[str] = ()):
         self.classes = list(classes)
         self.y_true = y_true.long()
         self.logits = logits.float()
@@ -49,6 +49,7 @@ class Interpretation:
         self.history = history or []
         self.train_images, self.train_labels = train_images, train_labels
         self.augment_name = augment_name
+        self.files = list(files) if len(files) == len(self.y_true) else []  # each test image's file, if known
 
     @classmethod
     def from_run(cls, run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
@@ -67,7 +68,7 @@ class Interpretation:
         config = runs.read_config(run_dir)
         train_cfg = from_dict(TrainConfig, config["train"])
         return cls(classes or ds.classes, ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
-                   train_cfg.augment)
+                   train_cfg.augment, ds.test_files)
 
     # -- numbers -------------------------------------------------------------------------------------
 
@@ -97,11 +98,13 @@ class Interpretation:
         return [p for p in pairs if p.count >= min_count]
 
     def top_losses(self, k: int = 16) -> list[dict]:
-        """The k test images with the highest loss: index, true and predicted class, probability, loss."""
+        """The k test images with the highest loss: index, file (for image folders, else None), true and
+        predicted class, probability, loss."""
         losses, idx = self.losses.topk(min(k, len(self.losses)))
-        return [{"index": int(i), "true": self.classes[int(self.y_true[i])],
-                 "predicted": self.classes[int(self.y_pred[i])], "probability": float(self.probs[i].max()),
-                 "loss": float(loss)} for loss, i in zip(losses, idx, strict=True)]
+        return [{"index": int(i), "file": self.files[int(i)] if self.files else None,
+                 "true": self.classes[int(self.y_true[i])], "predicted": self.classes[int(self.y_pred[i])],
+                 "probability": float(self.probs[i].max()), "loss": float(loss)}
+                for loss, i in zip(losses, idx, strict=True)]
 
     # -- pictures --------------------------------------------------------------------------------------
 
@@ -111,9 +114,11 @@ class Interpretation:
 
     def plot_top_losses(self, k: int = 16) -> Figure:
         rows = self.top_losses(k)
-        titles = [f"{r['true']} / {r['predicted']}\n{r['probability']:.2f} (loss {r['loss']:.2f})" for r in rows]
+        titles = [(f"{_short(r['file'])}\n" if r["file"] else "") + f"{r['true']} / {r['predicted']}\n"
+                  f"{r['probability']:.2f} (loss {max(r['loss'], 0.0):.2f})" for r in rows]  # never "-0.00"
         images = self.images[[r["index"] for r in rows]] if self.images is not None else None
-        return report.image_grid(images, titles, "Top losses: true / predicted, probability")
+        return report.image_grid(images, titles, "Top losses: file, true / predicted class, probability",
+                                 columns=4 if rows and rows[0]["file"] else 8, fontsize=13)
 
     def plot_per_class(self) -> Figure:
         return report.plot_per_class(self.classification_report()["per_class"])
@@ -135,3 +140,9 @@ class Interpretation:
         titles = [self.classes[int(c)] for c in self.train_labels[idx]]
         return report.image_grid(images, titles, f"Training samples after augmentation ({self.augment_name})",
                                  columns=per_class * 2)
+
+
+def _short(path: str, width: int = 30) -> str:
+    """A file for a caption: its folder and name (`cat/0005.jpg`), shortened in the middle when long."""
+    name = "/".join(Path(path).parts[-2:])
+    return name if len(name) <= width else name[:width // 2 - 1] + "…" + name[-(width // 2):]

@@ -37,7 +37,7 @@ from .config import DataConfig
 from .errors import CnnlabError
 from .images import Resize, decode_image, image_size, resize_to
 
-CACHE_VERSION = 2  # bump when an entry's meaning changes
+CACHE_VERSION = 3  # bump when an entry's meaning changes (3: image folders record their files' names)
 # Images larger than SMALL px are resized to DEFAULT_IMAGE_SIZE unless --image-size says otherwise; smaller
 # ones (CIFAR, MNIST and their kind) keep their own size. 96 px: the `photos` preset for 8 epochs on 5,000
 # photo-sized images (benchmarks/photos.py --sweep, results/photos_size.json) reached 58.9% at 96 px, 58.3% at
@@ -114,6 +114,11 @@ class Entry:
 
     def labels(self, split: str) -> np.ndarray:
         return np.load(self.folder / f"{split}.labels.npy")
+
+    def files(self, split: str) -> list[str]:
+        """The image files of a split, relative to the data folder, in image order ([] for arrays)."""
+        path = self.folder / f"{split}.files.json"
+        return json.loads(path.read_text()) if path.is_file() else []
 
     @property
     def splits(self) -> list[str]:
@@ -300,6 +305,7 @@ def default_size(files: list[str]) -> tuple[int, int]:
 
 def _build_images(req: Request, tmp: Path) -> dict:
     listing = folders.list_images(req.path, req.val_fraction, req.split_seed)
+    root = req.path if req.path.is_dir() else req.path.parent  # a CSV's paths are relative to its folder
     if req.val_split:  # held out before decoding: the validation images are never copied out of the training set
         if "val" in listing.files:
             raise CnnlabError(f"{req.path} has its own validation folder; leave out --val-split")
@@ -323,6 +329,8 @@ def _build_images(req: Request, tmp: Path) -> dict:
         _finish_split(tmp / f"{s}.u8", len(listing.files[s]), size, keep, gray)
         _check_not_emptied(s, listing, labels)
         np.save(tmp / f"{s}.labels.npy", labels)
+        names = [os.path.relpath(listing.files[s][i], root) for i in keep]  # for captions such as top losses
+        (tmp / f"{s}.files.json").write_text(json.dumps(names))
         counts[s] = _counts(labels, len(listing.classes))
     return {"classes": listing.classes, "image_size": list(size), "resize": req.resize, "channels": 1 if gray else 3,
             "counts": counts, "layout": listing.layout, "split": listing.split, "skipped": bad,

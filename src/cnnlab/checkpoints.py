@@ -157,24 +157,41 @@ def load_weights(run_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
 
 def _checked_meta(meta: Any, run_dir: Path) -> dict:
     """model.json as training writes it, checked before a network is built from it (a damaged or hand-edited
-    file must be an error, not a 40,000 x 40,000 allocation)."""
-    size = meta.get("image_size") if isinstance(meta, dict) else None
-    ok = (isinstance(meta, dict) and isinstance(meta.get("model"), str) and meta.get("in_channels") in (1, 3)
-          and isinstance(meta.get("classes"), list) and 1 <= len(meta["classes"]) <= 100_000
-          and isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 1 <= v <= 4096 for v in size)
-          and isinstance(meta.get("normalization"), dict))
-    if not ok:
+    file must be an error, not a 40,000 x 40,000 allocation nor a TypeError deep inside)."""
+    if not (isinstance(meta, dict) and all(check(meta[key]) if key in meta else key in OPTIONAL
+                                           for key, check in META_CHECKS.items())):
         raise CnnlabError(f"{run_dir / 'model.json'} is not what cnnlab training writes (model, classes, 1 or 3 "
                           "input channels, an image size of 1-4096 px per side, normalization); it was damaged or "
                           "edited")
     return meta
 
 
+def _numbers(v: Any, low: float) -> bool:
+    return isinstance(v, list) and 1 <= len(v) <= 3 and all(
+        isinstance(x, int | float) and not isinstance(x, bool) and low <= x < 1e6 for x in v)
+
+
+OPTIONAL = ("resize", "precision", "tta", "sha256")  # runs of older versions did not write them
+META_CHECKS = {  # what each field of model.json must hold
+    "model": lambda v: isinstance(v, str),
+    "in_channels": lambda v: v in (1, 3) and not isinstance(v, bool),
+    "classes": lambda v: isinstance(v, list) and 1 <= len(v) <= 100_000 and all(isinstance(c, str) for c in v),
+    "image_size": lambda v: isinstance(v, list) and len(v) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 4096 for x in v),
+    "normalization": lambda v: isinstance(v, dict) and _numbers(v.get("mean"), -1e6) and _numbers(v.get("std"), 1e-12),
+    "resize": lambda v: v in ("crop", "pad", "squish"),
+    "precision": lambda v: v in ("fp32", "bf16", "fp16"),
+    "tta": lambda v: v in (0, 1, 2) and not isinstance(v, bool),
+    "sha256": lambda v: isinstance(v, str),
+}
+
+
 def model_complete(run_dir: Path) -> bool:
     """Whether the run has committed final weights that pass their checksum."""
     try:
-        load_weights(run_dir, read_json(run_dir / "model.json", "it is not a complete training run"))
-    except CnnlabError:
+        meta = _checked_meta(read_json(run_dir / "model.json", "it is not a complete training run"), run_dir)
+        load_weights(run_dir, meta)
+    except CnnlabError:  # --resume writes both again from the final checkpoint
         return False
     return True
 

@@ -164,6 +164,8 @@ def _add_result_parsers(sub) -> None:
                        "(or of an exported .onnx model, through onnxruntime)")
     p.add_argument("run_dir", metavar="RUN_DIR|MODEL.onnx")
     p.add_argument("--data", metavar="PATH", help="data to evaluate on (default: the run's own)")
+    p.add_argument("--out", metavar="DIR", help="where the results of other --data go (default "
+                   "RUN_DIR/evaluations/<data folder name>); the run's own results never change")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("export", help="export a run as one ONNX file: uint8 images in, probabilities out")
@@ -195,7 +197,7 @@ def _add_result_parsers(sub) -> None:
     p = sub.add_parser("predict", help="classify image files with a trained run or an exported .onnx model")
     p.add_argument("run_dir", metavar="RUN_DIR|MODEL.onnx")
     p.add_argument("images", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders (searched at any depth)")
-    p.add_argument("--top-k", type=_positive_int, default=3)
+    p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5, as the server)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--csv", metavar="FILE", help="write image, class_1, probability_1, ..., error rows to FILE")
     p.add_argument("--device", default="auto")
@@ -310,8 +312,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if deploy.is_onnx(args.run_dir):
         print(evaluate.format_metrics(evaluate.evaluate_onnx(args.run_dir, args.data)))
         return
-    print(evaluate.format_metrics(evaluate.evaluate_run(args.run_dir, args.data, device=args.device)))
-    print(f"\nwrote metrics.json and confusion_matrix.csv/.json/.png in {args.run_dir}")
+    print(evaluate.format_metrics(evaluate.evaluate_run(args.run_dir, args.data, device=args.device, out=args.out)))
+    print(f"\nwrote metrics.json and confusion_matrix.csv/.json/.png in "
+          f"{evaluate.results_folder(args.run_dir, args.data, args.out)}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -327,7 +330,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     elif not args.csv:
         for r in results:
             if "predictions" in r:
-                print(f"{r['image']}: " + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"]))
+                shown = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+                print(f"{r['filename']}: {shown}")
     else:
         print(f"wrote {len(results)} predictions to {args.csv}")
     bad = [r for r in results if "error" in r]
@@ -346,11 +350,11 @@ def _write_predictions_csv(path: str, results: list[dict], k: int) -> None:
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "probability")),
+    writer.writerow(["filename", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "probability")),
                      "error"])
     for r in results:
         cells = [c for p in r.get("predictions", []) for c in (p["class"], f"{p['probability']:.6f}")]
-        writer.writerow([r["image"], *cells, *[""] * (2 * k - len(cells)), r.get("error", "")])
+        writer.writerow([r["filename"], *cells, *[""] * (2 * k - len(cells)), r.get("error", "")])
     files.write_text(path, buf.getvalue())
 
 

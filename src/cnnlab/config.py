@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Literal, get_args, get_type_hints
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 from .errors import CnnlabError
 
@@ -149,9 +150,33 @@ def override(cfg, **changes):
 
 
 def from_dict(cls, d: dict):
-    """Rebuild a config from its JSON form (lists back to tuples), ignoring fields it does not know."""
+    """Rebuild a config from its JSON form (lists back to tuples), ignoring fields it does not know; a value
+    of the wrong type (a damaged or hand-edited config.json) is a CnnlabError naming the field."""
     if not isinstance(d, dict):
         raise CnnlabError(f"expected the fields of {cls.__name__} as a JSON object, got {type(d).__name__}")
-    names = {f.name: f for f in fields(cls)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+    hints = get_type_hints(cls)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in hints}
+    for name, value in kwargs.items():
+        if not _fits(value, hints[name]):
+            raise CnnlabError(f"{name} = {value!r} is not a valid {cls.__name__} value; the file was damaged or edited")
     return cls(**kwargs)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value (lists already tuples) has the type a config field is annotated with."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (Union, UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True

@@ -39,6 +39,7 @@ class Dataset:
     resize: str | None = None  # how image files reached the input size (crop, pad, squish); None: not resized
     layout: str = ""  # image trees: split folders, class folders or csv
     ignored: dict[str, int] = field(default_factory=dict)  # files left out as hidden or not images, counted
+    test_files: tuple[str, ...] = ()  # image folders: each test image's file, relative to the data folder
 
     @property
     def channels(self) -> int:
@@ -151,7 +152,7 @@ def load(c: DataConfig, use_cache: bool = True) -> Dataset:
     (x, y), (xv, yv), (xt, yt) = split("train"), split("val"), split("test")
     return Dataset(x, y, xt, yt, meta["classes"], meta["format"], meta["source"], meta["split"], xv, yv,
                    skipped=tuple(meta["skipped"]), resize=meta.get("resize"), layout=meta.get("layout", ""),
-                   ignored=dict(meta.get("ignored", {})))
+                   ignored=dict(meta.get("ignored", {})), test_files=tuple(entry.files("test")))
 
 
 def info(ds: Dataset) -> str:

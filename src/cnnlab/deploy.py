@@ -53,7 +53,7 @@ class OnnxPredictor:
                               "use `cnnlab export RUN_DIR`")
         self.input_name = self.session.get_inputs()[0].name
         self.info = {
-            "name": path.stem, "format": "onnx", "path": str(path),
+            "name": _model_name(path, meta.get(METADATA_PREFIX + "source_run")), "format": "onnx", "path": str(path),
             "classes": json.loads(meta[METADATA_PREFIX + "classes"]),
             "channels": int(meta[METADATA_PREFIX + "channels"]),
             "image_size": json.loads(meta[METADATA_PREFIX + "image_size"]),
@@ -100,6 +100,11 @@ def load_predictor(path: str | os.PathLike, device: str = "auto") -> Predictor:
     return TorchPredictor(path, device)
 
 
+def _model_name(path: Path, source_run: str | None) -> str:
+    """What to call an exported model: its file's stem, or its run's name for the default `model.onnx`."""
+    return Path(source_run).name if path.stem == "model" and source_run else path.stem
+
+
 def decode_for(predictor: Predictor, source: bytes | str | os.PathLike, name: str | None = None,
                max_pixels: int = MAX_PIXELS) -> np.ndarray:
     info = predictor.info
@@ -130,7 +135,7 @@ def expand_paths(paths: list[str]) -> list[str]:
 def predict_files(model: str | os.PathLike, paths: list[str], k: int = 3, device: str = "auto",
                   batch_size: int = 256) -> list[dict]:
     """Top-k class names and probabilities for each image file (folders: every image under them), with an
-    ONNX file or a run directory. A file that cannot be read gets {"image", "error"} instead of predictions,
+    ONNX file or a run directory. A file that cannot be read gets {"filename", "error"} instead of predictions,
     and the others are still classified."""
     predictor = load_predictor(model, device)
     results = []
@@ -144,6 +149,6 @@ def predict_files(model: str | os.PathLike, paths: list[str], k: int = 3, device
         good = [p for p, a in decoded.items() if not isinstance(a, str)]
         probs = predictor.probabilities(np.stack([decoded[p] for p in good])) if good else []
         preds = dict(zip(good, top_k(probs, predictor.info["classes"], k), strict=True)) if good else {}
-        results += [{"image": str(p), "predictions": preds[p]} if p in preds else {"image": str(p), "error": a}
+        results += [{"filename": str(p), "predictions": preds[p]} if p in preds else {"filename": str(p), "error": a}
                     for p, a in decoded.items()]
     return results

@@ -54,6 +54,14 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[name]
 
 
+def precision_warning(dtype: torch.dtype, device: torch.device) -> str | None:
+    """A hint when a half precision was asked for on a CPU that emulates it (about 7x slower than fp32)."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
+        return (f"warning: this CPU ({hardware.cpu_class()}) has no native {precision_name(dtype)} arithmetic; "
+                "PyTorch emulates it, several times slower than fp32: --precision auto chooses fp32 here")
+    return None
+
+
 def precision_name(dtype: torch.dtype) -> str:
     return next(k for k, v in PRECISIONS.items() if v == dtype)
 

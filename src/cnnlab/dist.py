@@ -13,6 +13,7 @@ B images. Only rank 0 writes files or prints.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -148,8 +149,9 @@ def launch(nproc: int, argv: list[str]) -> int:
         torchrun(args)
     except ChildFailedError as e:
         return _report_failure(e.failures)
-    except SignalException as e:  # Ctrl-C (or a kill) reached the launcher; it passed the signal to the
-        return 128 + int(e.sigval)  # processes, which stopped after a checkpoint and said so themselves
+    except SignalException as e:  # Ctrl-C or SIGTERM reached the launcher; it passed the signal to the processes,
+        # which stopped after a checkpoint and said so themselves: 130 for both, as one process ends
+        return 130 if int(e.sigval) in (signal.SIGINT, signal.SIGTERM) else 128 + int(e.sigval)
     return 0
 
 

@@ -145,10 +145,28 @@ def save_metrics(run_dir: Path, logits: torch.Tensor, y: torch.Tensor, classes: 
 
 
 def evaluate_run(run_dir: str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
-                 device: str = "auto") -> dict:
-    """Evaluate a run's final weights on its test set; writes metrics.json and the confusion matrix."""
+                 device: str = "auto", out: str | Path | None = None) -> dict:
+    """Evaluate a run's final weights on a test set; write metrics.json and the confusion matrix files (in
+    `results_folder(...)`) and return the metrics."""
     logits, meta, dataset = run_test_logits(run_dir, data_path, dataset=dataset, device=device)
-    return save_metrics(Path(run_dir), logits, dataset.y_test, meta["classes"], dataset.source)
+    folder = results_folder(run_dir, data_path, out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_metrics(folder, logits, dataset.y_test, meta["classes"], dataset.source)
+
+
+def results_folder(run_dir: str | Path, data_path: str | None = None, out: str | Path | None = None) -> Path:
+    """Where an evaluation's files go. On the run's own data: the run directory. On other data: `out`, by
+    default RUN_DIR/evaluations/<data folder name>, so that what the run recorded never changes."""
+    run_dir = Path(run_dir)
+    if data_path is None:
+        return run_dir
+    own = runs.read_config(run_dir)["data"].get("path")
+    if isinstance(own, str) and Path(data_path).resolve() == Path(own).resolve():
+        return run_dir
+    folder = Path(out) if out else run_dir / "evaluations" / Path(data_path).resolve().name
+    if (folder / "config.json").exists():
+        raise CnnlabError(f"--out {folder} is a training run; choose another folder for the evaluation")
+    return folder
 
 
 def format_metrics(m: dict) -> str:

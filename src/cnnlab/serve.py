@@ -37,7 +37,9 @@ from .images import MAX_PIXELS, ImageError, TooManyPixels
 try:
     from fastapi import FastAPI, File, HTTPException, Query, UploadFile
     from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi_offline import FastAPIOffline
     from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError:  # the CLI turns this into a one-line hint
     FastAPI = None
@@ -45,7 +47,7 @@ except ImportError:  # the CLI turns this into a one-line hint
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 # The page loads nothing from elsewhere; the policy makes the browser enforce that.
-PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob:; "
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; "
                "connect-src 'self'; base-uri 'none'; form-action 'none'")
 
 
@@ -232,27 +234,34 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         yield
         await app.state.batcher.stop()
 
-    app = FastAPI(title="cnnlab", summary=f"Image classifier: {info['name']} ({len(info['classes'])} classes)",
-                  lifespan=lifespan)
+    # /docs and /redoc from files in the fastapi-offline package, not a CDN: they work on a machine offline
+    app = FastAPIOffline(title="cnnlab", summary=f"Image classifier: {info['name']} ({len(info['classes'])} classes)",
+                         lifespan=lifespan)
     app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2**20))
+    app.add_exception_handler(RequestValidationError, _one_line_error)
     _add_info_routes(app, info, config)
 
     @app.post("/predict", responses={400: {}, 413: {}, 415: {}})
     async def predict(files: list[UploadFile] = File(..., description="one or more images (PNG, JPEG, ...)"),
-                      top_k_: int = Query(5, alias="top_k", ge=1, le=1000, description="classes per image")):
+                      top_k_: int = Query(5, alias="top_k", ge=1, le=1000, description="classes per image"),
+                      preview: bool = Query(False, description="add each image as the network sees it (`input`: a "
+                                                                "PNG data URI at the network's input size)")):
         if len(files) > config.max_files:
             raise HTTPException(400, f"{len(files)} files in one request; at most {config.max_files}")
         names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
         try:
-            probs = await asyncio.wait_for(_classify(app, predictor, files, config), config.request_seconds)
+            probs, images = await asyncio.wait_for(_classify(app, predictor, files, config), config.request_seconds)
         except ImageError as e:
             return JSONResponse({"detail": str(e)}, status_code=e.status)
         except TimeoutError:
             return JSONResponse({"detail": f"the request took longer than {config.request_seconds:g} s"},
                                 status_code=503)
-        return {"model": info["name"],
-                "results": [{"filename": name, "predictions": preds}
-                            for name, preds in zip(names, top_k(probs, info["classes"], top_k_), strict=True)]}
+        results = [{"filename": name, "predictions": preds}
+                   for name, preds in zip(names, top_k(probs, info["classes"], top_k_), strict=True)]
+        if preview:
+            for result, image in zip(results, images, strict=True):
+                result["input"] = png_data_uri(image)
+        return {"model": info["name"], "results": results}
 
     return app
 
@@ -277,6 +286,15 @@ def _add_info_routes(app: FastAPI, info: dict, config: ServeConfig) -> None:
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
 
+async def _one_line_error(request, exc: RequestValidationError) -> JSONResponse:
+    """A request FastAPI cannot validate (no files, top_k=0, ...): 400 with cnnlab's one-string `detail`, the
+    format of every other error, not 422 with FastAPI's list."""
+    def say(e: dict) -> str:
+        where = ".".join(str(p) for p in e.get("loc", ())[1:]) or "request"
+        return f"{where}: {e.get('msg', 'invalid')}"
+    return JSONResponse({"detail": "; ".join(say(e) for e in exc.errors())}, status_code=400)
+
+
 def header_pixels(data: bytes) -> int:
     """Width x height from an image's header, without decoding it (0 when unreadable: decoding says why)."""
     from PIL import Image
@@ -288,9 +306,11 @@ def header_pixels(data: bytes) -> int:
         return 0
 
 
-async def _classify(app: FastAPI, predictor: Predictor, files: list[UploadFile], config: ServeConfig) -> np.ndarray:
+async def _classify(app: FastAPI, predictor: Predictor, files: list[UploadFile],
+                    config: ServeConfig) -> tuple[np.ndarray, np.ndarray]:
     """Read, check and decode a request's files (one of `max_decoding` at a time), then classify them in the
-    next gathered batch. Raises ImageError (with its HTTP status) for what the client sent."""
+    next gathered batch: (probabilities, the network-sized images). Raises ImageError (with its HTTP status)
+    for what the client sent."""
     async with app.state.decoding:
         uploads = [(f.filename or f"file {i + 1}", await f.read()) for i, f in enumerate(files)]
         pixels = sum(header_pixels(data) for _, data in uploads)
@@ -300,7 +320,32 @@ async def _classify(app: FastAPI, predictor: Predictor, files: list[UploadFile],
         images = await run_in_threadpool(
             lambda: np.stack([decode_for(predictor, data, name, config.max_pixels) for name, data in uploads]))
         uploads.clear()  # the compressed bytes: only the network-sized pixels leave this block
-    return await app.state.batcher(images)
+    return await app.state.batcher(images), images
+
+
+def png_data_uri(image: np.ndarray) -> str:
+    """An (H, W, C) uint8 image as a data: URI of a PNG (a few KB at network sizes)."""
+    import base64
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _check_port(host: str, port: int) -> None:
+    """One line now for a port that is taken or not allowed, rather than uvicorn's log and exit status 3."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            probe.bind((host, port))
+    except OSError as e:
+        raise CnnlabError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port "
+                          "(or stop what holds it)") from None
 
 
 def app_from_env() -> FastAPI:
@@ -318,6 +363,7 @@ def serve(config: ServeConfig) -> None:
     """Run the app under uvicorn until Ctrl-C."""
     import uvicorn
 
+    _check_port(config.host, config.port)
     if config.workers == 1:
         uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info", **_uvicorn_limits(config))
         return

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import platform
 import signal
 import threading
 import time
@@ -36,11 +37,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from . import __version__, augment, checkpoints, data, dist, evaluate, files, models, report, runs
+from . import __version__, augment, checkpoints, data, dist, evaluate, files, hardware, models, report, runs
 from .analysis import Interpretation
 from .config import DataConfig, TrainConfig, from_dict
 from .data import Dataset, Normalization
-from .device import autocast, keep_freed_memory, pick_device, pick_precision, precision_name
+from .device import autocast, keep_freed_memory, pick_device, pick_precision, precision_name, precision_warning
 from .dist import World
 from .errors import CnnlabError, EveryProcessError, Interrupted
 from .optim import Lookahead, make_optimizer, make_schedule
@@ -94,8 +95,9 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
     torch.manual_seed(cfg.seed)  # the same seed on every rank: identical initial weights
     model = models.build(cfg.model, ds.channels, ds.num_classes, ds.image_size).to(device)
     model = model.to(memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions run faster in NHWC
-    if (warning := models.size_warning(model, ds.image_size)) and state is None:
-        log(warning)
+    for warning in (models.size_warning(model, ds.image_size), precision_warning(dtype, device)):
+        if warning and state is None:
+            log(warning)
     # a resumed run takes the checkpoint's statistics (load_state_dict below): no pass over the data for them
     norm = Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" and state is None else Normalization()
     if world.main:
@@ -426,7 +428,7 @@ def _complete(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bo
     wanted = [*END_FILES, *(PICTURES if with_report else [])]
     missing = [name for name in wanted if not (run_dir / name).exists()]
     if not missing:
-        log(f"{run_dir} is complete: all {cfg.epochs} epochs trained, its weights verified, "
+        log(f"{run_dir} is complete: all {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} trained, its weights verified, "
             f"{', '.join(wanted)} present")
         return run_dir
     log(f"{run_dir} finished training; writing what its end left missing: {', '.join(missing)}")
@@ -524,18 +526,25 @@ def _new_run_dir(out: str | Path | None, runs_root: str | Path, preset: str) -> 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, data_cfg: DataConfig, ds: Dataset, preset: str,
                   world: World, with_report: bool) -> None:
-    device = pick_device(cfg.device)
     config = {"preset": preset, "train": asdict(cfg), "outputs": {"report": with_report},
               "data": {**asdict(data_cfg), "path": ds.source, "format": ds.format, "split": ds.split,
                        "classes": ds.classes, "train_images": len(ds.y_train), "test_images": len(ds.y_test),
+                       "val_images": len(ds.y_val) if ds.y_val is not None else None,
                        "skipped_images": list(ds.skipped),
                        "validation": (f"stratified {data_cfg.val_split:.0%} of the training images "
                                       f"(seed {data_cfg.split_seed}), {len(ds.y_val)} images"
                                       if ds.y_val is not None else "the test set (as the tutorial does)")},
-              "environment": {"cnnlab": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "device": str(device), "processes": world.size,
-                              "precision": precision_name(pick_precision(cfg.precision, device))}}
+              "environment": _environment(cfg, world)}
     files.write_json(run_dir / "config.json", config)
+
+
+def _environment(cfg: TrainConfig, world: World) -> dict:
+    """Where and when the run was trained, for the report (not where the report is later written)."""
+    device = pick_device(cfg.device)
+    return {"started": time.strftime("%Y-%m-%d %H:%M"), "cnnlab": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "cpu": hardware.cpu_model(),
+            "cpu class": hardware.cpu_class(), "threads": torch.get_num_threads(), "device": str(device),
+            "processes": world.size, "precision": precision_name(pick_precision(cfg.precision, device))}
 
 
 def _read_run(run_dir: Path, world: World, log) -> tuple[dict, dict | None, bool]:
