@@ -198,9 +198,9 @@ def test_the_best_epoch_is_named_when_the_model_overfitted():
 
 
 def test_a_one_epoch_history_has_one_whole_tick():
-    from cnnlab import report
+    from cnnlab import plots
 
-    fig = report.plot_history([{"epoch": 1, "train_loss": 2.0, "val_loss": 1.9, "train_acc": 0.2, "val_acc": 0.3}])
+    fig = plots.plot_history([{"epoch": 1, "train_loss": 2.0, "val_loss": 1.9, "train_acc": 0.2, "val_acc": 0.3}])
     assert [t for t in fig.axes[0].get_xticks()] == [1]
 
 

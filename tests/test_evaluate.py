@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab import cache, deploy, evaluate, report, train
+from cnnlab import cache, deploy, evaluate, plots, train
 from cnnlab.config import DataConfig, TrainConfig
 from conftest import write_image_folder
 
@@ -44,7 +44,7 @@ def test_class_never_predicted_scores_zero_not_nan():
 
 def test_heatmap_has_names_counts_and_axis_labels():
     cm = evaluate.confusion_matrix(Y_TRUE, Y_PRED, 3)
-    fig = report.plot_confusion_matrix(cm, ["cat", "dog", "eel"])
+    fig = plots.plot_confusion_matrix(cm, ["cat", "dog", "eel"])
     ax = fig.axes[0]
     assert ax.get_xlabel() == "Predicted" and ax.get_ylabel() == "True"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog", "eel"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import augment, evaluate, report, runs
+from . import augment, evaluate, plots, runs
 from .config import TrainConfig, from_dict
 from .data import Dataset
 
@@ -110,21 +110,21 @@ class Interpretation:
 
     def plot_confusion_matrix(self, normalize: str | None = None, title: str | None = None) -> Figure:
         title = title or ("Confusion matrix" if normalize is None else "Confusion matrix (row-normalized)")
-        return report.plot_confusion_matrix(self.confusion_matrix(), self.classes, normalize=normalize, title=title)
+        return plots.plot_confusion_matrix(self.confusion_matrix(), self.classes, normalize=normalize, title=title)
 
     def plot_top_losses(self, k: int = 16) -> Figure:
         rows = self.top_losses(k)
         titles = [(f"{_short(r['file'])}\n" if r["file"] else "") + f"{r['true']} / {r['predicted']}\n"
                   f"{r['probability']:.2f} (loss {max(r['loss'], 0.0):.2f})" for r in rows]  # never "-0.00"
         images = self.images[[r["index"] for r in rows]] if self.images is not None else None
-        return report.image_grid(images, titles, "Top losses: file, true / predicted class, probability",
+        return plots.image_grid(images, titles, "Top losses: file, true / predicted class, probability",
                                  columns=4 if rows and rows[0]["file"] else 8, fontsize=13)
 
     def plot_per_class(self) -> Figure:
-        return report.plot_per_class(self.classification_report()["per_class"])
+        return plots.plot_per_class(self.classification_report()["per_class"])
 
     def plot_history(self) -> Figure:
-        return report.plot_history(self.history)
+        return plots.plot_history(self.history)
 
     def plot_samples(self, per_class: int = 4, seed: int = 0) -> Figure:
         """Training images after the run's augmentation, `per_class` of each class (up to 10 classes)."""
@@ -138,7 +138,7 @@ class Interpretation:
         x = augment.get(self.augment_name)(x, g, epoch=0, idx=idx).clamp(0, 1)
         images = (x * 255).round().to(torch.uint8)
         titles = [self.classes[int(c)] for c in self.train_labels[idx]]
-        return report.image_grid(images, titles, f"Training samples after augmentation ({self.augment_name})",
+        return plots.image_grid(images, titles, f"Training samples after augmentation ({self.augment_name})",
                                  columns=per_class * 2)
 
 

@@ -298,12 +298,12 @@ def cmd_runs(args: argparse.Namespace) -> None:
     if not args.compare:
         print(runs.format_runs(runs.list_runs(args.dir)))
         return
-    from . import report  # matplotlib: only for --compare
+    from . import plots  # matplotlib: only for --compare
     curves = {}
     for run_dir in args.compare:
         path = Path(run_dir)
         curves[path.name] = runs.read_json(path / "history.json", "has it finished an epoch?")
-    print(f"wrote {report.save_figure(report.plot_val_accuracy(curves), args.out)}")
+    print(f"wrote {plots.save_figure(plots.plot_val_accuracy(curves), args.out)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, checkpoints, data, files, report, runs
+from . import __version__, checkpoints, data, files, plots, report, runs
 from .config import DataConfig, from_dict
 from .data import Dataset, Normalization
 from .device import autocast, pick_device, pick_precision
@@ -91,7 +91,7 @@ def write_confusion_matrix(run_dir: Path, cm: np.ndarray, classes: list[str], pi
     files.write_json(run_dir / "confusion_matrix.json",
                      {"classes": classes, "rows": "true", "columns": "predicted", "matrix": cm.tolist()})
     if picture:
-        report.save_figure(report.plot_confusion_matrix(cm, classes), run_dir / "confusion_matrix.png")
+        plots.save_figure(plots.plot_confusion_matrix(cm, classes), run_dir / "confusion_matrix.png")
 
 
 def _load_as_trained(config: dict, data_path: str | None, image_size: tuple[int, int] | None) -> Dataset:
