@@ -128,3 +128,17 @@ def test_evaluating_on_other_data_never_changes_what_the_run_recorded(trained_ru
     assert (tmp_path / "elsewhere" / "metrics.json").exists()
     assert cli.main(["evaluate", str(run), "--data", str(root)]) == 0  # its own data: the run's own files
     assert not (run / "evaluations" / root.name).exists()
+
+
+def test_balanced_and_top5_accuracy_by_hand():
+    classes = [f"c{i}" for i in range(7)]
+    y = torch.tensor([0, 0, 0, 0, 1, 2])
+    logits = torch.zeros(6, 7)
+    logits[torch.arange(6), torch.tensor([0, 0, 0, 0, 0, 0])] = 5.0  # everything called c0
+    logits[4, 1], logits[5, 6] = 4.0, 4.0  # image 4's class is second, image 5's sixth: in and out of the top 5
+    logits[5, 2] = -1.0
+    m = evaluate.metrics_from_logits(logits, y, classes)
+    assert m["test_accuracy"] == pytest.approx(4 / 6)
+    assert m["test_balanced_accuracy"] == pytest.approx((1 + 0 + 0) / 3)  # over the classes that have images
+    assert m["test_top5_accuracy"] == pytest.approx(5 / 6)
+    assert "test_top5_accuracy" not in evaluate.metrics_from_logits(logits[:, :5], y, classes[:5])

@@ -76,6 +76,11 @@ class Interpretation:
     def accuracy(self) -> float:
         return float((self.y_pred == self.y_true).float().mean()) if len(self.y_true) else float("nan")
 
+    def top_k_accuracy(self, k: int = 5) -> float:
+        """The share of images whose true class is among the k most probable."""
+        hits = (self.logits.topk(min(k, len(self.classes)), dim=1).indices == self.y_true[:, None]).any(1)
+        return float(hits.float().mean()) if len(self.y_true) else float("nan")
+
     def confusion_matrix(self, normalize: str | None = None) -> np.ndarray:
         """Counts (true down, predicted across), or rates: "true" rows sum to 1, "pred" columns do."""
         cm = evaluate.confusion_matrix(self.y_true.numpy(), self.y_pred.numpy(), len(self.classes))

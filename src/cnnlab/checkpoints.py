@@ -137,6 +137,29 @@ def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:
     files.write_json(run_dir / "model.json", {**meta, "sha256": digest})
 
 
+BEST = "best.safetensors"
+
+
+def save_best(run_dir: Path, model: nn.Module, epoch: int) -> None:
+    """The best epoch's weights so far, beside the checkpoint (see TrainConfig.keep)."""
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    files.write_bytes(run_dir / BEST, save(weights, metadata={"sha256": _digest("", weights), "epoch": str(epoch)}))
+
+
+def load_best(run_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """best.safetensors' weights, checked against their digest, and their epoch."""
+    path = run_dir / BEST
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        weights = load_file(path)
+    except Exception as e:
+        raise CnnlabError(f"cannot read {path}: {e}; the run's last weights are intact") from None
+    if _digest("", weights) != meta.get("sha256"):
+        raise CnnlabError(f"{path} is damaged (its checksum does not match)")
+    return weights, int(meta["epoch"])
+
+
 def load_weights(run_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The final weights, checked against the digest model.json recorded (runs before it had none)."""
     path = run_dir / "model.safetensors"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -32,6 +33,23 @@ def _fraction(text: str) -> float:
     value = _positive_float(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"must be below 1, got {value}")
+    return value
+
+
+def _below_one(text: str) -> float:
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to below 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of 0 or more, got {text}")
     return value
 
 
@@ -153,6 +171,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--val-sample", type=_positive_int, metavar="N",
                    help="validate each epoch on a fixed stratified sample of N images (the last epoch: on all)")
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
+    _add_knobs(p)
     p.add_argument("--no-report", action="store_true",
                    help="no pictures at the end (report.html, confusion_matrix.png: matplotlib's 0.4 s); "
                    "`cnnlab report RUN` draws them later")
@@ -234,6 +253,8 @@ def list_models() -> str:
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from . import dist
 
+    if args.resume:
+        _check_resume_flags(args)
     cfg = _train_config(args).validate()  # before starting processes: one message, not one per process
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return dist.launch(args.nproc, _without_nproc(argv))
@@ -246,11 +267,47 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _add_knobs(p: argparse.ArgumentParser) -> None:
+    """What practitioners set from the command line in Keras callbacks, fastai or timm: the optimizer's knobs,
+    which epoch's weights to keep, when to stop."""
+    p.add_argument("--optimizer", choices=["adam", "sgd", "muon"])
+    p.add_argument("--weight-decay", type=_non_negative_float, metavar="X",
+                   help="decoupled weight decay (per 1024 examples in presets that say so: quick, fast)")
+    p.add_argument("--momentum", type=_below_one, metavar="X", help="SGD momentum")
+    p.add_argument("--label-smoothing", type=_below_one, metavar="X")
+    p.add_argument("--tta", type=int, choices=[0, 1, 2], help="test-time augmentation: 0 none, 1 mirror, "
+                   "2 mirror and 1-pixel shifts")
+    p.add_argument("--monitor", choices=["val_loss", "val_acc"],
+                   help="what the best epoch is (default val_loss); its weights are kept as best.safetensors")
+    p.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better --monitor, keeping the best epoch's weights")
+    p.add_argument("--keep", choices=["auto", "last", "best"],
+                   help="the weights model.safetensors gets: auto (default: the best epoch's when validating on "
+                   "held-out images or stopping early, else the last), last (the seed preset, as Keras), best")
+
+
+RESUME_TAKES = {"command", "resume", "data", "no_report", "nproc", "epochs"}  # the rest is the run's own
+
+
+def _check_resume_flags(args: argparse.Namespace) -> None:
+    """--resume continues a run with the settings it recorded: a flag it cannot honour is an error, not ignored."""
+    defaults = vars(build_parser().parse_args(["train"]))
+    given = [k for k, v in vars(args).items() if k not in RESUME_TAKES and v != defaults.get(k)]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise CnnlabError(f"--resume continues {args.resume} with the settings it recorded, so {flags} cannot "
+                          "apply (--resume takes --data, --epochs, --nproc and --no-report); to train with other "
+                          f"settings, start a new run from its weights: cnnlab train --init-from {args.resume} ...")
+
+
 def _train_config(args: argparse.Namespace):
     cfg = override(presets.get(args.preset), model=args.model, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
                    compile=args.compile, init_from=args.init_from, checkpoint_every=args.checkpoint_every,
-                   on_nan=args.on_nan, sync_bn=args.sync_bn, threads=args.threads, val_sample=args.val_sample)
+                   on_nan=args.on_nan, sync_bn=args.sync_bn, threads=args.threads, val_sample=args.val_sample,
+                   optimizer=args.optimizer, weight_decay=args.weight_decay, momentum=args.momentum,
+                   label_smoothing=args.label_smoothing, tta=args.tta, monitor=args.monitor,
+                   early_stopping=args.early_stopping, keep=args.keep)
     return override(cfg, epochs=args.epochs or 1) if args.dry_run else cfg
 
 
@@ -258,7 +315,7 @@ def _train_or_resume(args: argparse.Namespace, cfg) -> None:
     from . import train
 
     if args.resume:
-        train.resume(args.resume, args.data, with_report=not args.no_report)
+        train.resume(args.resume, args.data, with_report=not args.no_report, epochs=args.epochs)
         return
     subset = (args.subset or 512) if args.dry_run else args.subset
     train.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset, out=args.out,

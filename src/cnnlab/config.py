@@ -20,6 +20,8 @@ Schedule = Literal["constant", "triangle"]
 Normalize = Literal["unit", "meanstd"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OnNan = Literal["stop", "skip-batch"]
+Monitor = Literal["val_loss", "val_acc"]
+Keep = Literal["auto", "last", "best"]
 LabelMode = Literal["fine", "coarse"]
 Resize = Literal["crop", "pad", "squish"]  # images.py: how an image file reaches the input size
 
@@ -89,6 +91,12 @@ class TrainConfig:
     # them); the last epoch always validates on all, so the final metrics never come from a sample
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
     on_nan: OnNan = "stop"  # a non-finite loss: stop (keep the last good checkpoint) | skip-batch
+    monitor: Monitor = "val_loss"  # what the best epoch is: lowest validation loss | highest val_acc (Keras')
+    early_stopping: int = 0  # stop after this many epochs without a better `monitor` (0: train every epoch)
+    # which weights model.safetensors gets: the last epoch's | the best epoch's (best.safetensors) | auto: the
+    # best when validating on held-out images (--val-split, a val/ folder) or stopping early, else the last
+    # (when the validation set is the test set, picking by it would flatter the test score)
+    keep: Keep = "auto"
 
     def validate(self) -> TrainConfig:
         """Every field checked at once; raises CnnlabError naming the first bad one. Returns self."""
@@ -106,7 +114,8 @@ class TrainConfig:
         for names, test, what in ((("epochs", "batch_size", "eval_batch_size"), lambda v: v >= 1, "at least 1"),
                                   (("lr", "eps", "filter_lr"), lambda v: v > 0, "above 0"),
                                   (("weight_decay", "checkpoint_every", "threads", "val_sample", "label_smoothing",
-                                    "warmup", "lr_start", "lr_end"), lambda v: v >= 0, "0 or more")):
+                                    "warmup", "lr_start", "lr_end", "early_stopping"), lambda v: v >= 0,
+                                   "0 or more")):
             for name in names:
                 value = getattr(self, name)
                 _require(test(value), f"{name.replace('_', '-')} must be {what}, got {value}")

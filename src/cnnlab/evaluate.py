@@ -129,9 +129,18 @@ def run_test_logits(run_dir: str | Path, data_path: str | None = None, *, datase
 
 
 def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict:
+    """Loss, accuracy, balanced accuracy (the mean of the per-class recalls: what accuracy says when every
+    class has as many images), top-5 accuracy (more than 5 classes), per-class scores, confusion matrix."""
     cm = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), len(classes))
+    present = cm.sum(1) > 0
+    top5 = {}
+    if len(classes) > 5:
+        hits = (logits.topk(5, dim=1).indices == y[:, None]).any(1) if len(y) else torch.zeros(0, dtype=torch.bool)
+        top5 = {"test_top5_accuracy": float(hits.float().mean()) if len(y) else float("nan")}
     return {"test_loss": F.cross_entropy(logits, y).item() if len(y) else float("nan"),
-            "test_accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "test_images": int(len(y)),
+            "test_accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
+            "test_balanced_accuracy": float((np.diag(cm)[present] / cm.sum(1)[present]).mean()) if present.any()
+            else float("nan"), **top5, "test_images": int(len(y)),
             **per_class_scores(cm, classes), "classes": classes, "confusion_matrix": cm.tolist()}
 
 
@@ -172,7 +181,9 @@ def results_folder(run_dir: str | Path, data_path: str | None = None, out: str |
 def format_metrics(m: dict) -> str:
     """The tutorial's printout (test loss and accuracy) followed by a per-class table."""
     width = max(12, *(len(r["class"]) for r in m["per_class"]))
-    lines = [f"Test loss: {m['test_loss']:.4f}", f"Test accuracy: {m['test_accuracy']:.4f}", "",
+    extra = [f"Balanced accuracy: {m['test_balanced_accuracy']:.4f}"] if "test_balanced_accuracy" in m else []
+    extra += [f"Top-5 accuracy: {m['test_top5_accuracy']:.4f}"] if "test_top5_accuracy" in m else []
+    lines = [f"Test loss: {m['test_loss']:.4f}", f"Test accuracy: {m['test_accuracy']:.4f}", *extra, "",
              f"{'':<{width}}  precision  recall  f1-score  support"]
     lines += [f"{name:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>8.4f}  {r['support']:>7}"
               for name, r in report.score_rows(m)]

@@ -17,6 +17,7 @@ SEED = TrainConfig(
     schedule="constant",  # Keras keeps the learning rate fixed unless told otherwise
     augment="none",  # the tutorial's first model trains on the raw images
     normalize="unit",  # X / 255.0
+    keep="last",  # model.fit keeps the last epoch's weights (the log and report still name the best epoch)
 )
 
 # The tutorial's second model: the same, trained through its ImageDataGenerator.

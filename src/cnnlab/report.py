@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from . import files, runs
 from .plots import save_figure
 
@@ -108,11 +110,16 @@ def headline(config: dict, meta: dict, interp) -> list[tuple[str, str]]:
     val = data.get("val_images")
     counts = (f"{data.get('train_images', 0):,} / {val:,} / {data.get('test_images', 0):,}" if val else
               f"{data.get('train_images', 0):,} / (the test set) / {data.get('test_images', 0):,}")
-    rows = [("test accuracy", f"{interp.accuracy:.2%}"), ("test loss", f"{test_loss:.4f}")]
+    recalls = [r["recall"] for r in interp.classification_report()["per_class"] if r["support"]]
+    rows = [("test accuracy", f"{interp.accuracy:.2%}"), ("balanced accuracy", f"{np.mean(recalls):.2%}"),
+            ("test loss", f"{test_loss:.4f}")]
+    if len(interp.classes) > 5:
+        rows.insert(1, ("top-5 accuracy", f"{interp.top_k_accuracy(5):.2%}"))
     if history:
-        best = max(history, key=lambda h: h["val_acc"])
+        best = best_epoch(history, config.get("train", {}).get("monitor", "val_loss"))
         rows += [("best epoch (validation)", f"{best['epoch']}: {best['val_acc']:.2%}"),
-                 ("final epoch (validation)", f"{history[-1]['epoch']}: {history[-1]['val_acc']:.2%}")]
+                 ("final epoch (validation)", f"{history[-1]['epoch']}: {history[-1]['val_acc']:.2%}"),
+                 ("weights kept", f"epoch {meta.get('epoch', history[-1]['epoch'])}")]
     return rows + [
         ("data", f"{Path(str(data.get('path', '?'))).name} ({data.get('format', '?')})"), ("image size", size),
         ("images train / validation / test", counts), ("model", f"{meta['model']}, {meta['params']:,} parameters"),
@@ -125,13 +132,20 @@ def headline(config: dict, meta: dict, interp) -> list[tuple[str, str]]:
     ]
 
 
+def best_epoch(history: list[dict], monitor: str = "val_loss") -> dict:
+    """The history row of the best epoch: lowest val_loss, or highest val_acc (the first of equals)."""
+    ok = [h for h in history if h[monitor] == h[monitor]] or history  # NaN losses are never best
+    return min(ok, key=lambda h: h[monitor]) if monitor == "val_loss" else max(ok, key=lambda h: h[monitor])
+
+
 def best_epoch_note(history: list[dict]) -> str | None:
-    """A note when validation accuracy peaked before the last epoch (the final weights are the last epoch's)."""
+    """A note when validation accuracy peaked before the last epoch."""
     if len(history) < 2:
         return None
     best, last = max(history, key=lambda h: h["val_acc"]), history[-1]
     if best["epoch"] == last["epoch"] or best["val_acc"] - last["val_acc"] < 0.005:
         return None
     return (f"Validation accuracy peaked at epoch {best['epoch']} ({best['val_acc']:.2%}) and ended at "
-            f"{last['val_acc']:.2%}: the model over-fitted (or the validation set is small and noisy). The final "
-            f"weights are the last epoch's; fewer epochs, more augmentation or regularization would help.")
+            f"{last['val_acc']:.2%}: the model over-fitted (or the validation set is small and noisy). Fewer "
+            f"epochs, more augmentation or regularization would help; --early-stopping N stops by itself, and "
+            f"--keep best keeps the best epoch's weights.")

@@ -40,6 +40,7 @@ class TrainState:
     step: int = 0  # steps of that epoch already taken
     epoch_rng: torch.Tensor | None = None  # the epoch generator's state at `step` (mid-epoch checkpoints)
     history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)  # the best epoch so far: {"epoch", "value", "since"} (epochs since)
     seconds: float = 0.0  # training time of the epoch in progress
     totals: torch.Tensor = None  # type: ignore[assignment]  (set in __post_init__, on `device`)
 
@@ -76,7 +77,7 @@ class TrainState:
                 "lookahead": self.lookahead.state_dict() if self.lookahead else None,
                 "normalization": self.norm.to_dict(), "epoch": self.epoch, "step": self.step,
                 "epoch_rng": self.epoch_rng if self.step else None, "torch_rng": torch.get_rng_state(),
-                "history": self.history,
+                "history": self.history, "best": self.best,
                 "running": {"loss": totals[LOSS], "correct": int(totals[CORRECT]), "seen": int(totals[SEEN]),
                             "skipped": int(self.totals[SKIPPED]), "seconds": self.seconds}}
 
@@ -93,6 +94,7 @@ class TrainState:
         torch.set_rng_state(state["torch_rng"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.epoch_rng = state.get("epoch_rng")
+        self.best = dict(state.get("best") or {})
         self.reset_totals()
         running = state["running"]
         if self.step:  # mid-epoch: continue this epoch's totals

@@ -28,7 +28,7 @@ import platform
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -306,14 +306,57 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
     ts.history.append(record)
     if loop.world.main:
         runs.write_history(loop.run_dir, ts.history)
-    ts.epoch, ts.step = epoch + 1, 0
+    stop = _track_best(loop, ts, record)
+    ts.epoch, ts.step = (cfg.epochs if stop else epoch + 1), 0  # stopping early ends the run here, for resume too
     ts.reset_totals()
     _checkpoint(loop, ts, None)
     loop.log(f"Epoch {epoch + 1}/{cfg.epochs} - {record['seconds']:.1f}s - {record['images_per_s']:,.0f} img/s - "
              f"loss {record['train_loss']:.4f} - acc {record['train_acc']:.4f} - "
              f"val_loss {val_loss:.4f} - val_acc {val_acc:.4f} - validation {val_seconds:.1f}s")
+    if stop:
+        loop.log(f"early stopping: {cfg.monitor} has not improved for {cfg.early_stopping} epoch"
+                 f"{'s' * (cfg.early_stopping != 1)} (best: epoch {ts.best['epoch']}); training ends here")
     if skipped:
         loop.log(f"warning: {int(skipped)} batches of epoch {epoch + 1} were skipped (non-finite loss)")
+
+
+def _track_best(loop: Loop, ts: TrainState, record: dict) -> bool:
+    """Keep the best epoch's weights (best.safetensors) and count the epochs since; True: stop early."""
+    cfg, value = loop.cfg, record[loop.cfg.monitor]
+    better = not ts.best or (value < ts.best["value"] if cfg.monitor == "val_loss" else value > ts.best["value"])
+    if better:  # (a NaN is never better)
+        ts.best = {"epoch": record["epoch"], "value": value, "since": 0}
+        if loop.world.main:
+            checkpoints.save_best(loop.run_dir, ts.model, record["epoch"])
+    else:
+        ts.best["since"] += 1
+    return bool(cfg.early_stopping) and ts.best["since"] >= cfg.early_stopping and record["epoch"] < cfg.epochs
+
+
+def keep_rule(cfg: TrainConfig, ds: Dataset) -> str:
+    """Which weights model.safetensors gets ("best" or "last"), and why."""
+    if cfg.keep != "auto":
+        return cfg.keep
+    return "best" if cfg.early_stopping or ds.y_val is not None else "last"
+
+
+def _keep(loop: Loop, ts: TrainState) -> int:
+    """Put the weights the run keeps into the model (rank 0); say which and why; return their epoch."""
+    cfg, last = loop.cfg, ts.history[-1]["epoch"] if ts.history else 0
+    rule = keep_rule(cfg, loop.ds)
+    if not ts.best:
+        return last
+    kept = ts.best["epoch"] if rule == "best" else last
+    if kept != last and loop.world.main:
+        weights, epoch = checkpoints.load_best(loop.run_dir)
+        ts.model.load_state_dict(weights)
+        loop.test_logits = None  # those were the last epoch's: the final evaluation runs on the kept weights
+    why = {"last": "--keep last" if cfg.keep == "last" else "the validation set is the test set",
+           "best": "--keep best" if cfg.keep == "best" else
+           "early stopping" if cfg.early_stopping else "validated on held-out images"}[rule]
+    loop.log(f"best epoch: {ts.best['epoch']} ({cfg.monitor} {ts.best['value']:.4f}); model.safetensors holds "
+             f"epoch {kept}'s weights ({rule}: {why})")
+    return kept
 
 
 def _validate(model: nn.Module, loop: Loop, norm: Normalization, last: bool) -> tuple[float, float, torch.Tensor]:
@@ -357,8 +400,10 @@ def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log,
                     raise Interrupted(run_dir)
     finally:
         _release(loop)
+    kept = _keep(loop, ts)
     if world.main:
-        checkpoints.save_model(run_dir, ts.model, _model_meta(cfg, ds, ts, loop.dtype))
+        checkpoints.save_model(run_dir, ts.model, {**_model_meta(cfg, ds, ts, loop.dtype), "epoch": kept,
+                                                   "best_epoch": ts.best.get("epoch")})
     return loop.test_logits
 
 
@@ -559,8 +604,29 @@ def _read_run(run_dir: Path, world: World, log) -> tuple[dict, dict | None, bool
     return dist.broadcast(world, (config, state, finished))
 
 
-def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bool = True, log=say) -> Path:
-    """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run.
+def _extend(run_dir: Path, config: dict, cfg: TrainConfig, state: dict | None, epochs: int, world: World,
+            log) -> TrainConfig:
+    """`--resume RUN --epochs N`: the run continues to N epochs, as if it had been started with N."""
+    done = len(state["history"]) if state else 0
+    if cfg.schedule != "constant":
+        raise CnnlabError(f"{run_dir} follows a {cfg.schedule} (one-cycle) learning-rate schedule, whose shape depends "
+                          f"on the number of epochs, so it cannot be extended; start a new run from its weights: "
+                          f"cnnlab train --init-from {run_dir} --epochs N ...")
+    if state is not None and done < state["epoch"]:
+        raise CnnlabError(f"{run_dir} stopped early at epoch {done} (--early-stopping); start a new run from its "
+                          f"weights to train further: cnnlab train --init-from {run_dir} ...")
+    if epochs < done:
+        raise CnnlabError(f"{run_dir} has already trained {done} epochs; --epochs must be at least that")
+    if world.main:
+        files.write_json(run_dir / "config.json", {**config, "train": {**config["train"], "epochs": epochs}})
+    log(f"{run_dir}: {cfg.epochs} -> {epochs} epochs")
+    return replace(cfg, epochs=epochs)
+
+
+def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bool = True, log=say,
+           epochs: int | None = None) -> Path:
+    """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run. With
+    `epochs`, a run on a constant schedule is extended (or an unfinished one shortened) to that many epochs.
 
     The checkpoint holds the global state, so a run may resume under another number of processes.
     """
@@ -569,6 +635,9 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
     run_dir = Path(run_dir)
     config, state, finished = _read_run(run_dir, world, log)
     cfg = from_dict(TrainConfig, config["train"]).validate()
+    if epochs is not None and epochs != cfg.epochs:
+        cfg = _extend(run_dir, config, cfg, state, epochs, world, log)
+        finished = False
     data_cfg = from_dict(DataConfig, {**config["data"], **({"path": data_path} if data_path else {})})
     ds = _load_once(world, lambda: _load_data(data_cfg, cfg.seed, log))
     if ds.classes != config["data"]["classes"]:

@@ -1,0 +1,138 @@
+"""Best weights and early stopping (Keras' ModelCheckpoint(save_best_only) and EarlyStopping(restore_best_weights)):
+which epoch is best, which weights the run keeps and why, and that resume keeps all of it bit-exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnnlab import checkpoints, cli, train
+from cnnlab.config import DataConfig, TrainConfig
+
+# 150 training images, 30 held out for validation: 8 steps an epoch of batch 16
+CFG = TrainConfig(epochs=6, batch_size=16, seed=3)
+VAL_LOSSES = [2.0, 1.5, 1.2, 1.4, 1.3, 1.25]  # best at epoch 3, then three epochs without improvement
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Validation losses from VAL_LOSSES (the real pass runs too, for its logits and timing)."""
+    real, calls = train._validate, []
+
+    def validate(model, loop, norm, last):
+        _, acc, logits = real(model, loop, norm, last)
+        calls.append(1)
+        return VAL_LOSSES[len(calls) - 1], acc, logits
+    monkeypatch.setattr(train, "_validate", validate)
+    return calls
+
+
+def _train(tmp_path, name, cfg, val_split=0.2, **kw) -> tuple:
+    lines = []
+    data = DataConfig(path=kw.pop("data"), val_split=val_split)
+    run = train.train(cfg, data, out=tmp_path / name, with_report=False, log=lambda *a: lines.append(" ".join(a)))
+    return run, "\n".join(lines)
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path, cifar_python_dir, scripted):
+    run, log = _train(tmp_path, "es", TrainConfig(**{**CFG.__dict__, "early_stopping": 2}), data=str(cifar_python_dir))
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]  # epochs 4 and 5 did not beat epoch 3
+    assert "early stopping: val_loss has not improved for 2 epochs (best: epoch 3)" in log
+    assert "model.safetensors holds epoch 3's weights (best: early stopping)" in log
+    best, final = load_file(run / "best.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(best[k], final[k]) for k in best)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["epoch"] == 3 and meta["best_epoch"] == 3
+    assert checkpoints.load_checkpoint(run)["epoch"] == CFG.epochs  # finished: --resume says "is complete"
+
+
+def test_the_tutorial_keeps_the_last_epoch_but_names_the_best(tmp_path, cifar_python_dir, scripted):
+    cfg = TrainConfig(**{**CFG.__dict__, "keep": "last"})
+    run, log = _train(tmp_path, "last", cfg, data=str(cifar_python_dir))
+    assert "best epoch: 3 (val_loss 1.2000); model.safetensors holds epoch 6's weights (last: --keep last)" in log
+    assert json.loads((run / "model.json").read_text())["epoch"] == 6
+    assert not torch.equal(*(load_file(run / f)["conv1.weight"] for f in ("best.safetensors", "model.safetensors")))
+
+
+def test_auto_keeps_the_last_epoch_when_the_validation_set_is_the_test_set(tmp_path, cifar_python_dir, scripted):
+    run, log = _train(tmp_path, "auto", CFG, val_split=None, data=str(cifar_python_dir))
+    assert "holds epoch 6's weights (last: the validation set is the test set)" in log
+    scripted.clear()
+    run, log = _train(tmp_path, "held-out", CFG, data=str(cifar_python_dir))  # a held-out set: the best
+    assert "holds epoch 3's weights (best: validated on held-out images)" in log
+
+
+def test_monitor_val_acc_and_the_flags(tmp_path, cifar_python_dir, capsys):
+    run = tmp_path / "cli"
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--epochs", "3", "--batch-size", "16",
+                     "--val-split", "0.2", "--monitor", "val_acc", "--early-stopping", "5", "--keep", "best",
+                     "--no-report", "--out", str(run)]) == 0
+    history = json.loads((run / "history.json").read_text())
+    best = max(history, key=lambda h: h["val_acc"])  # the first of equals
+    assert f"best epoch: {best['epoch']} (val_acc {best['val_acc']:.4f})" in capsys.readouterr().out
+    assert json.loads((run / "model.json").read_text())["epoch"] == best["epoch"]
+
+
+def test_resume_keeps_the_best_epoch_and_the_patience_count(tmp_path, cifar_python_dir, scripted, monkeypatch):
+    cfg = TrainConfig(**{**CFG.__dict__, "early_stopping": 2})
+    whole, _ = _train(tmp_path, "whole", cfg, data=str(cifar_python_dir))
+    scripted.clear()
+    real_step, steps = train._train_step, []
+
+    def step_then_ctrl_c(*args):
+        steps.append(1)
+        if len(steps) == 8 * 4 + 3:  # mid-epoch 5: after the best epoch (3) and one worse epoch (4)
+            train.STOP.set()
+        return real_step(*args)
+    monkeypatch.setattr(train, "_train_step", step_then_ctrl_c)
+    with pytest.raises(train.Interrupted):
+        _train(tmp_path, "cut", cfg, data=str(cifar_python_dir))
+    monkeypatch.setattr(train, "_train_step", real_step)
+    del scripted[4:]  # the validations of epochs 1-4 happened; epoch 5's comes after the resume
+    train.resume(tmp_path / "cut", log=lambda *a: None)
+    assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
+    (a, epoch_a), (b, epoch_b) = (checkpoints.load_best(d) for d in (whole, tmp_path / "cut"))
+    assert epoch_a == epoch_b == 3 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_run_is_extended_to_the_weights_of_a_longer_one(tmp_path, cifar_python_dir, capsys):
+    """`--resume RUN --epochs 3` on a finished 2-epoch run (the seed preset's constant schedule) ends with the
+    weights a 3-epoch run has."""
+    flags = ["--data", str(cifar_python_dir), "--batch-size", "30", "--no-report"]
+    assert cli.main(["train", *flags, "--epochs", "3", "--out", str(tmp_path / "three")]) == 0
+    assert cli.main(["train", *flags, "--epochs", "2", "--out", str(tmp_path / "two")]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "two"), "--epochs", "3", "--no-report"]) == 0
+    assert "2 -> 3 epochs" in capsys.readouterr().out
+    two, three = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("two", "three"))
+    assert two == three
+    assert len(json.loads((tmp_path / "two" / "history.json").read_text())) == 3
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["train"]["epochs"] == 3
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--epochs", "4"], "follows a triangle (one-cycle) learning-rate schedule"),
+    (["--epochs", "1", "--lr", "0.5"], "--lr cannot apply"),
+    (["--model", "resnet20"], "--model cannot apply"),
+])
+def test_what_resume_cannot_honour_is_an_error(tmp_path, cifar_python_dir, capsys, extra, message):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--preset", "quick", "--epochs", "1", "--batch-size",
+                     "30", "--no-report", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 1  # nothing changed
+
+
+def test_a_run_cannot_be_cut_below_what_it_trained(tmp_path, cifar_python_dir, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--epochs", "2", "--batch-size", "30", "--no-report",
+                     "--out", str(run)]) == 0
+    assert cli.main(["train", "--resume", str(run), "--epochs", "1"]) == 2
+    assert "has already trained 2 epochs" in capsys.readouterr().err
