@@ -136,3 +136,39 @@ def test_a_run_cannot_be_cut_below_what_it_trained(tmp_path, cifar_python_dir, c
                      "--out", str(run)]) == 0
     assert cli.main(["train", "--resume", str(run), "--epochs", "1"]) == 2
     assert "has already trained 2 epochs" in capsys.readouterr().err
+
+
+def test_a_preset_as_a_file_round_trips_and_flags_override_it(tmp_path, capsys, cifar_python_dir):
+    from cnnlab import presets
+    from cnnlab.config import from_toml
+
+    assert cli.main(["presets", "--show", "fast"]) == 0
+    text = capsys.readouterr().out
+    assert "lr = 11.5  # per 1024 examples" in text and "# init_from: not set" in text
+    path = tmp_path / "fast.toml"
+    path.write_text(text)
+    assert from_toml(str(path), presets.get("seed")) == presets.get("fast")  # the file, not the preset it replaced
+    path.write_text('preset = "quick"\nepochs = 2\nlabel-smoothing = 0.05\nmonitor = "val_acc"\n')
+    cfg = from_toml(str(path), presets.get("seed"))
+    assert (cfg.model, cfg.epochs, cfg.label_smoothing, cfg.monitor) == ("airbench-s", 2, 0.05, "val_acc")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--config", str(path), "--epochs", "1",
+                     "--batch-size", "30", "--no-report", "--out", str(run)]) == 0  # the flag beats the file
+    out = capsys.readouterr().out
+    assert "1 epoch of 5 steps" in out and "lr 11.5 per 1024 examples (0.04395 a step at batch 30)" in out
+    recorded = json.loads((run / "config.json").read_text())["train"]
+    assert (recorded["epochs"], recorded["label_smoothing"], recorded["monitor"]) == (1, 0.05, "val_acc")
+
+
+@pytest.mark.parametrize("content,message", [("epochz = 3\n", "unknown setting(s) epochz"),
+                                             ('lr = "fast"\n', "lr = 'fast' is not a valid"),
+                                             ("epochs = [\n", "cannot read config file"),
+                                             ('schedule = "cosine"\n', "schedule")])
+def test_a_bad_config_file_is_one_line(tmp_path, capsys, cifar_python_dir, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--config", str(path), "--out",
+                     str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r").exists()

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__, presets
-from .config import MAX_IMAGE_SIDE, DataConfig, override
+from .config import MAX_IMAGE_SIDE, DataConfig, from_toml, override, to_toml
 from .errors import CnnlabError, EveryProcessError, Interrupted
 
 MODEL_HELP = "a name from `cnnlab models` or a layer spec such as c32-p-c64-p-f-d128"
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--seconds", type=_positive_float, default=1.0, help="time spent on each step measurement")
 
-    sub.add_parser("presets", help="list the training presets")
+    p = sub.add_parser("presets", help="list the training presets")
+    p.add_argument("--show", metavar="NAME", help="print one preset as a TOML file for `train --config`")
     sub.add_parser("models", help="list the registered models and the layer-spec grammar")
 
     _add_train_parser(sub)
@@ -142,7 +143,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--lr", type=_positive_float, help="learning rate; per 1024 examples under presets with "
+                   "per_1024 (quick, fast: `cnnlab presets --show quick`), as airbench states it")
     p.add_argument("--augment", help="augmentation: none, seed, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--subset", type=_positive_int, metavar="N", help="train on a stratified subset of N images")
@@ -270,6 +272,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 def _add_knobs(p: argparse.ArgumentParser) -> None:
     """What practitioners set from the command line in Keras callbacks, fastai or timm: the optimizer's knobs,
     which epoch's weights to keep, when to stop."""
+    p.add_argument("--config", metavar="FILE.toml", help="training settings from a TOML file (`cnnlab presets --show "
+                   "NAME` prints one); flags override the file, the file overrides the preset")
     p.add_argument("--optimizer", choices=["adam", "sgd", "muon"])
     p.add_argument("--weight-decay", type=_non_negative_float, metavar="X",
                    help="decoupled weight decay (per 1024 examples in presets that say so: quick, fast)")
@@ -301,7 +305,10 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    cfg = override(presets.get(args.preset), model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+    base = presets.get(args.preset)
+    if args.config:
+        base = from_toml(args.config, base)
+    cfg = override(base, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
                    compile=args.compile, init_from=args.init_from, checkpoint_every=args.checkpoint_every,
                    on_nan=args.on_nan, sync_bn=args.sync_bn, threads=args.threads, val_sample=args.val_sample,
@@ -437,6 +444,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
 
         info = doctor.report(args.seconds)
         print(json.dumps(info, indent=2) if args.json else doctor.format_report(info))
+    elif args.command == "presets" and args.show:
+        print(to_toml(presets.get(args.show), f"cnnlab preset {args.show!r}: edit, then `cnnlab train --config FILE`; "
+                      "flags override the file, the file overrides the preset"), end="")
     elif args.command == "presets":
         for name, cfg in presets.PRESETS.items():
             print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))

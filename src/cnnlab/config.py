@@ -189,3 +189,50 @@ def _fits(value, hint) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training settings as a TOML file: `cnnlab train --config FILE.toml`, `cnnlab presets --show NAME`
+
+
+def to_toml(cfg: TrainConfig, title: str = "") -> str:
+    """A TrainConfig as a TOML file `from_toml` reads back (unset optional fields as comments)."""
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, tuple | list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+    lines = [f"# {title}"] if title else []
+    for name, v in asdict(cfg).items():
+        per_1024 = "  # per 1024 examples (per_1024 = true)" if name in ("lr", "weight_decay") and cfg.per_1024 else ""
+        lines.append(f"# {name}: not set" if v is None else f"{name} = {value(v)}{per_1024}")
+    return "\n".join(lines) + "\n"
+
+
+def from_toml(path: str, base: TrainConfig) -> TrainConfig:
+    """`base` with the fields a TOML file sets (`preset = "NAME"` there picks the base instead)."""
+    import tomllib
+    from pathlib import Path
+
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CnnlabError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise CnnlabError(f"cannot read config file {path}: {e}") from None
+    doc = {k.replace("-", "_"): v for k, v in doc.items()}
+    if "preset" in doc:
+        from . import presets
+
+        base = presets.get(str(doc.pop("preset")))
+    unknown = sorted(set(doc) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise CnnlabError(f"{path}: unknown setting(s) {', '.join(unknown)}; `cnnlab presets --show NAME` "
+                          "prints every setting a file may hold")
+    try:
+        return from_dict(TrainConfig, {**asdict(base), **doc})
+    except CnnlabError as e:
+        raise CnnlabError(f"{path}: {e}") from None

@@ -25,6 +25,19 @@ def _skip_dynamo_import() -> None:
             inner.__dynamo_disable = inner  # what torch._compile's wrapper caches after its first call
 
 
+def step_lr(cfg: TrainConfig) -> float:
+    """The learning rate one optimizer step takes: `cfg.lr` itself, or, for per-1024 rates (airbench's
+    convention), what it means at this batch size and momentum.
+
+    A step with momentum m moves the weights by about lr / (1 - m) in total, so 1024 examples with momentum
+    contribute 1024 * (1 + 1 / (1 - m)) example-steps. Dividing by that keeps the update per example fixed
+    when the batch size or momentum changes; times the batch for a mean (not summed) loss.
+    """
+    if not cfg.per_1024:
+        return cfg.lr
+    return cfg.lr * cfg.batch_size / (1024 * (1 + 1 / (1 - cfg.momentum)))
+
+
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if not cfg.compile:
         _skip_dynamo_import()
@@ -37,12 +50,8 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         raise CnnlabError(f"unknown optimizer {cfg.optimizer!r}; use adam, sgd or muon")
     lr, decay = cfg.lr, cfg.weight_decay
     if cfg.per_1024:
-        # A step with momentum m moves the weights by about lr / (1 - m) in total, so 1024 examples with
-        # momentum contribute 1024 * (1 + 1 / (1 - m)) example-steps. Dividing by that keeps the update per
-        # example fixed when the batch size or momentum changes; times the batch for a mean (not summed) loss.
-        per_example = 1 / (1024 * (1 + 1 / (1 - cfg.momentum)))
-        lr = cfg.lr * per_example * cfg.batch_size
-        decay = cfg.weight_decay * per_example * cfg.batch_size / lr  # decoupled: lr * decay is fixed per step
+        lr = step_lr(cfg)
+        decay = cfg.weight_decay / cfg.lr  # decoupled: lr * decay, the shrink per step, scales as lr does
     filters = [p for _, p in params if p.ndim == 4] if cfg.optimizer == "muon" else []
     filter_ids = {id(p) for p in filters}
     norm_biases = [p for n, p in params if ".norm" in n]

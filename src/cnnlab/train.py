@@ -44,7 +44,7 @@ from .data import Dataset, Normalization
 from .device import autocast, keep_freed_memory, pick_device, pick_precision, precision_name, precision_warning
 from .dist import World
 from .errors import CnnlabError, EveryProcessError, Interrupted
-from .optim import Lookahead, make_optimizer, make_schedule
+from .optim import Lookahead, make_optimizer, make_schedule, step_lr
 from .state import TrainState
 from .threads import ThreadGovernor
 
@@ -385,7 +385,7 @@ def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log,
     ts, loop = _build(run_dir, cfg, ds, state, log, world)
     log(f"training {cfg.model} ({models.count_params(ts.model):,} parameters) on {len(ds.y_train):,} images, "
         f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {loop.steps_per_epoch} steps; device {loop.device}, "
-        f"{precision_name(loop.dtype)}"
+        f"{precision_name(loop.dtype)}; {_lr_words(cfg)}"
         + (f"; {world.size} processes of {dist.per_rank_batch(world, cfg.batch_size)} images a step"
            if world.distributed else ""))
     try:
@@ -405,6 +405,13 @@ def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log,
         checkpoints.save_model(run_dir, ts.model, {**_model_meta(cfg, ds, ts, loop.dtype), "epoch": kept,
                                                    "best_epoch": ts.best.get("epoch")})
     return loop.test_logits
+
+
+def _lr_words(cfg: TrainConfig) -> str:
+    """The learning rate as the log states it: per-1024 rates say so, with what a step of this batch takes."""
+    if not cfg.per_1024:
+        return f"lr {cfg.lr:g}"
+    return f"lr {cfg.lr:g} per 1024 examples ({step_lr(cfg):.4g} a step at batch {cfg.batch_size})"
 
 
 def _model_meta(cfg: TrainConfig, ds: Dataset, ts: TrainState, dtype: torch.dtype) -> dict:
