@@ -104,7 +104,7 @@ def test_a_non_finite_step_changes_no_weight_statistic_or_optimizer_state(optimi
 
 @pytest.mark.parametrize("bad, message", [
     (dict(optimizer="adamw"), "unknown optimizer 'adamw'; use one of: adam, sgd, muon"),
-    (dict(schedule="cosine"), "unknown schedule 'cosine'"),
+    (dict(schedule="cosinus"), "unknown schedule 'cosinus'"),
     (dict(augment="sed"), "unknown augmentation 'sed'"),
     (dict(model="resnet21"), "unknown model 'resnet21'"),
     (dict(on_nan="ignore"), "unknown on-nan 'ignore'"),

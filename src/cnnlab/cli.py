@@ -275,6 +275,9 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="training settings from a TOML file (`cnnlab presets --show "
                    "NAME` prints one); flags override the file, the file overrides the preset")
     p.add_argument("--optimizer", choices=["adam", "sgd", "muon"])
+    p.add_argument("--schedule", choices=["constant", "triangle", "one-cycle", "cosine", "step", "plateau"],
+                   help="learning rate over the steps (see `cnnlab presets --show NAME` for a preset's)")
+    p.add_argument("--warmup", type=_below_one, metavar="F", help="warm-up as a fraction of all steps")
     p.add_argument("--weight-decay", type=_non_negative_float, metavar="X",
                    help="decoupled weight decay (per 1024 examples in presets that say so: quick, fast)")
     p.add_argument("--momentum", type=_below_one, metavar="X", help="SGD momentum")
@@ -305,16 +308,16 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
 
 
 def _train_config(args: argparse.Namespace):
+    """The preset, then the --config file, then each flag given: a TrainConfig (not yet validated)."""
+    from dataclasses import fields
+
+    from .config import TrainConfig
+
     base = presets.get(args.preset)
     if args.config:
         base = from_toml(args.config, base)
-    cfg = override(base, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                   lr=args.lr, augment=args.augment, seed=args.seed, device=args.device, precision=args.precision,
-                   compile=args.compile, init_from=args.init_from, checkpoint_every=args.checkpoint_every,
-                   on_nan=args.on_nan, sync_bn=args.sync_bn, threads=args.threads, val_sample=args.val_sample,
-                   optimizer=args.optimizer, weight_decay=args.weight_decay, momentum=args.momentum,
-                   label_smoothing=args.label_smoothing, tta=args.tta, monitor=args.monitor,
-                   early_stopping=args.early_stopping, keep=args.keep)
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = override(base, **flags)  # a flag left out is None: the file's or the preset's value stays
     return override(cfg, epochs=args.epochs or 1) if args.dry_run else cfg
 
 

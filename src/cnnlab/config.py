@@ -16,7 +16,7 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 from .errors import CnnlabError
 
 Optimizer = Literal["adam", "sgd", "muon"]
-Schedule = Literal["constant", "triangle"]
+Schedule = Literal["constant", "triangle", "one-cycle", "cosine", "step", "plateau"]
 Normalize = Literal["unit", "meanstd"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OnNan = Literal["stop", "skip-batch"]
@@ -70,10 +70,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     per_1024: bool = False  # lr and weight_decay are per 1024 examples (airbench's convention, SGD only)
     bias_lr_scale: float = 1.0  # BatchNorm shifts learn this many times faster (and decay as much slower)
-    schedule: Schedule = "constant"  # constant | triangle (lr_start -> 1 at `warmup` of all steps -> lr_end)
-    warmup: float = 0.0  # triangle: where the peak is, as a fraction of all steps
-    lr_start: float = 0.0  # triangle: first step's learning rate, as a fraction of the peak
-    lr_end: float = 0.0  # triangle: last step's learning rate, as a fraction of the peak
+    # constant | triangle (linear lr_start -> 1 at `warmup` -> lr_end: airbench's) | one-cycle (the same shape
+    # with cosine ramps: fastai's fit_one_cycle) | cosine (linear warm-up, then cosine down to lr_end) | step
+    # (warm-up, then x0.1 at 50% and 75% of the steps) | plateau (warm-up, then x0.1 whenever `monitor` has
+    # not improved for 2 epochs: Keras' ReduceLROnPlateau)
+    schedule: Schedule = "constant"
+    warmup: float = 0.0  # the warm-up (or the triangle's rise), as a fraction of all steps
+    lr_start: float = 0.0  # triangle, one-cycle: first step's learning rate, as a fraction of the peak
+    lr_end: float = 0.0  # triangle, one-cycle, cosine: last step's learning rate, as a fraction of the peak
     label_smoothing: float = 0.0
     augment: str = "none"  # a name from cnnlab.augment.AUGMENTS
     normalize: Normalize = "unit"  # unit: pixels / 255 as the tutorial does; meanstd: per-channel standardization

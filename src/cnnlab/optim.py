@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -126,17 +128,59 @@ class FilterMuon(torch.optim.Optimizer):
 
 
 def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
-    if cfg.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    if cfg.schedule == "triangle":
-        peak = cfg.warmup * total_steps
+    """The learning-rate factor per step (times each group's rate), as a LambdaLR; `plateau` as PlateauLR."""
+    rise = cfg.warmup * total_steps
 
-        def factor(step: int) -> float:
-            if step < peak:
-                return cfg.lr_start + (1 - cfg.lr_start) * step / peak
-            return 1 + (cfg.lr_end - 1) * (step - peak) / max(total_steps - peak, 1)
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    raise CnnlabError(f"unknown schedule {cfg.schedule!r}; use constant or triangle")
+    def warm(step: int) -> float | None:  # the linear warm-up from 0 shared by cosine, step and plateau
+        return (step + 1) / rise if step < rise else None
+
+    def cosine(a: float, b: float, t: float) -> float:  # from a (t=0) to b (t=1) along half a cosine
+        return b + (a - b) * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0))) / 2
+
+    def factor(step: int) -> float:
+        if cfg.schedule == "triangle":
+            if step < rise:
+                return cfg.lr_start + (1 - cfg.lr_start) * step / rise
+            return 1 + (cfg.lr_end - 1) * (step - rise) / max(total_steps - rise, 1)
+        if cfg.schedule == "one-cycle":
+            if step < rise:
+                return cosine(cfg.lr_start, 1.0, step / rise)
+            return cosine(1.0, cfg.lr_end, (step - rise) / max(total_steps - rise, 1))
+        if (w := warm(step)) is not None:
+            return w
+        if cfg.schedule == "cosine":
+            return cosine(1.0, cfg.lr_end, (step - rise) / max(total_steps - rise, 1))
+        if cfg.schedule == "step":
+            return 0.1 ** ((step >= total_steps * 0.5) + (step >= total_steps * 0.75))
+        return 1.0  # constant; plateau's drops come from PlateauLR.epoch_end
+    if cfg.schedule == "plateau":
+        return PlateauLR(opt, factor, lower_is_better=cfg.monitor == "val_loss")
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class PlateauLR(torch.optim.lr_scheduler.LambdaLR):
+    """The warm-up per step, times 0.1 for each time the monitored value went 2 epochs without improving
+    (Keras' ReduceLROnPlateau(factor=0.1, patience=2)). What it has seen is in its state_dict: resume is exact."""
+
+    PATIENCE, DROP = 2, 0.1
+
+    def __init__(self, opt: torch.optim.Optimizer, warm, lower_is_better: bool):
+        self.scale, self.best, self.since, self.lower = 1.0, None, 0, lower_is_better
+        super().__init__(opt, lambda step: warm(step) * self.scale)
+
+    def epoch_end(self, value: float) -> None:
+        better = self.best is None or (value < self.best if self.lower else value > self.best)
+        self.best, self.since = (value, 0) if better else (self.best, self.since + 1)
+        if self.since >= self.PATIENCE:
+            self.scale, self.since = self.scale * self.DROP, 0
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "plateau": [self.scale, self.best, self.since]}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.scale, self.best, self.since = state.pop("plateau")
+        super().load_state_dict(state)
 
 
 class Lookahead:

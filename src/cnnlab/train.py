@@ -306,6 +306,8 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
     ts.history.append(record)
     if loop.world.main:
         runs.write_history(loop.run_dir, ts.history)
+    if hasattr(ts.schedule, "epoch_end"):  # plateau: the learning rate follows the monitored value
+        ts.schedule.epoch_end(record[cfg.monitor])
     stop = _track_best(loop, ts, record)
     ts.epoch, ts.step = (cfg.epochs if stop else epoch + 1), 0  # stopping early ends the run here, for resume too
     ts.reset_totals()
@@ -615,8 +617,8 @@ def _extend(run_dir: Path, config: dict, cfg: TrainConfig, state: dict | None, e
             log) -> TrainConfig:
     """`--resume RUN --epochs N`: the run continues to N epochs, as if it had been started with N."""
     done = len(state["history"]) if state else 0
-    if cfg.schedule != "constant":
-        raise CnnlabError(f"{run_dir} follows a {cfg.schedule} (one-cycle) learning-rate schedule, whose shape depends "
+    if cfg.schedule not in ("constant", "plateau"):
+        raise CnnlabError(f"{run_dir} follows a {cfg.schedule} learning-rate schedule, whose shape depends "
                           f"on the number of epochs, so it cannot be extended; start a new run from its weights: "
                           f"cnnlab train --init-from {run_dir} --epochs N ...")
     if state is not None and done < state["epoch"]:

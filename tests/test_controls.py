@@ -1,5 +1,6 @@
-"""Best weights and early stopping (Keras' ModelCheckpoint(save_best_only) and EarlyStopping(restore_best_weights)):
-which epoch is best, which weights the run keeps and why, and that resume keeps all of it bit-exact."""
+"""The controls practitioners expect: best weights and early stopping (Keras' ModelCheckpoint(save_best_only) and
+EarlyStopping(restore_best_weights)) kept bit-exact across resume; extending a finished run; settings files;
+learning-rate schedules; EMA, gradient clipping, accumulation and class weights."""
 
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def test_a_finished_run_is_extended_to_the_weights_of_a_longer_one(tmp_path, cif
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--epochs", "4"], "follows a triangle (one-cycle) learning-rate schedule"),
+    (["--epochs", "4"], "follows a triangle learning-rate schedule"),
     (["--epochs", "1", "--lr", "0.5"], "--lr cannot apply"),
     (["--model", "resnet20"], "--model cannot apply"),
 ])
@@ -163,7 +164,7 @@ def test_a_preset_as_a_file_round_trips_and_flags_override_it(tmp_path, capsys, 
 @pytest.mark.parametrize("content,message", [("epochz = 3\n", "unknown setting(s) epochz"),
                                              ('lr = "fast"\n', "lr = 'fast' is not a valid"),
                                              ("epochs = [\n", "cannot read config file"),
-                                             ('schedule = "cosine"\n', "schedule")])
+                                             ('schedule = "cosinus"\n', "schedule")])
 def test_a_bad_config_file_is_one_line(tmp_path, capsys, cifar_python_dir, content, message):
     path = tmp_path / "bad.toml"
     path.write_text(content)
@@ -172,3 +173,57 @@ def test_a_bad_config_file_is_one_line(tmp_path, capsys, cifar_python_dir, conte
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def _factors(schedule: str, total: int = 100, **kw) -> list[float]:
+    from cnnlab.optim import make_schedule
+
+    cfg = TrainConfig(schedule=schedule, **kw)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, out = make_schedule(cfg, opt, total), []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedule_shapes():
+    cos = _factors("cosine", warmup=0.1, lr_end=0.01)
+    assert cos[0] == pytest.approx(0.1) and cos[9] == pytest.approx(1.0) and cos[10] == pytest.approx(1.0)
+    assert cos[55] == pytest.approx(0.01 + 0.99 * 0.5, abs=0.02) and cos[-1] == pytest.approx(0.01, abs=1e-3)
+    step = _factors("step")
+    assert (step[49], step[50], step[74], step[75], step[99]) == pytest.approx((1, 0.1, 0.1, 0.01, 0.01))
+    one = _factors("one-cycle", warmup=0.25, lr_start=0.04, lr_end=0.001)
+    assert one[0] == pytest.approx(0.04) and max(one) == pytest.approx(1.0) and one.index(max(one)) == 25
+    assert one[-1] == pytest.approx(0.001, abs=1e-3) and all(a >= b for a, b in zip(one[25:], one[26:], strict=False))
+    tri = _factors("triangle", warmup=0.5, lr_start=0.2, lr_end=0.0)
+    assert tri[25] == pytest.approx(0.6) and tri[75] == pytest.approx(0.5)
+
+
+def test_plateau_drops_the_rate_after_two_flat_epochs_and_resumes_exactly():
+    from cnnlab.optim import make_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_schedule(TrainConfig(schedule="plateau", monitor="val_loss"), opt, 100)
+    for loss in (1.0, 0.9, 0.95, 0.93):  # best 0.9, then two epochs without improving: x0.1
+        sched.epoch_end(loss)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    again = make_schedule(TrainConfig(schedule="plateau"), opt, 100)
+    again.load_state_dict(sched.state_dict())
+    again.epoch_end(0.92)
+    again.epoch_end(0.91)  # still not below 0.9: a second drop
+    opt.step()
+    again.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("schedule", ["one-cycle", "cosine", "step", "plateau"])
+def test_every_schedule_trains_from_the_command_line(tmp_path, cifar_python_dir, schedule):
+    run = tmp_path / schedule
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--epochs", "2", "--batch-size", "30", "--optimizer",
+                     "sgd", "--lr", "0.05", "--schedule", schedule, "--warmup", "0.2", "--no-report",
+                     "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["schedule"] == schedule
