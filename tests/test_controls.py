@@ -227,3 +227,67 @@ def test_every_schedule_trains_from_the_command_line(tmp_path, cifar_python_dir,
                      "sgd", "--lr", "0.05", "--schedule", schedule, "--warmup", "0.2", "--no-report",
                      "--out", str(run)]) == 0
     assert json.loads((run / "config.json").read_text())["train"]["schedule"] == schedule
+
+
+def _cli_run(tmp_path, name, data, *flags) -> dict:
+    run = tmp_path / name
+    assert cli.main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "30", "--precision", "fp32",
+                     "--no-report", "--out", str(run), *flags]) == 0
+    return load_file(run / "model.safetensors")
+
+
+def test_accumulated_slices_make_the_same_step(tmp_path, cifar_python_dir):
+    whole = _cli_run(tmp_path, "whole", cifar_python_dir, "--optimizer", "sgd", "--lr", "0.05")
+    sliced = _cli_run(tmp_path, "sliced", cifar_python_dir, "--optimizer", "sgd", "--lr", "0.05", "--accumulate", "3")
+    for k in whole:  # the seed model has no BatchNorm: slicing changes only the order of additions
+        torch.testing.assert_close(sliced[k], whole[k], atol=1e-5, rtol=1e-4)
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--batch-size", "30", "--accumulate", "4"]) == 2
+
+
+def test_clipped_gradients_bound_each_step(tmp_path, cifar_python_dir):
+    start = _cli_run(tmp_path, "none", cifar_python_dir, "--optimizer", "sgd", "--lr", "1e-9", "--momentum", "0")
+    clipped = _cli_run(tmp_path, "clip", cifar_python_dir, "--optimizer", "sgd", "--lr", "1", "--momentum", "0",
+                       "--clip-grad", "0.001")
+    moved = torch.sqrt(sum(((clipped[k] - start[k]) ** 2).sum() for k in start))
+    assert 0.001 < moved <= 5 * 0.001 * 1.0001  # 5 steps of at most lr x 0.001 each; more than one step's worth
+
+
+def test_ema_weights_are_validated_and_kept(tmp_path, cifar_python_dir):
+    final = _cli_run(tmp_path, "ema", cifar_python_dir, "--ema", "0.5", "--optimizer", "sgd", "--lr", "0.05")
+    state = checkpoints.load_checkpoint(tmp_path / "ema")
+    assert all(torch.equal(final[k], state["ema"][k]) for k in final)
+    assert not all(torch.equal(final[k], state["model"][k]) for k in final)  # not the raw weights
+    plain = _cli_run(tmp_path, "plain", cifar_python_dir, "--optimizer", "sgd", "--lr", "0.05")
+    assert all(torch.equal(plain[k], state["model"][k]) for k in plain)  # the average never feeds back
+
+
+def test_resume_with_ema_is_bit_exact(tmp_path, cifar_python_dir, monkeypatch):
+    cfg = TrainConfig(epochs=2, batch_size=30, ema=0.9, optimizer="sgd", lr=0.05, clip_grad=1.0, accumulate=2,
+                      class_weights="auto", precision="fp32")
+    data = DataConfig(path=str(cifar_python_dir))
+    whole = train.train(cfg, data, out=tmp_path / "whole", with_report=False, log=lambda *a: None)
+    real_step, steps = train._train_step, []
+
+    def step_then_ctrl_c(*args):
+        steps.append(1)
+        if len(steps) == 7:  # mid-epoch 2
+            train.STOP.set()
+        return real_step(*args)
+    monkeypatch.setattr(train, "_train_step", step_then_ctrl_c)
+    with pytest.raises(train.Interrupted):
+        train.train(cfg, data, out=tmp_path / "cut", with_report=False, log=lambda *a: None)
+    monkeypatch.setattr(train, "_train_step", real_step)
+    train.resume(tmp_path / "cut", log=lambda *a: None)
+    assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
+
+
+def test_class_weights_make_every_class_count_the_same():
+    from cnnlab.data import Dataset
+
+    y = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
+    ds = Dataset(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), y, torch.zeros(0, 3, 4, 4, dtype=torch.uint8),
+                 torch.zeros(0, dtype=torch.long), ["a", "b", "c"], "image-folder", "x", "test/ folder")
+    weight = train._class_weight(TrainConfig(class_weights="auto"), ds, torch.device("cpu"))
+    assert weight.tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])
+    assert (weight * torch.bincount(y)).tolist() == pytest.approx([10 / 3] * 3)  # each class weighs the same
+    assert train._class_weight(TrainConfig(), ds, torch.device("cpu")) is None

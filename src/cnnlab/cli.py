@@ -284,6 +284,13 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=_below_one, metavar="X")
     p.add_argument("--tta", type=int, choices=[0, 1, 2], help="test-time augmentation: 0 none, 1 mirror, "
                    "2 mirror and 1-pixel shifts")
+    p.add_argument("--ema", type=_below_one, metavar="DECAY", help="train on, but validate and keep, an "
+                   "exponential moving average of the weights (e.g. 0.999)")
+    p.add_argument("--clip-grad", type=_non_negative_float, metavar="NORM", help="clip the gradients' global norm")
+    p.add_argument("--accumulate", type=_positive_int, metavar="N",
+                   help="compute each batch in N slices, adding up the gradients: the same step, 1/N the memory")
+    p.add_argument("--class-weights", choices=["none", "auto"],
+                   help="auto: weight each class's loss by how rare it is (imbalanced data)")
     p.add_argument("--monitor", choices=["val_loss", "val_acc"],
                    help="what the best epoch is (default val_loss); its weights are kept as best.safetensors")
     p.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",

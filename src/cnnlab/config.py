@@ -22,6 +22,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OnNan = Literal["stop", "skip-batch"]
 Monitor = Literal["val_loss", "val_acc"]
 Keep = Literal["auto", "last", "best"]
+ClassWeights = Literal["none", "auto"]
 LabelMode = Literal["fine", "coarse"]
 Resize = Literal["crop", "pad", "squish"]  # images.py: how an image file reaches the input size
 
@@ -101,6 +102,12 @@ class TrainConfig:
     # best when validating on held-out images (--val-split, a val/ folder) or stopping early, else the last
     # (when the validation set is the test set, picking by it would flatter the test score)
     keep: Keep = "auto"
+    ema: float = 0.0  # an exponential moving average of the weights, this decay a step (0: off; timm uses
+    # 0.9998 over long runs): validation, the best epoch and the saved model use the average
+    clip_grad: float = 0.0  # clip the gradients' global norm to this (0: off)
+    accumulate: int = 1  # compute each step's batch in this many slices, adding up their gradients: the same
+    # update for 1/N of the activation memory (BatchNorm sees the slices)
+    class_weights: ClassWeights = "none"  # auto: each class's loss weighted by N / (classes x its count)
 
     def validate(self) -> TrainConfig:
         """Every field checked at once; raises CnnlabError naming the first bad one. Returns self."""
@@ -127,6 +134,10 @@ class TrainConfig:
         _require(self.warmup <= 1, f"warmup is a fraction of all steps (0 to 1), got {self.warmup}")
         _require(0 <= self.momentum < 1 and 0 <= self.filter_momentum < 1, "momentum must be in [0, 1)")
         _require(self.tta in (0, 1, 2), f"tta must be 0, 1 or 2, got {self.tta}")
+        _require(0 <= self.ema < 1, f"ema is a decay per step, from 0 (off) to below 1, got {self.ema}")
+        _require(self.clip_grad >= 0, f"clip-grad must be 0 (off) or more, got {self.clip_grad}")
+        _require(self.accumulate >= 1 and self.batch_size % self.accumulate == 0,
+                 f"accumulate must divide the batch size ({self.batch_size}) into equal slices, got {self.accumulate}")
         _require(0 <= self.seed < 2**32, f"seed must be from 0 to {2**32 - 1}, got {self.seed}")
         _require(self.whiten_bias_epochs is None or self.whiten_bias_epochs >= 0, "whiten-bias-epochs must be >= 0")
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,

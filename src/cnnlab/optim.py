@@ -219,3 +219,26 @@ class Lookahead:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             self.average[k].copy_(v)
+
+
+class EMA:
+    """An exponential moving average of a model's weights (timm's ModelEmaV3, Keras' use_ema), updated on the
+    device after every step; its buffers (BatchNorm statistics) are copied, not averaged."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - self.decay)
+        for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)

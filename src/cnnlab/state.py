@@ -21,7 +21,7 @@ from torch import nn
 from . import dist
 from .data import Normalization
 from .dist import World
-from .optim import Lookahead
+from .optim import EMA, Lookahead
 
 # The running totals of an epoch, in this order in `TrainState.totals`.
 LOSS, CORRECT, SEEN, SKIPPED, FIRST_BAD = range(5)  # FIRST_BAD: 1 + the step of the epoch's first non-finite step
@@ -41,6 +41,12 @@ class TrainState:
     epoch_rng: torch.Tensor | None = None  # the epoch generator's state at `step` (mid-epoch checkpoints)
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=dict)  # the best epoch so far: {"epoch", "value", "since"} (epochs since)
+    ema: EMA | None = None  # --ema: the averaged weights, which validation and the saved model use
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights validation, the best epoch and the saved model use: the average under --ema."""
+        return self.ema.model if self.ema is not None else self.model
     seconds: float = 0.0  # training time of the epoch in progress
     totals: torch.Tensor = None  # type: ignore[assignment]  (set in __post_init__, on `device`)
 
@@ -77,7 +83,7 @@ class TrainState:
                 "lookahead": self.lookahead.state_dict() if self.lookahead else None,
                 "normalization": self.norm.to_dict(), "epoch": self.epoch, "step": self.step,
                 "epoch_rng": self.epoch_rng if self.step else None, "torch_rng": torch.get_rng_state(),
-                "history": self.history, "best": self.best,
+                "history": self.history, "best": self.best, "ema": self.ema.state_dict() if self.ema else None,
                 "running": {"loss": totals[LOSS], "correct": int(totals[CORRECT]), "seen": int(totals[SEEN]),
                             "skipped": int(self.totals[SKIPPED]), "seconds": self.seconds}}
 
@@ -95,6 +101,8 @@ class TrainState:
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.epoch_rng = state.get("epoch_rng")
         self.best = dict(state.get("best") or {})
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.reset_totals()
         running = state["running"]
         if self.step:  # mid-epoch: continue this epoch's totals

@@ -44,7 +44,7 @@ from .data import Dataset, Normalization
 from .device import autocast, keep_freed_memory, pick_device, pick_precision, precision_name, precision_warning
 from .dist import World
 from .errors import CnnlabError, EveryProcessError, Interrupted
-from .optim import Lookahead, make_optimizer, make_schedule, step_lr
+from .optim import EMA, Lookahead, make_optimizer, make_schedule, step_lr
 from .state import TrainState
 from .threads import ThreadGovernor
 
@@ -81,6 +81,7 @@ class Loop:
     governor: ThreadGovernor | None = None
     test_logits: torch.Tensor | None = None  # the last validation's, when the validation set is the test set
     val_sample: torch.Tensor | None = None  # --val-sample: the fixed validation images of the epochs before the last
+    class_weight: torch.Tensor | None = None  # --class-weights auto: each class's weight in the training loss
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,18 +112,32 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
         model.init_from_data(norm(ds.x_train[sample]).to(device))
     if state is None and cfg.init_from:
         log(checkpoints.init_from(model, cfg.model, cfg.init_from))
-    model = _sync_bn(model, cfg, world, device)
-    opt = make_optimizer(cfg, model)  # before any freezing: the optimizer knows every trainable parameter
-    ts = TrainState(model, opt, make_schedule(cfg, opt, total_steps),
-                    torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-                    Lookahead(model, total_steps) if cfg.lookahead else None, norm, device)
+    ts = _train_state(cfg, _sync_bn(model, cfg, world, device), norm, device, dtype, total_steps)
     if state is not None:
         ts.load_state_dict(state, world)
     loop = Loop(cfg, ds, world, run_dir, log, device, dtype, ds.x_train.to(device), ds.y_train.to(device),
-                steps_per_epoch, governor=_threads(cfg, device, log))
+                steps_per_epoch, governor=_threads(cfg, device, log), class_weight=_class_weight(cfg, ds, device))
     if 0 < cfg.val_sample < len(ds.validation[1]):
         loop.val_sample = data.stratified_pick(ds.validation[1], cfg.val_sample, cfg.seed, ds.num_classes)
     return ts, loop
+
+
+def _train_state(cfg: TrainConfig, model: nn.Module, norm: Normalization, device: torch.device, dtype: torch.dtype,
+                 total_steps: int) -> TrainState:
+    opt = make_optimizer(cfg, model)  # before any freezing: the optimizer knows every trainable parameter
+    return TrainState(model, opt, make_schedule(cfg, opt, total_steps),
+                      torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                      Lookahead(model, total_steps) if cfg.lookahead else None, norm, device,
+                      ema=EMA(model, cfg.ema) if cfg.ema else None)
+
+
+def _class_weight(cfg: TrainConfig, ds: Dataset, device: torch.device) -> torch.Tensor | None:
+    """--class-weights auto: N / (classes x count) per class, so that every class weighs the same in the loss."""
+    if cfg.class_weights == "none":
+        return None
+    counts = torch.bincount(ds.y_train, minlength=ds.num_classes).double()
+    weight = torch.where(counts > 0, len(ds.y_train) / (ds.num_classes * counts.clamp(min=1)), 0.0)
+    return weight.float().to(device)
 
 
 def _threads(cfg: TrainConfig, device: torch.device, log) -> ThreadGovernor | None:
@@ -138,7 +153,7 @@ def _threads(cfg: TrainConfig, device: torch.device, log) -> ThreadGovernor | No
 def _require_space(run_dir: Path, cfg: TrainConfig, model: nn.Module) -> None:
     """A checkpoint and its predecessor (weights + optimizer state + lookahead copy), final weights, reports."""
     per_copy = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    copies = 2 * (2 + (cfg.optimizer == "adam") + cfg.lookahead) + 1
+    copies = 2 * (2 + (cfg.optimizer == "adam") + cfg.lookahead + bool(cfg.ema)) + 1
     files.require_space(run_dir, per_copy * copies + 2**25, "this run's checkpoints")
 
 
@@ -204,12 +219,12 @@ def _train_step(loop: Loop, ts: TrainState, xb: torch.Tensor, yb: torch.Tensor, 
     """Forward, backward and update, with no host read; a non-finite step leaves the weights as they were."""
     guarded = list(ts.model.buffers()) if loop.cfg.on_nan == "skip-batch" else []  # BatchNorm statistics
     saved = [b.clone() for b in guarded]
-    with autocast(loop.device, loop.dtype):
-        logits = loop.forward(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=loop.cfg.label_smoothing)
     ts.optimizer.zero_grad(set_to_none=True)
-    ts.scaler.scale(loss).backward()
+    loss, correct = _forward_backward(loop, ts, xb, yb)
     bad = ~torch.isfinite(loss)
+    if loop.cfg.clip_grad:  # on the true gradients: unscaled first when fp16 scales them
+        ts.scaler.unscale_(ts.optimizer)
+        torch.nn.utils.clip_grad_norm_(loop.trained, loop.cfg.clip_grad, foreach=True)
     if not ts.scaler.is_enabled():  # (GradScaler finds non-finite gradients itself, and expects them)
         if loop.world.distributed:  # the averaged gradients are the same on every rank: so is the decision
             bad = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in loop.trained]))
@@ -223,7 +238,29 @@ def _train_step(loop: Loop, ts: TrainState, xb: torch.Tensor, yb: torch.Tensor, 
         b.copy_(torch.where(bad, s, b))
     if ts.lookahead is not None:
         ts.lookahead.step(ts.model, ts.epoch * loop.steps_per_epoch + step + 1, skip=bad)
-    ts.add(loss, (logits.argmax(1) == yb).sum(), len(yb), bad, step)
+    if ts.ema is not None:
+        ts.ema.update(ts.model)
+    ts.add(loss, correct, len(yb), bad, step)
+
+
+def _forward_backward(loop: Loop, ts: TrainState, xb: torch.Tensor, yb: torch.Tensor) -> tuple:
+    """The batch's loss (its mean) and correct count, its gradients added to the parameters': in one pass, or
+    in --accumulate slices (under DDP the gradients are exchanged once, after the last slice)."""
+    slices = loop.cfg.accumulate
+    loss_sum, correct = 0, 0
+    for i, (xs, ys) in enumerate(zip(xb.chunk(slices), yb.chunk(slices), strict=True)):
+        quiet = loop.world.distributed and i < slices - 1 and hasattr(loop.forward, "no_sync")
+        with loop.forward.no_sync() if quiet else contextlib.nullcontext():
+            with autocast(loop.device, loop.dtype):
+                logits = loop.forward(xs)
+                loss = F.cross_entropy(logits.float(), ys, weight=loop.class_weight,
+                                       label_smoothing=loop.cfg.label_smoothing)
+            if slices > 1:
+                loss = loss * (len(ys) / len(yb))  # the slices' means add up to the batch's mean
+            ts.scaler.scale(loss).backward()
+        loss_sum = loss_sum + loss.detach()
+        correct = correct + (logits.argmax(1) == ys).sum()
+    return loss_sum, correct
 
 
 def _run_epoch(loop: Loop, ts: TrainState) -> None:
@@ -293,7 +330,7 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
     cfg, epoch = loop.cfg, ts.epoch
     last = epoch == cfg.epochs - 1
     t0 = time.perf_counter()
-    val_loss, val_acc, logits = _validate(ts.model, loop, ts.norm, last)
+    val_loss, val_acc, logits = _validate(ts.evaluated, loop, ts.norm, last)
     if last and loop.ds.y_val is None:  # the final weights on the test set, with TTA: what the run's
         loop.test_logits = dist.gather_shards(loop.world, logits)  # evaluation would otherwise compute again
     val_seconds = time.perf_counter() - t0
@@ -329,7 +366,7 @@ def _track_best(loop: Loop, ts: TrainState, record: dict) -> bool:
     if better:  # (a NaN is never better)
         ts.best = {"epoch": record["epoch"], "value": value, "since": 0}
         if loop.world.main:
-            checkpoints.save_best(loop.run_dir, ts.model, record["epoch"])
+            checkpoints.save_best(loop.run_dir, ts.evaluated, record["epoch"])
     else:
         ts.best["since"] += 1
     return bool(cfg.early_stopping) and ts.best["since"] >= cfg.early_stopping and record["epoch"] < cfg.epochs
@@ -402,6 +439,8 @@ def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log,
                     raise Interrupted(run_dir)
     finally:
         _release(loop)
+    if ts.ema is not None:  # the run's weights are the average from here on (the checkpoint keeps both)
+        ts.model.load_state_dict(ts.ema.state_dict())
     kept = _keep(loop, ts)
     if world.main:
         checkpoints.save_model(run_dir, ts.model, {**_model_meta(cfg, ds, ts, loop.dtype), "epoch": kept,
