@@ -357,3 +357,21 @@ def test_sigterm_to_a_two_process_job_stops_it_like_ctrl_c(cifar_python_dir, tmp
     assert "Traceback" not in stderr and stderr.count(f"cnnlab train --resume {out}") == 1, stderr[-3000:]
     state = checkpoints.load_checkpoint(out)
     assert state is not None and 1 <= state["epoch"] < 500  # a whole checkpoint, which --resume takes
+
+
+def test_the_training_controls_in_two_processes_match_one(cifar_python_dir, tmp_path):
+    """EMA, clipping, accumulation, class weights, a plateau schedule, best weights and early stopping, held-out
+    validation: two processes end where one does (the seed model has no BatchNorm)."""
+    flags = ["--data", str(cifar_python_dir), "--epochs", "3", *FLAGS, "--optimizer", "sgd", "--lr", "0.05",
+             "--ema", "0.8", "--clip-grad", "1.0", "--accumulate", "3", "--class-weights", "auto", "--schedule",
+             "plateau", "--val-split", "0.2", "--monitor", "val_acc", "--early-stopping", "2"]
+    one = cnnlab("train", *flags, "--out", str(tmp_path / "one"))
+    two = cnnlab("train", "--nproc", "2", *flags, "--out", str(tmp_path / "two"))
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    same_weights(tmp_path / "one", tmp_path / "two")
+    for name in ("model.json", "history.json"):
+        a, b = (json.loads((tmp_path / d / name).read_text()) for d in ("one", "two"))
+        if name == "model.json":
+            assert a["epoch"] == b["epoch"] and a["best_epoch"] == b["best_epoch"]
+        else:
+            assert [h["epoch"] for h in a] == [h["epoch"] for h in b]

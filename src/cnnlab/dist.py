@@ -144,7 +144,9 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)  # its banner, failure tables and signal notices
-    args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "cnnlab", *argv])
+    args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "cnnlab"])
+    args.training_script_args = list(argv)  # not parsed by torchrun's parser: it took --monitor for its own
+    # --monitor-interval (argparse matches abbreviations even after the script's name)
     try:
         torchrun(args)
     except ChildFailedError as e:
