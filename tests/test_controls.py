@@ -291,3 +291,24 @@ def test_class_weights_make_every_class_count_the_same():
     assert weight.tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])
     assert (weight * torch.bincount(y)).tolist() == pytest.approx([10 / 3] * 3)  # each class weighs the same
     assert train._class_weight(TrainConfig(), ds, torch.device("cpu")) is None
+
+
+def test_lr_find_sweeps_stops_on_divergence_suggests_and_restores(tmp_path, cifar_python_dir, capsys):
+    from cnnlab import data, lrfind, models
+
+    ds = data.load(DataConfig(path=str(cifar_python_dir)))
+    model = models.build("seed", 3, 10, (32, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(optimizer="sgd", momentum=0.9, batch_size=30)
+    result = lrfind.find_lr(cfg, ds, start=1e-5, end=1e3, steps=60, model=model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # put back as it was
+    assert len(result.lrs) < 60  # plain SGD at lr 1000 diverges: the sweep stopped
+    assert result.lrs == sorted(result.lrs) and result.lrs[1] / result.lrs[0] == pytest.approx((1e3 / 1e-5) ** (1 / 59))
+    lowest = result.lrs[result.losses.index(min(result.losses))]
+    assert result.suggestion == pytest.approx(lowest / 10) and result.flag_value == result.suggestion
+    out = tmp_path / "lr.png"
+    assert cli.main(["lr-find", "--data", str(cifar_python_dir), "--preset", "quick", "--steps", "20",
+                     "--batch-size", "30", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "per 1024 examples" in printed and out.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["lr-find", "--data", str(cifar_python_dir), "--start", "1", "--end", "0.1"]) == 2

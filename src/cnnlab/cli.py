@@ -131,8 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the registered models and the layer-spec grammar")
 
     _add_train_parser(sub)
+    _add_lr_find_parser(sub)
     _add_result_parsers(sub)
     return parser
+
+
+def _add_lr_find_parser(sub) -> None:
+    p = sub.add_parser("lr-find", help="the learning-rate range test: loss against an exponentially growing rate, "
+                       "a plot and a suggested --lr")
+    _add_data_args(p)
+    p.add_argument("--preset", default="seed", help="the recipe whose model, optimizer and batch size to test")
+    p.add_argument("--config", metavar="FILE.toml", help="training settings from a TOML file")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--optimizer", choices=["adam", "sgd", "muon"])
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--start", type=_positive_float, default=1e-7, help="first learning rate (default 1e-7)")
+    p.add_argument("--end", type=_positive_float, default=10.0, help="last learning rate (default 10)")
+    p.add_argument("--steps", type=_positive_int, default=100, help="batches in the sweep (default 100)")
+    p.add_argument("--out", default="lr_find.png", metavar="PNG", help="the plot (default lr_find.png)")
+    p.set_defaults(dry_run=False, epochs=None)
+
+
+def cmd_lr_find(args: argparse.Namespace) -> None:
+    from . import data, lrfind, plots
+
+    cfg = _train_config(args).validate()
+    if args.start >= args.end:
+        raise CnnlabError(f"--start ({args.start:g}) must be below --end ({args.end:g})")
+    result = lrfind.find_lr(cfg, data.load(_data_config(args).validate()), start=args.start, end=args.end,
+                            steps=args.steps)
+    out = plots.save_figure(result.plot(), args.out)
+    unit = " per 1024 examples, as this preset states its rates" if result.per_1024 else ""
+    print(f"swept {len(result.lrs)} steps from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}; lowest smoothed loss "
+          f"{min(result.losses):.4f}; steepest fall at {result.steepest:.2g}\n"
+          f"suggested: --lr {result.flag_value:.3g}{unit}\nwrote {out}")
 
 
 def _add_train_parser(sub) -> None:
@@ -462,6 +495,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
             print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     elif args.command == "models":
         print(list_models())
+    elif args.command == "lr-find":
+        cmd_lr_find(args)
     elif args.command == "train":
         return cmd_train(args, sys.argv[1:] if argv is None else argv)
     elif args.command == "evaluate":

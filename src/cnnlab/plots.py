@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _subplots(*grid: int, figsize: tuple[float, float], **kw):
+def subplots(*grid: int, figsize: tuple[float, float], **kw):
     """A figure and its axes, as pyplot.subplots gives them, without pyplot."""
     from matplotlib.figure import Figure
 
@@ -51,7 +51,7 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: str | N
         values = values / np.maximum(values.sum(0, keepdims=True), 1)
     k = len(classes)
     size = min(5 + 0.75 * k, 24)  # 10 classes: 12.5 in, about 1,100 px in the report (one matrix per row)
-    fig, ax = _subplots(figsize=(size, size * 0.85))
+    fig, ax = subplots(figsize=(size, size * 0.85))
     im = ax.imshow(values, cmap="Blues")
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title(title, fontsize=15)
@@ -84,7 +84,7 @@ def image_grid(images, titles: list[str], title: str, columns: int = 8, fontsize
     gap_x, gap_y = max(1, w // 8), max(2, h * lines // 5)  # the space above each image holds its title
     mosaic = np.full((rows * (h + gap_y), columns * (w + gap_x), c), 255, np.uint8)
     width = max(1.9 * columns, 10)
-    fig, ax = _subplots(figsize=(width, width * mosaic.shape[0] / mosaic.shape[1] + 0.5))
+    fig, ax = subplots(figsize=(width, width * mosaic.shape[0] / mosaic.shape[1] + 0.5))
     ax.axis("off")
     for i in range(n if images is not None else 0):
         r, k = divmod(i, columns)
@@ -104,7 +104,7 @@ def plot_per_class(rows: list[dict]) -> Figure:
     """Grouped bars of precision, recall and F1 per class."""
     names = [_literal(r["class"]) for r in rows]
     x = np.arange(len(names))
-    fig, ax = _subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))
+    fig, ax = subplots(figsize=(max(6, 0.5 * len(names) + 2), 4))
     for offset, key in zip((-0.27, 0, 0.27), ("precision", "recall", "f1"), strict=True):
         ax.bar(x + offset, [r[key] for r in rows], width=0.27, label=key)
     step = max(1, int(np.ceil(len(names) / 30)))
@@ -118,7 +118,7 @@ def plot_per_class(rows: list[dict]) -> Figure:
 def plot_history(history: list[dict]) -> Figure:
     """Loss and accuracy per epoch, training against validation."""
     epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, acc_ax) = _subplots(1, 2, figsize=(10, 3.8))
+    fig, (loss_ax, acc_ax) = subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((loss_ax, "loss", "Loss"), (acc_ax, "acc", "Accuracy")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="validation")
@@ -131,7 +131,7 @@ def plot_history(history: list[dict]) -> Figure:
 
 def plot_val_accuracy(curves: dict[str, list[dict]]) -> Figure:
     """Validation accuracy per epoch of several runs, overlaid."""
-    fig, ax = _subplots(figsize=(7, 4.2))
+    fig, ax = subplots(figsize=(7, 4.2))
     for name, history in curves.items():
         ax.plot([h["epoch"] for h in history], [h["val_acc"] for h in history], "o-", label=name)
     ax.set(xlabel="Epoch", ylabel="Validation accuracy", title="Validation accuracy per epoch")
