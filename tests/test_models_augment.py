@@ -115,3 +115,53 @@ def test_keras_tutorial_augmentation_is_seeded_and_in_range():
 def test_unknown_augmentation_is_a_clear_error():
     with pytest.raises(CnnlabError, match="unknown augmentation"):
         augment.get("bogus")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The practitioners' augmentations: colour jitter, RandAugment, random erasing, MixUp, CutMix, combined
+
+
+def test_every_new_operation_is_seeded_and_keeps_shape_and_range():
+    from cnnlab import augment
+
+    x = torch.rand(16, 3, 24, 24)
+    for op in (augment.color_jitter, augment.rand_augment):
+        a, b = (op(x, torch.Generator().manual_seed(1)) for _ in range(2))
+        c = op(x, torch.Generator().manual_seed(2))
+        assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+        assert a.min() >= 0 and a.max() <= 1  # colour operations work on [0, 1] pixels
+    assert torch.allclose(augment.color_jitter(x, torch.Generator(), strength=0.0), x, atol=1e-6)
+    erased = augment.random_erasing(x, torch.Generator().manual_seed(0), p=1.0)
+    changed = (erased != x).any(1)  # (B, H, W): one rectangle per image, of one colour
+    assert changed.flatten(1).any(1).all()
+    for i in range(16):
+        rows, cols = changed[i].nonzero().unbind(1)
+        assert changed[i, rows.min():rows.max() + 1, cols.min():cols.max() + 1].float().mean() > 0.9
+
+
+def test_mixup_and_cutmix_blend_labels_by_what_they_blend():
+    from cnnlab import mix
+
+    x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(6)])  # image i is all i
+    y = torch.arange(6)
+    mixed, soft = mix.mix(["mixup"], x, y, torch.Generator().manual_seed(0), 6)
+    assert soft.sum(1).allclose(torch.ones(6)) and soft.shape == (6, 6)
+    lam = soft.max(1).values  # image i = lam * i + (1 - lam) * partner: the label shares say the same
+    partner = (soft * (soft < lam[:, None] - 1e-6)).argmax(1).float()
+    assert torch.allclose(mixed[:, 0, 0, 0], lam * y.float() + (1 - lam) * partner, atol=1e-5)
+    cut, soft = mix.mix(["cutmix"], x, y, torch.Generator().manual_seed(3), 6)
+    own = (cut == x).float().mean((1, 2, 3))  # the share of each image left as it was
+    assert not torch.equal(cut, x) and torch.allclose(soft[torch.arange(6), y], own, atol=1e-6)
+
+
+def test_augmentations_combine_by_name_and_train(tmp_path, cifar_python_dir):
+    from cnnlab import augment, cli
+
+    with pytest.raises(CnnlabError, match="unknown augmentation 'mixupp'"):
+        augment.get("flip+mixupp")
+    assert augment.mixers("flip-crop+randaugment+erasing+mixup+cutmix") == ["mixup", "cutmix"]
+    for name in ("flip-crop+randaugment+erasing+mixup+cutmix", "flip+color-jitter+cutmix"):
+        run = tmp_path / name.replace("+", "_")
+        assert cli.main(["train", "--data", str(cifar_python_dir), "--preset", "quick", "--augment", name,
+                         "--epochs", "1", "--batch-size", "30", "--out", str(run)]) == 0
+        assert (run / "report.html").exists()  # its augmented samples drawn through the same pipeline

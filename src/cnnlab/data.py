@@ -111,6 +111,21 @@ class Normalization:
         # uint8 * float gives floats: two passes over the batch where (x / 255 - mean) / std took four
         return (x * scale).add_(shift)
 
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = x.shape[1]
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).expand(c).view(1, c, 1, 1)
+        return mean, torch.tensor(self.std, dtype=x.dtype, device=x.device).expand(c).view(1, c, 1, 1)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized inputs back to [0, 1] pixels (for augmentations that work on colours)."""
+        mean, std = self._stats(x)
+        return x * std + mean
+
+    def apply_to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels to network inputs: (x - mean) / std."""
+        mean, std = self._stats(x)
+        return (x - mean) / std
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from . import __version__, augment, checkpoints, data, dist, evaluate, files, hardware, models, report, runs
+from . import __version__, augment, checkpoints, data, dist, evaluate, files, hardware, mix, models, report, runs
 from .analysis import Interpretation
 from .config import DataConfig, TrainConfig, from_dict
 from .data import Dataset, Normalization
@@ -259,7 +259,7 @@ def _forward_backward(loop: Loop, ts: TrainState, xb: torch.Tensor, yb: torch.Te
                 loss = loss * (len(ys) / len(yb))  # the slices' means add up to the batch's mean
             ts.scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach()
-        correct = correct + (logits.argmax(1) == ys).sum()
+        correct = correct + (logits.argmax(1) == (ys.argmax(1) if ys.ndim == 2 else ys)).sum()
     return loss_sum, correct
 
 
@@ -270,15 +270,17 @@ def _run_epoch(loop: Loop, ts: TrainState) -> None:
     perm = torch.randperm(len(loop.y_train), generator=g).to(loop.device)
     if ts.step:
         g.set_state(ts.epoch_rng)
-    aug = augment.get(cfg.augment)
+    aug, mixing = augment.get(cfg.augment), augment.mixers(cfg.augment)
     bar = tqdm(total=loop.steps_per_epoch, initial=ts.step, desc=f"Epoch {ts.epoch + 1}/{cfg.epochs}", unit="step",
                leave=False, dynamic_ncols=True, disable=None if world.main else True)
     t0, shown = time.perf_counter() - ts.seconds, ts.step
     for step in range(ts.step, loop.steps_per_epoch):
         idx = dist.shard(world, perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
         if len(idx):  # a last batch smaller than the world is the same on every rank, so all skip it
-            xb = aug(ts.norm(loop.x_train[idx]), g, epoch=ts.epoch, idx=idx)
-            _train_step(loop, ts, xb.contiguous(memory_format=torch.channels_last), loop.y_train[idx], step)
+            xb, yb = aug(ts.norm(loop.x_train[idx]), g, epoch=ts.epoch, idx=idx, norm=ts.norm), loop.y_train[idx]
+            if mixing:  # MixUp/CutMix: the labels become class probabilities
+                xb, yb = mix.mix(mixing, xb, yb, g, loop.ds.num_classes)
+            _train_step(loop, ts, xb.contiguous(memory_format=torch.channels_last), yb, step)
         else:
             ts.schedule.step()
         ts.step, ts.seconds = step + 1, time.perf_counter() - t0
