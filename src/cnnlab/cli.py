@@ -207,6 +207,10 @@ def _add_train_parser(sub) -> None:
                    help="validate each epoch on a fixed stratified sample of N images (the last epoch: on all)")
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
     _add_knobs(p)
+    p.add_argument("--log", action="append", choices=["tensorboard", "mlflow"],
+                   help="track the run in TensorBoard (RUN_DIR/tensorboard) and/or MLflow; repeat for both")
+    p.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                   "a SQLite database beside the run: RUN_DIR/../mlflow.db); http:// servers work too")
     p.add_argument("--no-report", action="store_true",
                    help="no pictures at the end (report.html, confusion_matrix.png: matplotlib's 0.4 s); "
                    "`cnnlab report RUN` draws them later")
@@ -369,7 +373,7 @@ def _train_or_resume(args: argparse.Namespace, cfg) -> None:
         return
     subset = (args.subset or 512) if args.dry_run else args.subset
     train.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset, out=args.out,
-                with_report=not args.no_report)
+                with_report=not args.no_report, tracking=tuple(args.log or ()), mlflow_uri=args.mlflow_uri)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import __version__, augment, checkpoints, data, dist, evaluate, files, hardware, mix, models, report, runs
+from . import tracking as tracking_mod
 from .analysis import Interpretation
 from .config import DataConfig, TrainConfig, from_dict
 from .data import Dataset, Normalization
@@ -82,6 +83,7 @@ class Loop:
     test_logits: torch.Tensor | None = None  # the last validation's, when the validation set is the test set
     val_sample: torch.Tensor | None = None  # --val-sample: the fixed validation images of the epochs before the last
     class_weight: torch.Tensor | None = None  # --class-weights auto: each class's weight in the training loss
+    trackers: tracking_mod.Trackers | None = None  # --log tensorboard/mlflow, on process 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,6 +311,10 @@ def _sync(loop: Loop, ts: TrainState, bar, steps: int) -> bool:
         raise EveryProcessError(f"the loss became non-finite at {where}; training stopped and the last good checkpoint "
                           f"in {loop.run_dir} is kept. Try a lower learning rate (e.g. --lr {loop.cfg.lr / 10:g}), "
                           "or --on-nan skip-batch")
+    if loop.trackers is not None and totals["seen"]:  # process 0's share: the running means of the epoch so far
+        loop.trackers.step(ts.epoch * loop.steps_per_epoch + ts.step, {
+            "train_loss": totals["loss"] / totals["seen"], "train_acc": totals["correct"] / totals["seen"],
+            "lr": ts.optimizer.param_groups[0]["lr"]})
     if bar is not None and steps:
         seen = max(totals["seen"], 1)
         bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}", acc=f"{totals['correct'] / seen:.4f}",
@@ -345,6 +351,8 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
     ts.history.append(record)
     if loop.world.main:
         runs.write_history(loop.run_dir, ts.history)
+    if loop.trackers is not None:
+        loop.trackers.epoch(record, ts.optimizer.param_groups[0]["lr"])
     if hasattr(ts.schedule, "epoch_end"):  # plateau: the learning rate follows the monitored value
         ts.schedule.epoch_end(record[cfg.monitor])
     stop = _track_best(loop, ts, record)
@@ -420,10 +428,11 @@ def _validate(model: nn.Module, loop: Loop, norm: Normalization, last: bool) -> 
 
 
 def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log,
-        world: World = World()) -> torch.Tensor | None:
+        world: World = World(), trackers: tracking_mod.Trackers | None = None) -> torch.Tensor | None:
     """Train from scratch (`state` None) or from a checkpoint's state to the end; rank 0 saves the model.
     Returns the final weights' test-set logits when the last validation computed them (else None)."""
     ts, loop = _build(run_dir, cfg, ds, state, log, world)
+    loop.trackers = trackers
     log(f"training {cfg.model} ({models.count_params(ts.model):,} parameters) on {len(ds.y_train):,} images, "
         f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {loop.steps_per_epoch} steps; device {loop.device}, "
         f"{precision_name(loop.dtype)}; {_lr_words(cfg)}"
@@ -531,7 +540,7 @@ def _complete(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bo
 
 
 def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bool,
-            test_logits: torch.Tensor | None = None) -> Path:
+            test_logits: torch.Tensor | None = None, trackers: tracking_mod.Trackers | None = None) -> Path:
     """Write metrics, confusion matrix and report of the final weights, say where they are. The test set is
     evaluated here only when training's last validation did not already do it (`test_logits`)."""
     interp = (Interpretation.from_logits(run_dir, ds, test_logits) if test_logits is not None
@@ -542,6 +551,8 @@ def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bool
     if with_report:
         report.write_report(run_dir, interp)
         outputs += PICTURES
+    if trackers is not None:
+        trackers.finish(run_dir, result, interp.plot_confusion_matrix())
     log(f"\nrun directory: {run_dir}")
     for name in outputs:
         log(f"  {name:<22}{run_dir / name}")
@@ -550,12 +561,14 @@ def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bool
 
 def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str = "custom",
           out: str | Path | None = None, runs_root: str | Path = "runs", dataset: Dataset | None = None,
-          with_report: bool = True, log=say) -> Path:
-    """Train, evaluate and return the run directory. `dataset` skips loading (already in memory).
+          with_report: bool = True, log=say, tracking: tuple[str, ...] = (), mlflow_uri: str | None = None) -> Path:
+    """Train, evaluate and return the run directory. `dataset` skips loading (already in memory); `tracking`
+    names experiment trackers ("tensorboard", "mlflow": see tracking.py).
 
     Under torchrun every process calls this; rank 0 alone writes the run directory and prints.
     """
     cfg.validate()  # before any data is read or any directory made: a typo leaves nothing behind
+    tracking_mod.check(list(tracking))
     data_cfg = (data_cfg or DataConfig()).validate()
     pick_device(cfg.device)
     if data_cfg.image_size:  # known before the data: a size the model cannot take costs no decoding
@@ -575,14 +588,26 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     run_dir = Path(dist.broadcast(world, str(run_dir) if run_dir else None))
     try:
         if world.main:
-            _write_config(run_dir, cfg, data_cfg, ds, preset, world, with_report)
+            _write_config(run_dir, cfg, data_cfg, ds, preset, world,
+                          {"report": with_report, "tracking": list(tracking), "mlflow_uri": mlflow_uri})
             log(f"run directory: {run_dir}")
-        logits = fit(run_dir, cfg, ds, None, log, world)
+        trackers = _trackers(run_dir, world)
+        logits = fit(run_dir, cfg, ds, None, log, world, trackers=trackers)
     except CnnlabError:
         if world.main:
             _discard(run_dir, created)
         raise
-    return _finish(run_dir, ds, cfg, log, with_report, logits) if world.main else run_dir
+    return _finish(run_dir, ds, cfg, log, with_report, logits, trackers) if world.main else run_dir
+
+
+def _trackers(run_dir: Path, world: World) -> tracking_mod.Trackers | None:
+    """Process 0's experiment trackers, as the run's config.json asks (None when it asks for none)."""
+    if not world.main:
+        return None
+    config = runs.read_config(run_dir)
+    outputs = config.get("outputs", {})
+    kinds = outputs.get("tracking") or []
+    return tracking_mod.Trackers(run_dir, kinds, config, outputs.get("mlflow_uri")) if kinds else None
 
 
 def _check_out(out: Path) -> None:
@@ -620,8 +645,8 @@ def _new_run_dir(out: str | Path | None, runs_root: str | Path, preset: str) -> 
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, data_cfg: DataConfig, ds: Dataset, preset: str,
-                  world: World, with_report: bool) -> None:
-    config = {"preset": preset, "train": asdict(cfg), "outputs": {"report": with_report},
+                  world: World, outputs: dict) -> None:
+    config = {"preset": preset, "train": asdict(cfg), "outputs": outputs,
               "data": {**asdict(data_cfg), "path": ds.source, "format": ds.format, "split": ds.split,
                        "classes": ds.classes, "train_images": len(ds.y_train), "test_images": len(ds.y_test),
                        "val_images": len(ds.y_val) if ds.y_val is not None else None,
@@ -700,5 +725,6 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
         log(f"{run_dir} has no checkpoint yet (it stopped before the first one): starting from the beginning")
     else:
         log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    logits = fit(run_dir, cfg, ds, state, log, world)
-    return _finish(run_dir, ds, cfg, log, with_report, logits) if world.main else run_dir
+    trackers = _trackers(run_dir, world)
+    logits = fit(run_dir, cfg, ds, state, log, world, trackers=trackers)
+    return _finish(run_dir, ds, cfg, log, with_report, logits, trackers) if world.main else run_dir
