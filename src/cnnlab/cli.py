@@ -36,6 +36,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _budget(text: str) -> float:
+    from .budget import parse
+
+    try:
+        return parse(text)
+    except CnnlabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _below_one(text: str) -> float:
     value = _non_negative_float(text)
     if value >= 1:
@@ -207,6 +216,8 @@ def _add_train_parser(sub) -> None:
                    help="validate each epoch on a fixed stratified sample of N images (the last epoch: on all)")
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
     _add_knobs(p)
+    p.add_argument("--budget", type=_budget, metavar="TIME", help="e.g. 10m: pick the recipe and epochs that should "
+                   "reach the best accuracy in that much training here (measured in a few seconds; CIFAR-sized data)")
     p.add_argument("--log", action="append", choices=["tensorboard", "mlflow"],
                    help="track the run in TensorBoard (RUN_DIR/tensorboard) and/or MLflow; repeat for both")
     p.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
@@ -294,6 +305,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.resume:
         _check_resume_flags(args)
+    if args.budget:
+        _check_budget_flags(args)
     cfg = _train_config(args).validate()  # before starting processes: one message, not one per process
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return dist.launch(args.nproc, _without_nproc(argv))
@@ -351,6 +364,18 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
                           f"settings, start a new run from its weights: cnnlab train --init-from {args.resume} ...")
 
 
+BUDGET_CHOOSES = ("preset", "epochs", "model", "config", "resume", "nproc")
+
+
+def _check_budget_flags(args: argparse.Namespace) -> None:
+    """--budget picks the recipe and its epochs itself (and plans one process)."""
+    defaults = vars(build_parser().parse_args(["train"]))
+    given = [k for k in BUDGET_CHOOSES if getattr(args, k, None) != defaults.get(k)]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise CnnlabError(f"--budget chooses the recipe and its epochs for this machine, so {flags} cannot go with it")
+
+
 def _train_config(args: argparse.Namespace):
     """The preset, then the --config file, then each flag given: a TrainConfig (not yet validated)."""
     from dataclasses import fields
@@ -372,6 +397,13 @@ def _train_or_resume(args: argparse.Namespace, cfg) -> None:
         train.resume(args.resume, args.data, with_report=not args.no_report, epochs=args.epochs)
         return
     subset = (args.subset or 512) if args.dry_run else args.subset
+    if args.budget:
+        from . import budget
+
+        budget.train_within(args.budget, _data_config(args, subset=subset, val_split=args.val_split), out=args.out,
+                            with_report=not args.no_report, log=train.say, tracking=tuple(args.log or ()),
+                            device=args.device or "auto", seed=args.seed or 0)
+        return
     train.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset, out=args.out,
                 with_report=not args.no_report, tracking=tuple(args.log or ()), mlflow_uri=args.mlflow_uri)
 

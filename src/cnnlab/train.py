@@ -501,7 +501,8 @@ def _ctrl_c_requests_stop():
 # The API: train and resume
 
 
-def _load_data(data_cfg: DataConfig, seed: int, log=say) -> Dataset:
+def load_data(data_cfg: DataConfig, seed: int, log=say) -> Dataset:
+    """The data a run trains on: the data set, its unreadable files reported, --subset applied."""
     ds = data.load(data_cfg)
     if ds.skipped:
         log(f"warning: skipped {len(ds.skipped)} unreadable image file(s) (recorded in config.json): "
@@ -580,7 +581,7 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     if world.main and out is not None:
         _check_out(Path(out))  # before the data is read: a wrong --out costs nothing
     log = log if world.main else _quiet
-    ds = dataset or _load_once(world, lambda: _load_data(data_cfg, cfg.seed, log))
+    ds = dataset or _load_once(world, lambda: load_data(data_cfg, cfg.seed, log))
     if len(ds.y_train) == 0:
         raise CnnlabError(f"{ds.source} has no training images")
     created = out is None or not Path(out).exists()
@@ -714,7 +715,7 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
         cfg = _extend(run_dir, config, cfg, state, epochs, world, log)
         finished = False
     data_cfg = from_dict(DataConfig, {**config["data"], **({"path": data_path} if data_path else {})})
-    ds = _load_once(world, lambda: _load_data(data_cfg, cfg.seed, log))
+    ds = _load_once(world, lambda: load_data(data_cfg, cfg.seed, log))
     if ds.classes != config["data"]["classes"]:
         raise CnnlabError(f"the data at {ds.source} has other classes than the run was trained on")
     if state is not None and state["epoch"] >= cfg.epochs and finished:
