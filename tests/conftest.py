@@ -159,3 +159,25 @@ def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=[
         "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"])
+
+
+@pytest.fixture
+def ctrl_c_at_step(monkeypatch):
+    """`ctrl_c_at_step(n)`: the n-th training step from now on asks training to stop, as Ctrl-C does (the
+    SIGINT handler sets train.STOP); `ctrl_c_at_step.disarm()` puts the real step back, for the resume."""
+    from cnnlab import train
+
+    real = train._train_step
+
+    def arm(n: int) -> None:
+        calls = []
+
+        def step_then_ctrl_c(*args):
+            calls.append(1)
+            if len(calls) == n:
+                train.STOP.set()
+            return real(*args)
+        monkeypatch.setattr(train, "_train_step", step_then_ctrl_c)
+
+    arm.disarm = lambda: monkeypatch.setattr(train, "_train_step", real)
+    return arm

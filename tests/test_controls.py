@@ -80,21 +80,14 @@ def test_monitor_val_acc_and_the_flags(tmp_path, cifar_python_dir, capsys):
     assert json.loads((run / "model.json").read_text())["epoch"] == best["epoch"]
 
 
-def test_resume_keeps_the_best_epoch_and_the_patience_count(tmp_path, cifar_python_dir, scripted, monkeypatch):
+def test_resume_keeps_the_best_epoch_and_the_patience_count(tmp_path, cifar_python_dir, scripted, ctrl_c_at_step):
     cfg = TrainConfig(**{**CFG.__dict__, "early_stopping": 2})
     whole, _ = _train(tmp_path, "whole", cfg, data=str(cifar_python_dir))
     scripted.clear()
-    real_step, steps = train._train_step, []
-
-    def step_then_ctrl_c(*args):
-        steps.append(1)
-        if len(steps) == 8 * 4 + 3:  # mid-epoch 5: after the best epoch (3) and one worse epoch (4)
-            train.STOP.set()
-        return real_step(*args)
-    monkeypatch.setattr(train, "_train_step", step_then_ctrl_c)
+    ctrl_c_at_step(8 * 4 + 3)  # mid-epoch 5: after the best epoch (3) and one worse epoch (4)
     with pytest.raises(train.Interrupted):
         _train(tmp_path, "cut", cfg, data=str(cifar_python_dir))
-    monkeypatch.setattr(train, "_train_step", real_step)
+    ctrl_c_at_step.disarm()
     del scripted[4:]  # the validations of epochs 1-4 happened; epoch 5's comes after the resume
     train.resume(tmp_path / "cut", log=lambda *a: None)
     assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
@@ -263,22 +256,15 @@ def test_ema_weights_are_validated_and_kept(tmp_path, cifar_python_dir):
     assert all(torch.equal(plain[k], state["model"][k]) for k in plain)  # the average never feeds back
 
 
-def test_resume_with_ema_is_bit_exact(tmp_path, cifar_python_dir, monkeypatch):
+def test_resume_with_ema_is_bit_exact(tmp_path, cifar_python_dir, ctrl_c_at_step):
     cfg = TrainConfig(epochs=2, batch_size=30, ema=0.9, optimizer="sgd", lr=0.05, clip_grad=1.0, accumulate=2,
                       class_weights="auto", precision="fp32")
     data = DataConfig(path=str(cifar_python_dir))
     whole = train.train(cfg, data, out=tmp_path / "whole", with_report=False, log=lambda *a: None)
-    real_step, steps = train._train_step, []
-
-    def step_then_ctrl_c(*args):
-        steps.append(1)
-        if len(steps) == 7:  # mid-epoch 2
-            train.STOP.set()
-        return real_step(*args)
-    monkeypatch.setattr(train, "_train_step", step_then_ctrl_c)
+    ctrl_c_at_step(7)  # mid-epoch 2
     with pytest.raises(train.Interrupted):
         train.train(cfg, data, out=tmp_path / "cut", with_report=False, log=lambda *a: None)
-    monkeypatch.setattr(train, "_train_step", real_step)
+    ctrl_c_at_step.disarm()
     train.resume(tmp_path / "cut", log=lambda *a: None)
     assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
 

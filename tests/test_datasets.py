@@ -192,7 +192,7 @@ def test_val_split_validates_on_held_out_training_images(tmp_path, capsys):
     assert history[0]["val_acc"] == pytest.approx(acc) and history[0]["val_loss"] == pytest.approx(loss, rel=1e-4)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--data", str(root), "--val-split", "1.5"])
-    assert exit_info.value.code == 2 and "must be below 1" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "must be above 0 to below 1" in capsys.readouterr().err
 
 
 def test_idx_header_whose_size_overflows_64_bits_is_refused(tmp_path):

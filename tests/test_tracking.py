@@ -63,21 +63,14 @@ def _check_mlflow_run(client, mlrun, run_dir) -> None:
     assert not {"checkpoint.safetensors", "tensorboard"} & names
 
 
-def test_mlflow_in_a_local_sqlite_store_and_resume_continues_the_same_run(tmp_path, cifar_python_dir, monkeypatch):
+def test_mlflow_in_a_local_sqlite_store_and_resume_continues_the_same_run(tmp_path, cifar_python_dir, ctrl_c_at_step):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     cfg, data = TrainConfig(epochs=2, batch_size=30), DataConfig(path=str(cifar_python_dir))
-    real_step, steps = train._train_step, []
-
-    def step_then_ctrl_c(*args):
-        steps.append(1)
-        if len(steps) == 7:  # mid-epoch 2
-            train.STOP.set()
-        return real_step(*args)
-    monkeypatch.setattr(train, "_train_step", step_then_ctrl_c)
+    ctrl_c_at_step(7)  # mid-epoch 2
     with pytest.raises(train.Interrupted):
         train.train(cfg, data, out=tmp_path / "run", with_report=False, log=lambda *a: None,
                     tracking=("mlflow",), mlflow_uri=uri)
-    monkeypatch.setattr(train, "_train_step", real_step)
+    ctrl_c_at_step.disarm()
     train.resume(tmp_path / "run", log=lambda *a: None)
     client, found = _mlflow_runs(uri)
     assert len(found) == 1  # the resumed run continued the MLflow run it had started

@@ -30,9 +30,19 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be below 1, got {value}")
+    """A share: above 0, below 1."""
+    return _unit(text, zero=False)
+
+
+def _below_one(text: str) -> float:
+    """A decay or a factor: from 0, below 1."""
+    return _unit(text, zero=True)
+
+
+def _unit(text: str, zero: bool) -> float:
+    value = _non_negative_float(text)
+    if value >= 1 or (value == 0 and not zero):
+        raise argparse.ArgumentTypeError(f"must be {'from 0' if zero else 'above 0'} to below 1, got {value}")
     return value
 
 
@@ -43,13 +53,6 @@ def _budget(text: str) -> float:
         return parse(text)
     except CnnlabError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _below_one(text: str) -> float:
-    value = _non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to below 1, got {value}")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
