@@ -62,7 +62,7 @@ def test_cutout_zeroes_one_square_per_image():
     assert zeros[0, ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()  # one solid rectangle
 
 
-@pytest.mark.parametrize("name", sorted(augment.AUGMENTS))
+@pytest.mark.parametrize("name", sorted([*augment.AUGMENTS, *augment.PIXEL_OPS]))
 def test_every_named_augmentation_keeps_shape_and_range(name):
     x = torch.rand(16, 3, 32, 32)
     out = augment.get(name)(x, torch.Generator().manual_seed(0), epoch=1, idx=torch.arange(16))

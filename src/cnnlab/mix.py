@@ -4,7 +4,7 @@ targets (B, classes) that `F.cross_entropy` takes as they are.
     x, y = mix(["mixup", "cutmix"], x, y, g, num_classes)   # one of the two per batch when both are named
 
 Drawn from the generator `g`, as every augmentation here: a seeded run mixes the same way after a resume.
-Hand-written rather than kornia's: 0.88 against 2.07 ms (MixUp) and 0.58 against 6.57 ms (CutMix) for 256 CIFAR
+Hand-written rather than kornia's: 0.85 against 2.09 ms (MixUp) and 0.62 against 6.55 ms (CutMix) for 256 CIFAR
 images (benchmarks/augment.py, Intel Xeon avx512_bf16 class, 11-25).
 """
 
