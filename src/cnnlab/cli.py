@@ -356,12 +356,15 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
 RESUME_TAKES = {"command", "resume", "data", "no_report", "nproc", "epochs"}  # the rest is the run's own
 
 
+def _given(args: argparse.Namespace, names) -> str:
+    """Which of `names` the command line set to other than their defaults, as flags: "--lr, --model"."""
+    defaults = vars(build_parser().parse_args(["train"]))
+    return ", ".join("--" + k.replace("_", "-") for k in names if getattr(args, k, None) != defaults.get(k))
+
+
 def _check_resume_flags(args: argparse.Namespace) -> None:
     """--resume continues a run with the settings it recorded: a flag it cannot honour is an error, not ignored."""
-    defaults = vars(build_parser().parse_args(["train"]))
-    given = [k for k, v in vars(args).items() if k not in RESUME_TAKES and v != defaults.get(k)]
-    if given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    if flags := _given(args, [k for k in vars(args) if k not in RESUME_TAKES]):
         raise CnnlabError(f"--resume continues {args.resume} with the settings it recorded, so {flags} cannot "
                           "apply (--resume takes --data, --epochs, --nproc and --no-report); to train with other "
                           f"settings, start a new run from its weights: cnnlab train --init-from {args.resume} ...")
@@ -372,10 +375,7 @@ BUDGET_CHOOSES = ("preset", "epochs", "model", "config", "resume", "nproc")
 
 def _check_budget_flags(args: argparse.Namespace) -> None:
     """--budget picks the recipe and its epochs itself (and plans one process)."""
-    defaults = vars(build_parser().parse_args(["train"]))
-    given = [k for k in BUDGET_CHOOSES if getattr(args, k, None) != defaults.get(k)]
-    if given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    if flags := _given(args, BUDGET_CHOOSES):
         raise CnnlabError(f"--budget chooses the recipe and its epochs for this machine, so {flags} cannot go with it")
 
 
