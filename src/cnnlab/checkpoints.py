@@ -131,7 +131,7 @@ def load_checkpoint(run_dir: Path, log=print) -> dict | None:
 
 def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:
     """Final weights (safetensors) and the metadata that makes them usable on their own, committed in order."""
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights = _cpu_weights(model)
     digest = _digest("", weights)
     files.write_bytes(run_dir / "model.safetensors", save(weights, metadata={"sha256": digest}))
     files.write_json(run_dir / "model.json", {**meta, "sha256": digest})
@@ -140,9 +140,14 @@ def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:
 BEST = "best.safetensors"
 
 
+def _cpu_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A model's state as contiguous CPU tensors: what a weights file holds."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
 def save_best(run_dir: Path, model: nn.Module, epoch: int) -> None:
     """The best epoch's weights so far, beside the checkpoint (see TrainConfig.keep)."""
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights = _cpu_weights(model)
     files.write_bytes(run_dir / BEST, save(weights, metadata={"sha256": _digest("", weights), "epoch": str(epoch)}))
 
 
