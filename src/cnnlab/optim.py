@@ -127,6 +127,11 @@ class FilterMuon(torch.optim.Optimizer):
         p.copy_(new_p)
 
 
+def improves(value: float, best: float | None, lower_is_better: bool) -> bool:
+    """Whether a monitored value beats the best so far (any value beats none; a NaN beats nothing)."""
+    return best is None or (value < best if lower_is_better else value > best)
+
+
 def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
     """The learning-rate factor per step (times each group's rate), as a LambdaLR; `plateau` as PlateauLR."""
     rise = cfg.warmup * total_steps
@@ -169,7 +174,7 @@ class PlateauLR(torch.optim.lr_scheduler.LambdaLR):
         super().__init__(opt, lambda step: warm(step) * self.scale)
 
     def epoch_end(self, value: float) -> None:
-        better = self.best is None or (value < self.best if self.lower else value > self.best)
+        better = improves(value, self.best, self.lower)
         self.best, self.since = (value, 0) if better else (self.best, self.since + 1)
         if self.since >= self.PATIENCE:
             self.scale, self.since = self.scale * self.DROP, 0

@@ -45,7 +45,7 @@ from .data import Dataset, Normalization
 from .device import autocast, keep_freed_memory, pick_device, pick_precision, precision_name, precision_warning
 from .dist import World
 from .errors import CnnlabError, EveryProcessError, Interrupted
-from .optim import EMA, Lookahead, make_optimizer, make_schedule, step_lr
+from .optim import EMA, Lookahead, improves, make_optimizer, make_schedule, step_lr
 from .state import TrainState
 from .threads import ThreadGovernor
 
@@ -372,8 +372,7 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
 def _track_best(loop: Loop, ts: TrainState, record: dict) -> bool:
     """Keep the best epoch's weights (best.safetensors) and count the epochs since; True: stop early."""
     cfg, value = loop.cfg, record[loop.cfg.monitor]
-    better = not ts.best or (value < ts.best["value"] if cfg.monitor == "val_loss" else value > ts.best["value"])
-    if better:  # (a NaN is never better)
+    if improves(value, ts.best.get("value"), lower_is_better=cfg.monitor == "val_loss"):
         ts.best = {"epoch": record["epoch"], "value": value, "since": 0}
         if loop.world.main:
             checkpoints.save_best(loop.run_dir, ts.evaluated, record["epoch"])
