@@ -78,8 +78,11 @@ class Interpretation:
 
     def top_k_accuracy(self, k: int = 5) -> float:
         """The share of images whose true class is among the k most probable."""
-        hits = (self.logits.topk(min(k, len(self.classes)), dim=1).indices == self.y_true[:, None]).any(1)
-        return float(hits.float().mean()) if len(self.y_true) else float("nan")
+        return evaluate.top_k_accuracy(self.logits, self.y_true, k)
+
+    def balanced_accuracy(self) -> float:
+        """The mean recall over the classes that have test images."""
+        return evaluate.balanced_accuracy(self.confusion_matrix())
 
     def confusion_matrix(self, normalize: str | None = None) -> np.ndarray:
         """Counts (true down, predicted across), or rates: "true" rows sum to 1, "pred" columns do."""

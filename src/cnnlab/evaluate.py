@@ -132,16 +132,24 @@ def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, classes: list[str
     """Loss, accuracy, balanced accuracy (the mean of the per-class recalls: what accuracy says when every
     class has as many images), top-5 accuracy (more than 5 classes), per-class scores, confusion matrix."""
     cm = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), len(classes))
-    present = cm.sum(1) > 0
-    top5 = {}
-    if len(classes) > 5:
-        hits = (logits.topk(5, dim=1).indices == y[:, None]).any(1) if len(y) else torch.zeros(0, dtype=torch.bool)
-        top5 = {"test_top5_accuracy": float(hits.float().mean()) if len(y) else float("nan")}
+    top5 = {"test_top5_accuracy": top_k_accuracy(logits, y, 5)} if len(classes) > 5 else {}
     return {"test_loss": F.cross_entropy(logits, y).item() if len(y) else float("nan"),
-            "test_accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
-            "test_balanced_accuracy": float((np.diag(cm)[present] / cm.sum(1)[present]).mean()) if present.any()
-            else float("nan"), **top5, "test_images": int(len(y)),
+            "test_accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "test_balanced_accuracy": balanced_accuracy(cm),
+            **top5, "test_images": int(len(y)),
             **per_class_scores(cm, classes), "classes": classes, "confusion_matrix": cm.tolist()}
+
+
+def top_k_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
+    """The share of images whose true class is among the k most probable (NaN for no images)."""
+    if not len(y):
+        return float("nan")
+    return float((logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:, None]).any(1).float().mean())
+
+
+def balanced_accuracy(cm: np.ndarray) -> float:
+    """The mean recall over the classes that have images (NaN when none has)."""
+    present = cm.sum(1) > 0
+    return float((np.diag(cm)[present] / cm.sum(1)[present]).mean()) if present.any() else float("nan")
 
 
 def save_metrics(run_dir: Path, logits: torch.Tensor, y: torch.Tensor, classes: list[str], source: str,

@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from . import files, runs
 from .plots import save_figure
 
@@ -110,8 +108,8 @@ def headline(config: dict, meta: dict, interp) -> list[tuple[str, str]]:
     val = data.get("val_images")
     counts = (f"{data.get('train_images', 0):,} / {val:,} / {data.get('test_images', 0):,}" if val else
               f"{data.get('train_images', 0):,} / (the test set) / {data.get('test_images', 0):,}")
-    recalls = [r["recall"] for r in interp.classification_report()["per_class"] if r["support"]]
-    rows = [("test accuracy", f"{interp.accuracy:.2%}"), ("balanced accuracy", f"{np.mean(recalls):.2%}"),
+    rows = [("test accuracy", f"{interp.accuracy:.2%}"),
+            ("balanced accuracy", f"{interp.balanced_accuracy():.2%}"),
             ("test loss", f"{test_loss:.4f}")]
     if len(interp.classes) > 5:
         rows.insert(1, ("top-5 accuracy", f"{interp.top_k_accuracy(5):.2%}"))
