@@ -23,6 +23,7 @@ from .config import TrainConfig
 from .data import Dataset, Normalization
 from .device import autocast, pick_device, pick_precision
 from .optim import make_optimizer, step_lr
+from .train import init_from_data
 
 
 @dataclass
@@ -58,8 +59,7 @@ def find_lr(cfg: TrainConfig, ds: Dataset, *, start: float = 1e-7, end: float = 
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(device).train()
     norm = Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" else Normalization()
-    if hasattr(model, "init_from_data"):  # airbench's whitening layer, from a sample as training does
-        model.init_from_data(norm(ds.x_train[:min(5000, len(ds.y_train))]).to(device))
+    init_from_data(model, ds, norm, cfg.seed, device)  # airbench's whitening layer, as training sets it
     opt = make_optimizer(cfg, model)
     ratios = [group["lr"] / step_lr(cfg) for group in opt.param_groups]  # bias groups keep their multiple
     g = torch.Generator().manual_seed(cfg.seed)

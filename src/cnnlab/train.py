@@ -107,11 +107,8 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
         _require_space(run_dir, cfg, model)
     steps_per_epoch = -(-len(ds.y_train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    if state is None and hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer
-        # 5,000 CIFAR images' worth of pixels: larger images take fewer, so the patch statistics stay bounded
-        count = max(64, min(5000, 5000 * 32 * 32 // (ds.image_size[0] * ds.image_size[1])))
-        sample = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(cfg.seed))[:count]
-        model.init_from_data(norm(ds.x_train[sample]).to(device))
+    if state is None:
+        init_from_data(model, ds, norm, cfg.seed, device)
     if state is None and cfg.init_from:
         log(checkpoints.init_from(model, cfg.model, cfg.init_from))
     ts = _train_state(cfg, _sync_bn(model, cfg, world, device), norm, device, dtype, total_steps)
@@ -122,6 +119,16 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
     if 0 < cfg.val_sample < len(ds.validation[1]):
         loop.val_sample = data.stratified_pick(ds.validation[1], cfg.val_sample, cfg.seed, ds.num_classes)
     return ts, loop
+
+
+def init_from_data(model: nn.Module, ds: Dataset, norm: Normalization, seed: int, device: torch.device) -> None:
+    """Layers set from the data before training (airbench's whitening layer), from a seeded sample of 5,000
+    CIFAR images' worth of pixels: larger images take fewer, so the patch statistics stay bounded."""
+    if not hasattr(model, "init_from_data"):
+        return
+    count = max(64, min(5000, 5000 * 32 * 32 // (ds.image_size[0] * ds.image_size[1])))
+    sample = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(seed))[:count]
+    model.init_from_data(norm(ds.x_train[sample]).to(device))
 
 
 def _train_state(cfg: TrainConfig, model: nn.Module, norm: Normalization, device: torch.device, dtype: torch.dtype,
