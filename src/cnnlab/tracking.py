@@ -36,9 +36,11 @@ class Trackers:
         for t in self.all:
             t.epoch(record, lr)
 
-    def finish(self, run_dir: Path, metrics: dict, figure=None) -> None:
+    def finish(self, run_dir: Path, metrics: dict, draw_confusion=None) -> None:
+        """The final metrics; `draw_confusion()` makes the confusion-matrix figure (matplotlib: only when a
+        tracker shows it)."""
         for t in self.all:
-            t.finish(run_dir, metrics, figure)
+            t.finish(run_dir, metrics, draw_confusion)
 
 
 def check(kinds: list[str]) -> None:
@@ -87,9 +89,9 @@ class TensorBoard:
         self.writer.add_scalar("epoch/lr", lr, e)
         self.writer.flush()
 
-    def finish(self, run_dir: Path, metrics: dict, figure=None) -> None:
-        if figure is not None:
-            self.writer.add_figure("confusion_matrix", figure)
+    def finish(self, run_dir: Path, metrics: dict, draw_confusion=None) -> None:
+        if draw_confusion is not None:
+            self.writer.add_figure("confusion_matrix", draw_confusion())
         final = {f"hparam/{k}": metrics[k] for k in ("test_accuracy", "test_loss", "test_balanced_accuracy")
                  if k in metrics}
         self.writer.add_hparams(self.params, final, run_name=".")
@@ -135,7 +137,7 @@ class MLflow:
                 self.client.log_metric(self.run_id, key, record[key], step=e)
         self.client.log_metric(self.run_id, "lr", lr, step=e)
 
-    def finish(self, run_dir: Path, metrics: dict, figure=None) -> None:
+    def finish(self, run_dir: Path, metrics: dict, draw_confusion=None) -> None:
         for key, value in metrics.items():
             if key.startswith("test_") and isinstance(value, int | float):
                 self.client.log_metric(self.run_id, key, value)

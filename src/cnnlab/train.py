@@ -559,7 +559,7 @@ def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bool
         report.write_report(run_dir, interp)
         outputs += PICTURES
     if trackers is not None:
-        trackers.finish(run_dir, result, interp.plot_confusion_matrix())
+        trackers.finish(run_dir, result, interp.plot_confusion_matrix)  # drawn only if a tracker shows it
     log(f"\nrun directory: {run_dir}")
     for name in outputs:
         log(f"  {name:<22}{run_dir / name}")
