@@ -112,15 +112,17 @@ def test_a_finished_run_is_extended_to_the_weights_of_a_longer_one(tmp_path, cif
 
 @pytest.mark.parametrize("extra,message", [
     (["--epochs", "4"], "follows a triangle learning-rate schedule"),
+    (["--epochs", "4", "warmup"], "follows a 0.2 warm-up learning-rate schedule"),
     (["--epochs", "1", "--lr", "0.5"], "--lr cannot apply"),
     (["--model", "resnet20"], "--model cannot apply"),
 ])
 def test_what_resume_cannot_honour_is_an_error(tmp_path, cifar_python_dir, capsys, extra, message):
-    run = tmp_path / "run"
-    assert cli.main(["train", "--data", str(cifar_python_dir), "--preset", "quick", "--epochs", "1", "--batch-size",
+    run, warmup = tmp_path / "run", extra[-1] == "warmup"  # a constant schedule, but a warm-up of 20% of the steps
+    recipe = ["--schedule", "constant", "--warmup", "0.2"] if warmup else ["--preset", "quick"]
+    assert cli.main(["train", "--data", str(cifar_python_dir), *recipe, "--epochs", "1", "--batch-size",
                      "30", "--no-report", "--out", str(run)]) == 0
     capsys.readouterr()
-    assert cli.main(["train", "--resume", str(run), *extra]) == 2
+    assert cli.main(["train", "--resume", str(run), *extra[:2 if warmup else None]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 1  # nothing changed

@@ -136,7 +136,7 @@ def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int
     """The learning-rate factor per step (times each group's rate), as a LambdaLR; `plateau` as PlateauLR."""
     rise = cfg.warmup * total_steps
 
-    def warm(step: int) -> float | None:  # the linear warm-up from 0 shared by cosine, step and plateau
+    def warm(step: int) -> float | None:  # the linear warm-up from 0 of constant, cosine, step and plateau
         return (step + 1) / rise if step < rise else None
 
     def cosine(a: float, b: float, t: float) -> float:  # from a (t=0) to b (t=1) along half a cosine

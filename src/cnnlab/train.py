@@ -690,8 +690,9 @@ def _extend(run_dir: Path, config: dict, cfg: TrainConfig, state: dict | None, e
             log) -> TrainConfig:
     """`--resume RUN --epochs N`: the run continues to N epochs, as if it had been started with N."""
     done = len(state["history"]) if state else 0
-    if cfg.schedule not in ("constant", "plateau"):
-        raise CnnlabError(f"{run_dir} follows a {cfg.schedule} learning-rate schedule, whose shape depends "
+    if cfg.schedule not in ("constant", "plateau") or cfg.warmup:  # a warm-up is a share of all the steps too
+        shape = f"a {cfg.warmup:g} warm-up" if cfg.schedule in ("constant", "plateau") else f"a {cfg.schedule}"
+        raise CnnlabError(f"{run_dir} follows {shape} learning-rate schedule, whose shape depends "
                           f"on the number of epochs, so it cannot be extended; start a new run from its weights: "
                           f"cnnlab train --init-from {run_dir} --epochs N ...")
     if state is not None and done < state["epoch"]:
