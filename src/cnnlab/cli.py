@@ -152,12 +152,7 @@ def _add_lr_find_parser(sub) -> None:
     p = sub.add_parser("lr-find", help="the learning-rate range test: loss against an exponentially growing rate, "
                        "a plot and a suggested --lr")
     _add_data_args(p)
-    p.add_argument("--preset", default="seed", help="the recipe whose model, optimizer and batch size to test")
-    p.add_argument("--config", metavar="FILE.toml", help="training settings from a TOML file")
-    p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--optimizer", choices=["adam", "sgd", "muon"])
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    _add_recipe_args(p)
     p.add_argument("--start", type=_positive_float, default=1e-7, help="first learning rate (default 1e-7)")
     p.add_argument("--end", type=_positive_float, default=10.0, help="last learning rate (default 10)")
     p.add_argument("--steps", type=_positive_int, default=100, help="batches in the sweep (default 100)")
@@ -183,11 +178,8 @@ def cmd_lr_find(args: argparse.Namespace) -> None:
 def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model, then evaluate it (flags override the preset)")
     _add_data_args(p)
-    p.add_argument("--preset", default="seed", help=f"one of: {', '.join(presets.PRESETS)} (default seed); "
-                   "see `cnnlab presets`")
-    p.add_argument("--model", help=MODEL_HELP)
+    _add_recipe_args(p)
     p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=_positive_float, help="learning rate; per 1024 examples under presets with "
                    "per_1024 (quick, fast: `cnnlab presets --show quick`), as airbench states it")
     p.add_argument("--augment", help="augmentation: none, seed, ...")
@@ -198,7 +190,6 @@ def _add_train_parser(sub) -> None:
                    "for the end (default: validate on the test set, as the tutorial does)")
     p.add_argument("--init-from", metavar="RUN_DIR", help="start from a finished run's weights (fine-tuning); "
                    "a different class count gets a new classifier head")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 where the CPU or GPU computes it natively, else fp32")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (GPUs)")
@@ -322,12 +313,22 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The recipe, as `train` and `lr-find` both take it: a preset, a settings file, and the flags that
+    change what is built (the rest of training's settings are `train`'s own)."""
+    p.add_argument("--preset", default="seed", help=f"one of: {', '.join(presets.PRESETS)} (default seed); "
+                   "see `cnnlab presets`")
+    p.add_argument("--config", metavar="FILE.toml", help="training settings from a TOML file (`cnnlab presets --show "
+                   "NAME` prints one); flags override the file, the file overrides the preset")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--optimizer", choices=["adam", "sgd", "muon"])
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
 def _add_knobs(p: argparse.ArgumentParser) -> None:
     """What practitioners set from the command line in Keras callbacks, fastai or timm: the optimizer's knobs,
     which epoch's weights to keep, when to stop."""
-    p.add_argument("--config", metavar="FILE.toml", help="training settings from a TOML file (`cnnlab presets --show "
-                   "NAME` prints one); flags override the file, the file overrides the preset")
-    p.add_argument("--optimizer", choices=["adam", "sgd", "muon"])
     p.add_argument("--schedule", choices=["constant", "triangle", "one-cycle", "cosine", "step", "plateau"],
                    help="learning rate over the steps (see `cnnlab presets --show NAME` for a preset's)")
     p.add_argument("--warmup", type=_below_one, metavar="F", help="warm-up as a fraction of all steps")
