@@ -340,3 +340,25 @@ def test_a_budget_run_plans_says_and_trains_its_plan(tmp_path, cifar_python_dir,
     for flags in (["--preset", "fast"], ["--epochs", "3"]):
         assert cli.main(["train", "--data", str(cifar_python_dir), "--budget", "1m", *flags]) == 2
         assert "--budget chooses the recipe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["quick", "fast", "standard", "photos"])
+def test_the_controls_on_every_preset_family(tmp_path, cifar_python_dir, preset):
+    """EMA (BatchNorm buffers copied), accumulation (BatchNorm sees slices), clipping, class weights, a cosine
+    schedule, MixUp and RandAugment, early stopping and the best epoch kept: on each family's network, CIFAR
+    arrays for the CIFAR recipes and a photo folder (48 px) for `photos`."""
+    from conftest import write_image_folder
+
+    data = (write_image_folder(tmp_path / "photos", per_class=16, size=(48, 48)) if preset == "photos"
+            else cifar_python_dir)
+    run = tmp_path / f"run-{preset}"
+    assert cli.main(["train", "--data", str(data), "--preset", preset, "--epochs", "2", "--batch-size", "20",
+                     "--val-split", "0.25", "--ema", "0.9", "--accumulate", "2", "--clip-grad", "2.0",
+                     "--class-weights", "auto", "--schedule", "cosine", "--warmup", "0.1", "--early-stopping", "3",
+                     "--augment", "flip+randaugment+mixup", "--no-report", "--out", str(run)]) == 0
+    meta = json.loads((run / "model.json").read_text())
+    best, _ = checkpoints.load_best(run)
+    final = load_file(run / "model.safetensors")
+    assert meta["epoch"] == meta["best_epoch"] and all(torch.equal(best[k], final[k]) for k in final)
+    state = checkpoints.load_checkpoint(run)
+    assert state["ema"] is not None and state["epoch"] == 2

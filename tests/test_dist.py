@@ -375,3 +375,20 @@ def test_the_training_controls_in_two_processes_match_one(cifar_python_dir, tmp_
             assert a["epoch"] == b["epoch"] and a["best_epoch"] == b["best_epoch"]
         else:
             assert [h["epoch"] for h in a] == [h["epoch"] for h in b]
+
+
+def test_the_training_controls_on_a_photo_folder_in_two_processes(tmp_path):
+    """The photos recipe (BatchNorm, so no equality with one process) with EMA, accumulation, clipping, class
+    weights, MixUp, early stopping and best weights, in two processes: it ends, with one writer's files."""
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "photos", per_class=16, size=(48, 48))
+    run = tmp_path / "run"
+    proc = cnnlab("train", "--nproc", "2", "--data", str(data), "--preset", "photos", "--epochs", "2",
+                  "--batch-size", "20", "--val-split", "0.25", "--ema", "0.9", "--accumulate", "2", "--clip-grad", "2",
+                  "--class-weights", "auto", "--augment", "flip-crop+mixup", "--early-stopping", "3", "--no-report",
+                  "--precision", "fp32", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best epoch:") == 1  # process 0 speaks
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["epoch"] == meta["best_epoch"] and (run / "best.safetensors").exists()
