@@ -46,6 +46,16 @@ clean:
 	.venv-keras/bin/pip install -q tensorflow==2.21.0 pillow
 	touch $@
 
+# torchvision beside cnnlab's networks, for benchmarks/torchvision_parity.py only (5.5 GB: a CUDA build of torch).
+.venv-parity/bin/.tv:
+	$(PYTHON) -m venv .venv-parity
+	.venv-parity/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	touch $@
+
+.PHONY: parity
+parity: .venv-parity/bin/.tv
+	.venv-parity/bin/python benchmarks/torchvision_parity.py
+
 .PHONY: bench-keras bench
 bench-keras: .venv-keras/bin/.tf
 

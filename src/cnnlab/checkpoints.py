@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from . import files, models
+from .device import precision_name
 from .errors import CnnlabError
 from .runs import read_json
 
@@ -127,6 +128,23 @@ def load_checkpoint(run_dir: Path, log=print) -> dict | None:
     if problems:
         raise CnnlabError(f"no usable checkpoint in {run_dir}: {'; '.join(problems)}")
     return None
+
+
+def keep_rule(cfg, held_out: bool) -> str:
+    """Which weights model.safetensors gets ("best" or "last"): `auto` keeps the best epoch's when validating on
+    held-out images or stopping early."""
+    if cfg.keep != "auto":
+        return cfg.keep
+    return "best" if cfg.early_stopping or held_out else "last"
+
+
+def model_meta(cfg, ds, norm, model: nn.Module, dtype: torch.dtype, history: list[dict]) -> dict:
+    """model.json: what predict, export and serve need to rebuild and feed the network as it was trained."""
+    return {"model": cfg.model, "classes": ds.classes, "in_channels": ds.channels,
+            "image_size": list(ds.image_size), "resize": ds.resize or "squish", "normalization": norm.to_dict(),
+            "params": models.count_params(model), "precision": precision_name(dtype), "tta": cfg.tta,
+            "epochs": cfg.epochs, "train_seconds": round(sum(h["seconds"] for h in history), 3),
+            "pretrained": cfg.pretrained}
 
 
 def save_model(run_dir: Path, model: nn.Module, meta: dict) -> None:

@@ -210,6 +210,7 @@ def _add_train_parser(sub) -> None:
                    help="validate each epoch on a fixed stratified sample of N images (the last epoch: on all)")
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
     _add_knobs(p)
+    _add_transfer_args(p)
     p.add_argument("--budget", type=_budget, metavar="TIME", help="e.g. 10m: pick the recipe and epochs that should "
                    "reach the best accuracy in that much training here (measured in a few seconds; CIFAR-sized data)")
     p.add_argument("--log", action="append", choices=["tensorboard", "mlflow"],
@@ -322,8 +323,23 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    "NAME` prints one); flags override the file, the file overrides the preset")
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--optimizer", choices=["adam", "sgd", "muon"])
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "muon"])
+    p.add_argument("--pretrained", metavar="imagenet|PATH", help="start from torchvision's ImageNet weights of "
+                   "--model (downloaded once into the torch hub cache) or a .pth/.pt/.safetensors file; the "
+                   "ImageNet normalization and input size come with `imagenet` (`cnnlab models` lists which take it)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def _add_transfer_args(p: argparse.ArgumentParser) -> None:
+    """Fine-tuning as fastai does it, and linear probes."""
+    p.add_argument("--freeze-epochs", type=int, metavar="N", help="train the new head alone on the frozen body "
+                   "(BatchNorm statistics too) for the first N epochs, then everything (--preset finetune: 1)")
+    p.add_argument("--lr-spread", type=_positive_float, metavar="X", help="discriminative learning rates: the first "
+                   "layers learn at lr/X, the head at lr (--preset finetune: 100, as fastai's slice(lr/100, lr))")
+    p.add_argument("--head-only", action="store_true", default=None, help="a linear probe: embed every image once "
+                   "with the frozen body (cached beside the decoded data), then train the head on the embeddings")
+    p.add_argument("--normalize", choices=["unit", "meanstd", "imagenet"], help="input scaling: pixels/255, the "
+                   "training images' per-channel statistics, or ImageNet's (which pretrained weights expect)")
 
 
 def _add_knobs(p: argparse.ArgumentParser) -> None:

@@ -15,9 +15,9 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 from .errors import CnnlabError
 
-Optimizer = Literal["adam", "sgd", "muon"]
+Optimizer = Literal["adam", "adamw", "sgd", "muon"]
 Schedule = Literal["constant", "triangle", "one-cycle", "cosine", "step", "plateau"]
-Normalize = Literal["unit", "meanstd"]
+Normalize = Literal["unit", "meanstd", "imagenet"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OnNan = Literal["stop", "skip-batch"]
 Monitor = Literal["val_loss", "val_acc"]
@@ -58,9 +58,15 @@ class DataConfig:
 class TrainConfig:
     model: str = "seed"  # a registered name (cnnlab models) or a layer spec such as c32-p-c64-p-f-d128
     init_from: str | None = None  # a finished run whose weights start this one (fine-tuning)
+    pretrained: str | None = None  # "imagenet" (torchvision's weights of the network) or a .pth/.safetensors file
+    freeze_epochs: int = 0  # the first epochs train the head alone on the frozen body (BatchNorm statistics too);
+    # then everything trains. `epochs` counts both phases; each phase runs its own cycle of the schedule
+    head_only: bool = False  # a linear probe: embed every image once (cached), then train the head on the embeddings
+    lr_spread: float = 1.0  # discriminative rates: the earliest layers learn at lr / lr_spread, the head at lr
+    # (fastai's slice(lr / 100, lr) is 100; 1: one rate for all)
     epochs: int = 15
     batch_size: int = 64
-    optimizer: Optimizer = "adam"  # adam | sgd | muon (sgd, but conv filters take orthogonalized steps)
+    optimizer: Optimizer = "adam"  # adam | adamw (decoupled decay) | sgd | muon (sgd, but conv filters orthogonalized)
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decays
     eps: float = 1e-7  # Keras' Adam epsilon; PyTorch's default is 1e-8
@@ -82,6 +88,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: str = "none"  # a name from cnnlab.augment.AUGMENTS
     normalize: Normalize = "unit"  # unit: pixels / 255 as the tutorial does; meanstd: per-channel standardization
+    # from the training images; imagenet: ImageNet's statistics, which pretrained weights expect
     lookahead: bool = False  # average the weights every 5 steps with a decay that rises to the end
     whiten_bias_epochs: int | None = None  # airbench nets: stop training the whitening bias after this
     tta: int = 0  # test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations
@@ -125,7 +132,8 @@ class TrainConfig:
         for names, test, what in ((("epochs", "batch_size", "eval_batch_size"), lambda v: v >= 1, "at least 1"),
                                   (("lr", "eps", "filter_lr"), lambda v: v > 0, "above 0"),
                                   (("weight_decay", "checkpoint_every", "threads", "val_sample", "label_smoothing",
-                                    "warmup", "lr_start", "lr_end", "early_stopping"), lambda v: v >= 0,
+                                    "warmup", "lr_start", "lr_end", "early_stopping", "freeze_epochs"),
+                                   lambda v: v >= 0,
                                    "0 or more")):
             for name in names:
                 value = getattr(self, name)
@@ -142,12 +150,29 @@ class TrainConfig:
         _require(self.whiten_bias_epochs is None or self.whiten_bias_epochs >= 0, "whiten-bias-epochs must be >= 0")
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
                  f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
-        _require(not (self.per_1024 and self.optimizer == "adam"), "per-1024 learning rates are for sgd and muon")
+        _require(not (self.per_1024 and self.optimizer in ("adam", "adamw")),
+                 "per-1024 learning rates are for sgd and muon")
         from . import augment, models  # here, not at the top: they import torch
 
         augment.get(self.augment)
         models.check(self.model)
+        self._validate_transfer()
         return self
+
+    def _validate_transfer(self) -> None:
+        _require(self.lr_spread >= 1, f"lr-spread is the head's rate over the first layers', at least 1, "
+                 f"got {self.lr_spread}")
+        _require(self.freeze_epochs < self.epochs or self.head_only,
+                 f"freeze-epochs ({self.freeze_epochs}) must leave some of the {self.epochs} epochs to train "
+                 "everything")
+        _require(not ((self.head_only or self.freeze_epochs) and not (self.pretrained or self.init_from)),
+                 "a frozen body needs trained weights: add --pretrained imagenet|PATH or --init-from RUN")
+        _require(not (self.pretrained and self.init_from), "give --pretrained or --init-from, not both")
+        _require(not (self.head_only and self.optimizer == "muon"), "--head-only trains one linear layer: use "
+                 "adam, adamw or sgd")
+        from . import pretrained
+
+        pretrained.check(self.model, self.pretrained)
 
 
 def _require(ok: bool, message: str) -> None:

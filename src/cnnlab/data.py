@@ -77,6 +77,12 @@ class Dataset:
         return (self.x_val, self.y_val) if self.x_val is not None else (self.x_test, self.y_test)
 
 
+def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """--class-weights auto: N / (classes x count) per class, so that every class weighs the same in the loss."""
+    counts = torch.bincount(y, minlength=num_classes).double()
+    return torch.where(counts > 0, len(y) / (num_classes * counts.clamp(min=1)), 0.0).float()
+
+
 @dataclass
 class Normalization:
     """How uint8 pixels become network inputs: x / 255, then (x - mean) / std per channel."""

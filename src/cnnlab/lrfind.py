@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import models
+from . import finetune, models
 from .config import TrainConfig
-from .data import Dataset, Normalization
+from .data import Dataset
 from .device import autocast, pick_device, pick_precision
 from .optim import make_optimizer, step_lr
 from .train import init_from_data
@@ -55,10 +55,12 @@ def find_lr(cfg: TrainConfig, ds: Dataset, *, start: float = 1e-7, end: float = 
     device = pick_device(cfg.device)
     dtype = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    model = model or models.build(cfg.model, ds.channels, ds.num_classes, ds.image_size)
+    if model is None:
+        model = models.build(cfg.model, ds.channels, ds.num_classes, ds.image_size)
+        finetune.start_from(model, cfg, log=lambda *_: None)  # --pretrained / --init-from, as training starts
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(device).train()
-    norm = Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" else Normalization()
+    norm = finetune.normalization(cfg, ds, None)
     init_from_data(model, ds, norm, cfg.seed, device)  # airbench's whitening layer, as training sets it
     opt = make_optimizer(cfg, model)
     ratios = [group["lr"] / step_lr(cfg) for group in opt.param_groups]  # bias groups keep their multiple

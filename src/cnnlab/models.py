@@ -232,4 +232,4 @@ register("airbench94")(_airnet((64, 256, 256)))  # the published widths: the `fa
 register("airbench-s")(_airnet((16, 32, 128), keep=6))
 
 
-from . import zoo  # noqa: E402,F401  (registers the standard CIFAR architectures)
+from . import backbones, zoo  # noqa: E402,F401  (register the CIFAR architectures and the ImageNet backbones)

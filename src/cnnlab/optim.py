@@ -44,12 +44,13 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if not cfg.compile:
         _skip_dynamo_import()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
+    if cfg.optimizer in ("adam", "adamw"):
         # fused: one kernel for all parameters instead of a dozen small ops each (9.5 -> 6.0 ms a step here)
-        return torch.optim.Adam([p for _, p in params], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                weight_decay=cfg.weight_decay, fused=True)
+        kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        groups = _spread(cfg, model, [{"params": [p for _, p in params], "lr": cfg.lr}])
+        return kind(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer not in ("sgd", "muon"):
-        raise CnnlabError(f"unknown optimizer {cfg.optimizer!r}; use adam, sgd or muon")
+        raise CnnlabError(f"unknown optimizer {cfg.optimizer!r}; use adam, adamw, sgd or muon")
     lr, decay = cfg.lr, cfg.weight_decay
     if cfg.per_1024:
         lr = step_lr(cfg)
@@ -63,10 +64,28 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         scale = cfg.bias_lr_scale
         groups.append({"params": norm_biases, "lr": lr * scale, "weight_decay": decay / scale})
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+        return torch.optim.SGD(_spread(cfg, model, groups), lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               fused=True)
     groups.append({"params": filters, "lr": cfg.filter_lr, "momentum": cfg.filter_momentum, "weight_decay": 0.0,
                    "orthogonal": True})
-    return FilterMuon(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return FilterMuon(_spread(cfg, model, groups), lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _spread(cfg: TrainConfig, model: nn.Module, groups: list[dict]) -> list[dict]:
+    """--lr-spread: each group split by layer group (finetune.layer_groups), its rate scaled from lr / spread
+    for the first layers to lr for the head. Weight decay stays per parameter as given."""
+    if cfg.lr_spread == 1:
+        return groups
+    from . import finetune
+
+    which = {id(p): i for i, g in enumerate(finetune.layer_groups(model)) for p in g}
+    out = []
+    for group in groups:
+        for i, factor in enumerate(finetune.lr_factors(cfg.lr_spread)):
+            ps = [p for p in group["params"] if which[id(p)] == i]
+            if ps:
+                out.append({**group, "params": ps, "lr": group["lr"] * factor})
+    return out
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -132,35 +151,42 @@ def improves(value: float, best: float | None, lower_is_better: bool) -> bool:
     return best is None or (value < best if lower_is_better else value > best)
 
 
-def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
-    """The learning-rate factor per step (times each group's rate), as a LambdaLR; `plateau` as PlateauLR."""
-    rise = cfg.warmup * total_steps
-
-    def warm(step: int) -> float | None:  # the linear warm-up from 0 of constant, cosine, step and plateau
-        return (step + 1) / rise if step < rise else None
-
-    def cosine(a: float, b: float, t: float) -> float:  # from a (t=0) to b (t=1) along half a cosine
-        return b + (a - b) * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0))) / 2
-
+def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int, frozen_steps: int = 0):
+    """The learning-rate factor per step (times each group's rate), as a LambdaLR; `plateau` as PlateauLR.
+    With a frozen phase (--freeze-epochs) its `frozen_steps` run one whole cycle of the shape, and the steps
+    after it another (fastai's fine_tune: fit_one_cycle frozen, then fit_one_cycle unfrozen)."""
     def factor(step: int) -> float:
-        if cfg.schedule == "triangle":
-            if step < rise:
-                return cfg.lr_start + (1 - cfg.lr_start) * step / rise
-            return 1 + (cfg.lr_end - 1) * (step - rise) / max(total_steps - rise, 1)
-        if cfg.schedule == "one-cycle":
-            if step < rise:
-                return cosine(cfg.lr_start, 1.0, step / rise)
-            return cosine(1.0, cfg.lr_end, (step - rise) / max(total_steps - rise, 1))
-        if (w := warm(step)) is not None:
-            return w
-        if cfg.schedule == "cosine":
-            return cosine(1.0, cfg.lr_end, (step - rise) / max(total_steps - rise, 1))
-        if cfg.schedule == "step":
-            return 0.1 ** ((step >= total_steps * 0.5) + (step >= total_steps * 0.75))
-        return 1.0  # constant; plateau's drops come from PlateauLR.epoch_end
+        if step < frozen_steps:
+            return _shape(cfg, step, frozen_steps)
+        return _shape(cfg, step - frozen_steps, total_steps - frozen_steps)
     if cfg.schedule == "plateau":
         return PlateauLR(opt, factor, lower_is_better=cfg.monitor == "val_loss")
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _cosine(a: float, b: float, t: float) -> float:
+    """From a (t=0) to b (t=1) along half a cosine."""
+    return b + (a - b) * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0))) / 2
+
+
+def _shape(cfg: TrainConfig, step: int, total: int) -> float:
+    """The schedule's factor at `step` of `total` steps."""
+    rise = cfg.warmup * total
+    if cfg.schedule == "triangle":
+        if step < rise:
+            return cfg.lr_start + (1 - cfg.lr_start) * step / rise
+        return 1 + (cfg.lr_end - 1) * (step - rise) / max(total - rise, 1)
+    if cfg.schedule == "one-cycle":
+        if step < rise:
+            return _cosine(cfg.lr_start, 1.0, step / rise)
+        return _cosine(1.0, cfg.lr_end, (step - rise) / max(total - rise, 1))
+    if step < rise:  # the linear warm-up from 0 of constant, cosine, step and plateau
+        return (step + 1) / rise
+    if cfg.schedule == "cosine":
+        return _cosine(1.0, cfg.lr_end, (step - rise) / max(total - rise, 1))
+    if cfg.schedule == "step":
+        return 0.1 ** ((step >= total * 0.5) + (step >= total * 0.75))
+    return 1.0  # constant; plateau's drops come from PlateauLR.epoch_end
 
 
 class PlateauLR(torch.optim.lr_scheduler.LambdaLR):

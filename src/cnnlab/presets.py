@@ -97,8 +97,31 @@ PHOTOS = replace(
     eval_batch_size=250,  # 250 images of 128x128 are 49 MB of floats per test-time view (96x96: 28 MB)
 )
 
+# Your own photos, starting from ImageNet: fastai's fine_tune (a frozen epoch, then everything, each phase a
+# one-cycle) on torchvision's ResNet-18 weights. A linear probe is the same with --head-only.
+FINETUNE = TrainConfig(
+    model="resnet18_imagenet",  # 11.7 M parameters, the cheapest of the backbones per image on a CPU
+    pretrained="imagenet",  # torchvision's weights (pretrained.py); or a file: --pretrained PATH
+    epochs=5,  # a few hundred photos per class: more passes only memorize them
+    freeze_epochs=1,  # the new head first, on the frozen body: its random start must not scramble the body
+    lr_spread=100,  # the first layers at lr/100, the last at lr/10, the head at lr: fastai's slice(lr/100, lr)
+    batch_size=32,  # 224-px activations of a ResNet-18 take ~40 MB an image while training
+    optimizer="adamw",  # fastai's default, decoupled weight decay
+    lr=2e-3,  # fastai's fine_tune base_lr
+    weight_decay=0.01,  # fastai's default for AdamW
+    schedule="one-cycle",  # per phase: cosine up from lr/25 for 25% of its steps, then down to nearly 0
+    warmup=0.25,
+    lr_start=0.04,
+    lr_end=0.0,
+    label_smoothing=0.1,  # a mild regularizer for small data
+    augment="flip-crop",  # random resized crops and flips, the standard fine-tuning augmentation
+    normalize="imagenet",  # what the weights were trained with
+    tta=1,  # mirror averaging at test time
+    eval_batch_size=100,  # 100 images of 224 px are 60 MB of floats per view
+)
+
 PRESETS: dict[str, TrainConfig] = {"seed": SEED, "seed-aug": SEED_AUG, "quick": QUICK, "fast": FAST,
-                                   "standard": STANDARD, "photos": PHOTOS}
+                                   "standard": STANDARD, "photos": PHOTOS, "finetune": FINETUNE}
 
 
 def get(name: str) -> TrainConfig:

@@ -37,7 +37,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from . import __version__, augment, checkpoints, data, dist, evaluate, files, hardware, mix, models, report, runs
+from . import (
+    __version__,
+    augment,
+    checkpoints,
+    data,
+    dist,
+    evaluate,
+    files,
+    finetune,
+    hardware,
+    mix,
+    models,
+    pretrained,
+    probe,
+    report,
+    runs,
+)
 from . import tracking as tracking_mod
 from .analysis import Interpretation
 from .config import DataConfig, TrainConfig, from_dict
@@ -101,17 +117,17 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
     for warning in (models.size_warning(model, ds.image_size), precision_warning(dtype, device)):
         if warning and state is None:
             log(warning)
-    # a resumed run takes the checkpoint's statistics (load_state_dict below): no pass over the data for them
-    norm = Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" and state is None else Normalization()
+    norm = finetune.normalization(cfg, ds, state)
     if world.main:
         _require_space(run_dir, cfg, model)
     steps_per_epoch = -(-len(ds.y_train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if state is None:
         init_from_data(model, ds, norm, cfg.seed, device)
-    if state is None and cfg.init_from:
-        log(checkpoints.init_from(model, cfg.model, cfg.init_from))
-    ts = _train_state(cfg, _sync_bn(model, cfg, world, device), norm, device, dtype, total_steps)
+    if state is None:
+        finetune.start_from(model, cfg, log)
+    ts = _train_state(cfg, _sync_bn(model, cfg, world, device), norm, device, dtype, total_steps,
+                      cfg.freeze_epochs * steps_per_epoch)
     if state is not None:
         ts.load_state_dict(state, world)
     loop = Loop(cfg, ds, world, run_dir, log, device, dtype, ds.x_train.to(device), ds.y_train.to(device),
@@ -132,21 +148,16 @@ def init_from_data(model: nn.Module, ds: Dataset, norm: Normalization, seed: int
 
 
 def _train_state(cfg: TrainConfig, model: nn.Module, norm: Normalization, device: torch.device, dtype: torch.dtype,
-                 total_steps: int) -> TrainState:
+                 total_steps: int, frozen_steps: int = 0) -> TrainState:
     opt = make_optimizer(cfg, model)  # before any freezing: the optimizer knows every trainable parameter
-    return TrainState(model, opt, make_schedule(cfg, opt, total_steps),
+    return TrainState(model, opt, make_schedule(cfg, opt, total_steps, frozen_steps),
                       torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                       Lookahead(model, total_steps) if cfg.lookahead else None, norm, device,
                       ema=EMA(model, cfg.ema) if cfg.ema else None)
 
 
 def _class_weight(cfg: TrainConfig, ds: Dataset, device: torch.device) -> torch.Tensor | None:
-    """--class-weights auto: N / (classes x count) per class, so that every class weighs the same in the loss."""
-    if cfg.class_weights == "none":
-        return None
-    counts = torch.bincount(ds.y_train, minlength=ds.num_classes).double()
-    weight = torch.where(counts > 0, len(ds.y_train) / (ds.num_classes * counts.clamp(min=1)), 0.0)
-    return weight.float().to(device)
+    return data.class_weights(ds.y_train, ds.num_classes).to(device) if cfg.class_weights == "auto" else None
 
 
 def _threads(cfg: TrainConfig, device: torch.device, log) -> ThreadGovernor | None:
@@ -181,8 +192,12 @@ def _sync_bn(model: nn.Module, cfg: TrainConfig, world: World, device: torch.dev
 
 
 def set_trainable(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
-    """The parameters that train in `epoch`: airbench's whitening bias only for its first epochs."""
-    if cfg.whiten_bias_epochs is not None and hasattr(model, "whiten"):
+    """The parameters that train in `epoch`: the head alone during --freeze-epochs (a frozen body gets no
+    gradients, so the optimizer leaves it and its state alone); airbench's whitening bias only for its first
+    epochs."""
+    if cfg.freeze_epochs:
+        finetune.freeze_body(model, finetune.body_frozen(cfg, epoch))
+    if cfg.whiten_bias_epochs is not None and hasattr(model, "whiten") and not finetune.body_frozen(cfg, epoch):
         model.whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
 
 
@@ -388,17 +403,10 @@ def _track_best(loop: Loop, ts: TrainState, record: dict) -> bool:
     return bool(cfg.early_stopping) and ts.best["since"] >= cfg.early_stopping and record["epoch"] < cfg.epochs
 
 
-def keep_rule(cfg: TrainConfig, ds: Dataset) -> str:
-    """Which weights model.safetensors gets ("best" or "last"), and why."""
-    if cfg.keep != "auto":
-        return cfg.keep
-    return "best" if cfg.early_stopping or ds.y_val is not None else "last"
-
-
 def _keep(loop: Loop, ts: TrainState) -> int:
     """Put the weights the run keeps into the model (rank 0); say which and why; return their epoch."""
     cfg, last = loop.cfg, ts.history[-1]["epoch"] if ts.history else 0
-    rule = keep_rule(cfg, loop.ds)
+    rule = checkpoints.keep_rule(cfg, loop.ds.y_val is not None)
     if not ts.best:
         return last
     kept = ts.best["epoch"] if rule == "best" else last
@@ -450,6 +458,7 @@ def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log,
                 set_trainable(ts.model, cfg, ts.epoch)
                 _wrap(loop, ts.model)
                 ts.model.train()
+                finetune.freeze_norms(ts.model, finetune.body_frozen(cfg, ts.epoch))
                 _run_epoch(loop, ts)
                 _end_epoch(loop, ts)
                 if dist.any_rank(world, STOP.is_set(), loop.device):
@@ -460,8 +469,8 @@ def fit(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log,
         ts.model.load_state_dict(ts.ema.state_dict())
     kept = _keep(loop, ts)
     if world.main:
-        checkpoints.save_model(run_dir, ts.model, {**_model_meta(cfg, ds, ts, loop.dtype), "epoch": kept,
-                                                   "best_epoch": ts.best.get("epoch")})
+        meta = checkpoints.model_meta(cfg, ds, ts.norm, ts.model, loop.dtype, ts.history)
+        checkpoints.save_model(run_dir, ts.model, {**meta, "epoch": kept, "best_epoch": ts.best.get("epoch")})
     return loop.test_logits
 
 
@@ -470,13 +479,6 @@ def _lr_words(cfg: TrainConfig) -> str:
     if not cfg.per_1024:
         return f"lr {cfg.lr:g}"
     return f"lr {cfg.lr:g} per 1024 examples ({step_lr(cfg):.4g} a step at batch {cfg.batch_size})"
-
-
-def _model_meta(cfg: TrainConfig, ds: Dataset, ts: TrainState, dtype: torch.dtype) -> dict:
-    return {"model": cfg.model, "classes": ds.classes, "in_channels": ds.channels,
-            "image_size": list(ds.image_size), "resize": ds.resize or "squish", "normalization": ts.norm.to_dict(),
-            "params": models.count_params(ts.model), "precision": precision_name(dtype), "tta": cfg.tta,
-            "epochs": cfg.epochs, "train_seconds": round(sum(h["seconds"] for h in ts.history), 3)}
 
 
 @contextlib.contextmanager
@@ -576,8 +578,10 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     """
     cfg.validate()  # before any data is read or any directory made: a typo leaves nothing behind
     tracking_mod.check(list(tracking))
-    data_cfg = (data_cfg or DataConfig()).validate()
+    data_cfg = input_size(cfg, (data_cfg or DataConfig()).validate(), log)
     pick_device(cfg.device)
+    if cfg.pretrained == "imagenet":  # the download (or the one-line offline error) before any data is read
+        pretrained.fetch(cfg.model, log)
     if data_cfg.image_size:  # known before the data: a size the model cannot take costs no decoding
         models.check_size(cfg.model, 3, data_cfg.image_size)
     if cfg.init_from:
@@ -599,12 +603,21 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
                           {"report": with_report, "tracking": list(tracking), "mlflow_uri": mlflow_uri})
             log(f"run directory: {run_dir}")
         trackers = _trackers(run_dir, world)
-        logits = fit(run_dir, cfg, ds, None, log, world, trackers=trackers)
+        logits = (probe.fit_head if cfg.head_only else fit)(run_dir, cfg, ds, None, log, world, trackers=trackers)
     except CnnlabError:
         if world.main:
             _discard(run_dir, created)
         raise
     return _finish(run_dir, ds, cfg, log, with_report, logits, trackers) if world.main else run_dir
+
+
+def input_size(cfg: TrainConfig, data_cfg: DataConfig, log) -> DataConfig:
+    """ImageNet weights bring their input size (224 px) unless --image-size says otherwise."""
+    if cfg.pretrained != "imagenet" or data_cfg.image_size:
+        return data_cfg
+    size = pretrained.IMAGENET[cfg.model].size
+    log(f"input size {size}x{size}, as {cfg.model}'s ImageNet weights were trained (--image-size to change it)")
+    return replace(data_cfg, image_size=(size, size))
 
 
 def _trackers(run_dir: Path, world: World) -> tracking_mod.Trackers | None:
@@ -734,5 +747,5 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
     else:
         log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
     trackers = _trackers(run_dir, world)
-    logits = fit(run_dir, cfg, ds, state, log, world, trackers=trackers)
+    logits = (probe.fit_head if cfg.head_only else fit)(run_dir, cfg, ds, state, log, world, trackers=trackers)
     return _finish(run_dir, ds, cfg, log, with_report, logits, trackers) if world.main else run_dir

@@ -1,0 +1,83 @@
+"""Fine-tuning: which layer of a network is its head, how its parameters split into layer groups for
+discriminative learning rates, and what trains in an epoch (`--freeze-epochs`, `--head-only`).
+
+The backbones (backbones.py) name their head and where their body splits; any other network's head is its
+last linear layer, and its body splits in two halves by parameter order.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import checkpoints, pretrained
+from .config import TrainConfig
+from .data import Normalization
+from .errors import CnnlabError
+
+
+def head_name(model: nn.Module) -> str:
+    if hasattr(model, "head_name"):
+        return model.head_name
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise CnnlabError(f"{type(model).__name__} has no linear layer to serve as a classifier head")
+    return linears[-1]
+
+
+def is_head(name: str, head: str) -> bool:
+    return name.startswith(head + ".")
+
+
+def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """[early body, late body, head]: the parameters from input to output."""
+    if hasattr(model, "layer_groups"):
+        return model.layer_groups()
+    head = head_name(model)
+    body = [p for n, p in model.named_parameters() if not is_head(n, head)]
+    half = len(body) // 2
+    return [body[:half], body[half:], [p for n, p in model.named_parameters() if is_head(n, head)]]
+
+
+def lr_factors(spread: float) -> tuple[float, float, float]:
+    """Each layer group's share of the learning rate: geometric from 1/spread to 1, as fastai's slice()."""
+    return 1 / spread, spread ** -0.5, 1.0
+
+
+def body_frozen(cfg: TrainConfig, epoch: int) -> bool:
+    return cfg.head_only or epoch < cfg.freeze_epochs
+
+
+def freeze_body(model: nn.Module, frozen: bool) -> None:
+    """Freeze every parameter outside the head, or give each back the trainability it was built with."""
+    if not hasattr(model, "_built_trainable"):  # what the network trains by design (airbench fixes some weights)
+        model._built_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    head = head_name(model)
+    for name, p in model.named_parameters():
+        if not is_head(name, head):
+            p.requires_grad_(not frozen and name in model._built_trainable)
+
+
+def freeze_norms(model: nn.Module, frozen: bool) -> None:
+    """While the body is frozen its normalization layers keep their statistics: BatchNorm in eval mode.
+    (Call after model.train(), which sets every layer to training.)"""
+    if not frozen:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def normalization(cfg: TrainConfig, ds, state: dict | None) -> Normalization:
+    """How pixels become inputs. A resumed run takes its checkpoint's statistics (TrainState.load_state_dict),
+    so it makes no pass over the data for them."""
+    if cfg.normalize == "imagenet":
+        return Normalization(pretrained.IMAGENET_MEAN, pretrained.IMAGENET_STD)
+    return Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" and state is None else Normalization()
+
+
+def start_from(model: nn.Module, cfg: TrainConfig, log) -> None:
+    """Weights from elsewhere: a finished cnnlab run (--init-from) or a weights file (--pretrained)."""
+    if cfg.init_from:
+        log(checkpoints.init_from(model, cfg.model, cfg.init_from))
+    if cfg.pretrained:
+        log(pretrained.load_into(model, cfg.model, head_name(model), cfg.pretrained, log))
