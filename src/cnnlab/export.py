@@ -34,11 +34,14 @@ class DeployModule(nn.Module):
     def __init__(self, model: nn.Module, norm: Normalization, channels: int, tta: int):
         super().__init__()
         self.model, self.tta = model, tta
-        self.register_buffer("mean", torch.tensor(norm.mean).expand(channels).reshape(1, channels, 1, 1).clone())
-        self.register_buffer("std", torch.tensor(norm.std).expand(channels).reshape(1, channels, 1, 1).clone())
+        # names no exported node takes: the exporter calls ResNet's global average pool's output "mean", and
+        # an initializer of the same name makes the graph invalid
+        stats = (torch.tensor(s).expand(channels).reshape(1, channels, 1, 1).clone() for s in (norm.mean, norm.std))
+        self.register_buffer("pixel_mean", next(stats))
+        self.register_buffer("pixel_std", next(stats))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.permute(0, 3, 1, 2).float() / 255 - self.mean) / self.std
+        x = (images.permute(0, 3, 1, 2).float() / 255 - self.pixel_mean) / self.pixel_std
         logits = sum(weight * self.model(view) for weight, view in tta_views(x, self.tta))
         return logits.softmax(1)
 

@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoints, data, dist, evaluate, files, finetune, models, runs, sources
 from .config import TrainConfig
 from .data import Dataset, Normalization
-from .device import pick_device, pick_precision, precision_name
+from .device import autocast, pick_device, pick_precision, precision_name
 from .dist import World
 from .optim import improves, make_optimizer, make_schedule
 
@@ -78,7 +78,7 @@ def fit_head(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, l
         checkpoints.save_model(run_dir, model, {**meta, "epoch": kept, "best_epoch": best["epoch"], "head_only": True})
     if ds.y_val is not None:
         return None
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, dtype):  # as the whole network computes its head: evaluate agrees
         return head(feats["validation"].to(device)).float().cpu()
 
 
