@@ -287,12 +287,20 @@ def _check_model(name: str | None) -> None:
 
 
 def list_models() -> str:
-    from . import models, spec
+    import torch
 
-    lines = [f"{'name':<12}  {'parameters':>11}  (32x32x3 inputs, 10 classes)"]
+    from . import models, pretrained, spec
+
+    lines = [f"{'name':<20}  {'parameters':>11}  --pretrained  (parameters at 32x32x3 inputs, 10 classes)"]
     for name in sorted(models.MODELS):
-        lines.append(f"{name:<12}  {models.count_params(models.build(name), trainable_only=False):>11,}")
-    return "\n".join(lines) + "\n\nor a layer spec:\n" + spec.__doc__.split("Grammar", 1)[1].split("\n", 1)[1]
+        with torch.device("meta"):  # counted without storage: the large backbones cost no time
+            params = models.count_params(models.build(name), trainable_only=False)
+        weights = pretrained.IMAGENET.get(name)
+        lines.append(f"{name:<20}  {params:>11,}  " + (f"imagenet ({weights.top1:.1f}% top-1 at {weights.size} px)"
+                                                       if weights else "file only"))
+    return "\n".join(lines) + ("\n\n--pretrained imagenet fetches torchvision's weights; every network takes "
+                               "--pretrained FILE (.pth, .pt, .safetensors)\n\nor a layer spec:\n") + \
+        spec.__doc__.split("Grammar", 1)[1].split("\n", 1)[1]
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
@@ -398,7 +406,7 @@ def _check_budget_flags(args: argparse.Namespace) -> None:
 
 def _train_config(args: argparse.Namespace):
     """The preset, then the --config file, then each flag given: a TrainConfig (not yet validated)."""
-    from dataclasses import fields
+    from dataclasses import fields, replace
 
     from .config import TrainConfig
 
@@ -406,8 +414,12 @@ def _train_config(args: argparse.Namespace):
     if args.config:
         base = from_toml(args.config, base)
     flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if flags.get("pretrained") == "none":  # from random weights, whatever the preset starts from
+        flags["pretrained"], base = None, replace(base, pretrained=None)
     cfg = override(base, **flags)  # a flag left out is None: the file's or the preset's value stays
-    return override(cfg, epochs=args.epochs or 1) if args.dry_run else cfg
+    if args.dry_run:  # one epoch, or the frozen ones and one more
+        return override(cfg, epochs=args.epochs or (1 if cfg.head_only else cfg.freeze_epochs + 1))
+    return cfg
 
 
 def _train_or_resume(args: argparse.Namespace, cfg) -> None:

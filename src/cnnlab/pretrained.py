@@ -132,7 +132,8 @@ def load_into(model: nn.Module, name: str, head: str, source: str, log=print) ->
     """
     path = source_path(name, source, log)
     state, own = read(path), model.state_dict()
-    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.startswith(head + ".")]  # a file without a head: fine
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         first = (f"{missing[0]!r} is missing" if missing else f"{unexpected[0]!r} is not in this network")
         raise CnnlabError(f"--pretrained {source}: the file does not fit this network ({len(missing)} keys missing, "

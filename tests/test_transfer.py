@@ -1,0 +1,304 @@
+"""Transfer learning: torchvision-compatible backbones, --pretrained, fine-tuning with a frozen phase, linear
+probes on cached embeddings, and every backbone through export, predict and serve.
+
+The ImageNet files cannot be downloaded here, so "imagenet" is served from the hub cache with random weights
+of the right shapes (what torchvision's file would give, but for the values), and the download is tested
+against an unreachable address and a file mirror holding a damaged file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cnnlab import backbones, checkpoints, cli, finetune, models, presets, pretrained, probe, train
+from cnnlab.config import DataConfig, override
+from cnnlab.errors import CnnlabError
+from cnnlab.optim import make_optimizer, make_schedule
+from conftest import write_image_folder
+
+MANIFEST = json.loads((Path(__file__).parent / "torchvision_manifest.json").read_text())["backbones"]
+QUIET = dict(with_report=False, log=lambda *a: None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The networks
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_state_dict_keys_and_shapes_are_torchvisions(name):
+    """The manifest is what benchmarks/torchvision_parity.py recorded from torchvision itself (make parity)."""
+    with torch.device("meta"):
+        net = models.build(name, 3, 1000, (224, 224))
+    assert [[k, list(v.shape)] for k, v in net.state_dict().items()] == MANIFEST[name]
+
+
+def test_every_backbone_is_pinned_and_has_imagenet_weights():
+    with torch.device("meta"):
+        registered = {n for n in models.MODELS if isinstance(models.build(n), backbones.Backbone)}
+    assert registered == set(MANIFEST) == set(pretrained.IMAGENET)
+    assert all(w.url.startswith(pretrained.TORCHVISION_URL) and len(w.hash_prefix) == 8
+               for w in pretrained.IMAGENET.values())
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_head_embedding_and_layer_groups(name):
+    torch.manual_seed(0)
+    net = models.build(name, 3, 7, (64, 64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net.head(net.embed(x)))
+    groups = finetune.layer_groups(net)
+    ids = [id(p) for g in groups for p in g]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters()) and len(set(ids)) == len(ids)
+    assert {id(p) for p in groups[2]} == {id(p) for p in net.head.parameters()} and groups[0] and groups[1]
+    assert net.head.out_features == 7 and finetune.head_name(net) == net.head_name
+
+
+# ---------------------------------------------------------------------------------------------------
+# --pretrained
+
+
+@pytest.fixture(scope="session")
+def imagenet_file(tmp_path_factory) -> Path:
+    """resnet18_imagenet's weights as torchvision's file holds them (random values, 1000 classes)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet18-f37072fd.pth"
+    torch.save(models.build("resnet18_imagenet", 3, 1000, (224, 224)).state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def imagenet_in_cache(imagenet_file, isolated_home, monkeypatch) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(isolated_home / "torch"))
+    dest = pretrained.cached_path(pretrained.IMAGENET["resnet18_imagenet"])
+    dest.parent.mkdir(parents=True)
+    shutil.copy(imagenet_file, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("photos") / "p", classes=("a", "b", "c"), per_class=12,
+                              size=(40, 48))
+
+
+def test_offline_imagenet_fails_in_one_line_naming_url_and_path(tmp_path, monkeypatch, capsys, photos):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("CNNLAB_WEIGHTS_MIRROR", "http://127.0.0.1:9/models")  # nothing listens on port 9
+    code = cli.main(["train", "--preset", "finetune", "--data", str(photos), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "http://127.0.0.1:9/models/resnet18-f37072fd.pth" in err and f"place it at {path}" in err
+    assert not (tmp_path / "run").exists() and not path.exists()
+
+
+def test_a_damaged_download_is_refused_and_not_kept(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "resnet18-f37072fd.pth").write_bytes(b"not the weights" * 1000)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("CNNLAB_WEIGHTS_MIRROR", mirror.as_uri())
+    with pytest.raises(CnnlabError, match="arrived damaged"):
+        pretrained.fetch("resnet18_imagenet", log=lambda *a: None)
+    assert not any((tmp_path / "torch").rglob("*.pth"))
+
+
+def test_weights_files_of_every_form_load(tmp_path):
+    torch.manual_seed(1)
+    state = models.build("resnet18_imagenet", 3, 5, (32, 32)).state_dict()
+    torch.save(state, tmp_path / "plain.pth")
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp_path / "ddp.pt")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    for name in ("plain.pth", "ddp.pt", "w.safetensors"):
+        net = models.build("resnet18_imagenet", 3, 5, (32, 32))
+        said = pretrained.load_into(net, "resnet18_imagenet", "fc", str(tmp_path / name))
+        assert f"{len(state)} of {len(state)} tensors copied" in said
+        assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    grey = models.build("resnet18_imagenet", 1, 3, (32, 32))  # another class count and one channel
+    said = pretrained.load_into(grey, "resnet18_imagenet", "fc", str(tmp_path / "plain.pth"))
+    assert "new 3-class head" in said and "adapted from 3 to 1 channels" in said
+    torch.testing.assert_close(grey.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+    assert torch.equal(grey.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+
+
+def test_weights_that_do_not_fit_are_one_clear_error(tmp_path):
+    torch.save(models.build("resnet20", 3, 10, (32, 32)).state_dict(), tmp_path / "other.pth")
+    net = models.build("resnet18_imagenet", 3, 5, (32, 32))
+    with pytest.raises(CnnlabError, match="does not fit this network .*same architecture"):
+        pretrained.load_into(net, "resnet18_imagenet", "fc", str(tmp_path / "other.pth"))
+    torch.save({"w": torch.zeros(1), "code": ValueError("x")}, tmp_path / "pickled.pth")
+    with pytest.raises(CnnlabError, match="cannot read weights"):
+        pretrained.load_into(net, "resnet18_imagenet", "fc", str(tmp_path / "pickled.pth"))
+    for bad, match in (("imagenet", "'resnet18' has no ImageNet weights .*resnet18_imagenet"),
+                       (str(tmp_path / "missing.pth"), "no such file")):
+        with pytest.raises(CnnlabError, match=match):
+            override(presets.get("finetune"), model="resnet18", pretrained=bad).validate()
+    with pytest.raises(CnnlabError, match="frozen body needs trained weights"):
+        replace(presets.get("finetune"), pretrained=None).validate()
+
+
+def test_imagenet_weights_bring_their_input_size_and_normalization(imagenet_in_cache, photos, tmp_path):
+    assert train.input_size(presets.get("finetune"), DataConfig(), print).image_size == (224, 224)
+    assert train.input_size(presets.get("finetune"), DataConfig(image_size=(64, 64)), print).image_size == (64, 64)
+    cfg = override(presets.get("finetune"), epochs=2, eval_batch_size=50)
+    run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "r", **QUIET)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["normalization"] == {"mean": list(pretrained.IMAGENET_MEAN), "std": list(pretrained.IMAGENET_STD)}
+    assert meta["pretrained"] == "imagenet" and meta["image_size"] == [32, 32]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+def test_discriminative_rates_and_a_cycle_per_phase():
+    cfg = presets.get("finetune")
+    net = models.build("resnet18_imagenet", 3, 5, (32, 32))
+    opt = make_optimizer(cfg, net)
+    assert sorted({round(g["lr"], 8) for g in opt.param_groups}) == [2e-5, 2e-4, 2e-3]
+    schedule = make_schedule(cfg, opt, total_steps=48, frozen_steps=8)  # warm-ups of 2 and 10 steps
+    factors = [schedule.lr_lambdas[0](s) for s in range(48)]
+    assert factors[0] == factors[8] == pytest.approx(cfg.lr_start)  # each phase starts its own cycle
+    assert factors[2] == factors[18] == pytest.approx(1.0) and factors[7] < 0.1 and factors[47] < 0.01
+
+
+def test_frozen_epochs_keep_the_body_and_its_statistics(imagenet_in_cache, cifar_python_dir, tmp_path, monkeypatch):
+    snapshots = []
+    real = train._end_epoch
+
+    def spy(loop, ts):
+        snapshots.append({k: v.clone() for k, v in ts.model.state_dict().items()})
+        real(loop, ts)
+    monkeypatch.setattr(train, "_end_epoch", spy)
+    cfg = override(presets.get("finetune"), epochs=3, freeze_epochs=2, batch_size=30, eval_batch_size=100)
+    train.train(cfg, DataConfig(path=str(cifar_python_dir), image_size=(32, 32)), out=tmp_path / "ft", **QUIET)
+    start = torch.load(imagenet_in_cache)
+    body = [k for k in start if not k.startswith("fc.")]
+    for frozen in snapshots[:2]:  # weights, BatchNorm running statistics and their counters
+        assert all(torch.equal(frozen[k], start[k]) for k in body)
+    assert not torch.equal(snapshots[0]["fc.weight"], snapshots[1]["fc.weight"])  # the head trained
+    assert not torch.equal(snapshots[2]["conv1.weight"], start["conv1.weight"])
+    assert not torch.equal(snapshots[2]["bn1.running_mean"], start["bn1.running_mean"])
+
+
+def test_lr_find_starts_from_the_pretrained_weights(imagenet_in_cache, photos, tmp_path):
+    from cnnlab import data, lrfind
+
+    ds = data.load(DataConfig(path=str(photos), image_size=(32, 32)))
+    result = lrfind.find_lr(presets.get("finetune"), ds, steps=5)
+    assert len(result.lrs) == 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear probes
+
+
+def test_head_only_caches_embeddings_and_agrees_with_the_whole_network(imagenet_in_cache, photos, tmp_path):
+    from cnnlab import evaluate
+
+    cfg = override(presets.get("finetune"), head_only=True, epochs=4, precision="fp32")
+    data = DataConfig(path=str(photos), image_size=(32, 32))
+    logs = []
+    first = train.train(cfg, data, out=tmp_path / "a", with_report=False, log=logs.append)
+    assert any("left out" in line and "augment" in line for line in logs)
+    cached = sorted((Path(os.environ["CNNLAB_CACHE"]) / "features").glob("*.safetensors"))
+    assert len(cached) == 2  # train and test
+    logs.clear()
+    second = train.train(cfg, data, out=tmp_path / "b", with_report=False, log=logs.append)
+    assert checkpoints.load_weights(first, json.loads((first / "model.json").read_text()))["fc.weight"].equal(
+        checkpoints.load_weights(second, json.loads((second / "model.json").read_text()))["fc.weight"])
+    recorded = json.loads((first / "metrics.json").read_text())["test_accuracy"]
+    assert evaluate.evaluate_run(first)["test_accuracy"] == pytest.approx(recorded)
+    model, meta = checkpoints.load_model(first)
+    assert meta["head_only"] and meta["tta"] == 0
+    start = torch.load(imagenet_in_cache)
+    assert torch.equal(model.layer3[0].conv1.weight, start["layer3.0.conv1.weight"])
+
+
+def test_feature_key_follows_weights_normalization_and_pixels():
+    from cnnlab.data import Normalization
+
+    net = models.build("resnet18_imagenet", 3, 5, (32, 32))
+    x = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    key = probe.feature_key(net, Normalization(), torch.float32, x)
+    net.fc.weight.data += 1  # the head is not part of it
+    assert probe.feature_key(net, Normalization(), torch.float32, x) == key
+    net.conv1.weight.data += 1
+    changed = [probe.feature_key(net, Normalization(), torch.float32, x),
+               probe.feature_key(models.build("resnet18_imagenet", 3, 5, (32, 32)), Normalization((0.5,), (0.5,)),
+                                 torch.float32, x),
+               probe.feature_key(net, Normalization(), torch.bfloat16, x),
+               probe.feature_key(net, Normalization(), torch.float32, x + 1)]
+    assert len({key, *changed}) == 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two processes; export, predict and serve
+
+
+def _cli(*args, env_home: Path, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TORCH_HOME": str(env_home / "torch"), "OMP_NUM_THREADS": "1", "CNNLAB_DIST_TIMEOUT": "60"}
+    return subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_fine_tuning_and_probes_in_two_processes(imagenet_in_cache, isolated_home, photos, tmp_path):
+    """Freezing rebuilds DistributedDataParallel when the body thaws; a probe embeds half the images per process
+    and trains the same head as one process does."""
+    common = ["--preset", "finetune", "--data", photos, "--image-size", "32", "--no-report", "--batch-size", "12"]
+    proc = _cli("train", "--nproc", "2", *common, "--epochs", "3", "--freeze-epochs", "1", "--out", tmp_path / "ft",
+                env_home=isolated_home)
+    assert proc.returncode == 0, proc.stderr
+    assert "Epoch 3/3" in proc.stdout and (tmp_path / "ft" / "metrics.json").is_file()
+    probes = ["--head-only", "--precision", "fp32", "--epochs", "3"]
+    for n, out in ((2, "p2"), (1, "p1")):
+        proc = _cli("train", "--nproc", n, *common, *probes, "--out", tmp_path / out, env_home=isolated_home)
+        assert proc.returncode == 0, proc.stderr
+    one, two = (checkpoints.load_model(tmp_path / p)[0].fc.weight for p in ("p1", "p2"))
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_every_backbone_exports_and_predicts(name, photos, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from cnnlab import deploy, export
+
+    cfg = replace(presets.get("finetune"), model=name, pretrained=None, freeze_epochs=0, lr_spread=1.0, epochs=1, tta=0)
+    run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / name, **QUIET)
+    result = export.export_onnx(run)  # checks onnxruntime against PyTorch on the test images, or fails
+    assert result["max_abs_diff"] < export.TOLERANCE
+    image = next((photos / "test" / "b").iterdir())
+    via_onnx = deploy.predict_files(Path(result["path"]), [str(image)], 3)[0]["predictions"]
+    via_run = deploy.predict_files(run, [str(image)], 3)[0]["predictions"]
+    assert [p["class"] for p in via_onnx] == [p["class"] for p in via_run]
+
+
+@pytest.mark.parametrize("head_only", [False, True], ids=["fine-tune", "head-only"])
+def test_end_to_end_train_report_export_serve(head_only, imagenet_in_cache, photos, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from cnnlab import export, serve
+
+    cfg = override(presets.get("finetune"), epochs=3, head_only=head_only)
+    run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "run",
+                      log=lambda *a: None)
+    assert (run / "report.html").is_file() and "resnet18_imagenet" in (run / "report.html").read_text()
+    onnx = export.export_onnx(run)["path"]
+    image = next((photos / "test" / "c").iterdir())
+    for model in (run, onnx):
+        with TestClient(serve.create_app(serve.ServeConfig(model=str(model), device="cpu"))) as c:
+            answer = c.post("/predict", files=[("files", (image.name, image.read_bytes(), "image/png"))])
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["results"][0]["predictions"]) == 3
