@@ -110,6 +110,22 @@ CASES = [
     ("serve --port 99999", "serve {run} --port 99999", "port"),
     ("runs of a missing folder", "runs {root}/nothing-here", "does not exist"),
     ("an unknown command", "fly", "invalid choice"),
+    ("pretrained file missing", "train --data {cifar} --model resnet18_imagenet --pretrained {root}/none.pth",
+     "no such file"),
+    ("pretrained file of another kind", "train --data {cifar} --model resnet18_imagenet --pretrained {root}/notes.png",
+     ".pth, .pt or .safetensors"),
+    ("imagenet weights of a CIFAR net", "train --data {cifar} --model resnet20 --pretrained imagenet",
+     "has no ImageNet weights"),
+    ("a frozen body from random weights", "train --data {cifar} --preset finetune --pretrained none",
+     "needs trained weights"),
+    ("head-only from random weights", "train --data {cifar} --model resnet20 --head-only", "needs trained weights"),
+    ("head-only on a net without an embedding", "train --data {cifar} --model resnet20 --head-only --init-from {run}",
+     "defines its embedding"),
+    ("lr-spread below 1", "train --data {cifar} --preset finetune --lr-spread 0.5", "lr-spread"),
+    ("freezing every epoch", "train --data {cifar} --preset finetune --freeze-epochs 5 --epochs 5",
+     "must leave some"),
+    ("pretrained weights that do not fit", "train --data {cifar} --model resnet18_imagenet --image-size 32 "
+     "--pretrained {run}/model.safetensors --out {root}/o7", "does not fit this network"),
 ]
 
 

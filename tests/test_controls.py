@@ -342,17 +342,24 @@ def test_a_budget_run_plans_says_and_trains_its_plan(tmp_path, cifar_python_dir,
         assert "--budget chooses the recipe" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preset", ["quick", "fast", "standard", "photos"])
+@pytest.mark.parametrize("preset", ["quick", "fast", "standard", "photos", "finetune"])
 def test_the_controls_on_every_preset_family(tmp_path, cifar_python_dir, preset):
     """EMA (BatchNorm buffers copied), accumulation (BatchNorm sees slices), clipping, class weights, a cosine
     schedule, MixUp and RandAugment, early stopping and the best epoch kept: on each family's network, CIFAR
-    arrays for the CIFAR recipes and a photo folder (48 px) for `photos`."""
+    arrays for the CIFAR recipes, a photo folder (48 px) for `photos`, and for `finetune` a pretrained weights
+    file, one frozen epoch, then one of everything at 32 px."""
+    from cnnlab import models
     from conftest import write_image_folder
 
     data = (write_image_folder(tmp_path / "photos", per_class=16, size=(48, 48)) if preset == "photos"
             else cifar_python_dir)
+    extra = []
+    if preset == "finetune":
+        weights = tmp_path / "backbone.pth"
+        torch.save(models.build("resnet18_imagenet", 3, 1000, (32, 32)).state_dict(), weights)
+        extra = ["--pretrained", str(weights), "--image-size", "32"]
     run = tmp_path / f"run-{preset}"
-    assert cli.main(["train", "--data", str(data), "--preset", preset, "--epochs", "2", "--batch-size", "20",
+    assert cli.main(["train", "--data", str(data), "--preset", preset, *extra, "--epochs", "2", "--batch-size", "20",
                      "--val-split", "0.25", "--ema", "0.9", "--accumulate", "2", "--clip-grad", "2.0",
                      "--class-weights", "auto", "--schedule", "cosine", "--warmup", "0.1", "--early-stopping", "3",
                      "--augment", "flip+randaugment+mixup", "--no-report", "--out", str(run)]) == 0

@@ -302,3 +302,27 @@ def test_end_to_end_train_report_export_serve(head_only, imagenet_in_cache, phot
             answer = c.post("/predict", files=[("files", (image.name, image.read_bytes(), "image/png"))])
             assert answer.status_code == 200, answer.text
             assert len(answer.json()["results"][0]["predictions"]) == 3
+
+
+@pytest.mark.parametrize("stop_at", [3, 13], ids=["frozen", "thawed"])
+def test_a_fine_tune_resumes_bit_exactly_on_either_side_of_the_thaw(imagenet_in_cache, cifar_python_dir, tmp_path,
+                                                                     ctrl_c_at_step, stop_at):
+    """150 images in batches of 30: 5 steps an epoch; two frozen epochs, then one of everything."""
+    cfg = override(presets.get("finetune"), epochs=3, freeze_epochs=2, batch_size=30, eval_batch_size=100,
+                   precision="fp32")
+    data = DataConfig(path=str(cifar_python_dir), image_size=(32, 32))
+    whole = train.train(cfg, data, out=tmp_path / "whole", **QUIET)
+    ctrl_c_at_step(stop_at)
+    with pytest.raises(train.Interrupted):
+        train.train(cfg, data, out=tmp_path / "cut", **QUIET)
+    ctrl_c_at_step.disarm()
+    train.resume(tmp_path / "cut", with_report=False, log=lambda *a: None)
+    assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
+
+
+def test_a_finished_probe_resumes_as_complete(imagenet_in_cache, photos, tmp_path):
+    cfg = override(presets.get("finetune"), head_only=True, epochs=2)
+    run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "p", **QUIET)
+    said = []
+    train.resume(run, with_report=False, log=said.append)
+    assert any("is complete" in line for line in said), said

@@ -312,6 +312,10 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         _check_budget_flags(args)
     cfg = _train_config(args).validate()  # before starting processes: one message, not one per process
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if cfg.pretrained == "imagenet":  # one download here, not one per process
+            from . import pretrained
+
+            pretrained.fetch(cfg.model)
         return dist.launch(args.nproc, _without_nproc(argv))
     try:
         _train_or_resume(args, cfg)

@@ -7,9 +7,10 @@ last linear layer, and its body splits in two halves by parameter order.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from . import checkpoints, pretrained
+from . import checkpoints, models, pretrained
 from .config import TrainConfig
 from .data import Normalization
 from .errors import CnnlabError
@@ -73,6 +74,22 @@ def normalization(cfg: TrainConfig, ds, state: dict | None) -> Normalization:
     if cfg.normalize == "imagenet":
         return Normalization(pretrained.IMAGENET_MEAN, pretrained.IMAGENET_STD)
     return Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" and state is None else Normalization()
+
+
+def check_start(cfg: TrainConfig, log) -> None:
+    """Before any data is read: a probe needs a network that says what its embedding is; `imagenet` weights are
+    fetched (or fail in one line); a weights file must fit the network, built without storage (any class and
+    channel count fits: the head is replaced and the first convolution adapted)."""
+    if not (cfg.pretrained or cfg.head_only):
+        return
+    with torch.device("meta"):
+        model = models.build(cfg.model, 3, 10, (224, 224))
+    if cfg.head_only and not hasattr(model, "embed"):
+        raise CnnlabError(f"--head-only needs a network that defines its embedding; {cfg.model} does not. The "
+                          f"ImageNet backbones do: {', '.join(pretrained.IMAGENET)}")
+    if cfg.pretrained:
+        path = pretrained.source_path(cfg.model, cfg.pretrained, log)
+        pretrained.fitted(pretrained.read(path), model.state_dict(), head_name(model), cfg.pretrained)
 
 
 def start_from(model: nn.Module, cfg: TrainConfig, log) -> None:

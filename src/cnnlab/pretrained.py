@@ -131,7 +131,17 @@ def load_into(model: nn.Module, name: str, head: str, source: str, log=print) ->
     convolution made for another channel count is adapted; any other difference is an error naming it.
     """
     path = source_path(name, source, log)
-    state, own = read(path), model.state_dict()
+    own = model.state_dict()
+    state, notes = fitted(read(path), own, head, source)
+    model.load_state_dict(state, strict=False)
+    kept = sum(k in state for k in own)
+    return f"pretrained weights from {path}: {kept} of {len(own)} tensors copied" + "".join(f"; {n}" for n in notes)
+
+
+def fitted(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], head: str,
+           source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The file's state_dict made to fit `own` (head left out when its shape differs, first convolution
+    adapted), and what was changed; a CnnlabError naming the first tensor that cannot fit."""
     missing = [k for k in own if k not in state and not k.startswith(head + ".")]  # a file without a head: fine
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -150,11 +160,9 @@ def load_into(model: nn.Module, name: str, head: str, source: str, log=print) ->
         else:
             raise CnnlabError(f"--pretrained {source}: {key} has shape {tuple(state[key].shape)} in the file and "
                               f"{tuple(own[key].shape)} in this network")
-    model.load_state_dict(state, strict=False)
-    kept = sum(k in state for k in own)
     if f"{head}.weight" not in state:
         notes.append(f"a new {own[head + '.weight'].shape[0]}-class head ({head})")
-    return f"pretrained weights from {path}: {kept} of {len(own)} tensors copied" + "".join(f"; {n}" for n in notes)
+    return state, notes
 
 
 def _first_conv(own: dict[str, torch.Tensor]) -> str | None:

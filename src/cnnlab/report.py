@@ -121,13 +121,24 @@ def headline(config: dict, meta: dict, interp) -> list[tuple[str, str]]:
     return rows + [
         ("data", f"{Path(str(data.get('path', '?'))).name} ({data.get('format', '?')})"), ("image size", size),
         ("images train / validation / test", counts), ("model", f"{meta['model']}, {meta['params']:,} parameters"),
-        ("preset", config.get("preset", "")),
+        ("preset", config.get("preset", "")), *_starting_weights(config.get("train", {}), meta),
         ("device and precision", f"{env.get('device', '?')}, {env.get('precision', '?')}"
                                  + (f", {env['processes']} processes" if env.get("processes", 1) > 1 else "")),
         ("training time", f"{sum(h['seconds'] for h in history):.1f} s + validation "
                           f"{sum(h.get('val_seconds', 0.0) for h in history):.1f} s"),
         ("date", env.get("started", "")),
     ]
+
+
+def _starting_weights(train: dict, meta: dict) -> list[tuple[str, str]]:
+    """Where the weights came from, and how much of the network trained."""
+    source = train.get("pretrained") or train.get("init_from")
+    if not source:
+        return []
+    how = ("the head alone (--head-only)" if train.get("head_only") else
+           f"the head for {train['freeze_epochs']} epoch(s), then everything" if train.get("freeze_epochs") else
+           "everything")
+    return [("started from", f"{Path(str(source)).name}; trained {how}")]
 
 
 def best_epoch(history: list[dict], monitor: str = "val_loss") -> dict:

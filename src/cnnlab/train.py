@@ -580,8 +580,7 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     tracking_mod.check(list(tracking))
     data_cfg = input_size(cfg, (data_cfg or DataConfig()).validate(), log)
     pick_device(cfg.device)
-    if cfg.pretrained == "imagenet":  # the download (or the one-line offline error) before any data is read
-        pretrained.fetch(cfg.model, log)
+    finetune.check_start(cfg, log)  # the download (or the offline error) and whether the file fits: no data yet
     if data_cfg.image_size:  # known before the data: a size the model cannot take costs no decoding
         models.check_size(cfg.model, 3, data_cfg.image_size)
     if cfg.init_from:
@@ -738,7 +737,7 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
     ds = _load_once(world, lambda: load_data(data_cfg, cfg.seed, log))
     if ds.classes != config["data"]["classes"]:
         raise CnnlabError(f"the data at {ds.source} has other classes than the run was trained on")
-    if state is not None and state["epoch"] >= cfg.epochs and finished:
+    if finished and (cfg.head_only or state is not None and state["epoch"] >= cfg.epochs):  # (probes: no checkpoints)
         if not world.main:  # process 0 alone checks and writes the run directory
             return run_dir
         return _complete(run_dir, ds, cfg, log, with_report and config.get("outputs", {}).get("report", True))
