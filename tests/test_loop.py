@@ -103,7 +103,7 @@ def test_a_non_finite_step_changes_no_weight_statistic_or_optimizer_state(optimi
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(optimizer="adamw"), "unknown optimizer 'adamw'; use one of: adam, sgd, muon"),
+    (dict(optimizer="adamx"), "unknown optimizer 'adamx'; use one of: adam, adamw, sgd, muon"),
     (dict(schedule="cosinus"), "unknown schedule 'cosinus'"),
     (dict(augment="sed"), "unknown augmentation 'sed'"),
     (dict(model="resnet21"), "unknown model 'resnet21'"),

@@ -30,6 +30,10 @@ def test_published_parameter_counts(name):
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (3, 96, 80)])  # the last: a photo-sized input
 def test_every_model_trains_forward_and_backward(name, shape):
     torch.manual_seed(0)
+    if name == "convnext_tiny" and shape[1] < 32:  # four halvings after a stride-4 stem: 28 px would reach 0
+        with pytest.raises(CnnlabError, match="at least 32x32"):
+            models.build(name, shape[0], 7, shape[1:])
+        return
     model = models.build(name, shape[0], 7, shape[1:])
     if hasattr(model, "init_from_data"):
         model.init_from_data(torch.randn(64, *shape))

@@ -23,6 +23,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .errors import CnnlabError
 from .models import register
 
 
@@ -400,4 +401,6 @@ class ConvNeXt(Pooled):
 
 @register("convnext_tiny")
 def convnext_tiny(in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+    if min(image_size) < 32:  # a stride-4 stem and three stride-2 downsamplings: 1 px at the end from 32 px
+        raise CnnlabError(f"convnext_tiny needs images of at least 32x32 pixels, got {image_size[0]}x{image_size[1]}")
     return ConvNeXt(in_channels, num_classes)
