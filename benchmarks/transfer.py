@@ -4,7 +4,7 @@
    images), and save its weights without the head as a plain .safetensors file.
 2. On 100 training images per class of classes 5-9 (dog .. truck), tested on their 5,000 test images, train
    the same network three ways with the same epochs:
-     fine-tune  --preset finetune --pretrained FILE   (a frozen epoch for the head, then everything)
+     fine-tune  --preset finetune --model resnet18_imagenet --pretrained FILE   (a frozen epoch, then all)
      scratch    the same recipe from random weights   (no frozen phase: the body has nothing to keep)
      head-only  --preset finetune --pretrained FILE --head-only   (a linear probe on cached embeddings)
    and print test accuracy and wall-clock seconds of each.
@@ -60,7 +60,8 @@ def pretrain(epochs: int) -> tuple[str, float, float]:
 
 
 def variants(backbone: str) -> dict[str, list[str]]:
-    common = ["--preset", "finetune", "--normalize", "meanstd", "--data", str(WORK / "last5")]
+    common = ["--preset", "finetune", "--model", "resnet18_imagenet", "--normalize", "meanstd", "--data",
+              str(WORK / "last5")]
     return {"fine-tune": [*common, "--pretrained", backbone],
             "scratch": [*common, "--pretrained", "none", "--freeze-epochs", "0", "--lr-spread", "1"],
             "head-only": [*common, "--pretrained", backbone, "--head-only"]}

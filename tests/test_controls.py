@@ -348,7 +348,7 @@ def test_the_controls_on_every_preset_family(tmp_path, cifar_python_dir, preset)
     schedule, MixUp and RandAugment, early stopping and the best epoch kept: on each family's network, CIFAR
     arrays for the CIFAR recipes, a photo folder (48 px) for `photos`, and for `finetune` a pretrained weights
     file, one frozen epoch, then one of everything at 32 px."""
-    from cnnlab import models
+    from cnnlab import models, presets
     from conftest import write_image_folder
 
     data = (write_image_folder(tmp_path / "photos", per_class=16, size=(48, 48)) if preset == "photos"
@@ -356,7 +356,7 @@ def test_the_controls_on_every_preset_family(tmp_path, cifar_python_dir, preset)
     extra = []
     if preset == "finetune":
         weights = tmp_path / "backbone.pth"
-        torch.save(models.build("resnet18_imagenet", 3, 1000, (32, 32)).state_dict(), weights)
+        torch.save(models.build(presets.get("finetune").model, 3, 1000, (32, 32)).state_dict(), weights)
         extra = ["--pretrained", str(weights), "--image-size", "32"]
     run = tmp_path / f"run-{preset}"
     assert cli.main(["train", "--data", str(data), "--preset", preset, *extra, "--epochs", "2", "--batch-size", "20",

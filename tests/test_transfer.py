@@ -68,22 +68,29 @@ def test_head_embedding_and_layer_groups(name):
 # --pretrained
 
 
+DEFAULT = presets.get("finetune").model  # mobilenet_v3_large
+RESNET = "resnet18_imagenet"  # the tests that look at particular layers use its names (conv1, fc, ...)
+
+
 @pytest.fixture(scope="session")
-def imagenet_file(tmp_path_factory) -> Path:
-    """resnet18_imagenet's weights as torchvision's file holds them (random values, 1000 classes)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "resnet18-f37072fd.pth"
-    torch.save(models.build("resnet18_imagenet", 3, 1000, (224, 224)).state_dict(), path)
-    return path
+def imagenet_files(tmp_path_factory) -> dict[str, Path]:
+    """The preset's network's and ResNet-18's weights as torchvision's files hold them (random values, 1000
+    classes), under torchvision's file names."""
+    folder = tmp_path_factory.mktemp("weights")
+    for name in (DEFAULT, RESNET):
+        torch.manual_seed(0)
+        torch.save(models.build(name, 3, 1000, (224, 224)).state_dict(), folder / pretrained.IMAGENET[name].file)
+    return {name: folder / pretrained.IMAGENET[name].file for name in (DEFAULT, RESNET)}
 
 
 @pytest.fixture
-def imagenet_in_cache(imagenet_file, isolated_home, monkeypatch) -> Path:
+def imagenet_in_cache(imagenet_files, isolated_home, monkeypatch) -> dict[str, Path]:
     monkeypatch.setenv("TORCH_HOME", str(isolated_home / "torch"))
-    dest = pretrained.cached_path(pretrained.IMAGENET["resnet18_imagenet"])
-    dest.parent.mkdir(parents=True)
-    shutil.copy(imagenet_file, dest)
-    return dest
+    for name, path in imagenet_files.items():
+        dest = pretrained.cached_path(pretrained.IMAGENET[name])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dest)
+    return imagenet_files
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +104,10 @@ def test_offline_imagenet_fails_in_one_line_naming_url_and_path(tmp_path, monkey
     monkeypatch.setenv("CNNLAB_WEIGHTS_MIRROR", "http://127.0.0.1:9/models")  # nothing listens on port 9
     code = cli.main(["train", "--preset", "finetune", "--data", str(photos), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
-    path = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    file = pretrained.IMAGENET[DEFAULT].file
+    path = tmp_path / "torch" / "hub" / "checkpoints" / file
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert "http://127.0.0.1:9/models/resnet18-f37072fd.pth" in err and f"place it at {path}" in err
+    assert f"http://127.0.0.1:9/models/{file}" in err and f"place it at {path}" in err
     assert not (tmp_path / "run").exists() and not path.exists()
 
 
@@ -181,9 +189,9 @@ def test_frozen_epochs_keep_the_body_and_its_statistics(imagenet_in_cache, cifar
         snapshots.append({k: v.clone() for k, v in ts.model.state_dict().items()})
         real(loop, ts)
     monkeypatch.setattr(train, "_end_epoch", spy)
-    cfg = override(presets.get("finetune"), epochs=3, freeze_epochs=2, batch_size=30, eval_batch_size=100)
+    cfg = override(presets.get("finetune"), model=RESNET, epochs=3, freeze_epochs=2, batch_size=30, eval_batch_size=100)
     train.train(cfg, DataConfig(path=str(cifar_python_dir), image_size=(32, 32)), out=tmp_path / "ft", **QUIET)
-    start = torch.load(imagenet_in_cache)
+    start = torch.load(imagenet_in_cache[RESNET])
     body = [k for k in start if not k.startswith("fc.")]
     for frozen in snapshots[:2]:  # weights, BatchNorm running statistics and their counters
         assert all(torch.equal(frozen[k], start[k]) for k in body)
@@ -207,7 +215,7 @@ def test_lr_find_starts_from_the_pretrained_weights(imagenet_in_cache, photos, t
 def test_head_only_caches_embeddings_and_agrees_with_the_whole_network(imagenet_in_cache, photos, tmp_path):
     from cnnlab import evaluate
 
-    cfg = override(presets.get("finetune"), head_only=True, epochs=4, precision="fp32")
+    cfg = override(presets.get("finetune"), model=RESNET, head_only=True, epochs=4, precision="fp32")
     data = DataConfig(path=str(photos), image_size=(32, 32))
     logs = []
     first = train.train(cfg, data, out=tmp_path / "a", with_report=False, log=logs.append)
@@ -222,7 +230,7 @@ def test_head_only_caches_embeddings_and_agrees_with_the_whole_network(imagenet_
     assert evaluate.evaluate_run(first)["test_accuracy"] == pytest.approx(recorded)
     model, meta = checkpoints.load_model(first)
     assert meta["head_only"] and meta["tta"] == 0
-    start = torch.load(imagenet_in_cache)
+    start = torch.load(imagenet_in_cache[RESNET])
     assert torch.equal(model.layer3[0].conv1.weight, start["layer3.0.conv1.weight"])
 
 
@@ -256,7 +264,8 @@ def _cli(*args, env_home: Path, timeout=600) -> subprocess.CompletedProcess:
 def test_fine_tuning_and_probes_in_two_processes(imagenet_in_cache, isolated_home, photos, tmp_path):
     """Freezing rebuilds DistributedDataParallel when the body thaws; a probe embeds half the images per process
     and trains the same head as one process does."""
-    common = ["--preset", "finetune", "--data", photos, "--image-size", "32", "--no-report", "--batch-size", "12"]
+    common = ["--preset", "finetune", "--model", RESNET, "--data", photos, "--image-size", "32", "--no-report",
+              "--batch-size", "12"]
     proc = _cli("train", "--nproc", "2", *common, "--epochs", "3", "--freeze-epochs", "1", "--out", tmp_path / "ft",
                 env_home=isolated_home)
     assert proc.returncode == 0, proc.stderr
@@ -294,7 +303,7 @@ def test_end_to_end_train_report_export_serve(head_only, imagenet_in_cache, phot
     cfg = override(presets.get("finetune"), epochs=3, head_only=head_only)
     run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "run",
                       log=lambda *a: None)
-    assert (run / "report.html").is_file() and "resnet18_imagenet" in (run / "report.html").read_text()
+    assert (run / "report.html").is_file() and DEFAULT in (run / "report.html").read_text()
     onnx = export.export_onnx(run)["path"]
     image = next((photos / "test" / "c").iterdir())
     for model in (run, onnx):
