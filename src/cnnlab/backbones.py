@@ -58,6 +58,8 @@ class Backbone(nn.Module):
 def _init(model: nn.Module, linear) -> nn.Module:
     """torchvision's initialization: He-normal (fan-out) convolutions with zero bias, unit norms, and
     `linear(module)` for the fully connected layers."""
+    if next(model.parameters()).is_meta:  # built for its shapes only: random draws there import torch._dynamo
+        return model
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -365,7 +367,7 @@ class ConvNeXtBlock(nn.Module):
         self.block = nn.Sequential(nn.Conv2d(dim, dim, 7, padding=3, groups=dim), Permute((0, 2, 3, 1)),
                                    nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim), nn.GELU(),
                                    nn.Linear(4 * dim, dim), Permute((0, 3, 1, 2)))
-        self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1) * layer_scale)
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale))  # a factory: no op on the meta device
         self.stochastic_depth = StochasticDepth(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -391,7 +393,7 @@ class ConvNeXt(Pooled):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(norm(768), nn.Flatten(1), nn.Linear(768, num_classes))
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not m.weight.is_meta:  # (as _init says)
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 

@@ -1,8 +1,10 @@
-"""Fine-tuning: which layer of a network is its head, how its parameters split into layer groups for
-discriminative learning rates, and what trains in an epoch (`--freeze-epochs`, `--head-only`).
+"""Fine-tuning: the weights a run starts from and the inputs they expect, which layer of a network is its
+head, how its parameters split into layer groups for discriminative learning rates, and what trains in an
+epoch (`--freeze-epochs`, `--head-only`).
 
 The backbones (backbones.py) name their head and where their body splits; any other network's head is its
-last linear layer, and its body splits in two halves by parameter order.
+last linear layer, and its body splits in two halves by parameter order. Where the weights come from
+(downloads, files) is pretrained.py's.
 """
 
 from __future__ import annotations

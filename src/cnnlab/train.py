@@ -124,8 +124,7 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
     total_steps = steps_per_epoch * cfg.epochs
     if state is None:
         init_from_data(model, ds, norm, cfg.seed, device)
-    if state is None:
-        finetune.start_from(model, cfg, log)
+        finetune.start_from(model, cfg, log)  # --init-from, --pretrained
     ts = _train_state(cfg, _sync_bn(model, cfg, world, device), norm, device, dtype, total_steps,
                       cfg.freeze_epochs * steps_per_epoch)
     if state is not None:
