@@ -26,7 +26,7 @@ demo: $(BIN)/.base
 
 test: $(BIN)/.dev chromium
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # The report test opens report.html in Debian's chromium; where it cannot be installed, that test skips.
 chromium:
