@@ -78,20 +78,23 @@ def normalization(cfg: TrainConfig, ds, state: dict | None) -> Normalization:
     return Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" and state is None else Normalization()
 
 
-def check_start(cfg: TrainConfig, log) -> None:
+def check_start(cfg: TrainConfig, image_size: tuple[int, int] | None, log) -> None:
     """Before any data is read: a probe needs a network that says what its embedding is; `imagenet` weights are
     fetched (or fail in one line); a weights file must fit the network, built without storage (any class and
-    channel count fits: the head is replaced and the first convolution adapted)."""
+    channel count fits: the head is replaced and the first convolution adapted). Without a known input size
+    only the tensors' names are checked here (the tutorial's dense layer grows with the image); their shapes
+    are checked when the weights are loaded."""
     if not (cfg.pretrained or cfg.head_only):
         return
     with torch.device("meta"):
-        model = models.build(cfg.model, 3, 10, (224, 224))
+        model = models.build(cfg.model, 3, 10, image_size or (224, 224))
     if cfg.head_only and not hasattr(model, "embed"):
         raise CnnlabError(f"--head-only needs a network that defines its embedding; {cfg.model} does not. The "
                           f"ImageNet backbones do: {', '.join(pretrained.IMAGENET)}")
     if cfg.pretrained:
         path = pretrained.source_path(cfg.model, cfg.pretrained, log)
-        pretrained.fitted(pretrained.read(path), model.state_dict(), head_name(model), cfg.pretrained)
+        pretrained.fitted(pretrained.read(path), model.state_dict(), head_name(model), cfg.pretrained,
+                          shapes=image_size is not None)
 
 
 def start_from(model: nn.Module, cfg: TrainConfig, log) -> None:

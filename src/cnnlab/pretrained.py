@@ -138,10 +138,11 @@ def load_into(model: nn.Module, name: str, head: str, source: str, log=print) ->
     return f"pretrained weights from {path}: {kept} of {len(own)} tensors copied" + "".join(f"; {n}" for n in notes)
 
 
-def fitted(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], head: str,
-           source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def fitted(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], head: str, source: str,
+           shapes: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The file's state_dict made to fit `own` (head left out when its shape differs, first convolution
-    adapted), and what was changed; a CnnlabError naming the first tensor that cannot fit."""
+    adapted), and what was changed; a CnnlabError naming the first tensor that cannot fit. Without `shapes`,
+    only the names are compared (a network whose shapes follow an input size not yet known)."""
     missing = [k for k in own if k not in state and not k.startswith(head + ".")]  # a file without a head: fine
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -149,7 +150,7 @@ def fitted(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], head: s
         raise CnnlabError(f"--pretrained {source}: the file does not fit this network ({len(missing)} keys missing, "
                           f"{len(unexpected)} unknown; {first}): was it saved from the same architecture?")
     notes = []
-    for key in list(state):
+    for key in list(state) if shapes else []:
         if state[key].shape == own[key].shape:
             continue
         if key.startswith(head + "."):

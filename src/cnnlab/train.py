@@ -579,7 +579,7 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     tracking_mod.check(list(tracking))
     data_cfg = input_size(cfg, (data_cfg or DataConfig()).validate(), log)
     pick_device(cfg.device)
-    finetune.check_start(cfg, log)  # the download (or the offline error) and whether the file fits: no data yet
+    finetune.check_start(cfg, data_cfg.image_size, log)  # the download (or offline error), whether the file fits
     if data_cfg.image_size:  # known before the data: a size the model cannot take costs no decoding
         models.check_size(cfg.model, 3, data_cfg.image_size)
     if cfg.init_from:
