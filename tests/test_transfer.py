@@ -335,3 +335,40 @@ def test_a_finished_probe_resumes_as_complete(imagenet_in_cache, photos, tmp_pat
     said = []
     train.resume(run, with_report=False, log=said.append)
     assert any("is complete" in line for line in said), said
+
+
+@pytest.mark.parametrize("preset,model", [("seed", "seed"), ("quick", "airbench-s"), ("standard", "resnet20")])
+def test_freezing_and_spread_rates_on_the_other_preset_families(preset, model, cifar_python_dir, tmp_path,
+                                                                monkeypatch):
+    """Any network takes a weights file, a frozen phase and spread rates: its head is its last linear layer and
+    its body splits in halves. The frozen epoch leaves every body tensor (BatchNorm statistics included) as
+    the file had it; airbench's fixed whitening stays fixed after the thaw."""
+    torch.manual_seed(3)
+    weights = tmp_path / "w.safetensors"
+    source = models.build(model, 3, 10, (32, 32))
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    snapshots = []
+    real = train._end_epoch
+
+    def spy(loop, ts):
+        snapshots.append({k: v.clone() for k, v in ts.model.state_dict().items()})
+        real(loop, ts)
+    monkeypatch.setattr(train, "_end_epoch", spy)
+    cfg = override(presets.get(preset), pretrained=str(weights), freeze_epochs=1, lr_spread=10.0, epochs=2,
+                   batch_size=30, eval_batch_size=100)
+    train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "run", **QUIET)
+    head = finetune.head_name(source)
+    start = source.state_dict()
+    body = [k for k in start if not finetune.is_head(k, head) and not k.endswith("whiten.weight")]
+    assert all(torch.equal(snapshots[0][k], start[k]) for k in body)
+    assert not torch.equal(snapshots[0][f"{head}.weight"], start[f"{head}.weight"])
+    assert any(not torch.equal(snapshots[1][k], start[k]) for k in body)
+    if model == "airbench-s":  # set from data, never trained: the same in both epochs
+        assert torch.equal(snapshots[0]["whiten.weight"], snapshots[1]["whiten.weight"])
+
+
+def test_a_probe_on_cifar_arrays(imagenet_in_cache, cifar_python_dir, tmp_path):
+    cfg = override(presets.get("finetune"), head_only=True, epochs=3)
+    run = train.train(cfg, DataConfig(path=str(cifar_python_dir), image_size=(32, 32)), out=tmp_path / "p", **QUIET)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["head_only"] and meta["model"] == DEFAULT and (run / "metrics.json").is_file()
