@@ -170,6 +170,19 @@ def test_imagenet_weights_bring_their_input_size_and_normalization(imagenet_in_c
 # Fine-tuning
 
 
+@pytest.fixture
+def epoch_snapshots(monkeypatch) -> list[dict]:
+    """The model's state_dict at the end of each training epoch, before its validation and checkpoint."""
+    snapshots = []
+    real = train._end_epoch
+
+    def spy(loop, ts):
+        snapshots.append({k: v.clone() for k, v in ts.model.state_dict().items()})
+        real(loop, ts)
+    monkeypatch.setattr(train, "_end_epoch", spy)
+    return snapshots
+
+
 def test_discriminative_rates_and_a_cycle_per_phase():
     cfg = presets.get("finetune")
     net = models.build("resnet18_imagenet", 3, 5, (32, 32))
@@ -181,14 +194,8 @@ def test_discriminative_rates_and_a_cycle_per_phase():
     assert factors[2] == factors[18] == pytest.approx(1.0) and factors[7] < 0.1 and factors[47] < 0.01
 
 
-def test_frozen_epochs_keep_the_body_and_its_statistics(imagenet_in_cache, cifar_python_dir, tmp_path, monkeypatch):
-    snapshots = []
-    real = train._end_epoch
-
-    def spy(loop, ts):
-        snapshots.append({k: v.clone() for k, v in ts.model.state_dict().items()})
-        real(loop, ts)
-    monkeypatch.setattr(train, "_end_epoch", spy)
+def test_frozen_epochs_keep_the_body_and_its_statistics(imagenet_in_cache, cifar_python_dir, tmp_path, epoch_snapshots):
+    snapshots = epoch_snapshots
     cfg = override(presets.get("finetune"), model=RESNET, epochs=3, freeze_epochs=2, batch_size=30, eval_batch_size=100)
     train.train(cfg, DataConfig(path=str(cifar_python_dir), image_size=(32, 32)), out=tmp_path / "ft", **QUIET)
     start = torch.load(imagenet_in_cache[RESNET])
@@ -339,7 +346,7 @@ def test_a_finished_probe_resumes_as_complete(imagenet_in_cache, photos, tmp_pat
 
 @pytest.mark.parametrize("preset,model", [("seed", "seed"), ("quick", "airbench-s"), ("standard", "resnet20")])
 def test_freezing_and_spread_rates_on_the_other_preset_families(preset, model, cifar_python_dir, tmp_path,
-                                                                monkeypatch):
+                                                                epoch_snapshots):
     """Any network takes a weights file, a frozen phase and spread rates: its head is its last linear layer and
     its body splits in halves. The frozen epoch leaves every body tensor (BatchNorm statistics included) as
     the file had it; airbench's fixed whitening stays fixed after the thaw."""
@@ -347,13 +354,7 @@ def test_freezing_and_spread_rates_on_the_other_preset_families(preset, model, c
     weights = tmp_path / "w.safetensors"
     source = models.build(model, 3, 10, (32, 32))
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
-    snapshots = []
-    real = train._end_epoch
-
-    def spy(loop, ts):
-        snapshots.append({k: v.clone() for k, v in ts.model.state_dict().items()})
-        real(loop, ts)
-    monkeypatch.setattr(train, "_end_epoch", spy)
+    snapshots = epoch_snapshots
     cfg = override(presets.get(preset), pretrained=str(weights), freeze_epochs=1, lr_spread=10.0, epochs=2,
                    batch_size=30, eval_batch_size=100)
     train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "run", **QUIET)
