@@ -69,6 +69,23 @@ def test_split_folders_with_a_validation_folder(tmp_path):
         ds.hold_out(0.2, 0)
 
 
+def test_a_folder_with_train_val_and_test_trains_to_the_end_of_the_run(tmp_path):
+    """The README's first layout through config.json, the final evaluation and the report."""
+    from cnnlab.cli import main
+
+    for split, n in (("train", 6), ("val", 2), ("test", 2)):
+        write_split(tmp_path / "photos" / split, n)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "photos"), "--preset", "photos", "--epochs", "1",
+                 "--image-size", "32x32", "--threads", "2", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["validation"] == "the data's own validation split, 6 images"
+    assert (config["data"]["train_images"], config["data"]["val_images"], config["data"]["test_images"]) == (18, 6, 6)
+    assert json.loads((run / "metrics.json").read_text())["test_images"] == 6  # the test set, not val/
+    page = (run / "report.html").read_text()
+    assert "18 / 6 / 6" in page and "the data&#x27;s own validation split" in page
+
+
 def test_two_validation_folders_are_refused(tmp_path):
     for split in ("train", "val", "validation"):
         write_split(tmp_path / split, 1)

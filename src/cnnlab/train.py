@@ -40,6 +40,7 @@ from tqdm import tqdm
 from . import (
     __version__,
     augment,
+    batchnorm,
     checkpoints,
     data,
     dist,
@@ -100,6 +101,9 @@ class Loop:
     val_sample: torch.Tensor | None = None  # --val-sample: the fixed validation images of the epochs before the last
     class_weight: torch.Tensor | None = None  # --class-weights auto: each class's weight in the training loss
     trackers: tracking_mod.Trackers | None = None  # --log tensorboard/mlflow, on process 0
+    bn_sample: torch.Tensor | None = None  # training images whose BatchNorm statistics are computed (batchnorm.py)
+    bn_batch: int = 0
+    warned_chance: bool = False  # the warning that validation stays at chance is given once
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,7 +137,22 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
                 steps_per_epoch, governor=_threads(cfg, device, log), class_weight=_class_weight(cfg, ds, device))
     if 0 < cfg.val_sample < len(ds.validation[1]):
         loop.val_sample = data.stratified_pick(ds.validation[1], cfg.val_sample, cfg.seed, ds.num_classes)
+    _plan_bn_stats(loop, ts.model, state is None)
     return ts, loop
+
+
+def _plan_bn_stats(loop: Loop, model: nn.Module, new: bool) -> None:
+    """Where BatchNorm's running averages cannot keep up with an epoch, their exact values are computed
+    before each validation (batchnorm.py says why)."""
+    momenta = batchnorm.lagging(model, loop.steps_per_epoch)
+    if not momenta:
+        return
+    loop.bn_batch = dist.per_rank_batch(loop.world, loop.cfg.batch_size)  # the statistics training normalizes by
+    loop.bn_sample = batchnorm.sample(len(loop.y_train), loop.bn_batch, loop.cfg.seed)
+    if new:
+        loop.log(f"BatchNorm statistics: computed on {len(loop.bn_sample):,} training images before each "
+                 f"validation (momentum {', '.join(f'{m:g}' for m in momenta)} cannot renew the running "
+                 f"averages in {loop.steps_per_epoch} steps an epoch)")
 
 
 def init_from_data(model: nn.Module, ds: Dataset, norm: Normalization, seed: int, device: torch.device) -> None:
@@ -359,6 +378,9 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
     cfg, epoch = loop.cfg, ts.epoch
     last = epoch == cfg.epochs - 1
     t0 = time.perf_counter()
+    if loop.bn_sample is not None and not finetune.body_frozen(cfg, epoch):  # (a frozen body keeps its own)
+        batchnorm.recompute(ts.evaluated, loop.x_train[loop.bn_sample.to(loop.device)], ts.norm, loop.device,
+                            loop.dtype, loop.bn_batch)
     val_loss, val_acc, logits = _validate(ts.evaluated, loop, ts.norm, last)
     if last and loop.ds.y_val is None:  # the final weights on the test set, with TTA: what the run's
         loop.test_logits = dist.gather_shards(loop.world, logits)  # evaluation would otherwise compute again
@@ -388,6 +410,23 @@ def _end_epoch(loop: Loop, ts: TrainState) -> None:
                  f"{'s' * (cfg.early_stopping != 1)} (best: epoch {ts.best['epoch']}); training ends here")
     if skipped:
         loop.log(f"warning: {int(skipped)} batches of epoch {epoch + 1} were skipped (non-finite loss)")
+    _warn_at_chance(loop, record)
+
+
+def _warn_at_chance(loop: Loop, record: dict) -> None:
+    """Training accuracy that climbs while validation stays at chance (the share of the largest class) means
+    held-out images are all given one class: say so once, with the usual causes."""
+    y = loop.ds.validation[1]
+    chance = torch.bincount(y, minlength=loop.ds.num_classes).max().item() / max(len(y), 1)
+    if loop.warned_chance or record["epoch"] < 2 or record["val_acc"] > chance + 0.02 \
+            or record["train_acc"] < chance + (1 - chance) / 3:
+        return
+    loop.warned_chance = True
+    loop.log(f"warning: validation accuracy {record['val_acc']:.1%} is at chance ({chance:.1%}, the largest "
+             f"class's share) while training accuracy reached {record['train_acc']:.1%}: held-out images all get "
+             "nearly one class. Check that validation images are labelled and prepared as the training ones are; "
+             "a learning rate too high for the network (--lr) or too few images for it (a smaller --model, or "
+             "--pretrained weights) are the usual causes")
 
 
 def _track_best(loop: Loop, ts: TrainState, record: dict) -> bool:
@@ -669,11 +708,19 @@ def _write_config(run_dir: Path, cfg: TrainConfig, data_cfg: DataConfig, ds: Dat
                        "classes": ds.classes, "train_images": len(ds.y_train), "test_images": len(ds.y_test),
                        "val_images": len(ds.y_val) if ds.y_val is not None else None,
                        "skipped_images": list(ds.skipped),
-                       "validation": (f"stratified {data_cfg.val_split:.0%} of the training images "
-                                      f"(seed {data_cfg.split_seed}), {len(ds.y_val)} images"
-                                      if ds.y_val is not None else "the test set (as the tutorial does)")},
+                       "validation": validation_words(data_cfg, ds)},
               "environment": _environment(cfg, world)}
     files.write_json(run_dir / "config.json", config)
+
+
+def validation_words(data_cfg: DataConfig, ds: Dataset) -> str:
+    """Where the run's validation images come from, as config.json and the report say it."""
+    if ds.y_val is None:
+        return "the test set (as the tutorial does)"
+    if data_cfg.val_split is None:  # the data's own validation split: a val/ (valid/, validation/) folder
+        return f"the data's own validation split, {len(ds.y_val)} images"
+    return (f"stratified {data_cfg.val_split:.0%} of the training images (seed {data_cfg.split_seed}), "
+            f"{len(ds.y_val)} images")
 
 
 def _environment(cfg: TrainConfig, world: World) -> dict:
