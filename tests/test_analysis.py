@@ -89,6 +89,24 @@ def test_hundred_classes_stay_readable():
     assert len(interp.plot_per_class().axes[0].get_xticklabels()) <= 30
 
 
+@pytest.mark.parametrize("name", ["cat/0005.jpg", "holidays_2023/IMG_20230715_142233_HDR.jpg",
+                                  "a_very_long_folder_name_of_photos/x.png"])
+def test_top_loss_captions_never_overlap(name):
+    """Captions of files and classes of any length stay inside their cell of the grid."""
+    k, n = 3, 12
+    y = torch.arange(n) % k
+    logits = torch.nn.functional.one_hot((y + 1) % k, k).float()  # every image wrong
+    classes = ["a_long_class_name_here", "another_quite_long_one", "short"]
+    files = [name.replace(".", f"_{i}.") for i in range(n)]
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    fig = Interpretation(classes, y, logits, images=images, files=files).plot_top_losses(12)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in fig.axes[0].texts]
+    assert len(boxes) == 12
+    for i, a in enumerate(boxes):
+        assert not any(a.overlaps(b) for b in boxes[i + 1:]), [t.get_text() for t in fig.axes[0].texts]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = write_image_folder(tmp_path_factory.mktemp("imgs") / "set", per_class=20, size=(16, 16))

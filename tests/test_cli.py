@@ -37,6 +37,29 @@ def test_presets_listed(capsys):
     assert code == 0 and out.startswith("seed: ") and "seed-aug: " in out and "augment=seed" in out
 
 
+def test_the_readme_names_each_presets_own_schedule():
+    """The README's preset list says which learning-rate schedule each recipe follows: the one it has."""
+    import re
+    from pathlib import Path
+
+    from cnnlab import presets
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    bullets = dict(re.findall(r"^- `([a-z-]+)` — (.*?)(?=^- `|^$)", readme, re.M | re.S))
+    assert set(presets.PRESETS) <= set(bullets)
+    schedules = ("one-cycle", "triangle", "cosine", "plateau", "step schedule", "constant")
+    for name, text in bullets.items():
+        said = {s for s in schedules if s in " ".join(text.split())}
+        assert said <= {presets.get(name).schedule}, (name, said)
+
+
+def test_predict_help_names_the_csv_header_it_writes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "`filename,class_1,probability_1,...,error`" in help_text  # what _write_predictions_csv writes
+
+
 def test_train_dry_run_evaluate_and_predict(capsys, tmp_path, cifar_python_dir):
     out_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "--data", cifar_python_dir, "--dry-run", "--preset", "seed-aug",

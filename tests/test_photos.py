@@ -131,7 +131,36 @@ def test_csv_of_paths_and_labels(tmp_path):
     assert data.load_dataset(tmp_path / "headless.csv").classes == ds.classes
 
 
+@pytest.mark.parametrize("header", ["filename,class", "file,category", "image,label", "Path,Target"])
+def test_csv_headers_name_their_columns_in_any_order(tmp_path, header):
+    write_split(tmp_path / "pics", 3)
+    path_name, label_name = header.split(",")
+    rows = [f"{c.upper()},pics/{c}/{i}.jpg" for c in COLORS for i in range(3)]  # the label first
+    (tmp_path / "l.csv").write_text(f"{label_name},{path_name}\n" + "\n".join(rows) + "\n")
+    ds = data.load_dataset(tmp_path / "l.csv", val_fraction=1 / 3)
+    assert ds.classes == ["BLUE", "GREEN", "RED"] and (len(ds.y_train), len(ds.y_test)) == (6, 3)
+
+
+def test_a_csv_split_column_is_honoured(tmp_path):
+    write_split(tmp_path / "pics", 6)
+    split = ["train", "train", "train", "val", "test", "test"]
+    rows = [f"pics/{c}/{i}.jpg,{c},{split[i]}" for c in COLORS for i in range(6)]
+    (tmp_path / "s.csv").write_text("filename,class,split\n" + "\n".join(rows) + "\n")
+    ds = data.load_dataset(tmp_path / "s.csv")
+    assert (len(ds.y_train), len(ds.y_val), len(ds.y_test)) == (9, 3, 6) and ds.validation[0] is ds.x_val
+    fastai = [f"pics/{c}/{i}.jpg,{c},{i >= 4}" for c in COLORS for i in range(6)]  # fastai's valid_col
+    (tmp_path / "f.csv").write_text("name,label,is_valid\n".replace("name", "fname") + "\n".join(fastai) + "\n")
+    ds = data.load_dataset(tmp_path / "f.csv", val_fraction=1 / 3)
+    assert (len(ds.y_train), len(ds.y_val), len(ds.y_test)) == (8, 6, 4)  # the test set held out of train
+    (tmp_path / "h.csv").write_text("\n".join(rows))  # no header: path,label,split by position
+    assert len(data.load_dataset(tmp_path / "h.csv").y_val) == 3
+
+
 @pytest.mark.parametrize("make, message", [
+    (lambda r: (r / "x.csv").write_text("picture,kind\na.jpg,cat\n"), "names no image path column; name them"),
+    (lambda r: (r / "x.csv").write_text("file,kind\na.jpg,cat\n"), "the header 'file,kind' names no label"),
+    (lambda r: (write_split(r / "p", 1), (r / "x.csv").write_text("p/red/0.jpg,red,holdout\np/blue/0.jpg,blue,train")),
+     "row 1: split 'holdout' is not one of"),
     (lambda r: (write_split(r / "train", 2), (r / "train" / "empty").mkdir()), "has no images"),
     (lambda r: write_split(r / "train", 2, classes={"only": (1, 2, 3)}), "at least two classes"),
     (lambda r: (write_split(r / "train", 2), write_split(r / "test", 1, classes={"pink": (250, 100, 200)})),
@@ -209,6 +238,41 @@ def test_exif_orientation_is_applied(tmp_path):
     assert arr.shape[:2] == (40, 20)  # shown upright: taller than wide
     assert arr[:10].mean() > 200 and arr[-10:].mean() < 50  # the stored left edge is now the top
     assert images.image_size(tmp_path / "sideways.jpg") == (40, 20)
+
+
+def test_data_info_describes_the_files_themselves_and_an_imbalance(tmp_path):
+    """Formats, sizes as shown, EXIF turns and transparency of the files (recorded when they were decoded), and
+    a class imbalance with the flag that answers it."""
+    write_split(tmp_path / "train", 6, size=(300, 200))  # 6 JPEGs of each colour
+    for i in range(12):  # red gets 12 more: 18 against 6
+        photo(COLORS["red"], (120, 90), i).save(tmp_path / "train" / "red" / f"more{i}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned: 200 wide, 300 high
+    photo(COLORS["blue"], (300, 200)).save(tmp_path / "train" / "blue" / "sideways.jpg", exif=exif)
+    clear = photo(COLORS["green"], (100, 100)).convert("RGBA")
+    clear.putpixel((0, 0), (0, 0, 0, 0))
+    clear.save(tmp_path / "train" / "green" / "alpha.webp")
+    write_split(tmp_path / "test", 1)
+    out = cli("data", "info", "--data", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "files:       22 JPEG, 12 PNG, 1 WEBP" in text
+    assert "file sizes:  width 80-300 px (median 300), height 60-300 px (median 200), as shown" in text
+    assert "EXIF:        1 photo(s) turned or mirrored upright" in text and "alpha:       1 image(s)" in text
+    assert "imbalance:   the largest class has 2.6x the training images of the smallest (red 18, blue 7); " \
+           "--class-weights auto" in text
+
+
+def test_train_says_how_it_weights_classes(tmp_path):
+    write_split(tmp_path / "train", 2)
+    for i in range(4):
+        photo(COLORS["red"], (80, 60), i).save(tmp_path / "train" / "red" / f"more{i}.jpg")
+    write_split(tmp_path / "test", 1)
+    lines = []
+    train.train(override(PHOTOS, epochs=1, class_weights="auto", threads=2), DataConfig(path=str(tmp_path),
+                image_size=(32, 32)), out=tmp_path / "run", with_report=False,
+                log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert "class weights (--class-weights auto, the rarer the heavier): blue 1.67, green 1.67, red 0.56" in lines
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from cnnlab import threads
 from cnnlab.hardware import cpu_class, usable_cores
@@ -37,56 +36,74 @@ def test_the_users_thread_settings_turn_the_governor_off():
     assert not threads.ThreadGovernor(enabled=False).enabled
 
 
-def fake_governor(monkeypatch, max_threads: int) -> tuple[threads.ThreadGovernor, list, list]:
-    """A governor whose /proc readings and thread changes are scripted."""
-    set_to, samples = [], []
-    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
-    monkeypatch.setattr(threads.ThreadGovernor, "_sample", lambda self: samples.pop(0))
-    monkeypatch.setattr(os, "sysconf", lambda name: 100)  # 100 jiffies a second
-    samples.append((0.0, 0, 0))
-    gov = threads.ThreadGovernor(every=1.0, enabled=True)
-    gov.max_threads = gov.threads = max_threads
-    return gov, samples, set_to
+class ScriptedLoad:
+    """A machine whose load the test writes: each `second(others, own)` is one second in which other processes
+    used `others` cores and this one `own`; the governor reads it through its public `read` seam."""
+
+    def __init__(self):
+        self.now = (0.0, 0.0, 0.0)
+        self.set_to: list[int] = []
+
+    def read(self) -> threads.Reading:
+        return self.now
+
+    def advance(self, seconds: float, others: float, own: float) -> None:
+        t, busy, mine = self.now
+        self.now = (t + seconds, busy + (others + own) * seconds, mine + own * seconds)
 
 
-def test_governor_gives_up_a_core_another_process_takes_and_takes_it_back(monkeypatch):
-    gov, samples, set_to = fake_governor(monkeypatch, 2)
-    t = [0.0]
-    monkeypatch.setattr(time, "monotonic", lambda: t[0])
+def test_governor_gives_up_a_core_another_process_takes_and_takes_it_back():
+    load = ScriptedLoad()
+    gov = threads.ThreadGovernor(every=1.0, enabled=True, max_threads=2, read=load.read,
+                                 set_threads=load.set_to.append)
 
     def second(others: float, own: float) -> int:
-        """One second in which other processes used `others` cores and this one `own`."""
-        last = gov._last
-        t[0] += 1.0
-        samples.append((t[0], last[1] + int((others + own) * 100), last[2] + int(own * 100)))
+        load.advance(1.0, others, own)
         return gov.tick()
 
-    assert second(0.0, 2.0) == 2 and set_to == []
+    assert second(0.0, 2.0) == 2 and load.set_to == []
     assert second(1.0, 1.0) == 2  # one look is not enough: a second one must agree
-    assert second(1.0, 1.0) == 1 and set_to == [1]
+    assert second(1.0, 1.0) == 1 and load.set_to == [1]
     assert second(0.3, 1.0) == 1  # under half a core: counted as free; again, two looks
-    assert second(0.2, 1.0) == 2 and set_to == [1, 2]
-    assert gov.tick() == 2 and samples == []  # within `every` seconds: no look at all
+    assert second(0.2, 1.0) == 2 and load.set_to == [1, 2]
+    load.advance(0.5, 2.0, 0.0)  # within `every` seconds of the last look: no look at all
+    assert gov.tick() == 2 and second(2.0, 0.0) == 2 and second(2.0, 0.0) == 1
+
+
+def test_governor_is_off_for_one_core_and_for_the_users_settings():
+    load = ScriptedLoad()
+    assert not threads.ThreadGovernor(enabled=True, max_threads=1, read=load.read).enabled
+    assert not threads.ThreadGovernor(enabled=False, max_threads=2, read=load.read).enabled
+
+
+def test_governor_reads_a_proc_stat_file(tmp_path):
+    """The default reading, from a file in /proc/stat's format (the test writes its load there)."""
+    stat = tmp_path / "stat"
+    hz = os.sysconf("SC_CLK_TCK")
+    stat.write_text(f"cpu  {3 * hz} 0 {hz} 500 7 {hz} 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    t, busy, own = threads.read_proc(stat)
+    assert busy == 5.0 and 0 <= own and abs(t - time.monotonic()) < 5
 
 
 @pytest.mark.skipif(usable_cores() < 2 or not os.path.exists("/proc/stat"), reason="needs 2 cores and /proc")
 def test_governor_measures_a_real_busy_process(monkeypatch):
+    """Against the real /proc/stat, with a busy process of the test's own: its core is given up (on a machine
+    already busy, the other load only makes that sooner). The count is the test's, not torch's now."""
     monkeypatch.delenv("CNNLAB_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    before = torch.get_num_threads()
+    set_to = []
     hog = subprocess.Popen([sys.executable, "-c", HOG])
     try:
-        gov = threads.ThreadGovernor(every=0.5)
+        gov = threads.ThreadGovernor(every=0.5, max_threads=2, set_threads=set_to.append)
         assert gov.enabled
         deadline = time.monotonic() + 10
         while gov.threads == gov.max_threads and time.monotonic() < deadline:
             time.sleep(0.1)
             gov.tick()
-        assert gov.threads < gov.max_threads  # it gave up the busy process' core
+        assert gov.threads == 1 and set_to == [1]  # it gave up the busy process' core
     finally:
         hog.kill()
         hog.wait()
-        torch.set_num_threads(before)
 
 
 def test_cpu_class_reads_the_flags(tmp_path):

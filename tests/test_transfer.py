@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from cnnlab import backbones, checkpoints, cli, finetune, models, presets, pretrained, probe, train
-from cnnlab.config import DataConfig, override
+from cnnlab.config import DataConfig, TrainConfig, override
 from cnnlab.errors import CnnlabError
 from cnnlab.optim import make_optimizer, make_schedule
 from conftest import write_image_folder
@@ -164,6 +164,30 @@ def test_imagenet_weights_bring_their_input_size_and_normalization(imagenet_in_c
     meta = json.loads((run / "model.json").read_text())
     assert meta["normalization"] == {"mean": list(pretrained.IMAGENET_MEAN), "std": list(pretrained.IMAGENET_STD)}
     assert meta["pretrained"] == "imagenet" and meta["image_size"] == [32, 32]
+
+
+@pytest.mark.parametrize("given", ["model.safetensors", "run directory"])
+def test_weights_of_a_cnnlab_run_bring_its_input_size_and_normalization(cifar_python_dir, tmp_path, given):
+    """A body trained on 32-px CIFAR images with their own statistics, fine-tuned on 80x60 photos (which would
+    become 96 px) with a preset that says `imagenet`: the photos are prepared as the body's images were."""
+    from test_photos import write_split
+
+    source = train.train(TrainConfig(model="resnet20", epochs=1, batch_size=50, normalize="meanstd", threads=2),
+                         DataConfig(path=str(cifar_python_dir)), out=tmp_path / "cifar", **QUIET)
+    source_meta = json.loads((source / "model.json").read_text())
+    write_split(tmp_path / "photos" / "train", 4)
+    write_split(tmp_path / "photos" / "test", 2)
+    weights = source / "model.safetensors" if given == "model.safetensors" else source
+    lines = []
+    cfg = replace(presets.get("finetune"), model="resnet20", pretrained=str(weights), epochs=2, threads=2)
+    run = train.train(cfg, DataConfig(path=str(tmp_path / "photos")), out=tmp_path / "photos-run", with_report=False,
+                      log=lambda *a: lines.append(" ".join(map(str, a))))
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["image_size"] == [32, 32] and meta["normalization"] == source_meta["normalization"]
+    assert meta["normalization"]["mean"] != list(pretrained.IMAGENET_MEAN)
+    assert f"input size 32x32, as the weights' run {source} was trained (--image-size to change it)" in lines
+    other = train.input_size(cfg, DataConfig(image_size=(48, 48)), print)  # --image-size still wins
+    assert other.image_size == (48, 48)
 
 
 # ---------------------------------------------------------------------------------------------------

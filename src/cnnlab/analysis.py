@@ -150,7 +150,6 @@ class Interpretation:
                                  columns=per_class * 2)
 
 
-def _short(path: str, width: int = 30) -> str:
-    """A file for a caption: its folder and name (`cat/0005.jpg`), shortened in the middle when long."""
-    name = "/".join(Path(path).parts[-2:])
-    return name if len(name) <= width else name[:width // 2 - 1] + "…" + name[-(width // 2):]
+def _short(path: str) -> str:
+    """A file for a caption: its folder and name (`cat/0005.jpg`); plots.image_grid shortens what does not fit."""
+    return "/".join(Path(path).parts[-2:])

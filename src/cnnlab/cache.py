@@ -308,7 +308,8 @@ def _build_images(req: Request, tmp: Path) -> dict:
     root = req.path if req.path.is_dir() else req.path.parent  # a CSV's paths are relative to its folder
     if req.val_split:  # held out before decoding: the validation images are never copied out of the training set
         if "val" in listing.files:
-            raise CnnlabError(f"{req.path} has its own validation folder; leave out --val-split")
+            raise CnnlabError(f"{req.path} has its own validation {'rows' if req.path.is_file() else 'folder'}; "
+                              "leave out --val-split")
         listing = listing.hold_out(req.val_split, req.split_seed, into="val")
     size = tuple(req.image_size or default_size(listing.files["train"]))
     splits = [s for s in SPLITS if s in listing.files]
@@ -321,6 +322,7 @@ def _build_images(req: Request, tmp: Path) -> dict:
         raise CnnlabError(f"{len(bad)} unreadable image file(s): {shown}. Fix or remove them, "
                           "or pass --skip-bad-images to leave them out")
     gray = all(decoded[s][1] for s in splits)
+    files = survey([f for s in splits for f in decoded[s][2]])
     counts = {}
     for s in splits:
         errors = decoded[s][0]
@@ -334,7 +336,7 @@ def _build_images(req: Request, tmp: Path) -> dict:
         counts[s] = _counts(labels, len(listing.classes))
     return {"classes": listing.classes, "image_size": list(size), "resize": req.resize, "channels": 1 if gray else 3,
             "counts": counts, "layout": listing.layout, "split": listing.split, "skipped": bad,
-            "ignored": dict(+listing.ignored)}
+            "ignored": dict(+listing.ignored), "files": files}
 
 
 def _check_not_emptied(split: str, listing: folders.Listing, labels: np.ndarray) -> None:
@@ -369,40 +371,54 @@ def _finish_split(path: Path, n: int, size: tuple[int, int], keep: np.ndarray, g
 
 
 def _decode_chunk(out: str, shape: tuple, start: int, files: list[str], size: tuple[int, int],
-                  resize: Resize) -> tuple[int, list[str | bool]]:
-    """Decode `files` into rows `start...` of the mapped file; per file: an error message, or whether it is grey."""
+                  resize: Resize) -> tuple[int, list[str | dict]]:
+    """Decode `files` into rows `start...` of the mapped file; per file: an error message, or the file's facts
+    (images.file_facts) and whether it is grey."""
     mm = np.memmap(out, np.uint8, "r+", shape=shape)
-    results: list[str | bool] = []
+    results: list[str | dict] = []
     for i, f in enumerate(files):
+        facts: dict = {}
         try:
-            arr = decode_image(f, None, size, resize=resize)
+            arr = decode_image(f, None, size, resize=resize, facts=facts)
         except CnnlabError as e:
             results.append(str(e))
             continue
         mm[start + i] = arr.transpose(2, 0, 1)  # a grey (1, H, W) image fills all three channels
-        results.append(arr.shape[2] == 1)
+        results.append({**facts, "gray": arr.shape[2] == 1})
     mm.flush()
     return start, results
 
 
 def _decode_split(files: list[str], out: Path, size: tuple[int, int], resize: Resize,
-                  desc: str) -> tuple[dict[int, str], bool]:
-    """Decode every file into `out` as (N, 3, H, W); returns {row: why unreadable} and whether all were grey."""
+                  desc: str) -> tuple[dict[int, str], bool, list[dict]]:
+    """Decode every file into `out` as (N, 3, H, W); returns {row: why unreadable}, whether all were grey, and
+    the readable files' facts."""
     shape = (len(files), 3, *size)
     with open(out, "wb") as f:
         f.truncate(int(np.prod(shape)))
     tasks = [(str(out), shape, lo, files[lo:lo + CHUNK], size, resize) for lo in range(0, len(files), CHUNK)]
     errors: dict[int, str] = {}
-    gray = True
+    facts: list[dict] = []
     with tqdm(total=len(files), desc=desc, unit="img", leave=False, disable=None) as bar:
         for start, results in _run(tasks, len(files)):
             for i, r in enumerate(results):
                 if isinstance(r, str):
                     errors[start + i] = r
                 else:
-                    gray &= r
+                    facts.append(r)
             bar.update(len(results))
-    return errors, gray and len(errors) < len(files)
+    return errors, all(f["gray"] for f in facts) and len(facts) > 0, facts
+
+
+def survey(facts: list[dict]) -> dict:
+    """What `cnnlab data info` says of the files themselves: formats, sizes as shown, EXIF turns, transparency."""
+    if not facts:
+        return {}
+    w, h = (np.array([f["size"][k] for f in facts]) for k in (0, 1))
+    return {"formats": dict(Counter(f["format"] for f in facts).most_common()),
+            "width": [int(w.min()), int(np.median(w)), int(w.max())],
+            "height": [int(h.min()), int(np.median(h)), int(h.max())],
+            "exif_rotated": sum(f["exif_rotated"] for f in facts), "transparent": sum(f["transparent"] for f in facts)}
 
 
 def _run(tasks: list[tuple], n: int):
@@ -448,6 +464,7 @@ def describe(meta: dict) -> str:
     for k, name in enumerate(meta["classes"]):
         lines.append(f"{name:<{width}}" + "".join(f"  {meta['counts'][s]['per_class'][k]:>7}" for s in splits))
     lines.append(f"{'total':<{width}}" + "".join(f"  {meta['counts'][s]['total']:>7}" for s in splits))
+    lines += _describe_files(meta.get("files") or {}) + _imbalance(meta)
     ignored = Counter(meta.get("ignored") or {})
     if ignored:
         lines.append("\nignored:     " + ", ".join(f"{n} {why} file(s)" for why, n in sorted(ignored.items())))
@@ -456,3 +473,31 @@ def describe(meta: dict) -> str:
         lines.append(f"skipped:     {len(skipped)} unreadable file(s) (--skip-bad-images):")
         lines += [f"  {s}" for s in skipped]
     return "\n".join(lines)
+
+
+def _describe_files(files: dict) -> list[str]:
+    """The files as they are on disk (image folders and CSVs: recorded when they were decoded)."""
+    if not files:
+        return []
+    (w0, wm, w1), (h0, hm, h1) = files["width"], files["height"]
+    lines = ["", "files:       " + ", ".join(f"{n:,} {fmt}" for fmt, n in files["formats"].items()),
+             f"file sizes:  width {w0}-{w1} px (median {wm}), height {h0}-{h1} px (median {hm}), as shown"]
+    if files["exif_rotated"]:
+        lines.append(f"EXIF:        {files['exif_rotated']:,} photo(s) turned or mirrored upright by their EXIF "
+                     "orientation, as a viewer shows them")
+    if files["transparent"]:
+        lines.append(f"alpha:       {files['transparent']:,} image(s) with transparency, shown over white")
+    return lines
+
+
+IMBALANCE = 1.5  # the largest class over the smallest, in training images, from which data info says so
+
+
+def _imbalance(meta: dict) -> list[str]:
+    per_class = meta["counts"]["train"]["per_class"] if "train" in meta["counts"] else []
+    if not per_class or min(per_class) == 0 or max(per_class) / min(per_class) < IMBALANCE:
+        return []
+    big, small = int(np.argmax(per_class)), int(np.argmin(per_class))
+    return ["", f"imbalance:   the largest class has {max(per_class) / min(per_class):.1f}x the training images "
+                f"of the smallest ({meta['classes'][big]} {per_class[big]:,}, {meta['classes'][small]} "
+                f"{per_class[small]:,}); --class-weights auto weights each class's loss by its rarity"]

@@ -263,7 +263,8 @@ def _add_result_parsers(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders (searched at any depth)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5, as the server)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--csv", metavar="FILE", help="write image, class_1, probability_1, ..., error rows to FILE")
+    p.add_argument("--csv", metavar="FILE",
+                   help="write FILE: a header row `filename,class_1,probability_1,...,error`, then a row per image")
     p.add_argument("--device", default="auto")
 
 

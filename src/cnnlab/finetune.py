@@ -70,12 +70,23 @@ def freeze_norms(model: nn.Module, frozen: bool) -> None:
             m.eval()
 
 
-def normalization(cfg: TrainConfig, ds, state: dict | None) -> Normalization:
-    """How pixels become inputs. A resumed run takes its checkpoint's statistics (TrainState.load_state_dict),
-    so it makes no pass over the data for them."""
+def normalization(cfg: TrainConfig, ds, state: dict | None, log=None) -> Normalization:
+    """How pixels become inputs. Weights from a cnnlab run keep the statistics they were trained with (its
+    model.json), as ImageNet's keep ImageNet's. A resumed run takes its checkpoint's statistics
+    (TrainState.load_state_dict), so it makes no pass over the data for them."""
+    meta = pretrained.run_meta(cfg.pretrained) if state is None else None
+    if meta and meta.get("in_channels") == ds.channels:
+        norm = Normalization.from_dict(meta["normalization"])
+        if log:
+            log(f"normalization of the weights' run: mean {_fmt(norm.mean)}, std {_fmt(norm.std)}")
+        return norm
     if cfg.normalize == "imagenet":
         return Normalization(pretrained.IMAGENET_MEAN, pretrained.IMAGENET_STD)
     return Normalization.fit(ds.x_train) if cfg.normalize == "meanstd" and state is None else Normalization()
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
 
 def check_start(cfg: TrainConfig, image_size: tuple[int, int] | None, log) -> None:

@@ -1,7 +1,9 @@
 """Finding labelled images on disk: which file is which class, in which split. No pixels are read here.
 
 Layouts, tried in this order (`list_images`):
-- a CSV file of `path,label` rows (a header row is optional; paths are relative to the CSV's folder);
+- a CSV file of `path,label` rows, with an optional third `split` column (train, val or test; fastai's
+  `is_valid` True/False too); a header row is optional and may name the columns otherwise (`filename,class`,
+  `file,category`...); paths are relative to the CSV's folder;
 - split folders: `ROOT/train/<class>/...`, with `val/`, `valid/` or `validation/` as the validation split
   and `test/` as the test split, each `<class>/...` beside train's;
 - flat class folders: `ROOT/<class>/...`, from which a seeded, stratified share is held out as the test set.
@@ -152,28 +154,74 @@ def _split_folders(root: Path, ignored: Counter) -> Listing:
     return Listing("split folders", classes, files, labels, ignored, "test/ folder" if "test" in splits else "")
 
 
-def _csv(path: Path, ignored: Counter) -> Listing:
+# A CSV's header names its columns; these are the names people (and fastai, Kaggle, Roboflow) give them.
+PATH_COLUMNS = ("path", "file", "filename", "file_name", "filepath", "image", "image_path", "img", "fname")
+LABEL_COLUMNS = ("label", "class", "category", "target", "class_name", "labels", "y")
+SPLIT_COLUMNS = ("split", "set", "subset", "fold", "is_valid", "valid")  # is_valid/valid: fastai's valid_col
+SPLIT_VALUES = {**SPLIT_FOLDERS, "training": "train", "testing": "test", "dev": "val"}
+TRUE_FALSE = {"true": "val", "1": "val", "yes": "val", "false": "train", "0": "train", "no": "train"}
+
+
+def _read_rows(path: Path) -> list[list[str]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
+            return [[c.strip() for c in r] for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise CnnlabError(f"cannot read {path}: {e}") from None
-    if rows and [c.strip().lower() for c in rows[0][:2]] in (["path", "label"], ["file", "label"],
-                                                              ["filename", "label"], ["image", "label"]):
-        rows = rows[1:]
-    bad = next((i for i, r in enumerate(rows) if len(r) < 2 or not r[0].strip() or not r[1].strip()), None)
+
+
+def _columns(path: Path, rows: list[list[str]]) -> tuple[int, int, int | None, str | None, list[list[str]]]:
+    """(path column, label column, split column or None, the split column's name, data rows). A first row whose
+    first cell names no file is a header, and its names say which column is which; without one the columns are
+    `path,label[,split]`."""
+    first = [c.lower() for c in rows[0]] if rows else []
+    named = any(c in PATH_COLUMNS + LABEL_COLUMNS + SPLIT_COLUMNS for c in first)
+    if not first or not named and (Path(first[0]).suffix in IMAGE_EXTENSIONS or (path.parent / rows[0][0]).is_file()):
+        return 0, 1, (2 if rows and len(rows[0]) > 2 else None), "split", rows
+    find = lambda names: next((i for i, c in enumerate(first) if c in names), None)  # noqa: E731
+    where, label, split = find(PATH_COLUMNS), find(LABEL_COLUMNS), find(SPLIT_COLUMNS)
+    if where is None or label is None:
+        raise CnnlabError(f"{path}: the header {','.join(rows[0])!r} names no "
+                          f"{'image path' if where is None else 'label'} column; name them e.g. `path,label` "
+                          f"(path: {', '.join(PATH_COLUMNS[:4])}...; label: {', '.join(LABEL_COLUMNS[:3])}...; "
+                          f"an optional split column: {', '.join(SPLIT_COLUMNS[:2])} or is_valid)")
+    return where, label, split, first[split] if split is not None else None, rows[1:]
+
+
+def _split_of(value: str, column: str | None, path: Path, row: int) -> str:
+    table = TRUE_FALSE if column in ("is_valid", "valid") else SPLIT_VALUES
+    split = table.get(value.lower())
+    if split is None:
+        raise CnnlabError(f"{path} row {row}: split {value!r} is not one of {', '.join(sorted(set(table)))}")
+    return split
+
+
+def _csv(path: Path, ignored: Counter) -> Listing:
+    """A CSV of image paths (relative to the CSV's folder), labels and, optionally, each image's split."""
+    all_rows = _read_rows(path)
+    where, label, split_col, split_name, rows = _columns(path, all_rows)
+    offset = len(all_rows) - len(rows)
+    width = max(where, label, split_col or 0) + 1
+    bad = next((i for i, r in enumerate(rows) if len(r) < width or not r[where] or not r[label]), None)
     if bad is not None:
-        raise CnnlabError(f"{path} row {bad + 1} is not `path,label`: {','.join(rows[bad])!r}")
-    rows = [(r[0].strip(), r[1].strip()) for r in rows]
-    classes = sorted({label for _, label in rows})
-    missing = [p for p, _ in rows if not (path.parent / p).is_file()]
+        raise CnnlabError(f"{path} row {bad + offset + 1} is not `path,label`: {','.join(rows[bad])!r}")
+    missing = [r[where] for r in rows if not (path.parent / r[where]).is_file()]
     if missing:
         raise CnnlabError(f"{path} names {len(missing)} file(s) that do not exist, e.g. {path.parent / missing[0]}")
-    ignored["not an image"] += sum(1 for p, _ in rows if Path(p).suffix.lower() not in IMAGE_EXTENSIONS)
-    rows = [(str((path.parent / p).resolve()), classes.index(label)) for p, label in rows
-            if Path(p).suffix.lower() in IMAGE_EXTENSIONS]
-    return Listing("csv", classes, {"train": [p for p, _ in rows]},
-                   {"train": np.array([k for _, k in rows], np.int64)}, ignored)
+    classes = sorted({r[label] for r in rows})
+    ignored["not an image"] += sum(1 for r in rows if Path(r[where]).suffix.lower() not in IMAGE_EXTENSIONS)
+    files: dict[str, list[str]] = {}
+    labels: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        if Path(r[where]).suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        split = _split_of(r[split_col], split_name, path, i + offset + 1) if split_col is not None else "train"
+        files.setdefault(split, []).append(str((path.parent / r[where]).resolve()))
+        labels.setdefault(split, []).append(classes.index(r[label]))
+    if "train" not in files:
+        raise CnnlabError(f"{path} has no rows in the train split")
+    return Listing("csv", classes, files, {k: np.array(v, np.int64) for k, v in labels.items()}, ignored,
+                   f"the CSV's {split_name} column" if "test" in files else "")
 
 
 def _flat(root: Path, ignored: Counter) -> Listing:

@@ -127,14 +127,16 @@ def _draft(im: Image.Image, size: tuple[int, int], resize: Resize) -> None:
 
 
 def decode_image(source: bytes | str | os.PathLike, channels: int | None, size: tuple[int, int] | None,
-                 max_pixels: int = MAX_PIXELS, name: str | None = None, resize: Resize = "crop") -> np.ndarray:
+                 max_pixels: int = MAX_PIXELS, name: str | None = None, resize: Resize = "crop",
+                 facts: dict | None = None) -> np.ndarray:
     """A uint8 (H, W, C) array with the model's channel count (1 or 3) and size (H, W).
 
     `channels=None` keeps grayscale images grey and makes everything else RGB; `size=None` keeps the size.
+    `facts`, when given, receives what the file itself is (`file_facts`), for `cnnlab data info`.
     """
     name = name or (str(source) if not isinstance(source, bytes) else "upload")
     try:
-        return _decode(source, channels, size, max_pixels, name, resize)
+        return _decode(source, channels, size, max_pixels, name, resize, facts)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -152,7 +154,17 @@ def decode_image(source: bytes | str | os.PathLike, channels: int | None, size: 
         raise ImageError(f"cannot decode image {name}: {e}") from None
 
 
-def _decode(source, channels, size, max_pixels, name, resize) -> np.ndarray:
+def file_facts(im: Image.Image) -> dict:
+    """The file as it is on disk: its format, its width and height as shown (EXIF orientation applied),
+    whether EXIF turns or mirrors it, and whether it has transparency (which decoding puts over white)."""
+    w, h = im.size
+    orientation = im.getexif().get(0x0112, 1)
+    return {"format": im.format or "?", "size": (h, w) if orientation >= 5 else (w, h),
+            "exif_rotated": orientation not in (0, 1),
+            "transparent": im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info}
+
+
+def _decode(source, channels, size, max_pixels, name, resize, facts=None) -> np.ndarray:
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     with warnings.catch_warnings():
         # Pillow warns (and past 2x its own limit, raises) about large images; ours is the limit that counts.
@@ -162,6 +174,8 @@ def _decode(source, channels, size, max_pixels, name, resize) -> np.ndarray:
             if width * height > max_pixels:
                 raise TooManyPixels(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}")
             gray = channels == 1 if channels is not None else im.mode in GRAY_MODES
+            if facts is not None:
+                facts.update(file_facts(im))
             if size is not None:
                 _draft(im, size, resize)
             ImageOps.exif_transpose(im, in_place=True)  # a photo taken sideways shows upright, as in any viewer

@@ -71,6 +71,17 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], normalize: str | N
     return fig
 
 
+CHAR_WIDTH = 0.62  # DejaVu Sans' widest common glyphs (digits, capitals) in ems, for captions that must fit
+
+
+def fit_lines(text: str, chars: int) -> str:
+    """Each line of `text` at most `chars` characters, shortened in the middle (a file's start and extension
+    both stay readable)."""
+    chars = max(chars, 5)
+    return "\n".join(line if len(line) <= chars else line[:(chars - 1) // 2] + "…" + line[-(chars // 2):]
+                     for line in text.split("\n"))
+
+
 def image_grid(images, titles: list[str], title: str, columns: int = 8, fontsize: float = 11) -> Figure:
     """uint8 (N, C, H, W) images in a grid, each with its title (a text-only grid when images is None).
 
@@ -92,10 +103,13 @@ def image_grid(images, titles: list[str], title: str, columns: int = 8, fontsize
         mosaic[y:y + h, x:x + w] = images[i].permute(1, 2, 0).cpu().numpy()
     ax.imshow(mosaic[:, :, 0] if c == 1 else mosaic, cmap="gray" if c == 1 else None, interpolation="nearest",
               vmin=0, vmax=255)
+    ax.apply_aspect()  # the axes' drawn width (an image keeps its aspect): each cell's share, in points
+    cell = ax.get_position().width * fig.get_figwidth() / columns * 72
+    fits = int(cell / (fontsize * CHAR_WIDTH))  # characters of a caption line that fit a cell
     for i, text in enumerate(titles):
         r, k = divmod(i, columns)
-        ax.text(k * (w + gap_x) + w / 2, r * (h + gap_y) + gap_y - 0.5, _literal(text), fontsize=fontsize,
-                ha="center", va="bottom")
+        ax.text(k * (w + gap_x) + w / 2, r * (h + gap_y) + gap_y - 0.5, _literal(fit_lines(text, fits)),
+                fontsize=fontsize, ha="center", va="bottom")
     ax.set_title(_literal(title), fontsize=fontsize + 1)
     return fig
 

@@ -68,7 +68,7 @@ QUICK = replace(
 # The classic recipe of the ResNet papers, for the standard architectures listed by `cnnlab models`.
 STANDARD = TrainConfig(
     model="resnet20",  # the smallest of them; pass --model for any other, or a layer spec
-    epochs=30,  # a short form of the papers' 160-200 epochs: the one-cycle schedule below makes it count
+    epochs=30,  # a short form of the papers' 160-200 epochs: the single-cycle schedule below makes it count
     batch_size=128,  # the papers' batch size, which their learning rate goes with
     optimizer="sgd",
     nesterov=True,  # the same cost as plain momentum and a little steadier at lr 0.1
@@ -86,7 +86,7 @@ STANDARD = TrainConfig(
 )
 
 # Your own photos, from scratch: 96 px inputs (cache.DEFAULT_IMAGE_SIZE) through a strided stem, trained by
-# the same one-cycle SGD recipe as `standard`.
+# the same SGD recipe and triangle schedule as `standard`.
 PHOTOS = replace(
     STANDARD,
     model="photonet",  # two stride-2 convolutions bring 96 px to 24 px; then airbench-shaped conv groups

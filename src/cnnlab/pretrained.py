@@ -68,9 +68,10 @@ def check(model: str, source: str | None) -> None:
             raise CnnlabError(f"--pretrained imagenet: {model!r} has no ImageNet weights{hint}; networks that have "
                               f"them: {', '.join(IMAGENET)}")
         return
-    path = Path(source).expanduser()
+    path = source_path(model, source)
     if not path.is_file():
-        raise CnnlabError(f"--pretrained {source}: no such file (give `imagenet` or a .pth, .pt or .safetensors file)")
+        raise CnnlabError(f"--pretrained {source}: no such file (give `imagenet`, a .pth, .pt or .safetensors file, "
+                          "or a finished cnnlab run)")
     if path.suffix not in SUFFIXES:
         raise CnnlabError(f"--pretrained {source}: a weights file ends in .pth, .pt or .safetensors")
 
@@ -121,7 +122,29 @@ def read(path: Path) -> dict[str, torch.Tensor]:
 
 
 def source_path(model: str, source: str, log=print) -> Path:
-    return fetch(model, log) if source == "imagenet" else Path(source).expanduser()
+    """The weights file: ImageNet's (fetched once), a file, or a finished cnnlab run's model.safetensors."""
+    if source == "imagenet":
+        return fetch(model, log)
+    path = Path(source).expanduser()
+    return path / "model.safetensors" if path.is_dir() and (path / "model.json").is_file() else path
+
+
+def run_meta(source: str | None) -> dict | None:
+    """The model.json of the cnnlab run that a --pretrained file comes from (its input size, normalization and
+    channels), or None for ImageNet's weights and files of other tools."""
+    if not source or source == "imagenet":
+        return None
+    import json
+
+    path = Path(source).expanduser()
+    meta_file = (path if path.is_dir() else path.parent) / "model.json"
+    if path.is_file() and path.name not in ("model.safetensors", "best.safetensors") or not meta_file.is_file():
+        return None  # (a run's best weights were trained as its final ones were)
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and "image_size" in meta and "normalization" in meta else None
 
 
 def load_into(model: nn.Module, name: str, head: str, source: str, log=print) -> str:

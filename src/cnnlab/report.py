@@ -121,7 +121,8 @@ def headline(config: dict, meta: dict, interp) -> list[tuple[str, str]]:
     return rows + [
         ("data", f"{Path(str(data.get('path', '?'))).name} ({data.get('format', '?')})"), ("image size", size),
         ("images train / validation / test", counts),
-        *([("validation images", data["validation"])] if data.get("validation") else []), ("model", f"{meta['model']}, {meta['params']:,} parameters"),
+        *([("validation images", data["validation"])] if data.get("validation") else []),
+        ("model", f"{meta['model']}, {meta['params']:,} parameters"),
         ("preset", config.get("preset", "")), *_starting_weights(config.get("train", {}), meta),
         ("device and precision", f"{env.get('device', '?')}, {env.get('precision', '?')}"
                                  + (f", {env['processes']} processes" if env.get("processes", 1) > 1 else "")),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .hardware import usable_cores
@@ -43,6 +44,9 @@ def governed(environ=None) -> bool:
     return env.get("CNNLAB_THREADS") != "keep" and "OMP_NUM_THREADS" not in env
 
 
+Reading = tuple[float, float, float]  # (monotonic seconds, all CPUs' busy seconds, this process' CPU seconds)
+
+
 def _busy_jiffies(stat: str) -> int:
     """All CPUs' non-idle time from the first line of /proc/stat (user nice system idle iowait irq softirq)."""
     fields = [int(v) for v in stat.split()[1:8]]
@@ -55,47 +59,59 @@ def _own_jiffies() -> int:
     return int(after_name[11]) + int(after_name[12])
 
 
+def read_proc(stat: str | Path = "/proc/stat") -> Reading:
+    """The machine's reading from /proc: now, the busy time of every CPU, and this process' own time."""
+    hz = os.sysconf("SC_CLK_TCK")
+    with open(stat) as f:
+        busy = _busy_jiffies(f.readline())
+    return time.monotonic(), busy / hz, _own_jiffies() / hz
+
+
 class ThreadGovernor:
     """Keeps torch's intra-op thread count at the cores other processes leave free.
 
     Call `tick()` now and then (the training loop does at each host sync point); it looks at most every
     `every` seconds, so it costs nothing measurable. Off (every tick a no-op) when the user chose a thread
     count, on systems without /proc, and with one core.
+
+    `max_threads` (default: torch's count now, at most the usable cores) is the count on a quiet machine;
+    `read` (default `read_proc`) gives the machine's CPU times, and `set_threads` (default
+    torch.set_num_threads) applies a change: tests script a load through them.
     """
 
-    def __init__(self, every: float = 1.0, enabled: bool | None = None, log=None):
+    def __init__(self, every: float = 1.0, enabled: bool | None = None, log=None, *, max_threads: int | None = None,
+                 read: Callable[[], Reading] | None = None, set_threads: Callable[[int], None] | None = None):
         import torch
 
-        self.torch, self.every, self.log = torch, every, log
+        self.every, self.log = every, log
+        self.read = read or read_proc
+        self.set_threads = set_threads or torch.set_num_threads
         self._pending: int | None = None  # a change is made when two looks in a row agree on it
-        self.max_threads = min(torch.get_num_threads(), usable_cores())
+        self.max_threads = max_threads or min(torch.get_num_threads(), usable_cores())
         self.enabled = (governed() if enabled is None else enabled) and self.max_threads > 1 \
-            and Path("/proc/stat").exists()
-        self.threads = torch.get_num_threads()
-        self._last = self._sample() if self.enabled else None
+            and (read is not None or Path("/proc/stat").exists())
+        self.threads = self.max_threads if max_threads else torch.get_num_threads()
+        self.last = self.read() if self.enabled else None
 
-    def _sample(self) -> tuple[float, int, int]:
-        with open("/proc/stat") as f:
-            return time.monotonic(), _busy_jiffies(f.readline()), _own_jiffies()
-
-    def others(self, now: tuple[float, int, int]) -> float:
+    def others(self, now: Reading) -> float:
         """Cores' worth of CPU that other processes used since the last look."""
-        (t0, busy0, own0), (t1, busy1, own1) = self._last, now
-        hz = os.sysconf("SC_CLK_TCK")
-        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / hz / max(t1 - t0, 1e-9))
+        (t0, busy0, own0), (t1, busy1, own1) = self.last, now
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9))
 
     def tick(self) -> int:
         """Adjust the thread count if a look is due; return the count in use."""
-        if not self.enabled or time.monotonic() - self._last[0] < self.every:
+        if not self.enabled or time.monotonic() - self.last[0] < self.every:
             return self.threads
-        now = self._sample()
+        now = self.read()
+        if now[0] - self.last[0] < self.every:  # (a scripted reading may run on its own clock)
+            return self.threads
         free = self.max_threads - int(self.others(now) + 0.5)  # a core counts as taken at half its time
         want = max(1, min(self.max_threads, free))
         if want != self.threads and want == self._pending:
             if self.log:
                 self.log(f"threads: {self.threads} -> {want} (other processes use {self.others(now):.1f} of "
                          f"{self.max_threads} cores)")
-            self.torch.set_num_threads(want)
+            self.set_threads(want)
             self.threads = want
-        self._pending, self._last = want, now
+        self._pending, self.last = want, now
         return self.threads

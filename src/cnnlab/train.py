@@ -121,7 +121,7 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
     for warning in (models.size_warning(model, ds.image_size), precision_warning(dtype, device)):
         if warning and state is None:
             log(warning)
-    norm = finetune.normalization(cfg, ds, state)
+    norm = finetune.normalization(cfg, ds, state, log)
     if world.main:
         _require_space(run_dir, cfg, model)
     steps_per_epoch = -(-len(ds.y_train) // cfg.batch_size)
@@ -134,7 +134,7 @@ def _build(run_dir: Path, cfg: TrainConfig, ds: Dataset, state: dict | None, log
     if state is not None:
         ts.load_state_dict(state, world)
     loop = Loop(cfg, ds, world, run_dir, log, device, dtype, ds.x_train.to(device), ds.y_train.to(device),
-                steps_per_epoch, governor=_threads(cfg, device, log), class_weight=_class_weight(cfg, ds, device))
+                steps_per_epoch, governor=_threads(cfg, device, log), class_weight=_class_weight(cfg, ds, device, log))
     if 0 < cfg.val_sample < len(ds.validation[1]):
         loop.val_sample = data.stratified_pick(ds.validation[1], cfg.val_sample, cfg.seed, ds.num_classes)
     _plan_bn_stats(loop, ts.model, state is None)
@@ -174,8 +174,15 @@ def _train_state(cfg: TrainConfig, model: nn.Module, norm: Normalization, device
                       ema=EMA(model, cfg.ema) if cfg.ema else None)
 
 
-def _class_weight(cfg: TrainConfig, ds: Dataset, device: torch.device) -> torch.Tensor | None:
-    return data.class_weights(ds.y_train, ds.num_classes).to(device) if cfg.class_weights == "auto" else None
+def _class_weight(cfg: TrainConfig, ds: Dataset, device: torch.device, log) -> torch.Tensor | None:
+    """--class-weights auto: each class's weight in the training loss, said in the log."""
+    if cfg.class_weights != "auto":
+        return None
+    weights = data.class_weights(ds.y_train, ds.num_classes)
+    shown = ", ".join(f"{name} {w:.2f}" for name, w in zip(ds.classes[:10], weights.tolist(), strict=False))
+    log(f"class weights (--class-weights auto, the rarer the heavier): {shown}"
+        + (f", ... ({ds.num_classes} classes, {weights.min():.2f}-{weights.max():.2f})" if ds.num_classes > 10 else ""))
+    return weights.to(device)
 
 
 def _threads(cfg: TrainConfig, device: torch.device, log) -> ThreadGovernor | None:
@@ -649,12 +656,19 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
 
 
 def input_size(cfg: TrainConfig, data_cfg: DataConfig, log) -> DataConfig:
-    """ImageNet weights bring their input size (224 px) unless --image-size says otherwise."""
-    if cfg.pretrained != "imagenet" or data_cfg.image_size:
+    """Pretrained weights bring their input size unless --image-size says otherwise: ImageNet's 224 px, or
+    the size a cnnlab run's weights were trained at (its model.json)."""
+    if not cfg.pretrained or data_cfg.image_size:
         return data_cfg
-    size = pretrained.IMAGENET[cfg.model].size
-    log(f"input size {size}x{size}, as {cfg.model}'s ImageNet weights were trained (--image-size to change it)")
-    return replace(data_cfg, image_size=(size, size))
+    if cfg.pretrained == "imagenet":
+        size, where = (pretrained.IMAGENET[cfg.model].size,) * 2, f"{cfg.model}'s ImageNet weights were"
+    elif meta := pretrained.run_meta(cfg.pretrained):
+        run = pretrained.source_path(cfg.model, cfg.pretrained).parent
+        size, where = tuple(meta["image_size"]), f"the weights' run {run} was"
+    else:
+        return data_cfg
+    log(f"input size {size[0]}x{size[1]}, as {where} trained (--image-size to change it)")
+    return replace(data_cfg, image_size=size)
 
 
 def _trackers(run_dir: Path, world: World) -> tracking_mod.Trackers | None:
