@@ -6,7 +6,8 @@ For `quick` (with and without the report), `seed` for 1 epoch and `fast` for 1 e
 the training seconds, and the overheads read from the run directory's file times: start-up and data load
 (to config.json), validation (history's val_seconds), the rest of `fit` (model build, whitening init,
 checkpoints), the final evaluation (model.safetensors to metrics.json), the report, and the exit. Then
-`export`, `predict` of one image and `data info` on the cached data. Run after the decoded-data cache
+`export`, `predict` of one image (through PyTorch, and through the run's own export once it has one) beside
+`import torch` alone, and `data info` on the cached data. Run after the decoded-data cache
 exists (the script makes sure it does). Writes benchmarks/results/time_to_result.json with the CPU class.
 
 Targets (issue "time to result"): quick at most 1.3x its training seconds with --no-report and 1.5x with
@@ -57,6 +58,8 @@ def train(out: Path, *flags: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-fast", action="store_true", help="leave out fast's epoch (over a minute)")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="train quick alone, then time predict, import torch and export")
     parser.add_argument("--isa", choices=["native", "avx2"], default="native",
                         help="avx2: PyTorch's kernels and oneDNN capped at AVX2, fp32 (an AVX2 laptop's path)")
     args = parser.parse_args()
@@ -68,21 +71,46 @@ def main() -> None:
     result: dict = {"machine": machine(), "isa": args.isa, "commands": {}}
     runs = [("quick --no-report", ["--preset", "quick", "--no-report"]), ("quick", ["--preset", "quick"]),
             ("seed, 1 epoch, --no-report", ["--preset", "seed", "--epochs", "1", "--no-report"])]
-    if not args.skip_fast:
+    if args.predict_only:
+        runs = runs[:1]
+    elif not args.skip_fast:
         runs.append(("fast, 1 epoch, --no-report", ["--preset", "fast", "--epochs", "1", "--no-report"]))
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, flags) in enumerate(runs):
             result["commands"][f"train {name}"] = train(Path(tmp) / f"run{i}", *flags, *extra)
             print(f"train {name}: {result['commands'][f'train {name}']}", flush=True)
-        run = Path(tmp) / "run0"
-        image = next((DATA / "test" / "cat").iterdir())
-        for name, cmd in (("export", ["export", str(run)]), ("predict one image", ["predict", str(run), str(image)]),
-                          ("data info", ["data", "info", "--data", str(DATA)])):
-            result["commands"][name] = {"wall": round(timed([*CNNLAB, *cmd]), 2)}
-            print(f"{name}: {result['commands'][name]['wall']} s", flush=True)
+        result["commands"].update(after_training(Path(tmp) / "run0", args.predict_only))
     result["targets"] = {"quick --no-report wall/training": 1.3, "quick wall/training": 1.5,
                          "predict one image s": 2.0, "data info s": 2.0, "export s": 8.0}
-    save("time_to_result" + ("-avx2" if args.isa == "avx2" else ""), result)
+    save("time_to_result" + ("-avx2" if args.isa == "avx2" else "") + ("-predict" if args.predict_only else ""),
+         result)
+
+
+def after_training(run: Path, predict_only: bool) -> dict:
+    """Predicting one image from the run directory (through PyTorch, then through the run's own export, which
+    `predict` takes when it is current), `import torch` alone for comparison, export and data info. Each
+    predict and import is timed three times, interleaved, and the median kept."""
+    image = str(next((DATA / "test" / "cat").iterdir()))
+    predict = [*CNNLAB, "predict", str(run), image]
+    commands: dict = {}
+
+    def rounds(named: dict[str, list[str]]) -> None:
+        times: dict[str, list[float]] = {name: [] for name in named}
+        for _ in range(3):
+            for name, cmd in named.items():
+                times[name].append(timed(cmd))
+        for name, ts in times.items():
+            commands[name] = {"wall": round(sorted(ts)[1], 2), "rounds": [round(t, 2) for t in ts]}
+            print(f"{name}: {commands[name]['wall']} s (median of {commands[name]['rounds']})", flush=True)
+
+    rounds({"predict one image": predict, "import torch": [CNNLAB[0], "-c", "import torch"]})
+    later = [("export", ["export", str(run)])] + ([] if predict_only else [("data info", ["data", "info", "--data",
+                                                                                         str(DATA)])])
+    for name, cmd in later:
+        commands[name] = {"wall": round(timed([*CNNLAB, *cmd]), 2)}
+        print(f"{name}: {commands[name]['wall']} s", flush=True)
+    rounds({"predict one image, the run exported": predict})
+    return commands
 
 
 if __name__ == "__main__":

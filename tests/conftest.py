@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnnlab.hardware import usable_cores
+
 # The JPEG copy of CIFAR-10 that developers and CI have beside the project; override with $CNNLAB_TEST_DATA.
 SHARED_JPEG = Path(os.environ.get("CNNLAB_TEST_DATA")
                    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg")
@@ -26,10 +28,19 @@ def isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("CNNLAB_CACHE", str(home / ".cache" / "cnnlab"))
     monkeypatch.delenv("CNNLAB_DATA", raising=False)
-    # A fixed thread count, so that bit-for-bit comparisons hold on a loaded CI machine (threads.py says
-    # why); tests/test_threads.py turns the governor back on where it is the subject.
+    # One fixed thread count for every test, in this process and in the processes it starts: another count
+    # adds partial sums in another order (threads.py), so runs compared bit for bit, or within rounding, must
+    # share it, whatever an earlier test did and however busy the machine is (the governor, which would follow
+    # the load, is off). tests/test_threads.py turns the governor back on where it is the subject.
+    import torch
+
     monkeypatch.setenv("CNNLAB_THREADS", "keep")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(TEST_THREADS))
+    torch.set_num_threads(TEST_THREADS)
     return home
+
+
+TEST_THREADS = min(2, usable_cores())
 
 
 def fake_cifar_arrays(per_batch: int = 30, seed: int = 0):

@@ -69,6 +69,41 @@ def test_predict_with_onnx_runs_without_pytorch(quick_run, quick_onnx, real_subs
             [p["probability"] for p in b["predictions"]], abs=1e-4)
 
 
+def _predict_in_a_fresh_process(*args) -> tuple[dict, list]:
+    code = ("import json, sys; from cnnlab import cli; rc = cli.main(sys.argv[1:]); "
+            "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, "predict", *args, "--json"], capture_output=True, text=True,
+                          timeout=120)
+    return json.loads(proc.stderr.strip().splitlines()[-1]), json.loads(proc.stdout)
+
+
+def test_predict_on_a_run_uses_its_current_export_and_no_pytorch(quick_run, quick_onnx, real_subset, tmp_path):
+    """A run directory holding the export of its own weights predicts through onnxruntime (no PyTorch import,
+    the slow part of classifying one image); an export of other weights is never used."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run)
+    image = str(next((real_subset / "test" / "ship").iterdir()))
+    status, torch_says = _predict_in_a_fresh_process(str(run), image)
+    assert status == {"rc": 0, "torch": True}  # not exported: PyTorch
+    shutil.copy(quick_onnx, run / "model.onnx")
+    status, onnx_says = _predict_in_a_fresh_process(str(run), image)
+    assert status == {"rc": 0, "torch": False}
+    a, b = torch_says[0]["predictions"], onnx_says[0]["predictions"]
+    assert [p["class"] for p in a] == [p["class"] for p in b]
+    assert [p["probability"] for p in a] == pytest.approx([p["probability"] for p in b], abs=1e-4)
+    import onnx
+
+    graph = onnx.load(run / "model.onnx")
+    for prop in graph.metadata_props:
+        if prop.key == "cnnlab.weights_sha256":
+            prop.value = "0" * 64  # an export of other weights (a run trained on after its export)
+    onnx.save(graph, run / "model.onnx")
+    assert _predict_in_a_fresh_process(str(run), image)[0] == {"rc": 0, "torch": True}
+    assert deploy.current_export(run) is None and deploy.current_export(quick_run) is None
+
+
 def test_evaluate_onnx_agrees_with_pytorch(quick_run, quick_onnx, capsys):
     metrics = evaluate.evaluate_onnx(quick_onnx)
     dataset = evaluate.run_dataset(quick_run, json.loads((quick_run / "model.json").read_text()))

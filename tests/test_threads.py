@@ -137,3 +137,15 @@ def test_denormals_flush_to_zero_once_cnnlab_loads_unless_kept():
     code = "import torch, cnnlab.device; print((torch.tensor([1e-39]) * 1).item() == 0)"
     assert fresh_python(code) == "True"
     assert fresh_python(code, CNNLAB_DENORMALS="keep") == "False"
+
+
+def test_a_run_leaves_the_thread_count_as_it_found_it(tmp_path, cifar_python_dir):
+    import torch
+
+    from cnnlab import train
+    from cnnlab.config import DataConfig, TrainConfig
+
+    before = torch.get_num_threads()
+    train.train(TrainConfig(epochs=1, batch_size=50, threads=1), DataConfig(path=str(cifar_python_dir)),
+                out=tmp_path / "run", with_report=False, log=lambda *a: None)
+    assert torch.get_num_threads() == before

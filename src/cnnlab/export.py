@@ -59,7 +59,7 @@ def _metadata(run_dir: Path, meta: dict) -> dict[str, str]:
               "resize": meta.get("resize", "squish"), "model": meta["model"], "input": "uint8 NHWC, 0-255",
               "output": "probabilities",
               "source_run": str(run_dir.resolve()), "test_accuracy": runs.recorded_accuracy(run_dir),
-              "data": config["data"], "version": __version__}
+              "data": config["data"], "version": __version__, "weights_sha256": meta.get("sha256")}
     return {METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
 
 

@@ -23,6 +23,7 @@ bit-for-bit repeatable and resumable; `--threads N` makes every run so. The log 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -45,6 +46,21 @@ def governed(environ=None) -> bool:
 
 
 Reading = tuple[float, float, float]  # (monotonic seconds, all CPUs' busy seconds, this process' CPU seconds)
+
+
+def keeps_thread_count(fn):
+    """A run started from Python leaves the process' thread count as it found it (the governor and --threads
+    change it while the run lasts)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return wrapper
 
 
 def _busy_jiffies(stat: str) -> int:

@@ -64,7 +64,7 @@ from .dist import World
 from .errors import CnnlabError, EveryProcessError, Interrupted
 from .optim import EMA, Lookahead, improves, make_optimizer, make_schedule, step_lr
 from .state import TrainState
-from .threads import ThreadGovernor
+from .threads import ThreadGovernor, keeps_thread_count
 
 STOP = threading.Event()  # set by Ctrl-C; the loop checks it between steps so no update is cut in half
 # What a run writes after its weights (model.safetensors, then model.json), in order; report.html comes last.
@@ -613,6 +613,7 @@ def _finish(run_dir: Path, ds: Dataset, cfg: TrainConfig, log, with_report: bool
     return run_dir
 
 
+@keeps_thread_count
 def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str = "custom",
           out: str | Path | None = None, runs_root: str | Path = "runs", dataset: Dataset | None = None,
           with_report: bool = True, log=say, tracking: tuple[str, ...] = (), mlflow_uri: str | None = None) -> Path:
@@ -778,6 +779,7 @@ def _extend(run_dir: Path, config: dict, cfg: TrainConfig, state: dict | None, e
     return replace(cfg, epochs=epochs)
 
 
+@keeps_thread_count
 def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bool = True, log=say,
            epochs: int | None = None) -> Path:
     """Continue an interrupted run from its last checkpoint; the result equals an uninterrupted run. With
