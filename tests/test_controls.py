@@ -279,15 +279,12 @@ def test_resume_with_ema_is_bit_exact(tmp_path, cifar_python_dir, ctrl_c_at_step
 
 
 def test_class_weights_make_every_class_count_the_same():
-    from cnnlab.data import Dataset
+    from cnnlab.data import class_weights
 
     y = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
-    ds = Dataset(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), y, torch.zeros(0, 3, 4, 4, dtype=torch.uint8),
-                 torch.zeros(0, dtype=torch.long), ["a", "b", "c"], "image-folder", "x", "test/ folder")
-    weight = train._class_weight(TrainConfig(class_weights="auto"), ds, torch.device("cpu"))
+    weight = class_weights(y, 3)
     assert weight.tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])
     assert (weight * torch.bincount(y)).tolist() == pytest.approx([10 / 3] * 3)  # each class weighs the same
-    assert train._class_weight(TrainConfig(), ds, torch.device("cpu")) is None
 
 
 def test_lr_find_sweeps_stops_on_divergence_suggests_and_restores(tmp_path, cifar_python_dir, capsys):
