@@ -37,7 +37,8 @@ from .config import DataConfig
 from .errors import CnnlabError
 from .images import Resize, decode_image, image_size, resize_to
 
-CACHE_VERSION = 3  # bump when an entry's meaning changes (3: image folders record their files' names)
+CACHE_VERSION = 4  # bump when an entry's meaning changes (3: image folders record their files' names; 4: and
+# their formats, sizes, EXIF turns and transparency, for data info)
 # Images larger than SMALL px are resized to DEFAULT_IMAGE_SIZE unless --image-size says otherwise; smaller
 # ones (CIFAR, MNIST and their kind) keep their own size. 96 px: the `photos` preset for 8 epochs on 5,000
 # photo-sized images (benchmarks/photos.py --sweep, results/photos_size.json) reached 58.9% at 96 px, 58.3% at
