@@ -263,6 +263,24 @@ def test_data_info_describes_the_files_themselves_and_an_imbalance(tmp_path):
            "--class-weights auto" in text
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs on this system")
+def test_fifos_and_devices_named_like_images_are_left_out_not_waited_for(tmp_path, photo_run):
+    import os
+
+    write_split(tmp_path / "d" / "train", 2)
+    write_split(tmp_path / "d" / "test", 1)
+    os.mkfifo(tmp_path / "d" / "train" / "red" / "pipe.jpg")  # opening it would wait for a writer forever
+    out = subprocess.run([sys.executable, "-m", "cnnlab.cli", "data", "info", "--data", str(tmp_path / "d")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "1 special (FIFO, device, socket) file(s)" in out.stdout
+    _, run = photo_run
+    image = tmp_path / "d" / "test" / "red" / "0.jpg"
+    out = subprocess.run([sys.executable, "-m", "cnnlab.cli", "predict", str(run), str(tmp_path / "d" / "train" /
+                          "red" / "pipe.jpg"), "/dev/zero", str(image)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout.startswith(f"{image}: red")
+    assert "2 of 3 file(s) could not be read" in out.stderr and "is not a regular file" in out.stderr
+
+
 def test_train_says_how_it_weights_classes(tmp_path):
     write_split(tmp_path / "train", 2)
     for i in range(4):

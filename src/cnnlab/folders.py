@@ -110,7 +110,11 @@ def _walk(folder: Path, ignored: Counter) -> list[str]:
             if name.startswith("."):
                 ignored["hidden"] += 1
             elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.join(top, name))
+                path = os.path.join(top, name)
+                if os.path.isfile(path):  # a FIFO or device named like an image would block or never end
+                    found.append(path)
+                else:
+                    ignored["special (FIFO, device, socket)"] += 1
             else:
                 ignored["not an image"] += 1
     return sorted(found)

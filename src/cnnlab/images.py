@@ -165,6 +165,9 @@ def file_facts(im: Image.Image) -> dict:
 
 
 def _decode(source, channels, size, max_pixels, name, resize, facts=None) -> np.ndarray:
+    if not isinstance(source, bytes) and os.path.exists(source) and not os.path.isdir(source) \
+            and not os.path.isfile(source):  # reading a FIFO waits for a writer; a device may never end
+        raise NotAnImage(f"{name} is not a regular file (a FIFO, device or socket), not an image")
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     with warnings.catch_warnings():
         # Pillow warns (and past 2x its own limit, raises) about large images; ours is the limit that counts.
