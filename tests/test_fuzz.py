@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnlab import cache, cifar, data, idx, images, spec
+from cnnlab import cifar, data, idx, images, spec
 from cnnlab.errors import CnnlabError
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -114,12 +114,15 @@ def test_image_decoder(blob, channels):
 @FUZZ
 @given(blob=some_bytes(png_bytes()), resize=st.sampled_from(["crop", "pad", "squish"]))
 def test_image_folder_decoder(tmp_path_factory, blob, resize):
+    """What the cache's decoder gets of each file: its pixels and facts (for data info), or one CnnlabError."""
     folder = tmp_path_factory.mktemp("img")
     (folder / "x.png").write_bytes(blob)
-    out, shape = folder / "rows.u8", (1, 3, 4, 4)
-    out.write_bytes(bytes(48))
-    start, results = cache._decode_chunk(str(out), shape, 0, [str(folder / "x.png")], (4, 4), resize)
-    assert start == 0 and len(results) == 1 and isinstance(results[0], str | bool)
+    facts: dict = {}
+    try:
+        arr = images.decode_image(folder / "x.png", None, (4, 4), resize=resize, facts=facts)
+    except CnnlabError:
+        return
+    assert arr.shape[:2] == (4, 4) and facts["format"] == "PNG" and min(facts["size"]) >= 1
 
 
 LAYER_TEXT = st.text(alphabet="cpagfdrkbs0123456789.-", max_size=24)

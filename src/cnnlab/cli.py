@@ -320,11 +320,29 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         return dist.launch(args.nproc, _without_nproc(argv))
     try:
         _train_or_resume(args, cfg)
+    except EveryProcessError as e:
+        _say_for_every_process(e)
+        raise
     except BaseException:
         dist.close()  # no barrier: the other ranks may never reach it
         raise
     dist.close(together=True)
     return 0
+
+
+def _say_for_every_process(e: EveryProcessError) -> None:
+    """Every process stopped at the same step: process 0 says why before any of them leaves. (Once one process
+    has exited, the launcher ends the others: process 0, ended before it printed, once left an empty stderr in
+    `make test` beside two busy processes.)"""
+    from . import dist
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"cnnlab: error: {e}", file=sys.stderr, flush=True)
+        e.said = True
+    try:
+        dist.close(together=True)  # the others wait here until it has
+    except Exception:  # a process group that failed: leave it as any other failure does
+        dist.close()
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -609,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(args, argv)
     except CnnlabError as e:
-        if not (where and isinstance(e, EveryProcessError)):  # process 0 says it for all of them
+        if not (where and isinstance(e, EveryProcessError)) and not getattr(e, "said", False):  # process 0 says it
+            # for all of them
             print(f"cnnlab: error: {where}{e}", file=sys.stderr)
         return 2
     except Interrupted as e:
