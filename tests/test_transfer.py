@@ -320,7 +320,9 @@ def test_every_backbone_from_scratch_evaluates_above_chance_exports_and_predicts
     cfg = replace(presets.get("finetune"), model=name, pretrained=None, freeze_epochs=0, lr_spread=1.0, epochs=3,
                   tta=0, threads=2)
     run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / name, **QUIET)
-    assert json.loads((run / "metrics.json").read_text())["test_accuracy"] > 0.5  # chance: 1/3
+    # chance is 1/3 (6 of 18, what one class for every image gave); measured 0.61-1.00 with AVX-512 kernels
+    # (bf16) and 0.50 and up with AVX2 ones (fp32)
+    assert json.loads((run / "metrics.json").read_text())["test_accuracy"] > 0.4
     result = export.export_onnx(run)  # checks onnxruntime against PyTorch on the test images, or fails
     assert result["max_abs_diff"] < export.TOLERANCE
     image = next((photos / "test" / "b").iterdir())
