@@ -107,8 +107,8 @@ def load_predictor(path: str | os.PathLike, device: str = "auto", exported: bool
 def current_export(run_dir: str | os.PathLike) -> OnnxPredictor | None:
     """RUN/model.onnx (what `cnnlab export RUN` writes) in onnxruntime, when it was exported from the run's
     current weights (the weights' SHA-256 in model.json and in the graph's metadata agree) and onnxruntime is
-    installed; else None. Predicting one image this way took 0.19 s against 0.97 s through PyTorch, whose
-    import alone is 0.8 s (Xeon, avx512_bf16; benchmarks/time_to_result.py)."""
+    installed; else None. Predicting one image this way took 0.14 s against 0.86 s through PyTorch, nearly all
+    of it PyTorch's import (Xeon with AMX, avx512_bf16; benchmarks/time_to_result.py --predict-only)."""
     import importlib.util
 
     path = Path(run_dir) / "model.onnx"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from typing import Literal
 
@@ -158,15 +159,22 @@ def file_facts(im: Image.Image) -> dict:
     """The file as it is on disk: its format, its width and height as shown (EXIF orientation applied),
     whether EXIF turns or mirrors it, and whether it has transparency (which decoding puts over white)."""
     w, h = im.size
-    orientation = im.getexif().get(0x0112, 1)
-    return {"format": im.format or "?", "size": (h, w) if orientation >= 5 else (w, h),
-            "exif_rotated": orientation not in (0, 1),
+    return {"format": im.format or "?", "size": (h, w) if _turned(im) else (w, h),
+            "exif_rotated": im.getexif().get(0x0112, 1) not in (0, 1),
             "transparent": im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info}
 
 
+def _special(path) -> bool:
+    """A FIFO, device or socket (one stat; a missing file or a folder is left to open() to say)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def _decode(source, channels, size, max_pixels, name, resize, facts=None) -> np.ndarray:
-    if not isinstance(source, bytes) and os.path.exists(source) and not os.path.isdir(source) \
-            and not os.path.isfile(source):  # reading a FIFO waits for a writer; a device may never end
+    if not isinstance(source, bytes) and _special(source):  # reading a FIFO waits for a writer; a device may never end
         raise NotAnImage(f"{name} is not a regular file (a FIFO, device or socket), not an image")
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     with warnings.catch_warnings():
