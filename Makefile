@@ -26,6 +26,7 @@ demo: $(BIN)/.base
 
 test: $(BIN)/.dev chromium
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports  # the layers of pyproject.toml's [tool.importlinter]
 	$(BIN)/pytest -q --durations=15
 
 # The report test opens report.html in Debian's chromium; where it cannot be installed, that test skips.
@@ -36,6 +37,7 @@ chromium:
 
 lint: $(BIN)/.dev
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

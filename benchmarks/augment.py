@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from cnnlab import augment, mix
+from cnnlab.data import augment, mix
 from common import machine, save
 
 

@@ -48,9 +48,9 @@ def child(steps: int, precision: str) -> None:
 
     from cnnlab import models
     from cnnlab.device import keep_freed_memory
-    from cnnlab.optim import make_optimizer
     from cnnlab.presets import SEED
-    from cnnlab.threads import ThreadGovernor
+    from cnnlab.training.optim import make_optimizer
+    from cnnlab.training.threads import ThreadGovernor
     from common import training_step
 
     keep_freed_memory()

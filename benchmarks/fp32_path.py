@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from cnnlab import models  # noqa: E402
 from cnnlab.device import keep_freed_memory  # noqa: E402
 from cnnlab.doctor import training_step  # noqa: E402
-from cnnlab.optim import make_optimizer  # noqa: E402
 from cnnlab.presets import SEED  # noqa: E402
+from cnnlab.training.optim import make_optimizer  # noqa: E402
 
 
 def variant(layout: str, adam: str, order: str):

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cnnlab import data, folders
+from cnnlab import data
+from cnnlab.data import folders
 from common import CNNLAB, DATA, ROOT, machine, save
 
 WORK = Path.home() / ".cache" / "cnnlab-bench"

@@ -35,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cnnlab import models
 from cnnlab.device import keep_freed_memory
-from cnnlab.optim import make_optimizer
 from cnnlab.presets import SEED
+from cnnlab.training.optim import make_optimizer
 from common import HERE, machine, save, training_step
 
 BATCH = 64

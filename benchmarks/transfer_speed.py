@@ -24,9 +24,10 @@ if "--isa" in sys.argv and sys.argv[sys.argv.index("--isa") + 1] == "avx2":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cnnlab import finetune, models, presets, probe  # noqa: E402
+from cnnlab import models, presets  # noqa: E402
 from cnnlab.device import autocast, pick_precision, precision_name  # noqa: E402
-from cnnlab.optim import make_optimizer  # noqa: E402
+from cnnlab.training import finetune, probe  # noqa: E402
+from cnnlab.training.optim import make_optimizer  # noqa: E402
 
 BACKBONES = ("resnet18_imagenet", "mobilenet_v3_large", "efficientnet_b0", "resnet50", "convnext_tiny")
 

@@ -143,8 +143,9 @@ def real_subset(tmp_path_factory) -> Path:
 def quick_run(tmp_path_factory, real_subset) -> Path:
     """The `quick` recipe (airbench-s: whitening, BatchNorm, GELU, flip+shift test-time augmentation),
     three epochs on the real subset: a small but complete model to export and serve."""
-    from cnnlab import presets, train
+    from cnnlab import presets
     from cnnlab.config import DataConfig, override
+    from cnnlab.training import lifecycle as train
 
     out = tmp_path_factory.mktemp("runs") / "quick"
     train.train(override(presets.get("quick"), epochs=3), DataConfig(path=str(real_subset)), preset="quick", out=out,
@@ -154,7 +155,7 @@ def quick_run(tmp_path_factory, real_subset) -> Path:
 
 @pytest.fixture(scope="session")
 def quick_onnx(tmp_path_factory, quick_run) -> Path:
-    from cnnlab import export
+    from cnnlab.deploy import export
 
     return Path(export.export_onnx(quick_run, tmp_path_factory.mktemp("onnx") / "quick.onnx")["path"])
 
@@ -176,7 +177,7 @@ def launch_chromium(playwright):
 def ctrl_c_at_step(monkeypatch):
     """`ctrl_c_at_step(n)`: the n-th training step from now on asks training to stop, as Ctrl-C does (the
     SIGINT handler sets train.STOP); `ctrl_c_at_step.disarm()` puts the real step back, for the resume."""
-    from cnnlab import train
+    from cnnlab.training import lifecycle as train
 
     real = train._train_step
 

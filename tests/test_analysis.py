@@ -8,9 +8,10 @@ import re
 import pytest
 import torch
 
-from cnnlab import cli, train
-from cnnlab.analysis import Interpretation
+from cnnlab import cli
 from cnnlab.config import DataConfig, TrainConfig
+from cnnlab.evaluation.analysis import Interpretation
+from cnnlab.training import lifecycle as train
 from conftest import ARTIFACTS, launch_chromium, needs_chromium, write_image_folder
 
 CLASSES = ["cat", "dog", "eel"]
@@ -208,7 +209,7 @@ def test_the_report_says_what_was_trained_where_and_names_the_files_it_got_wrong
 
 
 def test_the_best_epoch_is_named_when_the_model_overfitted():
-    from cnnlab import report
+    from cnnlab.evaluation import report
 
     history = [{"epoch": e, "val_acc": a} for e, a in ((1, 0.50), (2, 0.70), (3, 0.62))]
     assert "peaked at epoch 2 (70.00%) and ended at 62.00%" in report.best_epoch_note(history)
@@ -216,7 +217,7 @@ def test_the_best_epoch_is_named_when_the_model_overfitted():
 
 
 def test_a_one_epoch_history_has_one_whole_tick():
-    from cnnlab import plots
+    from cnnlab.evaluation import plots
 
     fig = plots.plot_history([{"epoch": 1, "train_loss": 2.0, "val_loss": 1.9, "train_acc": 0.2, "val_acc": 0.3}])
     assert [t for t in fig.axes[0].get_xticks()] == [1]

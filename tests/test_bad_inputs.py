@@ -191,7 +191,7 @@ def test_a_damaged_run_is_listed_as_such_beside_the_good_ones(world, capsys):
 
 
 def test_a_cache_entry_the_disk_cannot_hold_is_refused_before_decoding(world, capsys, monkeypatch):
-    from cnnlab import cache
+    from cnnlab.data import cache
 
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
     assert cli.main(["data", "info", "--data", str(world["cifar"]), "--image-size", "64"]) == 2

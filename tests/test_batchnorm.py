@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cnnlab import batchnorm, models, train
+from cnnlab import models
 from cnnlab.config import DataConfig, TrainConfig
-from cnnlab.data import Normalization
+from cnnlab.data.dataset import Normalization
+from cnnlab.training import batchnorm
+from cnnlab.training import lifecycle as train
 
 
 def test_layers_whose_averages_an_epoch_cannot_renew():

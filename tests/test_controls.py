@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnlab import checkpoints, cli, train
+from cnnlab import checkpoints, cli
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
+from cnnlab.training import lifecycle as train
 
 # 150 training images, 30 held out for validation: 8 steps an epoch of batch 16
 CFG = TrainConfig(epochs=6, batch_size=16, seed=3)
@@ -138,7 +139,7 @@ def test_a_run_cannot_be_cut_below_what_it_trained(tmp_path, cifar_python_dir, c
 
 def test_a_preset_as_a_file_round_trips_and_flags_override_it(tmp_path, capsys, cifar_python_dir):
     from cnnlab import presets
-    from cnnlab.config import from_toml
+    from cnnlab.presets import from_toml
 
     assert cli.main(["presets", "--show", "fast"]) == 0
     text = capsys.readouterr().out
@@ -173,7 +174,7 @@ def test_a_bad_config_file_is_one_line(tmp_path, capsys, cifar_python_dir, conte
 
 
 def _factors(schedule: str, total: int = 100, **kw) -> list[float]:
-    from cnnlab.optim import make_schedule
+    from cnnlab.training.optim import make_schedule
 
     cfg = TrainConfig(schedule=schedule, **kw)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -199,7 +200,7 @@ def test_schedule_shapes():
 
 
 def test_plateau_drops_the_rate_after_two_flat_epochs_and_resumes_exactly():
-    from cnnlab.optim import make_schedule
+    from cnnlab.training.optim import make_schedule
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = make_schedule(TrainConfig(schedule="plateau", monitor="val_loss"), opt, 100)
@@ -279,7 +280,7 @@ def test_resume_with_ema_is_bit_exact(tmp_path, cifar_python_dir, ctrl_c_at_step
 
 
 def test_class_weights_make_every_class_count_the_same():
-    from cnnlab.data import class_weights
+    from cnnlab.data.dataset import class_weights
 
     y = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
     weight = class_weights(y, 3)
@@ -288,7 +289,8 @@ def test_class_weights_make_every_class_count_the_same():
 
 
 def test_lr_find_sweeps_stops_on_divergence_suggests_and_restores(tmp_path, cifar_python_dir, capsys):
-    from cnnlab import data, lrfind, models
+    from cnnlab import data, models
+    from cnnlab.training import lrfind
 
     ds = data.load(DataConfig(path=str(cifar_python_dir)))
     model = models.build("seed", 3, 10, (32, 32))

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import cache, cifar, data
+from cnnlab import data
+from cnnlab.data import cache, cifar
 from cnnlab.errors import CnnlabError
 from conftest import CLASSES, make_tar_gz, write_cifar_python, write_image_folder
 

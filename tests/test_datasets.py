@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import checkpoints, cli, data, evaluate, idx, train
+from cnnlab import checkpoints, cli, data
 from cnnlab.config import DataConfig, TrainConfig
-from cnnlab.data import Normalization
+from cnnlab.data import idx
+from cnnlab.data.dataset import Normalization
 from cnnlab.device import pick_precision
 from cnnlab.errors import CnnlabError
+from cnnlab.evaluation import evaluate
+from cnnlab.training import lifecycle as train
 from conftest import make_tar_gz, write_image_folder
 
 FINE = [f"fine{i:02d}" for i in range(100)]
@@ -198,7 +201,7 @@ def test_val_split_validates_on_held_out_training_images(tmp_path, capsys):
 def test_idx_header_whose_size_overflows_64_bits_is_refused(tmp_path):
     import struct
 
-    from cnnlab import idx
+    from cnnlab.data import idx
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 65536, 16777216, 16777216))  # 2**64 pixels, no data
     with pytest.raises(CnnlabError, match="more than cnnlab reads"):
@@ -211,7 +214,7 @@ def test_an_idx_gzip_bomb_is_refused_without_inflating_it(tmp_path):
     import struct
     import tracemalloc
 
-    from cnnlab import idx
+    from cnnlab.data import idx
     path = tmp_path / "train-images-idx3-ubyte.gz"
     with gzip.open(path, "wb") as f:
         f.write(bytes([0, 0, 8, 3]) + struct.pack(">III", 10, 28, 28))
@@ -248,7 +251,7 @@ def test_a_cifar_archive_member_declaring_a_huge_size_is_refused(tmp_path, monke
         payload = bytes(2**20)
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
-    from cnnlab import cifar
+    from cnnlab.data import cifar
     monkeypatch.setattr(cifar, "MAX_MEMBER", 2**19)  # a 1 MB member against a 512 KB limit
     with pytest.raises(CnnlabError, match="declares 1,048,576 bytes"):
         data.load_dataset(path, use_cache=False)

@@ -11,8 +11,10 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="the deploy extra is not installed: pip install -e '.[deploy]'")
 
-from cnnlab import cli, deploy, evaluate, export  # noqa: E402
+from cnnlab import cli, deploy
+from cnnlab.deploy import export, pytorch  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
+from cnnlab.evaluation import evaluate
 from conftest import CLASSES  # noqa: E402
 
 
@@ -20,14 +22,14 @@ def test_export_matches_pytorch_and_carries_its_metadata(quick_run, quick_onnx, 
     model = deploy.OnnxPredictor(quick_onnx)
     assert model.info["classes"] == CLASSES
     assert model.info["channels"] == 3 and model.info["image_size"] == [32, 32]
-    assert model.info["resize"] == evaluate.TorchPredictor(quick_run, "cpu").info["resize"] == "crop"  # as trained
+    assert model.info["resize"] == pytorch.TorchPredictor(quick_run, "cpu").info["resize"] == "crop"  # as trained
     assert model.info["cnnlab_version"] and model.info["source_run"] == str(quick_run.resolve())
     expected_accuracy = json.loads((quick_run / "metrics.json").read_text())["test_accuracy"]
     assert model.info["test_accuracy"] == pytest.approx(expected_accuracy)
     inp = model.session.get_inputs()[0]
     assert inp.type == "tensor(uint8)" and inp.shape[1:] == [32, 32, 3] and isinstance(inp.shape[0], str)
 
-    torch_model = evaluate.TorchPredictor(quick_run, "cpu")
+    torch_model = pytorch.TorchPredictor(quick_run, "cpu")
     rng = np.random.default_rng(0)
     for batch in (1, 7, 300):  # the batch axis is dynamic
         images = rng.integers(0, 256, size=(batch, 32, 32, 3), dtype=np.uint8)
@@ -105,9 +107,9 @@ def test_predict_on_a_run_uses_its_current_export_and_no_pytorch(quick_run, quic
 
 
 def test_evaluate_onnx_agrees_with_pytorch(quick_run, quick_onnx, capsys):
-    metrics = evaluate.evaluate_onnx(quick_onnx)
+    metrics = pytorch.evaluate_onnx(quick_onnx)
     dataset = evaluate.run_dataset(quick_run, json.loads((quick_run / "model.json").read_text()))
-    probs = evaluate.TorchPredictor(quick_run, "cpu").probabilities(dataset.x_test.permute(0, 2, 3, 1).numpy())
+    probs = pytorch.TorchPredictor(quick_run, "cpu").probabilities(dataset.x_test.permute(0, 2, 3, 1).numpy())
     torch_accuracy = float((probs.argmax(1) == dataset.y_test.numpy()).mean())
     assert metrics["test_images"] == len(dataset.y_test) == 1000
     assert abs(metrics["test_accuracy"] - torch_accuracy) <= 0.002  # at most 2 near-ties may flip

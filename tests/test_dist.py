@@ -246,8 +246,9 @@ def test_sync_bn_converts_every_batchnorm_for_gpu_ranks():
     """The conversion itself (which runs on CPU tensors); DDP then needs GPUs, which this machine lacks."""
     from torch import nn
 
-    from cnnlab import models, train
+    from cnnlab import models
     from cnnlab.config import TrainConfig
+    from cnnlab.training import lifecycle as train
 
     model = models.build("resnet20")
     count = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())

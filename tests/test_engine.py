@@ -8,8 +8,12 @@ import json
 import pytest
 import torch
 
-from cnnlab import augment, device, evaluate, models, optim, presets, train
+from cnnlab import device, models, presets
 from cnnlab.config import DataConfig, TrainConfig, override
+from cnnlab.data import augment
+from cnnlab.evaluation import evaluate
+from cnnlab.training import lifecycle as train
+from cnnlab.training import optim
 
 
 def _grid(b=2, c=3, h=6, w=6):

@@ -10,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab import cache, deploy, evaluate, plots, train
+from cnnlab import deploy
 from cnnlab.config import DataConfig, TrainConfig
+from cnnlab.data import cache
+from cnnlab.evaluation import evaluate, plots
+from cnnlab.training import lifecycle as train
 from conftest import write_image_folder
 
 Y_TRUE = [0, 0, 1, 1, 2, 2, 2]

@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnlab import cifar, data, idx, images, spec
+from cnnlab import data
+from cnnlab.data import cifar, idx, images
 from cnnlab.errors import CnnlabError
+from cnnlab.models import spec
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -145,7 +147,7 @@ def client(quick_onnx):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from cnnlab import serve
+    from cnnlab.deploy import serve
 
     with TestClient(serve.create_app(serve.ServeConfig(model=str(quick_onnx), max_upload_mb=1))) as c:
         yield c

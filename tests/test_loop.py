@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab import cli, presets, train
+from cnnlab import cli, presets
 from cnnlab.config import DataConfig, TrainConfig, override
 from cnnlab.errors import CnnlabError
+from cnnlab.training import lifecycle as train
 
 # What makes a host wait for the device: reading a value back (on a GPU each is a sync point).
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -70,10 +71,10 @@ class Blows(nn.Module):
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd", "muon"])
 def test_a_non_finite_step_changes_no_weight_statistic_or_optimizer_state(optimizer, tmp_path):
-    from cnnlab.data import Dataset, Normalization
+    from cnnlab.data.dataset import Dataset, Normalization
     from cnnlab.dist import World
-    from cnnlab.optim import Lookahead, make_optimizer, make_schedule
-    from cnnlab.state import TrainState
+    from cnnlab.training.optim import Lookahead, make_optimizer, make_schedule
+    from cnnlab.training.state import TrainState
 
     torch.manual_seed(0)
     model = Blows()
@@ -146,7 +147,7 @@ def test_the_final_metrics_are_the_last_validation_without_a_second_pass(tmp_pat
                                                                          preset):
     import json
 
-    from cnnlab import evaluate
+    from cnnlab.evaluation import evaluate
 
     passes, real = [], evaluate.predict_logits
 
@@ -168,7 +169,7 @@ def test_the_final_metrics_are_the_last_validation_without_a_second_pass(tmp_pat
 
 
 def test_a_held_out_validation_set_still_gets_one_test_pass_at_the_end(tmp_path, cifar_python_dir, monkeypatch):
-    from cnnlab import evaluate
+    from cnnlab.evaluation import evaluate
 
     passes, real = [], evaluate.predict_logits
     monkeypatch.setattr(evaluate, "predict_logits", lambda m, x, *a, **k: passes.append(len(x)) or real(m, x, *a, **k))
@@ -178,7 +179,7 @@ def test_a_held_out_validation_set_still_gets_one_test_pass_at_the_end(tmp_path,
 
 
 def test_val_sample_validates_on_a_fixed_sample_and_the_last_epoch_on_all(tmp_path, cifar_python_dir, monkeypatch):
-    from cnnlab import evaluate
+    from cnnlab.evaluation import evaluate
 
     seen, real = [], evaluate.predict_logits
     monkeypatch.setattr(evaluate, "predict_logits", lambda m, x, *a, **k: seen.append(x.clone()) or real(m, x, *a, **k))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnnlab import augment, models
+from cnnlab import models
+from cnnlab.data import augment
 from cnnlab.errors import CnnlabError
 
 
@@ -122,7 +123,7 @@ def test_unknown_augmentation_is_a_clear_error():
 
 
 def test_every_new_operation_is_seeded_and_keeps_shape_and_range():
-    from cnnlab import augment
+    from cnnlab.data import augment
 
     x = torch.rand(16, 3, 24, 24)
     for op in (augment.color_jitter, augment.rand_augment):
@@ -140,7 +141,7 @@ def test_every_new_operation_is_seeded_and_keeps_shape_and_range():
 
 
 def test_mixup_and_cutmix_blend_labels_by_what_they_blend():
-    from cnnlab import mix
+    from cnnlab.data import mix
 
     x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(6)])  # image i is all i
     y = torch.arange(6)
@@ -155,7 +156,8 @@ def test_mixup_and_cutmix_blend_labels_by_what_they_blend():
 
 
 def test_augmentations_combine_by_name_and_train(tmp_path, cifar_python_dir):
-    from cnnlab import augment, cli
+    from cnnlab import cli
+    from cnnlab.data import augment
 
     with pytest.raises(CnnlabError, match="unknown augmentation 'mixupp'"):
         augment.get("flip+mixupp")

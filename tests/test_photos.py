@@ -16,10 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab import cache, data, folders, images, presets, train
+from cnnlab import data, presets
 from cnnlab.config import DataConfig, override
+from cnnlab.data import cache, folders, images
 from cnnlab.errors import CnnlabError
 from cnnlab.presets import PHOTOS
+from cnnlab.training import lifecycle as train
 
 
 def photo(color: tuple[int, int, int], size=(80, 60), seed: int = 0) -> Image.Image:
@@ -453,7 +455,7 @@ def test_a_flatten_network_at_photo_size_is_warned_about(tmp_path):
 
 
 def test_random_resized_crop_keeps_the_shape_and_is_the_identity_at_full_scale():
-    from cnnlab import augment
+    from cnnlab.data import augment
 
     x = torch.rand(4, 3, 24, 24)
     g = torch.Generator().manual_seed(0)

@@ -19,9 +19,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from cnnlab import checkpoints, cli, data, models, train
+from cnnlab import checkpoints, cli, data, models
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
+from cnnlab.training import lifecycle as train
 from conftest import fake_cifar_arrays, write_cifar_python, write_image_folder
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,7 +311,9 @@ def test_a_kill_after_any_file_of_the_end_of_a_run_is_completed_by_resume(tmp_pa
 
 
 def test_damaged_weights_are_refused_by_every_reader_and_rewritten_by_resume(tmp_path, cifar_python_dir, capsys):
-    from cnnlab import deploy, evaluate, export
+    from cnnlab import deploy
+    from cnnlab.deploy import export, pytorch
+    from cnnlab.evaluation import evaluate
 
     run = tmp_path / "run"
     flags = ["--data", str(cifar_python_dir), "--epochs", "1", "--batch-size", "30", "--no-report"]
@@ -322,7 +325,7 @@ def test_damaged_weights_are_refused_by_every_reader_and_rewritten_by_resume(tmp
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32), (9, 99, 199)).save(image)
     for read in (lambda: evaluate.evaluate_run(run), lambda: deploy.predict_files(run, [str(image)]),
-                 lambda: export.export_onnx(run, tmp_path / "m.onnx"), lambda: evaluate.TorchPredictor(run)):
+                 lambda: export.export_onnx(run, tmp_path / "m.onnx"), lambda: pytorch.TorchPredictor(run)):
         with pytest.raises(CnnlabError, match="is damaged"):
             read()
     capsys.readouterr()

@@ -23,7 +23,8 @@ pytest.importorskip("fastapi", reason="the deploy extra is not installed: pip in
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cnnlab import deploy, serve  # noqa: E402
+from cnnlab import deploy
+from cnnlab.deploy import serve  # noqa: E402
 from conftest import ARTIFACTS, CLASSES, launch_chromium, needs_chromium  # noqa: E402
 
 

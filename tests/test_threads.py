@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from cnnlab import threads
 from cnnlab.hardware import cpu_class, usable_cores
+from cnnlab.training import threads
 
 HOG = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"  # busy until its parent ends
 
@@ -142,8 +142,8 @@ def test_denormals_flush_to_zero_once_cnnlab_loads_unless_kept():
 def test_a_run_leaves_the_thread_count_as_it_found_it(tmp_path, cifar_python_dir):
     import torch
 
-    from cnnlab import train
     from cnnlab.config import DataConfig, TrainConfig
+    from cnnlab.training import lifecycle as train
 
     before = torch.get_num_threads()
     train.train(TrainConfig(epochs=1, batch_size=50, threads=1), DataConfig(path=str(cifar_python_dir)),

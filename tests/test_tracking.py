@@ -14,9 +14,10 @@ import urllib.request
 
 import pytest
 
-from cnnlab import cli, train
+from cnnlab import cli
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
+from cnnlab.training import lifecycle as train
 
 pytest.importorskip("mlflow", reason="the tracking extra is not installed")
 pytest.importorskip("tensorboard", reason="the tracking extra is not installed")
@@ -108,7 +109,7 @@ def test_mlflow_against_a_real_server_on_loopback(tmp_path, cifar_python_dir):
 
 
 def test_an_unknown_tracker_or_a_missing_package_is_one_line(monkeypatch):
-    from cnnlab import tracking
+    from cnnlab.training import tracking
 
     with pytest.raises(CnnlabError, match="unknown --log 'wandb'"):
         tracking.check(["wandb"])

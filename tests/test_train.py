@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnlab import checkpoints, cli, runs, train
+from cnnlab import checkpoints, cli, runs
 from cnnlab.config import DataConfig, TrainConfig
+from cnnlab.training import lifecycle as train
 
 SMALL = TrainConfig(epochs=2, batch_size=16, augment="seed", seed=7)  # 150 images: 10 steps per epoch
 quiet = dict(log=lambda *a: None)

@@ -20,10 +20,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cnnlab import backbones, checkpoints, cli, finetune, models, presets, pretrained, probe, train
+from cnnlab import checkpoints, cli, models, presets
 from cnnlab.config import DataConfig, TrainConfig, override
 from cnnlab.errors import CnnlabError
-from cnnlab.optim import make_optimizer, make_schedule
+from cnnlab.models import backbones, pretrained
+from cnnlab.training import finetune, probe
+from cnnlab.training import lifecycle as train
+from cnnlab.training.optim import make_optimizer, make_schedule
 from conftest import write_image_folder
 
 MANIFEST = json.loads((Path(__file__).parent / "torchvision_manifest.json").read_text())["backbones"]
@@ -232,7 +235,8 @@ def test_frozen_epochs_keep_the_body_and_its_statistics(imagenet_in_cache, cifar
 
 
 def test_lr_find_starts_from_the_pretrained_weights(imagenet_in_cache, photos, tmp_path):
-    from cnnlab import data, lrfind
+    from cnnlab import data
+    from cnnlab.training import lrfind
 
     ds = data.load(DataConfig(path=str(photos), image_size=(32, 32)))
     result = lrfind.find_lr(presets.get("finetune"), ds, steps=5)
@@ -244,7 +248,7 @@ def test_lr_find_starts_from_the_pretrained_weights(imagenet_in_cache, photos, t
 
 
 def test_head_only_caches_embeddings_and_agrees_with_the_whole_network(imagenet_in_cache, photos, tmp_path):
-    from cnnlab import evaluate
+    from cnnlab.evaluation import evaluate
 
     cfg = override(presets.get("finetune"), model=RESNET, head_only=True, epochs=4, precision="fp32")
     data = DataConfig(path=str(photos), image_size=(32, 32))
@@ -266,7 +270,7 @@ def test_head_only_caches_embeddings_and_agrees_with_the_whole_network(imagenet_
 
 
 def test_feature_key_follows_weights_normalization_and_pixels():
-    from cnnlab.data import Normalization
+    from cnnlab.data.dataset import Normalization
 
     net = models.build("resnet18_imagenet", 3, 5, (32, 32))
     x = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
@@ -315,7 +319,8 @@ def test_every_backbone_from_scratch_evaluates_above_chance_exports_and_predicts
     0.1 elsewhere) cannot converge, so a run that evaluated by them predicted one class (1/3) here; their
     statistics are computed before each validation instead (batchnorm.py)."""
     pytest.importorskip("onnxruntime")
-    from cnnlab import deploy, export
+    from cnnlab import deploy
+    from cnnlab.deploy import export
 
     cfg = replace(presets.get("finetune"), model=name, pretrained=None, freeze_epochs=0, lr_spread=1.0, epochs=3,
                   tta=0, threads=2)
@@ -336,7 +341,7 @@ def test_end_to_end_train_report_export_serve(head_only, imagenet_in_cache, phot
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from cnnlab import export, serve
+    from cnnlab.deploy import export, serve
 
     cfg = override(presets.get("finetune"), epochs=3, head_only=head_only)
     run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "run",

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab import checkpoints, cli, models, spec, train
+from cnnlab import checkpoints, cli, models
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
+from cnnlab.models import spec
+from cnnlab.training import lifecycle as train
 from conftest import write_image_folder
 
 # Parameter counts for 32x32x3 inputs and 10 classes, as published (zoo.py says where each comes from).

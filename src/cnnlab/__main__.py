@@ -1,5 +1,5 @@
 """`python -m cnnlab`: the same as the `cnnlab` command."""
 
-from .cli import entry
+from cnnlab.cli import entry
 
 entry()

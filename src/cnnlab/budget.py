@@ -11,12 +11,13 @@ validation (on a fixed sample of VAL_SAMPLE images); the final evaluation comes 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, replace
 
-from .config import TrainConfig
-from .errors import CnnlabError
+from cnnlab.config import TrainConfig
+from cnnlab.errors import CnnlabError
 
 # Test accuracy (%) on CIFAR-10 after E epochs of each recipe (its schedule sized to E): benchmarks/budget.py
 # --curves, Intel Xeon (avx512_bf16 class), bf16, seed 0, 2026-11-25 (training seconds there: quick 8.4 s an
@@ -85,7 +86,7 @@ def measure(presets: dict[str, TrainConfig], train_images: int, val_images: int,
             seconds: float = 1.0) -> dict[str, float]:
     """Expected seconds per epoch of each recipe here, now: its measured step times its steps, with the
     validation of VAL_SAMPLE images (forward only: about a third of a training step per image)."""
-    from .doctor import step_seconds
+    from cnnlab.doctor import step_seconds
 
     out, steps_seen = {}, {name: [] for name in presets}
     for _ in range(2):  # twice, interleaved, and the faster: one measurement in ten here ran 1.5x slow
@@ -104,14 +105,14 @@ def budget_config(plan_: Plan, base: TrainConfig) -> TrainConfig:
     return replace(base, epochs=plan_.epochs, val_sample=VAL_SAMPLE)
 
 
-def train_within(seconds: float, data_cfg, *, out=None, with_report: bool = True, log=print,
+def train_within(seconds: float, data_cfg, *, out=None, with_report: bool = True,
                  tracking: tuple[str, ...] = (), device: str = "auto", seed: int = 0):
     """Plan for this machine and data, say the plan, and train it; returns the run directory."""
-    from . import presets, train
-    from .device import pick_device, pick_precision
+    from cnnlab import presets, training
+    from cnnlab.device import pick_device, pick_precision
 
     data_cfg = data_cfg.validate()
-    ds = train.load_data(data_cfg, seed, log)
+    ds = training.load_data(data_cfg, seed)
     if max(ds.image_size) > 64:
         raise CnnlabError(f"--budget plans with CIFAR-sized recipes (quick, fast) and {ds.source} is "
                           f"{ds.image_size[0]}x{ds.image_size[1]}: use --preset photos and --epochs")
@@ -120,6 +121,6 @@ def train_within(seconds: float, data_cfg, *, out=None, with_report: bool = True
     per_epoch = measure(candidates, len(ds.y_train), len(ds.validation[1]), dev,
                         pick_precision(candidates["quick"].precision, dev))
     chosen = plan(seconds, per_epoch)
-    log(chosen.describe())
-    return train.train(budget_config(chosen, candidates[chosen.preset]), data_cfg, preset=chosen.preset, out=out,
-                       dataset=ds, with_report=with_report, log=log, tracking=tracking)
+    logging.getLogger(__name__).info(chosen.describe())
+    return training.train(budget_config(chosen, candidates[chosen.preset]), data_cfg, preset=chosen.preset, out=out,
+                       dataset=ds, with_report=with_report, tracking=tracking)

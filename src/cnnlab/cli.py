@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__, presets
-from .config import MAX_IMAGE_SIDE, DataConfig, from_toml, override, to_toml
-from .errors import CnnlabError, EveryProcessError, Interrupted
+from cnnlab import __version__, presets
+from cnnlab.config import MAX_IMAGE_SIDE, DataConfig, override, to_toml
+from cnnlab.errors import CnnlabError, EveryProcessError, Interrupted
 
 MODEL_HELP = "a name from `cnnlab models` or a layer spec such as c32-p-c64-p-f-d128"
 
@@ -47,7 +47,7 @@ def _unit(text: str, zero: bool) -> float:
 
 
 def _budget(text: str) -> float:
-    from .budget import parse
+    from cnnlab.budget import parse
 
     try:
         return parse(text)
@@ -161,9 +161,12 @@ def _add_lr_find_parser(sub) -> None:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> None:
-    from . import data, lrfind, plots
+    from cnnlab import data
+    from cnnlab.evaluation import plots
+    from cnnlab.training import lrfind
+    from cnnlab.training.preflight import check_names
 
-    cfg = _train_config(args).validate()
+    cfg = check_names(_train_config(args))
     if args.start >= args.end:
         raise CnnlabError(f"--start ({args.start:g}) must be below --end ({args.end:g})")
     result = lrfind.find_lr(cfg, data.load(_data_config(args).validate()), start=args.start, end=args.end,
@@ -275,13 +278,13 @@ def _data_config(args: argparse.Namespace, **extra) -> DataConfig:
 
 
 def _load(args: argparse.Namespace):
-    from . import data
+    from cnnlab import data
 
     return data.load(_data_config(args))
 
 
 def _check_model(name: str | None) -> None:
-    from . import models
+    from cnnlab import models
 
     if name is not None:
         models.check(name)
@@ -290,7 +293,8 @@ def _check_model(name: str | None) -> None:
 def list_models() -> str:
     import torch
 
-    from . import models, pretrained, spec
+    from cnnlab import models
+    from cnnlab.models import pretrained, spec
 
     lines = [f"{'name':<20}  {'parameters':>11}  --pretrained  (parameters at 32x32x3 inputs, 10 classes)"]
     for name in sorted(models.MODELS):
@@ -305,16 +309,18 @@ def list_models() -> str:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from . import dist
+    from cnnlab import dist
 
     if args.resume:
         _check_resume_flags(args)
     if args.budget:
         _check_budget_flags(args)
-    cfg = _train_config(args).validate()  # before starting processes: one message, not one per process
+    from cnnlab.training.preflight import check_names
+
+    cfg = check_names(_train_config(args))  # before starting processes: one message, not one per process
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         if cfg.pretrained == "imagenet":  # one download here, not one per process
-            from . import pretrained
+            from cnnlab.models import pretrained
 
             pretrained.fetch(cfg.model)
         return dist.launch(args.nproc, _without_nproc(argv))
@@ -334,7 +340,7 @@ def _say_for_every_process(e: EveryProcessError) -> None:
     """Every process stopped at the same step: process 0 says why before any of them leaves. (Once one process
     has exited, the launcher ends the others: process 0, ended before it printed, once left an empty stderr in
     `make test` beside two busy processes.)"""
-    from . import dist
+    from cnnlab import dist
 
     if os.environ.get("RANK", "0") == "0":
         print(f"cnnlab: error: {e}", file=sys.stderr, flush=True)
@@ -431,11 +437,11 @@ def _train_config(args: argparse.Namespace):
     """The preset, then the --config file, then each flag given: a TrainConfig (not yet validated)."""
     from dataclasses import fields, replace
 
-    from .config import TrainConfig
+    from cnnlab.config import TrainConfig
 
     base = presets.get(args.preset)
     if args.config:
-        base = from_toml(args.config, base)
+        base = presets.from_toml(args.config, base)
     flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if flags.get("pretrained") == "none":  # from random weights, whatever the preset starts from
         flags["pretrained"], base = None, replace(base, pretrained=None)
@@ -446,21 +452,22 @@ def _train_config(args: argparse.Namespace):
 
 
 def _train_or_resume(args: argparse.Namespace, cfg) -> None:
-    from . import train
+    from cnnlab import training
 
     if args.resume:
-        train.resume(args.resume, args.data, with_report=not args.no_report, epochs=args.epochs)
+        training.resume(args.resume, args.data, with_report=not args.no_report, epochs=args.epochs)
         return
     subset = (args.subset or 512) if args.dry_run else args.subset
     if args.budget:
-        from . import budget
+        from cnnlab import budget
 
         budget.train_within(args.budget, _data_config(args, subset=subset, val_split=args.val_split), out=args.out,
-                            with_report=not args.no_report, log=train.say, tracking=tuple(args.log or ()),
+                            with_report=not args.no_report, tracking=tuple(args.log or ()),
                             device=args.device or "auto", seed=args.seed or 0)
         return
-    train.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset, out=args.out,
-                with_report=not args.no_report, tracking=tuple(args.log or ()), mlflow_uri=args.mlflow_uri)
+    training.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset,
+                   out=args.out, with_report=not args.no_report, tracking=tuple(args.log or ()),
+                   mlflow_uri=args.mlflow_uri)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -476,7 +483,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from . import models
+    from cnnlab import models
 
     _check_model(args.model)
     if args.data:
@@ -491,24 +498,23 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from . import runs
+    from cnnlab import run
 
     if not args.compare:
-        print(runs.format_runs(runs.list_runs(args.dir)))
+        print(run.format_runs(run.list_runs(args.dir)))
         return
-    from . import plots  # matplotlib: only for --compare
-    curves = {}
-    for run_dir in args.compare:
-        path = Path(run_dir)
-        curves[path.name] = runs.read_json(path / "history.json", "has it finished an epoch?")
+    from cnnlab.evaluation import plots  # matplotlib: only for --compare
+    curves = {Path(path).name: run.Run(path).history() for path in args.compare}
     print(f"wrote {plots.save_figure(plots.plot_val_accuracy(curves), args.out)}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from . import deploy, evaluate
+    from cnnlab import deploy
+    from cnnlab.deploy import pytorch
+    from cnnlab.evaluation import evaluate
 
     if deploy.is_onnx(args.run_dir):
-        print(evaluate.format_metrics(evaluate.evaluate_onnx(args.run_dir, args.data)))
+        print(evaluate.format_metrics(pytorch.evaluate_onnx(args.run_dir, args.data)))
         return
     print(evaluate.format_metrics(evaluate.evaluate_run(args.run_dir, args.data, device=args.device, out=args.out)))
     print(f"\nwrote metrics.json and confusion_matrix.csv/.json/.png in "
@@ -516,7 +522,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import deploy
+    from cnnlab import deploy
 
     results = deploy.predict_files(args.run_dir, args.images, args.top_k, args.device)
     if not results:
@@ -544,7 +550,7 @@ def _write_predictions_csv(path: str, results: list[dict], k: int) -> None:
     import csv
     import io
 
-    from . import files
+    from cnnlab import files
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -557,7 +563,7 @@ def _write_predictions_csv(path: str, results: list[dict], k: int) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from . import serve
+    from cnnlab.deploy import serve
 
     if not 0 <= args.port <= 65535:
         raise CnnlabError(f"--port must be between 0 and 65535, got {args.port}")
@@ -568,13 +574,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
     """Carry out one parsed command; returns its exit code where it is not 0."""
     if args.command == "data":
-        from . import cache  # no PyTorch: cached data is described from its meta.json
+        from cnnlab.data import cache  # no PyTorch: cached data is described from its meta.json
 
         print(cache.describe(cache.entry_for(_data_config(args).validate()).meta))
     elif args.command == "summary":
         cmd_summary(args)
     elif args.command == "doctor":
-        from . import doctor
+        from cnnlab import doctor
 
         info = doctor.report(args.seconds)
         print(json.dumps(info, indent=2) if args.json else doctor.format_report(info))
@@ -593,7 +599,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
     elif args.command == "evaluate":
         cmd_evaluate(args)
     elif args.command == "export":
-        from . import export
+        from cnnlab.deploy import export
 
         result = export.export_onnx(args.run_dir, args.out, args.data)
         print(f"wrote {result['path']} in {result['seconds']} s; onnxruntime matches PyTorch on "
@@ -601,8 +607,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
     elif args.command == "serve":
         cmd_serve(args)
     elif args.command == "report":
-        from . import report
-        from .analysis import Interpretation
+        from cnnlab.evaluation import report
+        from cnnlab.evaluation.analysis import Interpretation
 
         interp = Interpretation.from_run(args.run_dir, args.data, device=args.device)
         print(f"wrote {report.write_report(args.run_dir, interp, args.out)}")
@@ -615,7 +621,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
 def _lost_contact(e: Exception) -> bool:
     if "torch" not in sys.modules:
         return False
-    from . import dist
+    from cnnlab import dist
 
     return dist.lost_contact(e)
 

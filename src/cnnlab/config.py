@@ -1,8 +1,12 @@
 """One dataclass per concern. Presets (presets.py) fill them in; command-line flags override fields.
 
 Fields that take one of a fixed set of values are `Literal` types, and `TrainConfig.validate()` checks
-every field in one place; `train()` calls it before it reads any data or creates the run directory, so
-a typo costs nothing and leaves nothing behind.
+every value in one place. Names that live in a registry (the model, the augmentation, the pretrained
+weights) are checked by the preflight (training/preflight.py), which `train()` runs before it reads any
+data or creates the run directory, so a typo costs nothing and leaves nothing behind.
+
+This module is part of the base layer: it imports nothing of the project but its error type, so every
+layer may read a configuration.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from types import UnionType
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
-from .errors import CnnlabError
+from cnnlab.errors import CnnlabError
 
 Optimizer = Literal["adam", "adamw", "sgd", "muon"]
 Schedule = Literal["constant", "triangle", "one-cycle", "cosine", "step", "plateau"]
@@ -152,10 +156,6 @@ class TrainConfig:
                  f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         _require(not (self.per_1024 and self.optimizer in ("adam", "adamw")),
                  "per-1024 learning rates are for sgd and muon")
-        from . import augment, models  # here, not at the top: they import torch
-
-        augment.get(self.augment)
-        models.check(self.model)
         self._validate_transfer()
         return self
 
@@ -170,9 +170,6 @@ class TrainConfig:
         _require(not (self.pretrained and self.init_from), "give --pretrained or --init-from, not both")
         _require(not (self.head_only and self.optimizer == "muon"), "--head-only trains one linear layer: use "
                  "adam, adamw or sgd")
-        from . import pretrained
-
-        pretrained.check(self.model, self.pretrained)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -250,29 +247,3 @@ def to_toml(cfg: TrainConfig, title: str = "") -> str:
         per_1024 = "  # per 1024 examples (per_1024 = true)" if name in ("lr", "weight_decay") and cfg.per_1024 else ""
         lines.append(f"# {name}: not set" if v is None else f"{name} = {value(v)}{per_1024}")
     return "\n".join(lines) + "\n"
-
-
-def from_toml(path: str, base: TrainConfig) -> TrainConfig:
-    """`base` with the fields a TOML file sets (`preset = "NAME"` there picks the base instead)."""
-    import tomllib
-    from pathlib import Path
-
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CnnlabError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise CnnlabError(f"cannot read config file {path}: {e}") from None
-    doc = {k.replace("-", "_"): v for k, v in doc.items()}
-    if "preset" in doc:
-        from . import presets
-
-        base = presets.get(str(doc.pop("preset")))
-    unknown = sorted(set(doc) - {f.name for f in fields(TrainConfig)})
-    if unknown:
-        raise CnnlabError(f"{path}: unknown setting(s) {', '.join(unknown)}; `cnnlab presets --show NAME` "
-                          "prints every setting a file may hold")
-    try:
-        return from_dict(TrainConfig, {**asdict(base), **doc})
-    except CnnlabError as e:
-        raise CnnlabError(f"{path}: {e}") from None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from . import hardware
-from .errors import CnnlabError
+from cnnlab import hardware
+from cnnlab.errors import CnnlabError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

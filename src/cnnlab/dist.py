@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import CnnlabError
+from cnnlab.errors import CnnlabError
 
 # How long a collective may wait for a silent rank before the job fails instead of hanging.
 TIMEOUT = timedelta(seconds=float(os.environ.get("CNNLAB_DIST_TIMEOUT", 300)))

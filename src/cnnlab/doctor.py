@@ -16,12 +16,15 @@ import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
-from . import hardware, models, presets, threads
-from .config import TrainConfig
-from .device import autocast, cpu_has_native_bf16, pick_device, pick_precision, precision_name
-from .optim import make_optimizer
+from cnnlab import hardware, models, presets
+from cnnlab.config import TrainConfig
+from cnnlab.data.dataset import Normalization
+from cnnlab.device import cpu_has_native_bf16, pick_device, pick_precision, precision_name
+from cnnlab.training import threads
+from cnnlab.training.optim import make_optimizer
+from cnnlab.training.state import TrainState
+from cnnlab.training.step import Step
 
 CIFAR_TRAIN = 50_000
 # (preset, batch the step is timed at): fast's batch of 1024 takes seconds a step on a CPU, so its step is
@@ -30,19 +33,19 @@ TIMED = (("seed", 64), ("quick", 256), ("fast", 128))
 
 
 def training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: int, dtype: torch.dtype,
-                  device: torch.device = torch.device("cpu"), layout: torch.memory_format = torch.channels_last):
-    """One training step on a fixed random batch, as cnnlab's loop runs it (channels-last, autocast)."""
+                  device: torch.device = torch.device("cpu"), layout: torch.memory_format = torch.channels_last,
+                  cfg: TrainConfig | None = None):
+    """One training step on a fixed random batch, through the training loop's own `Step` (training/step.py):
+    channels-last, autocast, the device-side non-finite guard, the totals added on the device."""
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch,), device=device)
-
-    def step() -> None:
-        with autocast(device, dtype):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    cfg = cfg or TrainConfig()
+    state = TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+                       torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), None, Normalization(), device)
+    step = Step(cfg, device, dtype, steps_per_epoch=1)
+    step.wrap(model)
+    model.train()
+    return lambda: step(state, x, y, 0)
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import tomllib
+from dataclasses import asdict, fields, replace
+from pathlib import Path
 
-from .config import TrainConfig
-from .errors import CnnlabError
+from cnnlab.config import TrainConfig, from_dict
+from cnnlab.errors import CnnlabError
 
 # The tutorial exactly: its network, Keras' Adam defaults, 15 epochs of batch 64, pixels / 255.
 SEED = TrainConfig(
@@ -132,3 +134,24 @@ def get(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise CnnlabError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def from_toml(path: str, base: TrainConfig) -> TrainConfig:
+    """`base` with the fields a TOML file sets (`preset = "NAME"` there picks the base instead)."""
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CnnlabError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise CnnlabError(f"cannot read config file {path}: {e}") from None
+    doc = {k.replace("-", "_"): v for k, v in doc.items()}
+    if "preset" in doc:
+        base = get(str(doc.pop("preset")))
+    unknown = sorted(set(doc) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise CnnlabError(f"{path}: unknown setting(s) {', '.join(unknown)}; `cnnlab presets --show NAME` "
+                          "prints every setting a file may hold")
+    try:
+        return from_dict(TrainConfig, {**asdict(base), **doc})
+    except CnnlabError as e:
+        raise CnnlabError(f"{path}: {e}") from None

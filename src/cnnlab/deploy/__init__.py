@@ -1,0 +1,25 @@
+"""The deploy layer: a trained model used outside training.
+
+    predictors   one `Predictor` interface over an ONNX file (onnxruntime, NumPy and Pillow: no PyTorch) or a
+                 run directory; `predict_files`, the run's current export
+    pytorch      the run-directory predictor and the ONNX file's test metrics (imported only when needed)
+    export       a run's weights written as one ONNX file, checked against PyTorch
+    serve        the web service and its page (static/)
+
+It sits beside training, not above it: neither imports the other. Both stand on evaluation, models and data.
+The names below are this layer's API; importing them does not import PyTorch.
+"""
+
+from cnnlab.deploy.predictors import (  # noqa: F401
+    METADATA_PREFIX,
+    OnnxPredictor,
+    Predictor,
+    current_export,
+    decode_for,
+    expand_paths,
+    is_onnx,
+    load_predictor,
+    predict_files,
+    self_check,
+    top_k,
+)

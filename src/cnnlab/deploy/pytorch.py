@@ -1,0 +1,57 @@
+"""The PyTorch side of deployment: a run directory behind the `Predictor` interface, and test-set metrics of
+an exported ONNX file (torch computes the metrics). predictors.py imports this module only when it needs it,
+so an ONNX prediction never imports PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlab import __version__, models
+from cnnlab.data import Normalization
+from cnnlab.deploy.predictors import OnnxPredictor
+from cnnlab.device import pick_device
+from cnnlab.errors import CnnlabError
+from cnnlab.evaluation import evaluate
+from cnnlab.run import Run
+
+
+class TorchPredictor:
+    """A run directory's final weights behind the same interface as deploy.OnnxPredictor: uint8 (N, H, W, C)
+    images in, probabilities out, with the run's normalization and test-time augmentation."""
+
+    def __init__(self, run_dir: str | Path, device: str = "auto"):
+        self.device = pick_device(device)
+        self.model, meta = models.load_model(run_dir, self.device)
+        self.norm = Normalization.from_dict(meta["normalization"])
+        self.tta = meta.get("tta", 0)
+        self.info = {"name": Path(run_dir).name, "format": "pytorch", "path": str(run_dir),
+                     "classes": meta["classes"], "channels": meta["in_channels"], "image_size": meta["image_size"],
+                     "resize": meta.get("resize", "squish"), "source_run": str(Path(run_dir).resolve()),
+                     "test_accuracy": Run.of(run_dir).recorded_accuracy(),
+                     "cnnlab_version": __version__, "model": meta["model"]}
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        return evaluate.predict_logits(self.model, x, self.norm, self.device, tta=self.tta).softmax(1).numpy()
+
+
+def evaluate_onnx(model_path: str | Path, data_path: str | None = None) -> dict:
+    """Test-set metrics of an exported model, computed by onnxruntime (nothing is written)."""
+    predictor = OnnxPredictor(model_path)
+    info, config = predictor.info, predictor.info["data"] or {}
+    if not (data_path or config.get("path")):
+        raise CnnlabError(f"{model_path} does not say which data it was trained on; pass --data")
+    size = tuple(config["image_size"]) if config.get("image_size") else None
+    dataset = evaluate.load_as_trained(config, data_path, size)
+    if dataset.classes != info["classes"] or list(dataset.image_size) != list(info["image_size"]):
+        raise CnnlabError(f"the data at {dataset.source} has classes {dataset.classes} and size "
+                          f"{list(dataset.image_size)}; the model expects {info['classes']} at {info['image_size']}")
+    x = dataset.x_test.permute(0, 2, 3, 1).numpy()
+    probs = np.concatenate([predictor.probabilities(x[i:i + 1000]) for i in range(0, len(x), 1000)] or
+                           [np.zeros((0, len(info["classes"])), np.float32)])
+    # log-probabilities are logits whose softmax is the probabilities themselves, so the loss is -log p(true)
+    logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, None)))
+    return {**evaluate.metrics_from_logits(logits, dataset.y_test, info["classes"]), "data": dataset.source}

@@ -1,0 +1,165 @@
+"""report.html: one self-contained page about a finished run, its pictures (plots.py) embedded as data URIs.
+
+`write_report(run_dir, interp)` takes the run's Interpretation (analysis.py) and writes the page atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cnnlab import files
+from cnnlab.evaluation.plots import save_figure
+from cnnlab.run import Run
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _img(fig: Figure, alt: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _cell(value) -> str:
+    """A table cell: numbers right-aligned (in columns of digits), text left-aligned."""
+    text = str(value)
+    numeric = isinstance(value, int | float) or text.replace(".", "", 1).replace(",", "").lstrip("-").isdigit()
+    return f'<td class="n">{html.escape(text)}</td>' if numeric else f"<td>{html.escape(text)}</td>"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} .headline{display:flex;flex-wrap:wrap;gap:1em;margin:1em 0}
+.headline div{background:#eef3fa;padding:.5em .9em;border-radius:6px;font-size:.9em;color:#456}
+.headline b{display:block;font-size:1.35em;color:#123} .note{background:#fff4d6;padding:.6em 1em;border-radius:6px}
+table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums} th{background:#f3f3f3} img{max-width:100%;display:block}
+details{margin:1.5em 0} summary{font-size:1.3em;font-weight:bold;cursor:pointer}
+pre{background:#f7f7f7;padding:1em;overflow-x:auto}"""
+
+
+def score_rows(scores: dict) -> list[tuple[str, dict]]:
+    """(name, scores) per class, then the macro and weighted averages: the rows of a classification report."""
+    return [(r["class"], r) for r in scores["per_class"]] + [("macro avg", scores["macro_avg"]),
+                                                            ("weighted avg", scores["weighted_avg"])]
+
+
+def write_report(run: Run | str | Path, interp, out: str | Path | None = None, *, config: dict | None = None,
+                 meta: dict | None = None) -> Path:
+    """Write report.html for a run from its Interpretation (see cnnlab.analysis). Training hands on the
+    configuration and model metadata it holds; otherwise they are read from the run."""
+    run = Run.of(run)
+    config = config or run.config()
+    meta = meta or run.read_json(Run.META, "is it a finished training run?")
+    per_class = [[name, f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
+                 for name, r in score_rows(interp.classification_report())]
+    confused = [[c.true, c.predicted, c.count] for c in interp.most_confused(10)]
+    parts = [
+        f"<h1>cnnlab report: {html.escape(run.path.name)}</h1>",
+        '<div class="headline">' + "".join(f"<div>{html.escape(k)}<b>{html.escape(v)}</b></div>"
+                                           for k, v in headline(config, meta, interp)) + "</div>",
+        *([f'<p class="note">{html.escape(note)}</p>'] if (note := best_epoch_note(interp.history)) else []),
+        "<h2>Training curves</h2>", _img(interp.plot_history(), "training curves") if interp.history else
+        "<p>No history recorded.</p>",
+        "<h2>Confusion matrix</h2>", _img(interp.plot_confusion_matrix(), "confusion matrix"),
+        _img(interp.plot_confusion_matrix(normalize="true"), "row-normalized confusion matrix"),
+        "<h2>Per class</h2>", _table(["class", "precision", "recall", "F1", "support"], per_class),
+        _img(interp.plot_per_class(), "per-class scores"),
+        "<h2>Most confused pairs</h2>", _table(["true", "predicted", "count"], confused),
+        "<h2>Top losses</h2>", _img(interp.plot_top_losses(16), "top losses"), _top_loss_table(interp),
+        "<h2>Augmented training samples</h2>", _img(interp.plot_samples(), "augmented training samples"),
+        "<details><summary>Configuration</summary>", f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>",
+        "</details>", "<h2>Where it was trained</h2>",
+        _table(["", "value"], [[k, v] for k, v in config.get("environment", {}).items()]),
+    ]
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>cnnlab report: '
+            f"{html.escape(run.path.name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+    if out is None and not run.file(Run.CONFUSION_PNG).exists():  # a --no-report run gets it now
+        save_figure(interp.plot_confusion_matrix(), run.file(Run.CONFUSION_PNG))
+    out = Path(out) if out else run.file(Run.REPORT)
+    files.write_text(out, page)
+    return out
+
+
+def _top_loss_table(interp) -> str:
+    """The pictured mistakes as a table: for image folders, the files to look at (or relabel)."""
+    rows = interp.top_losses(16)
+    has_files = bool(rows) and rows[0]["file"] is not None
+    return _table((["file"] if has_files else ["test image"]) + ["true", "predicted", "probability", "loss"],
+                  [[r["file"] if has_files else r["index"], r["true"], r["predicted"], f"{r['probability']:.3f}",
+                    f"{max(r['loss'], 0.0):.3f}"] for r in rows])
+
+
+def headline(config: dict, meta: dict, interp) -> list[tuple[str, str]]:
+    """The report's first facts: result, data, where and how it was trained."""
+    data, env, history = config.get("data", {}), config.get("environment", {}), interp.history
+    test_loss = max(float(interp.losses.mean()), 0.0) if len(interp.losses) else float("nan")  # never "-0.00"
+    size = "x".join(map(str, meta.get("image_size", []))) + f", {meta.get('in_channels', 3)} channel" + (
+        "s" if meta.get("in_channels", 3) != 1 else "")
+    val = data.get("val_images")
+    counts = (f"{data.get('train_images', 0):,} / {val:,} / {data.get('test_images', 0):,}" if val else
+              f"{data.get('train_images', 0):,} / (the test set) / {data.get('test_images', 0):,}")
+    rows = [("test accuracy", f"{interp.accuracy:.2%}"),
+            ("balanced accuracy", f"{interp.balanced_accuracy():.2%}"),
+            ("test loss", f"{test_loss:.4f}")]
+    if len(interp.classes) > 5:
+        rows.insert(1, ("top-5 accuracy", f"{interp.top_k_accuracy(5):.2%}"))
+    if history:
+        best = best_epoch(history, config.get("train", {}).get("monitor", "val_loss"))
+        rows += [("best epoch (validation)", f"{best['epoch']}: {best['val_acc']:.2%}"),
+                 ("final epoch (validation)", f"{history[-1]['epoch']}: {history[-1]['val_acc']:.2%}"),
+                 ("weights kept", f"epoch {meta.get('epoch', history[-1]['epoch'])}")]
+    return rows + [
+        ("data", f"{Path(str(data.get('path', '?'))).name} ({data.get('format', '?')})"), ("image size", size),
+        ("images train / validation / test", counts),
+        *([("validation images", data["validation"])] if data.get("validation") else []),
+        ("model", f"{meta['model']}, {meta['params']:,} parameters"),
+        ("preset", config.get("preset", "")), *_starting_weights(config.get("train", {}), meta),
+        ("device and precision", f"{env.get('device', '?')}, {env.get('precision', '?')}"
+                                 + (f", {env['processes']} processes" if env.get("processes", 1) > 1 else "")),
+        ("training time", f"{sum(h['seconds'] for h in history):.1f} s + validation "
+                          f"{sum(h.get('val_seconds', 0.0) for h in history):.1f} s"),
+        ("date", env.get("started", "")),
+    ]
+
+
+def _starting_weights(train: dict, meta: dict) -> list[tuple[str, str]]:
+    """Where the weights came from, and how much of the network trained."""
+    source = train.get("pretrained") or train.get("init_from")
+    if not source:
+        return []
+    how = ("the head alone (--head-only)" if train.get("head_only") else
+           f"the head for {train['freeze_epochs']} epoch(s), then everything" if train.get("freeze_epochs") else
+           "everything")
+    return [("started from", f"{Path(str(source)).name}; trained {how}")]
+
+
+def best_epoch(history: list[dict], monitor: str = "val_loss") -> dict:
+    """The history row of the best epoch: lowest val_loss, or highest val_acc (the first of equals)."""
+    ok = [h for h in history if h[monitor] == h[monitor]] or history  # NaN losses are never best
+    return min(ok, key=lambda h: h[monitor]) if monitor == "val_loss" else max(ok, key=lambda h: h[monitor])
+
+
+def best_epoch_note(history: list[dict]) -> str | None:
+    """A note when validation accuracy peaked before the last epoch."""
+    if len(history) < 2:
+        return None
+    best, last = max(history, key=lambda h: h["val_acc"]), history[-1]
+    if best["epoch"] == last["epoch"] or best["val_acc"] - last["val_acc"] < 0.005:
+        return None
+    return (f"Validation accuracy peaked at epoch {best['epoch']} ({best['val_acc']:.2%}) and ended at "
+            f"{last['val_acc']:.2%}: the model over-fitted (or the validation set is small and noisy). Fewer "
+            f"epochs, more augmentation or regularization would help; --early-stopping N stops by itself, and "
+            f"--keep best keeps the best epoch's weights.")
