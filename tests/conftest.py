@@ -14,6 +14,8 @@ import pytest
 from PIL import Image
 
 from cnnlab.hardware import usable_cores
+from cnnlab.training import loop
+from cnnlab.training.loop import Hook
 
 # The JPEG copy of CIFAR-10 that developers and CI have beside the project; override with $CNNLAB_TEST_DATA.
 SHARED_JPEG = Path(os.environ.get("CNNLAB_TEST_DATA")
@@ -143,13 +145,12 @@ def real_subset(tmp_path_factory) -> Path:
 def quick_run(tmp_path_factory, real_subset) -> Path:
     """The `quick` recipe (airbench-s: whitening, BatchNorm, GELU, flip+shift test-time augmentation),
     three epochs on the real subset: a small but complete model to export and serve."""
-    from cnnlab import presets
+    from cnnlab import presets, training
     from cnnlab.config import DataConfig, override
-    from cnnlab.training import lifecycle as train
 
     out = tmp_path_factory.mktemp("runs") / "quick"
-    train.train(override(presets.get("quick"), epochs=3), DataConfig(path=str(real_subset)), preset="quick", out=out,
-                with_report=False, log=lambda *a: None)
+    training.train(override(presets.get("quick"), epochs=3), DataConfig(path=str(real_subset)), preset="quick", out=out,
+                with_report=False)
     return out
 
 
@@ -173,23 +174,38 @@ def launch_chromium(playwright):
         "--disable-sync", "--no-first-run"])
 
 
+class CtrlCAt(Hook):
+    """Asks training to stop after the n-th step of the run it is given to, as Ctrl-C does (the SIGINT handler
+    sets loop.STOP): the loop checkpoints and raises Interrupted."""
+
+    def __init__(self, n: int):
+        self.n, self.steps = n, 0
+
+    def after_step(self, fit) -> None:
+        self.steps += 1
+        if self.steps == self.n:
+            loop.STOP.set()
+
+
+class Fault(Hook):
+    """Raises `error` at the loop's `event` (a fault injected through the loop's public seam). `order` places it
+    among the default hooks (training/hooks.py): e.g. 35, after the history is written and before the
+    checkpoint."""
+
+    def __init__(self, event: str, error: BaseException, order: int = 100):
+        self.order, self.error = order, error
+        setattr(self, event, self.fail)
+
+    def fail(self, fit, *args) -> None:
+        raise self.error
+
+
 @pytest.fixture
-def ctrl_c_at_step(monkeypatch):
-    """`ctrl_c_at_step(n)`: the n-th training step from now on asks training to stop, as Ctrl-C does (the
-    SIGINT handler sets train.STOP); `ctrl_c_at_step.disarm()` puts the real step back, for the resume."""
-    from cnnlab.training import lifecycle as train
+def registered():
+    """Models a test registers are taken out of the registry after it."""
+    from cnnlab import models
 
-    real = train._train_step
-
-    def arm(n: int) -> None:
-        calls = []
-
-        def step_then_ctrl_c(*args):
-            calls.append(1)
-            if len(calls) == n:
-                train.STOP.set()
-            return real(*args)
-        monkeypatch.setattr(train, "_train_step", step_then_ctrl_c)
-
-    arm.disarm = lambda: monkeypatch.setattr(train, "_train_step", real)
-    return arm
+    before = set(models.MODELS)
+    yield models
+    for name in set(models.MODELS) - before:
+        del models.MODELS[name]

@@ -8,10 +8,9 @@ import re
 import pytest
 import torch
 
-from cnnlab import cli
+from cnnlab import cli, training
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.evaluation.analysis import Interpretation
-from cnnlab.training import lifecycle as train
 from conftest import ARTIFACTS, launch_chromium, needs_chromium, write_image_folder
 
 CLASSES = ["cat", "dog", "eel"]
@@ -112,8 +111,8 @@ def test_top_loss_captions_never_overlap(name):
 def finished_run(tmp_path_factory):
     root = write_image_folder(tmp_path_factory.mktemp("imgs") / "set", per_class=20, size=(16, 16))
     out = tmp_path_factory.mktemp("runs") / "runs" / "first"
-    train.train(TrainConfig(epochs=2, batch_size=16, augment="seed"), DataConfig(path=str(root)), preset="seed",
-                out=out, log=lambda *a: None)
+    training.train(TrainConfig(epochs=2, batch_size=16, augment="seed"), DataConfig(path=str(root)), preset="seed",
+                out=out)
     return root, out
 
 
@@ -134,8 +133,9 @@ def test_runs_table_and_compare(finished_run, tmp_path, capsys):
     root, first = finished_run
     second = first.parent / "second"
     if not second.exists():
-        train.train(TrainConfig(epochs=3, batch_size=16), DataConfig(path=str(root)), preset="seed", out=second,
-                    with_report=False, log=lambda *a: None)
+        training.train(TrainConfig(epochs=3, batch_size=16), DataConfig(path=str(root)), preset="seed", out=second,
+                       with_report=False)
+    capsys.readouterr()  # what training said
     assert cli.main(["runs", str(first.parent)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["name", "preset", "model"]

@@ -171,7 +171,7 @@ def test_unreadable_folders_and_files_are_named_in_one_line(world):
         for locked in (images / "train" / "b", run / "model.safetensors"):
             locked.chmod(0)
         env = {**os.environ, "HOME": str(root), "CNNLAB_CACHE": str(root / "cache"),
-               "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+               "PYTHONPATH": str(Path(cli.__file__).parents[2])}
         proc = _unprivileged("data", "info", "--data", str(images), env=env)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().splitlines() == [f"cnnlab: error: cannot use {images}/train/b: Permission denied"]

@@ -9,11 +9,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cnnlab import models
+from cnnlab import logs, models, training
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.data.dataset import Normalization
 from cnnlab.training import batchnorm
-from cnnlab.training import lifecycle as train
 
 
 def test_layers_whose_averages_an_epoch_cannot_renew():
@@ -66,10 +65,9 @@ def test_validation_at_chance_while_training_climbs_is_warned_about_once(tmp_pat
         _colour(tmp_path / "d" / "train", name, colours[name], 10)
         _colour(tmp_path / "d" / "val", name, colours[names[(i + 1) % 3]], 4)
         _colour(tmp_path / "d" / "test", name, colours[name], 2)
-    lines = []
     cfg = TrainConfig(epochs=4, batch_size=10, precision="fp32", threads=2)  # the tutorial's network, Adam
-    train.train(cfg, DataConfig(path=str(tmp_path / "d")), out=tmp_path / "run", with_report=False,
-                log=lambda *a: lines.append(" ".join(map(str, a))))
+    with logs.captured() as lines:
+        training.train(cfg, DataConfig(path=str(tmp_path / "d")), out=tmp_path / "run", with_report=False)
     warnings = [line for line in lines if "is at chance" in line]
     assert len(warnings) == 1 and "(33.3%, the largest class's share)" in warnings[0], "\n".join(lines)
 
@@ -80,8 +78,7 @@ def test_validation_at_chance_while_training_climbs_is_warned_about_once(tmp_pat
           "renew the running averages in 3 steps an epoch)"]),
 ])
 def test_the_log_says_when_statistics_are_computed(tmp_path, cifar_python_dir, batch, said):
-    lines = []
     cfg = TrainConfig(model="resnet20", epochs=1, batch_size=batch, precision="fp32", threads=2)
-    train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "run", with_report=False,
-                log=lambda *a: lines.append(" ".join(map(str, a))))
+    with logs.captured() as lines:
+        training.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "run", with_report=False)
     assert [line for line in lines if line.startswith("BatchNorm statistics")] == said

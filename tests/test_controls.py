@@ -11,37 +11,35 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnlab import checkpoints, cli
+from cnnlab import cli, logs, training
 from cnnlab.config import DataConfig, TrainConfig
-from cnnlab.errors import CnnlabError
-from cnnlab.training import lifecycle as train
+from cnnlab.errors import CnnlabError, Interrupted
+from cnnlab.run import Run
+from cnnlab.training.loop import Hook
+from conftest import CtrlCAt
 
 # 150 training images, 30 held out for validation: 8 steps an epoch of batch 16
 CFG = TrainConfig(epochs=6, batch_size=16, seed=3)
 VAL_LOSSES = [2.0, 1.5, 1.2, 1.4, 1.3, 1.25]  # best at epoch 3, then three epochs without improvement
 
 
-@pytest.fixture
-def scripted(monkeypatch):
-    """Validation losses from VAL_LOSSES (the real pass runs too, for its logits and timing)."""
-    real, calls = train._validate, []
+class Scripted(Hook):
+    """Each epoch's validation loss from VAL_LOSSES (the real pass runs too, for its logits and timing): after
+    Validate (order 20), before the history is written and the best epoch decided (Monitor, 60)."""
+    order = 25
 
-    def validate(model, loop, norm, last):
-        _, acc, logits = real(model, loop, norm, last)
-        calls.append(1)
-        return VAL_LOSSES[len(calls) - 1], acc, logits
-    monkeypatch.setattr(train, "_validate", validate)
-    return calls
+    def end_epoch(self, fit) -> None:
+        fit.record["val_loss"] = VAL_LOSSES[fit.record["epoch"] - 1]
 
 
-def _train(tmp_path, name, cfg, val_split=0.2, **kw) -> tuple:
-    lines = []
+def _train(tmp_path, name, cfg, val_split=0.2, hooks=(), **kw) -> tuple:
     data = DataConfig(path=kw.pop("data"), val_split=val_split)
-    run = train.train(cfg, data, out=tmp_path / name, with_report=False, log=lambda *a: lines.append(" ".join(a)))
+    with logs.captured() as lines:
+        run = training.train(cfg, data, out=tmp_path / name, with_report=False, hooks=[Scripted(), *hooks])
     return run, "\n".join(lines)
 
 
-def test_early_stopping_restores_the_best_epoch(tmp_path, cifar_python_dir, scripted):
+def test_early_stopping_restores_the_best_epoch(tmp_path, cifar_python_dir):
     run, log = _train(tmp_path, "es", TrainConfig(**{**CFG.__dict__, "early_stopping": 2}), data=str(cifar_python_dir))
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]  # epochs 4 and 5 did not beat epoch 3
@@ -51,10 +49,10 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, cifar_python_dir, scri
     assert all(torch.equal(best[k], final[k]) for k in best)
     meta = json.loads((run / "model.json").read_text())
     assert meta["epoch"] == 3 and meta["best_epoch"] == 3
-    assert checkpoints.load_checkpoint(run)["epoch"] == CFG.epochs  # finished: --resume says "is complete"
+    assert Run(run).load_checkpoint()["epoch"] == CFG.epochs  # finished: --resume says "is complete"
 
 
-def test_the_tutorial_keeps_the_last_epoch_but_names_the_best(tmp_path, cifar_python_dir, scripted):
+def test_the_tutorial_keeps_the_last_epoch_but_names_the_best(tmp_path, cifar_python_dir):
     cfg = TrainConfig(**{**CFG.__dict__, "keep": "last"})
     run, log = _train(tmp_path, "last", cfg, data=str(cifar_python_dir))
     assert "best epoch: 3 (val_loss 1.2000); model.safetensors holds epoch 6's weights (last: --keep last)" in log
@@ -62,10 +60,9 @@ def test_the_tutorial_keeps_the_last_epoch_but_names_the_best(tmp_path, cifar_py
     assert not torch.equal(*(load_file(run / f)["conv1.weight"] for f in ("best.safetensors", "model.safetensors")))
 
 
-def test_auto_keeps_the_last_epoch_when_the_validation_set_is_the_test_set(tmp_path, cifar_python_dir, scripted):
+def test_auto_keeps_the_last_epoch_when_the_validation_set_is_the_test_set(tmp_path, cifar_python_dir):
     run, log = _train(tmp_path, "auto", CFG, val_split=None, data=str(cifar_python_dir))
     assert "holds epoch 6's weights (last: the validation set is the test set)" in log
-    scripted.clear()
     run, log = _train(tmp_path, "held-out", CFG, data=str(cifar_python_dir))  # a held-out set: the best
     assert "holds epoch 3's weights (best: validated on held-out images)" in log
 
@@ -81,18 +78,14 @@ def test_monitor_val_acc_and_the_flags(tmp_path, cifar_python_dir, capsys):
     assert json.loads((run / "model.json").read_text())["epoch"] == best["epoch"]
 
 
-def test_resume_keeps_the_best_epoch_and_the_patience_count(tmp_path, cifar_python_dir, scripted, ctrl_c_at_step):
+def test_resume_keeps_the_best_epoch_and_the_patience_count(tmp_path, cifar_python_dir):
     cfg = TrainConfig(**{**CFG.__dict__, "early_stopping": 2})
     whole, _ = _train(tmp_path, "whole", cfg, data=str(cifar_python_dir))
-    scripted.clear()
-    ctrl_c_at_step(8 * 4 + 3)  # mid-epoch 5: after the best epoch (3) and one worse epoch (4)
-    with pytest.raises(train.Interrupted):
-        _train(tmp_path, "cut", cfg, data=str(cifar_python_dir))
-    ctrl_c_at_step.disarm()
-    del scripted[4:]  # the validations of epochs 1-4 happened; epoch 5's comes after the resume
-    train.resume(tmp_path / "cut", log=lambda *a: None)
+    with pytest.raises(Interrupted):  # mid-epoch 5: after the best epoch (3) and one worse epoch (4)
+        _train(tmp_path, "cut", cfg, data=str(cifar_python_dir), hooks=[CtrlCAt(8 * 4 + 3)])
+    training.resume(tmp_path / "cut", hooks=[Scripted()])
     assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
-    (a, epoch_a), (b, epoch_b) = (checkpoints.load_best(d) for d in (whole, tmp_path / "cut"))
+    (a, epoch_a), (b, epoch_b) = (Run(d).load_best() for d in (whole, tmp_path / "cut"))
     assert epoch_a == epoch_b == 3 and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -259,23 +252,21 @@ def test_clipped_gradients_bound_each_step(tmp_path, cifar_python_dir):
 
 def test_ema_weights_are_validated_and_kept(tmp_path, cifar_python_dir):
     final = _cli_run(tmp_path, "ema", cifar_python_dir, "--ema", "0.5", "--optimizer", "sgd", "--lr", "0.05")
-    state = checkpoints.load_checkpoint(tmp_path / "ema")
+    state = Run(tmp_path / "ema").load_checkpoint()
     assert all(torch.equal(final[k], state["ema"][k]) for k in final)
     assert not all(torch.equal(final[k], state["model"][k]) for k in final)  # not the raw weights
     plain = _cli_run(tmp_path, "plain", cifar_python_dir, "--optimizer", "sgd", "--lr", "0.05")
     assert all(torch.equal(plain[k], state["model"][k]) for k in plain)  # the average never feeds back
 
 
-def test_resume_with_ema_is_bit_exact(tmp_path, cifar_python_dir, ctrl_c_at_step):
+def test_resume_with_ema_is_bit_exact(tmp_path, cifar_python_dir):
     cfg = TrainConfig(epochs=2, batch_size=30, ema=0.9, optimizer="sgd", lr=0.05, clip_grad=1.0, accumulate=2,
                       class_weights="auto", precision="fp32")
     data = DataConfig(path=str(cifar_python_dir))
-    whole = train.train(cfg, data, out=tmp_path / "whole", with_report=False, log=lambda *a: None)
-    ctrl_c_at_step(7)  # mid-epoch 2
-    with pytest.raises(train.Interrupted):
-        train.train(cfg, data, out=tmp_path / "cut", with_report=False, log=lambda *a: None)
-    ctrl_c_at_step.disarm()
-    train.resume(tmp_path / "cut", log=lambda *a: None)
+    whole = training.train(cfg, data, out=tmp_path / "whole", with_report=False)
+    with pytest.raises(Interrupted):
+        training.train(cfg, data, out=tmp_path / "cut", with_report=False, hooks=[CtrlCAt(7)])  # mid-epoch 2
+    training.resume(tmp_path / "cut")
     assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
 
 
@@ -370,8 +361,8 @@ def test_the_controls_on_every_preset_family(tmp_path, cifar_python_dir, preset)
                      "--class-weights", "auto", "--schedule", "cosine", "--warmup", "0.1", "--early-stopping", "3",
                      "--augment", "flip+randaugment+mixup", "--no-report", "--out", str(run)]) == 0
     meta = json.loads((run / "model.json").read_text())
-    best, _ = checkpoints.load_best(run)
+    best, _ = Run(run).load_best()
     final = load_file(run / "model.safetensors")
     assert meta["epoch"] == meta["best_epoch"] and all(torch.equal(best[k], final[k]) for k in final)
-    state = checkpoints.load_checkpoint(run)
+    state = Run(run).load_checkpoint()
     assert state["ema"] is not None and state["epoch"] == 2

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cnnlab import data
-from cnnlab.data import cache, cifar
+from cnnlab.data import cifar, decode
 from cnnlab.errors import CnnlabError
 from conftest import CLASSES, make_tar_gz, write_cifar_python, write_image_folder
 
@@ -103,9 +103,12 @@ def test_subset_is_stratified_and_exact(cifar_python_dir):
 
 def test_second_load_comes_from_cache(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "c", per_class=2, size=(5, 5))
+    before = decode.decoded()
     first = data.load_dataset(root)
-    monkeypatch.setattr(cache, "_decode_chunk", lambda *a: pytest.fail("decoded again despite the cache"))
+    assert decode.decoded() == before + 9  # 3 classes: 2 training images and 1 test image each
+    before = decode.decoded()
     second = data.load_dataset(root)
+    assert decode.decoded() == before, "decoded again despite the cache"
     assert torch.equal(first.x_train, second.x_train) and first.classes == second.classes
 
 

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import checkpoints, cli, data
+from cnnlab import cli, data, models, training
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.data import idx
 from cnnlab.data.dataset import Normalization
 from cnnlab.device import pick_precision
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluation import evaluate
-from cnnlab.training import lifecycle as train
 from conftest import make_tar_gz, write_image_folder
 
 FINE = [f"fine{i:02d}" for i in range(100)]
@@ -155,8 +154,8 @@ def test_data_info_reports_the_size_asked_for(tmp_path, capsys):
 
 def test_training_on_idx_data_keeps_one_channel(tmp_path):
     folder, _ = write_idx(tmp_path / "mnist", n_train=60)
-    run = train.train(TrainConfig(epochs=1, batch_size=16), DataConfig(path=str(folder)), out=tmp_path / "run",
-                      with_report=False, log=lambda *a: None)
+    run = training.train(TrainConfig(epochs=1, batch_size=16), DataConfig(path=str(folder)), out=tmp_path / "run",
+                      with_report=False)
     meta = json.loads((run / "model.json").read_text())
     assert meta["in_channels"] == 1 and meta["image_size"] == [28, 28] and meta["classes"] == idx.MNIST_CLASSES
 
@@ -188,7 +187,7 @@ def test_val_split_validates_on_held_out_training_images(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_images"] == 30  # the test set is used once, at the end
     history = json.loads((out / "history.json").read_text())
-    model, meta = checkpoints.load_model(out)
+    model, meta = models.load_model(out)
     held = data.load_dataset(root).hold_out(0.25, seed=0)
     cpu, norm = torch.device("cpu"), Normalization.from_dict(meta["normalization"])
     loss, acc = evaluate.loss_and_accuracy(model, held.x_val, held.y_val, norm, cpu, pick_precision("auto", cpu))

@@ -15,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnlab import checkpoints, dist
+from cnnlab import dist
 from cnnlab.errors import CnnlabError
+from cnnlab.run import Run
+from cnnlab.training import build
 
 CNNLAB = [sys.executable, "-m", "cnnlab"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -113,7 +115,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(cifar_python_dir, tmp_p
     job = subprocess.Popen([*TORCHRUN, "-m", "cnnlab", "train", *long, "--out", str(out)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not (out / checkpoints.CHECKPOINT).exists() and time.monotonic() < deadline and job.poll() is None:
+    while not (out / Run.CHECKPOINT).exists() and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.02)
     ranks = children(job.pid)  # torchrun starts each rank in a session of its own: kill them by pid
     for pid in ranks:
@@ -121,7 +123,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(cifar_python_dir, tmp_p
     os.killpg(job.pid, signal.SIGKILL)
     job.wait(timeout=60)
     assert len(ranks) == 2 and wait_gone(ranks)
-    state = checkpoints.load_checkpoint(out)
+    state = Run(out).load_checkpoint()
     assert state is not None and state["epoch"] < 3, "the job finished before it could be stopped"
     proc = cnnlab("train", "--resume", str(out), "--no-report")
     assert proc.returncode == 0, proc.stderr
@@ -248,18 +250,17 @@ def test_sync_bn_converts_every_batchnorm_for_gpu_ranks():
 
     from cnnlab import models
     from cnnlab.config import TrainConfig
-    from cnnlab.training import lifecycle as train
 
     model = models.build("resnet20")
     count = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     on = TrainConfig(sync_bn=True)
-    converted = train._sync_bn(model, on, dist.World(0, 2, 0), torch.device("cuda", 0))
+    converted = build.sync_bn(model, on, dist.World(0, 2, 0), torch.device("cuda", 0))
     assert count == 19 and sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == count
     assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
-    assert train._sync_bn(model, on, dist.World(), torch.device("cuda", 0)) is model  # one process: unchanged
-    assert train._sync_bn(model, TrainConfig(), dist.World(0, 2, 0), torch.device("cuda", 0)) is model
+    assert build.sync_bn(model, on, dist.World(), torch.device("cuda", 0)) is model  # one process: unchanged
+    assert build.sync_bn(model, TrainConfig(), dist.World(0, 2, 0), torch.device("cuda", 0)) is model
     with pytest.raises(CnnlabError, match="--sync-bn needs CUDA devices"):
-        train._sync_bn(model, on, dist.World(0, 2, 0), torch.device("cpu"))
+        build.sync_bn(model, on, dist.World(0, 2, 0), torch.device("cpu"))
 
 
 def test_ctrl_c_stops_every_process_after_a_checkpoint_in_one_line(cifar_python_dir, tmp_path):
@@ -276,7 +277,7 @@ def test_ctrl_c_stops_every_process_after_a_checkpoint_in_one_line(cifar_python_
     assert job.returncode == 130, err
     assert err.strip().splitlines() == [f"cnnlab: interrupted; checkpoint saved. Continue with: cnnlab train "
                                         f"--resume {out}"], err
-    state = checkpoints.load_checkpoint(out)
+    state = Run(out).load_checkpoint()
     assert state is not None and 0 < state["epoch"] < 500
 
 
@@ -294,7 +295,7 @@ def test_non_finite_steps_in_two_processes_on_a_photo_folder(tmp_path, mode):
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()  # one line: every process stopped, process 0 says so
         assert len(lines) == 1 and lines[0].startswith("cnnlab: error: the loss became non-finite at epoch 1, step 2")
-        assert checkpoints.load_checkpoint(out) is None and not (out / "model.safetensors").exists()
+        assert Run(out).load_checkpoint() is None and not (out / "model.safetensors").exists()
         return
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning: 2 batches of epoch 1 were skipped" in proc.stdout
@@ -361,13 +362,13 @@ def test_sigterm_to_a_two_process_job_stops_it_like_ctrl_c(cifar_python_dir, tmp
                             *FLAGS, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=ENV)
     deadline = time.monotonic() + 120
-    while not (out / checkpoints.CHECKPOINT).exists() and time.monotonic() < deadline and job.poll() is None:
+    while not (out / Run.CHECKPOINT).exists() and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.02)
     job.send_signal(signal.SIGTERM)
     stdout, stderr = job.communicate(timeout=120)
     assert job.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and stderr.count(f"cnnlab train --resume {out}") == 1, stderr[-3000:]
-    state = checkpoints.load_checkpoint(out)
+    state = Run(out).load_checkpoint()
     assert state is not None and 1 <= state["epoch"] < 500  # a whole checkpoint, which --resume takes
 
 

@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 
-from cnnlab import device, models, presets
+from cnnlab import device, models, presets, training
 from cnnlab.config import DataConfig, TrainConfig, override
 from cnnlab.data import augment
+from cnnlab.errors import Interrupted
 from cnnlab.evaluation import evaluate
-from cnnlab.training import lifecycle as train
 from cnnlab.training import optim
+from cnnlab.training.loop import Hook
+from conftest import CtrlCAt
 
 
 def _grid(b=2, c=3, h=6, w=6):
@@ -260,30 +262,19 @@ def test_tta_of_a_flip_invariant_model_changes_nothing():
     assert torch.allclose(plain, mirrored, atol=1e-6)
 
 
-def test_resume_with_lookahead_and_whitening_equals_uninterrupted(tmp_path, cifar_python_dir, monkeypatch):
+def test_resume_with_lookahead_and_whitening_equals_uninterrupted(tmp_path, cifar_python_dir):
     cfg = override(presets.QUICK, epochs=2, batch_size=32, whiten_bias_epochs=1)
     data_cfg = DataConfig(path=str(cifar_python_dir))
-    quiet = dict(log=lambda *a: None)
-    whole = train.train(cfg, data_cfg, out=tmp_path / "whole", **quiet)
-    real_step, calls = train._train_step, []
-
-    def step_then_stop(*args):
-        calls.append(1)
-        if len(calls) == 7:  # mid-epoch 2 of 5-step epochs
-            train.STOP.set()
-        return real_step(*args)
-    monkeypatch.setattr(train, "_train_step", step_then_stop)
-    with pytest.raises(train.Interrupted):
-        train.train(cfg, data_cfg, out=tmp_path / "cut", **quiet)
-    monkeypatch.setattr(train, "_train_step", real_step)
-    train.resume(tmp_path / "cut", **quiet)
+    whole = training.train(cfg, data_cfg, out=tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        training.train(cfg, data_cfg, out=tmp_path / "cut", hooks=[CtrlCAt(7)])  # mid-epoch 2 of 5-step epochs
+    training.resume(tmp_path / "cut")
     assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
 
 
 def test_quick_recipe_one_epoch_on_real_subset(tmp_path, real_subset):
     cfg = override(presets.QUICK, batch_size=64)  # 79 steps on 5,000 images
-    run = train.train(cfg, DataConfig(path=str(real_subset)), preset="quick", out=tmp_path / "q",
-                      log=lambda *a: None)
+    run = training.train(cfg, DataConfig(path=str(real_subset)), preset="quick", out=tmp_path / "q")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.45  # chance is 0.1; measured 0.544 (0.426 with SGD throughout)
     meta = json.loads((run / "model.json").read_text())
@@ -291,16 +282,17 @@ def test_quick_recipe_one_epoch_on_real_subset(tmp_path, real_subset):
     assert meta["precision"] == device.precision_name(device.pick_precision("auto", torch.device("cpu")))
 
 
-def test_whitening_bias_trains_for_its_epochs_then_stays(tmp_path, cifar_python_dir, monkeypatch):
+def test_whitening_bias_trains_for_its_epochs_then_stays(tmp_path, cifar_python_dir):
     cfg = override(presets.FAST, model="airbench-s", epochs=4, batch_size=30)  # 5 steps an epoch
-    biases, real_run_epoch = [], train._run_epoch
+    biases = []
 
-    def run_epoch_and_record(loop, ts):
-        real_run_epoch(loop, ts)
-        biases.append(ts.model.whiten.bias.detach().clone())
-    monkeypatch.setattr(train, "_run_epoch", run_epoch_and_record)
-    train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False,
-                log=lambda *a: None)
+    class Record(Hook):
+        order = 0  # at the end of each epoch's steps, before anything else
+
+        def end_epoch(self, fit):
+            biases.append(fit.state.model.whiten.bias.detach().clone())
+    training.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False,
+                   hooks=[Record()])
     assert cfg.whiten_bias_epochs == 3 and len(biases) == 4
     assert not torch.equal(biases[1], biases[2])  # epoch 3 still trains it
     assert torch.equal(biases[2], biases[3])  # epoch 4 does not

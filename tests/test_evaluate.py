@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab import deploy
+from cnnlab import deploy, training
 from cnnlab.config import DataConfig, TrainConfig
-from cnnlab.data import cache
+from cnnlab.data import decode
 from cnnlab.evaluation import evaluate, plots
-from cnnlab.training import lifecycle as train
 from conftest import write_image_folder
 
 Y_TRUE = [0, 0, 1, 1, 2, 2, 2]
@@ -60,8 +59,7 @@ def trained_run(tmp_path_factory):
     """A seed model trained on an easy image folder (class = brightest channel)."""
     root = write_image_folder(tmp_path_factory.mktemp("imgs") / "set", per_class=40, size=(16, 16))
     out = tmp_path_factory.mktemp("runs") / "run"
-    train.train(TrainConfig(epochs=3, batch_size=16, normalize="meanstd"), DataConfig(path=str(root)), out=out,
-                log=lambda *a: None)
+    training.train(TrainConfig(epochs=3, batch_size=16, normalize="meanstd"), DataConfig(path=str(root)), out=out)
     return root, out
 
 
@@ -104,8 +102,9 @@ def test_predict_probabilities_match_evaluation(trained_run):
 def test_evaluating_a_run_reuses_the_decoded_cache(trained_run, monkeypatch):
     from cnnlab import data
     data.load_dataset(trained_run[0])  # what training did: fill the cache with the run's own data settings
-    monkeypatch.setattr(cache, "_decode_chunk", lambda *a: pytest.fail("evaluation decoded the images again"))
+    before = decode.decoded()
     assert evaluate.evaluate_run(trained_run[1])["test_images"] == 60
+    assert decode.decoded() == before, "evaluation decoded the images again"
 
 
 def test_evaluating_on_other_data_never_changes_what_the_run_recorded(trained_run, tmp_path, capsys):

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab import cli, presets
+from cnnlab import cli, presets, training
 from cnnlab.config import DataConfig, TrainConfig, override
 from cnnlab.errors import CnnlabError
-from cnnlab.training import lifecycle as train
+from cnnlab.training import loop
+from cnnlab.training.loop import Hook
 
 # What makes a host wait for the device: reading a value back (on a GPU each is a sync point).
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -32,29 +33,38 @@ def host_reads(monkeypatch):
     return count
 
 
+class CountReads(Hook):
+    """Host reads between the loop's events: from the start of an epoch to each step's end, and from the start of
+    an epoch to its end (before validation: order 0 runs first)."""
+    order = 0
+
+    def __init__(self, host_reads):
+        self.host_reads, self.between_steps, self.in_epochs, self.mark = host_reads, [], [], 0
+
+    def before_epoch(self, fit):
+        self.start = self.mark = self.host_reads["n"]
+
+    def after_step(self, fit):  # what the batch, the step and the sync after the step before read
+        self.between_steps.append(self.host_reads["n"] - self.mark)
+        self.mark = self.host_reads["n"]
+
+    def end_epoch(self, fit):
+        self.in_epochs.append(self.host_reads["n"] - self.start)
+
+
 @pytest.mark.parametrize("preset", ["seed", "quick", "standard"])
 def test_a_step_never_reads_the_device_and_an_epoch_reads_it_every_sync_every_steps(
-        tmp_path, cifar_python_dir, monkeypatch, host_reads, preset):
+        tmp_path, cifar_python_dir, host_reads, preset):
     cfg = override(presets.get(preset), epochs=2, batch_size=4, model="resnet20" if preset == "standard" else None)
     steps = math.ceil(150 / 4)  # 38 steps an epoch on the 150 fake images
-    in_steps, in_epochs, real_step, real_epoch = [], [], train._train_step, train._run_epoch
-
-    def step(*args):
-        before = host_reads["n"]
-        real_step(*args)
-        in_steps.append(host_reads["n"] - before)
-
-    def epoch(*args):
-        before = host_reads["n"]
-        real_epoch(*args)
-        in_epochs.append(host_reads["n"] - before)
-    monkeypatch.setattr(train, "_train_step", step)
-    monkeypatch.setattr(train, "_run_epoch", epoch)
-    train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False,
-                log=lambda *a: None)
-    assert len(in_steps) == 2 * steps and set(in_steps) == {0}
-    syncs = math.ceil(steps / train.SYNC_EVERY)  # at each SYNC_EVERY-th step and at the last one
-    assert in_epochs == [syncs, syncs], (in_epochs, syncs)
+    counter = CountReads(host_reads)
+    training.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False,
+                   hooks=[counter])
+    # after a step at a multiple of SYNC_EVERY the host reads the totals once; the batches and steps never read
+    synced_before = [i > 0 and i % loop.SYNC_EVERY == 0 for i in range(steps)] * 2
+    assert counter.between_steps == [int(s) for s in synced_before], counter.between_steps
+    syncs = math.ceil(steps / loop.SYNC_EVERY)  # at each SYNC_EVERY-th step and at the last one
+    assert counter.in_epochs == [syncs + 1, syncs + 1], (counter.in_epochs, syncs)  # + the end of the epoch's read
 
 
 class Blows(nn.Module):
@@ -71,10 +81,10 @@ class Blows(nn.Module):
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd", "muon"])
 def test_a_non_finite_step_changes_no_weight_statistic_or_optimizer_state(optimizer, tmp_path):
-    from cnnlab.data.dataset import Dataset, Normalization
-    from cnnlab.dist import World
+    from cnnlab.data.dataset import Normalization
     from cnnlab.training.optim import Lookahead, make_optimizer, make_schedule
     from cnnlab.training.state import TrainState
+    from cnnlab.training.step import Step
 
     torch.manual_seed(0)
     model = Blows()
@@ -82,24 +92,22 @@ def test_a_non_finite_step_changes_no_weight_statistic_or_optimizer_state(optimi
     opt = make_optimizer(cfg, model)
     ts = TrainState(model, opt, make_schedule(cfg, opt, 10), torch.amp.GradScaler("cpu", enabled=False),
                     Lookahead(model, 10), Normalization(), torch.device("cpu"))
-    x = torch.zeros(4, 3, 4, 4, dtype=torch.uint8)
-    ds = Dataset(x, torch.zeros(4, dtype=torch.long), x, torch.zeros(4, dtype=torch.long), ["a", "b"], "test", "", "")
-    loop = train.Loop(cfg, ds, World(), tmp_path, print, torch.device("cpu"), torch.float32, x, ds.y_train, 10,
-                      forward=model)
+    step = Step(cfg, torch.device("cpu"), torch.float32, steps_per_epoch=10)
+    step.wrap(model)
     xb, yb = torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 0, 1])
-    for step in range(4):  # a few good steps (the 5th would be a lookahead step too)
-        train._train_step(loop, ts, xb, yb, step)
+    for i in range(4):  # a few good steps (the 5th would be a lookahead step too)
+        step(ts, xb, yb, i)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt_before = {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
     model.nan = True
-    train._train_step(loop, ts, xb, yb, 4)  # step 5: also the lookahead's turn
+    step(ts, xb, yb, 4)  # step 5: also the lookahead's turn
     after = model.state_dict()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
     opt_after = {k: v for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
     assert all(torch.equal(opt_before[k], opt_after[k]) for k in opt_before)
     assert ts.read()["skipped"] == 1 and ts.read()["first_bad_step"] == 4 and ts.read()["seen"] == 16
     model.nan = False
-    train._train_step(loop, ts, xb, yb, 5)
+    step(ts, xb, yb, 5)
     assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])  # good steps go on
 
 
@@ -118,7 +126,7 @@ def test_a_non_finite_step_changes_no_weight_statistic_or_optimizer_state(optimi
 def test_a_bad_config_fails_before_reading_data_or_making_the_run_directory(tmp_path, bad, message):
     out = tmp_path / "run"
     with pytest.raises(CnnlabError, match=message):  # the data path does not exist either: config comes first
-        train.train(TrainConfig(**bad), DataConfig(path=str(tmp_path / "no-such-data")), out=out)
+        training.train(TrainConfig(**bad), DataConfig(path=str(tmp_path / "no-such-data")), out=out)
     assert not out.exists()
 
 
@@ -133,8 +141,7 @@ def test_the_gradient_scaler_path_trains_and_skips_non_finite_steps(tmp_path, ci
     from safetensors.torch import load_file
 
     cfg = TrainConfig(epochs=1, batch_size=30, precision="fp16", on_nan="skip-batch")
-    run = train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False,
-                      log=lambda *a: None)
+    run = training.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False)
     weights = load_file(run / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
     import json
@@ -156,8 +163,7 @@ def test_the_final_metrics_are_the_last_validation_without_a_second_pass(tmp_pat
         return real(model, x, *args, **kwargs)
     monkeypatch.setattr(evaluate, "predict_logits", counted)
     cfg = override(presets.get(preset), epochs=2, batch_size=30)
-    run = train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False,
-                      log=lambda *a: None)
+    run = training.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "r", with_report=False)
     assert passes == [30, 30]  # one pass over the 30 test images per epoch, none after training
     history, metrics = (json.loads((run / f).read_text()) for f in ("history.json", "metrics.json"))
     assert metrics["test_accuracy"] == pytest.approx(history[-1]["val_acc"], abs=1e-9)
@@ -173,8 +179,8 @@ def test_a_held_out_validation_set_still_gets_one_test_pass_at_the_end(tmp_path,
 
     passes, real = [], evaluate.predict_logits
     monkeypatch.setattr(evaluate, "predict_logits", lambda m, x, *a, **k: passes.append(len(x)) or real(m, x, *a, **k))
-    train.train(TrainConfig(epochs=2, batch_size=30), DataConfig(path=str(cifar_python_dir), val_split=0.2),
-                out=tmp_path / "r", with_report=False, log=lambda *a: None)
+    training.train(TrainConfig(epochs=2, batch_size=30), DataConfig(path=str(cifar_python_dir), val_split=0.2),
+                out=tmp_path / "r", with_report=False)
     assert passes == [30, 30, 30]  # 30 held-out images after each epoch, then the 30 test images once
 
 
@@ -183,6 +189,6 @@ def test_val_sample_validates_on_a_fixed_sample_and_the_last_epoch_on_all(tmp_pa
 
     seen, real = [], evaluate.predict_logits
     monkeypatch.setattr(evaluate, "predict_logits", lambda m, x, *a, **k: seen.append(x.clone()) or real(m, x, *a, **k))
-    train.train(TrainConfig(epochs=3, batch_size=30, val_sample=10), DataConfig(path=str(cifar_python_dir)),
-                out=tmp_path / "r", with_report=False, log=lambda *a: None)
+    training.train(TrainConfig(epochs=3, batch_size=30, val_sample=10), DataConfig(path=str(cifar_python_dir)),
+                out=tmp_path / "r", with_report=False)
     assert [len(x) for x in seen] == [10, 10, 30] and torch.equal(seen[0], seen[1])  # the same 10 each time

@@ -16,12 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab import data, presets
+from cnnlab import data, logs, presets, training
 from cnnlab.config import DataConfig, override
-from cnnlab.data import cache, folders, images
+from cnnlab.data import cache, decode, folders, images
 from cnnlab.errors import CnnlabError
 from cnnlab.presets import PHOTOS
-from cnnlab.training import lifecycle as train
 
 
 def photo(color: tuple[int, int, int], size=(80, 60), seed: int = 0) -> Image.Image:
@@ -288,10 +287,9 @@ def test_train_says_how_it_weights_classes(tmp_path):
     for i in range(4):
         photo(COLORS["red"], (80, 60), i).save(tmp_path / "train" / "red" / f"more{i}.jpg")
     write_split(tmp_path / "test", 1)
-    lines = []
-    train.train(override(PHOTOS, epochs=1, class_weights="auto", threads=2), DataConfig(path=str(tmp_path),
-                image_size=(32, 32)), out=tmp_path / "run", with_report=False,
-                log=lambda *a: lines.append(" ".join(map(str, a))))
+    with logs.captured() as lines:
+        training.train(override(PHOTOS, epochs=1, class_weights="auto", threads=2),
+                       DataConfig(path=str(tmp_path), image_size=(32, 32)), out=tmp_path / "run", with_report=False)
     assert "class weights (--class-weights auto, the rarer the heavier): blue 1.67, green 1.67, red 0.56" in lines
 
 
@@ -353,16 +351,17 @@ def test_the_cache_is_mapped_and_keyed_by_the_resolved_path(tmp_path, monkeypatc
     ds = data.load_dataset(tmp_path / "d")
     assert _mapped(ds.x_train, "train.u8")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cache, "_decode_chunk", lambda *a: pytest.fail("decoded again for another spelling"))
+    before = decode.decoded()
     again = data.load_dataset("./d/../d")
+    assert decode.decoded() == before, "decoded again for another spelling"
     assert torch.equal(ds.x_train, again.x_train)
 
 
 def test_the_decode_pool_decodes_what_one_thread_does(tmp_path, monkeypatch):
     write_split(tmp_path / "train", 12, size=(90, 70))
     one = data.load_dataset(tmp_path, use_cache=False, image_size=(24, 24))
-    monkeypatch.setattr(cache, "POOL_FROM", 4)
-    monkeypatch.setattr(cache, "CHUNK", 5)
+    monkeypatch.setattr(decode, "POOL_FROM", 4)
+    monkeypatch.setattr(decode, "CHUNK", 5)
     pooled = data.load_dataset(tmp_path, use_cache=False, image_size=(24, 24))
     assert torch.equal(one.x_train, pooled.x_train) and torch.equal(one.x_test, pooled.x_test)
 
@@ -370,7 +369,8 @@ def test_the_decode_pool_decodes_what_one_thread_does(tmp_path, monkeypatch):
 def test_the_pool_works_from_a_script_without_a_main_guard(tmp_path):
     """Workers must not run the caller's script again (spawn and forkserver do): here it is read from stdin."""
     write_split(tmp_path / "train", 12, size=(90, 70))
-    code = ("import sys; from cnnlab import cache, data; cache.POOL_FROM = 4; cache.CHUNK = 5; "
+    code = ("import sys; from cnnlab import data; from cnnlab.data import decode; "
+            "decode.POOL_FROM = 4; decode.CHUNK = 5; "
             "ds = data.load_dataset(sys.argv[1], use_cache=False); print('loaded', len(ds.y_train) + len(ds.y_test))")
     out = subprocess.run([sys.executable, "-", str(tmp_path)], input=code, capture_output=True, text=True,
                          timeout=120)
@@ -419,7 +419,7 @@ def photo_run(tmp_path_factory):
     write_split(root / "train", 16, size=(160, 120))
     write_split(root / "test", 4, size=(120, 160))
     cfg = override(PHOTOS, epochs=2, batch_size=16, threads=2)
-    run = train.train(cfg, DataConfig(path=str(root), image_size=(64, 64)), preset="photos",
+    run = training.train(cfg, DataConfig(path=str(root), image_size=(64, 64)), preset="photos",
                       out=tmp_path_factory.mktemp("run") / "r", with_report=False)
     return root, run
 
@@ -465,8 +465,9 @@ def test_random_resized_crop_keeps_the_shape_and_is_the_identity_at_full_scale()
 
 
 def test_decode_bytes_stay_torch_free():
-    out = subprocess.run([sys.executable, "-c", "import sys, cnnlab.cache, cnnlab.folders, cnnlab.images, "
-                          "cnnlab.sources; print('torch' in sys.modules)"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", "import sys, cnnlab.data.cache, cnnlab.data.folders, "
+                          "cnnlab.data.images, cnnlab.data.sources, cnnlab.deploy; print('torch' in sys.modules)"],
+                         capture_output=True, text=True)
     assert out.stdout.strip() == "False"
 
 
@@ -488,7 +489,7 @@ def test_data_info_on_cached_data_never_imports_torch(tmp_path):
 
 
 def test_building_an_optimizer_leaves_torch_dynamo_unimported():
-    code = ("import sys; from cnnlab import models, optim, presets; "
+    code = ("import sys; from cnnlab import models, presets; from cnnlab.training import optim; "
             "opts = [optim.make_optimizer(presets.get(p), models.build('airbench-s')) for p in ('quick', 'standard')]; "
             "[o.zero_grad() or o.load_state_dict(o.state_dict()) for o in opts]; "
             "print('torch._dynamo' in sys.modules)")

@@ -19,11 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from cnnlab import checkpoints, cli, data, models
+from cnnlab import cli, data, logs, models, training
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
-from cnnlab.training import lifecycle as train
-from conftest import fake_cifar_arrays, write_cifar_python, write_image_folder
+from cnnlab.run import Run
+from conftest import Fault, fake_cifar_arrays, write_cifar_python, write_image_folder
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -38,8 +38,8 @@ def sample_state(value: float) -> dict:
 
 
 def test_checkpoint_round_trip_keeps_every_type(tmp_path):
-    checkpoints.save_checkpoint(tmp_path, sample_state(1.5))
-    state = checkpoints.load_checkpoint(tmp_path)
+    Run(tmp_path).save_checkpoint(sample_state(1.5))
+    state = Run(tmp_path).load_checkpoint()
     assert torch.equal(state["model"]["w"], torch.full((3, 2), 1.5))
     assert state["model"]["half"].dtype == torch.bfloat16
     assert list(state["optimizer"]["state"]) == [0]  # int keys stay ints
@@ -47,32 +47,32 @@ def test_checkpoint_round_trip_keeps_every_type(tmp_path):
     assert state["epoch_rng"] is None and state["history"] == [{"val_acc": 0.5}] and state["flag"] is True
     moment = sample_state(0)["moment"]  # fused optimizers read moments as flat memory: the layout must survive
     assert torch.equal(state["moment"], moment) and state["moment"].stride() == moment.stride() != (48, 16, 4, 1)
-    raw = (tmp_path / checkpoints.CHECKPOINT).read_bytes()
+    raw = (tmp_path / Run.CHECKPOINT).read_bytes()
     assert b"__reduce__" not in raw and raw[8:9] == b"{"  # safetensors: a JSON header, no pickle
 
 
 def test_previous_checkpoint_is_kept_and_used_when_the_latest_is_damaged(tmp_path):
-    checkpoints.save_checkpoint(tmp_path, sample_state(1.0))
-    checkpoints.save_checkpoint(tmp_path, sample_state(2.0))
-    assert checkpoints.load_checkpoint(tmp_path)["model"]["w"][0, 0] == 2.0
-    latest = tmp_path / checkpoints.CHECKPOINT
+    Run(tmp_path).save_checkpoint(sample_state(1.0))
+    Run(tmp_path).save_checkpoint(sample_state(2.0))
+    assert Run(tmp_path).load_checkpoint()["model"]["w"][0, 0] == 2.0
+    latest = tmp_path / Run.CHECKPOINT
     raw = bytearray(latest.read_bytes())
     raw[-3] ^= 0xFF  # one flipped bit pattern in the tensor data: only the checksum can notice
     latest.write_bytes(bytes(raw))
     said = []
-    state = checkpoints.load_checkpoint(tmp_path, said.append)
+    state = Run(tmp_path).load_checkpoint(said.append)
     assert state["model"]["w"][0, 0] == 1.0
     assert "checksum mismatch" in said[0] and "resuming from the previous checkpoint" in said[0]
     latest.write_bytes(latest.read_bytes()[:100])  # truncated: the header no longer parses
-    assert checkpoints.load_checkpoint(tmp_path, said.append)["model"]["w"][0, 0] == 1.0
-    (tmp_path / checkpoints.PREVIOUS).write_bytes(b"garbage")
+    assert Run(tmp_path).load_checkpoint(said.append)["model"]["w"][0, 0] == 1.0
+    (tmp_path / Run.PREVIOUS).write_bytes(b"garbage")
     with pytest.raises(CnnlabError, match="no usable checkpoint"):
-        checkpoints.load_checkpoint(tmp_path)
-    assert checkpoints.load_checkpoint(tmp_path / "nothing-here") is None
+        Run(tmp_path).load_checkpoint()
+    assert Run(tmp_path / "nothing-here").load_checkpoint() is None
 
 
 def test_a_failed_checkpoint_write_keeps_the_old_one_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    checkpoints.save_checkpoint(tmp_path, sample_state(1.0))
+    Run(tmp_path).save_checkpoint(sample_state(1.0))
 
     def disk_full(self, data):
         with open(self, "wb") as f:
@@ -81,10 +81,10 @@ def test_a_failed_checkpoint_write_keeps_the_old_one_and_leaves_no_temporary_fil
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)
     with pytest.raises(CnnlabError, match="cannot write .*checkpoint.safetensors: No space left on device"):
-        checkpoints.save_checkpoint(tmp_path, sample_state(2.0))
+        Run(tmp_path).save_checkpoint(sample_state(2.0))
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoints.CHECKPOINT]
-    assert checkpoints.load_checkpoint(tmp_path)["model"]["w"][0, 0] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Run.CHECKPOINT]
+    assert Run(tmp_path).load_checkpoint()["model"]["w"][0, 0] == 1.0
 
 
 def test_unwritable_or_full_destinations_fail_before_training(tmp_path, capsys, monkeypatch, cifar_python_dir):
@@ -122,7 +122,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
             time.sleep(rng.uniform(0.5, 1.5))  # during start-up, before the first checkpoint
         else:  # mid-training: at a random moment after this process's first checkpoint, however fast the machine
             started = time.time()
-            checkpoint = run / checkpoints.CHECKPOINT
+            checkpoint = run / Run.CHECKPOINT
             while proc.poll() is None and not (checkpoint.exists() and checkpoint.stat().st_mtime > started):
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.25))
@@ -131,9 +131,9 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(tm
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         kills += 1
-        for name in (checkpoints.CHECKPOINT, checkpoints.PREVIOUS):
+        for name in (Run.CHECKPOINT, Run.PREVIOUS):
             if (run / name).exists():
-                checkpoints.load_checkpoint(run)  # whatever is there is whole and checks out
+                Run(run).load_checkpoint()  # whatever is there is whole and checks out
         # killed before the run directory was set up, the original command starts it again; after, --resume
         again = ["--resume", str(run), "--no-report"] if (run / "config.json").exists() else [*flags, "--out", str(run)]
         proc = subprocess.Popen([*cmd, "train", *again], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -168,21 +168,21 @@ class GoesNaN(nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip-batch"])
-def test_non_finite_loss(tmp_path, monkeypatch, mode):
-    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))
-    models.register("goes_nan")(lambda c, k, s: GoesNaN(c, k, after=6))  # 4 steps an epoch: epoch 2, step 2
+def test_non_finite_loss(tmp_path, registered, mode):
+    registered.register("goes_nan")(lambda c, k, s: GoesNaN(c, k, after=6))  # 4 steps an epoch: epoch 2, step 2
     root = write_image_folder(tmp_path / "set", per_class=4, size=(8, 8))  # 12 images, batch 3
     cfg = TrainConfig(model="goes_nan", epochs=2, batch_size=3, on_nan=mode)
-    out, said = tmp_path / "run", []
+    out = tmp_path / "run"
     if mode == "stop":
         with pytest.raises(CnnlabError, match=r"non-finite at epoch 2, step 2; .*checkpoint .* kept.* --lr 0\.0001"):
-            train.train(cfg, DataConfig(path=str(root)), out=out, log=said.append)
-        state = checkpoints.load_checkpoint(out)
+            training.train(cfg, DataConfig(path=str(root)), out=out)
+        state = Run(out).load_checkpoint()
         assert state["epoch"] == 1 and state["step"] == 0  # the end of epoch 1: the last good state
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
         assert not (out / "model.safetensors").exists()
     else:
-        train.train(cfg, DataConfig(path=str(root)), out=out, log=said.append, with_report=False)
+        with logs.captured() as said:
+            training.train(cfg, DataConfig(path=str(root)), out=out, with_report=False)
         assert any("3 batches of epoch 2 were skipped" in str(s) for s in said)
         weights = load_file(out / "model.safetensors")
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
@@ -243,20 +243,16 @@ def test_malicious_pickles_never_run(tmp_path, cifar_batches):
     assert not marker.exists()
 
 
-def test_resume_before_the_first_checkpoint_starts_over(tmp_path, cifar_python_dir, monkeypatch):
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path, cifar_python_dir):
     cfg, data_cfg = TrainConfig(epochs=2, batch_size=16, seed=1), DataConfig(path=str(cifar_python_dir))
-    whole = train.train(cfg, data_cfg, out=tmp_path / "whole", with_report=False, log=lambda *a: None)
+    whole = training.train(cfg, data_cfg, out=tmp_path / "whole", with_report=False)
 
-    def killed(*args):
-        raise KeyboardInterrupt  # the process dies where it would have written its first checkpoint
-
-    monkeypatch.setattr(checkpoints, "save_checkpoint", killed)
+    killed = Fault("after_epoch", KeyboardInterrupt(), order=35)  # dies where it would write its first checkpoint
     with pytest.raises(KeyboardInterrupt):
-        train.train(cfg, data_cfg, out=tmp_path / "cut", with_report=False, log=lambda *a: None)
-    monkeypatch.undo()
-    assert (tmp_path / "cut" / "config.json").exists() and checkpoints.load_checkpoint(tmp_path / "cut") is None
-    said = []
-    train.resume(tmp_path / "cut", with_report=False, log=said.append)
+        training.train(cfg, data_cfg, out=tmp_path / "cut", with_report=False, hooks=[killed])
+    assert (tmp_path / "cut" / "config.json").exists() and Run(tmp_path / "cut").load_checkpoint() is None
+    with logs.captured() as said:
+        training.resume(tmp_path / "cut", with_report=False)
     assert any("no checkpoint yet" in str(s) for s in said)
     want, got = load_file(whole / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(want[k], got[k]) for k in want)
@@ -265,7 +261,7 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path, cifar_python_d
 # ---------------------------------------------------------------------------------------------------
 # The end of a run: a kill after any of its files, damaged weights, SIGTERM
 
-END_OF_RUN = ["model.safetensors", "model.json", *train.END_FILES, *train.PICTURES]
+END_OF_RUN = ["model.safetensors", "model.json", *Run.END_FILES, *Run.PICTURES]
 # Runs `cnnlab train` in this process, SIGKILLing it as soon as the N-th file of the end of the run is complete
 # (files.atomic_path has renamed it into place): what a kill between two files leaves.
 KILLER = """
@@ -307,7 +303,7 @@ def test_a_kill_after_any_file_of_the_end_of_a_run_is_completed_by_resume(tmp_pa
         assert all(_end_of_run_files(run).values()), after
         got = load_file(run / "model.safetensors")
         assert all(torch.equal(want[k], got[k]) for k in want), after
-        assert checkpoints.model_complete(run)
+        assert Run(run).model_complete()
 
 
 def test_damaged_weights_are_refused_by_every_reader_and_rewritten_by_resume(tmp_path, cifar_python_dir, capsys):
@@ -341,7 +337,7 @@ def test_sigterm_stops_like_ctrl_c_with_a_checkpoint(tmp_path, cifar_python_dir)
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--data", str(cifar_python_dir), "--epochs",
                              "200", "--batch-size", "10", "--no-report", "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint = run / checkpoints.CHECKPOINT
+    checkpoint = run / Run.CHECKPOINT
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline:  # the first epoch has ended
         time.sleep(0.05)
@@ -350,7 +346,7 @@ def test_sigterm_stops_like_ctrl_c_with_a_checkpoint(tmp_path, cifar_python_dir)
     assert proc.returncode == 130, err
     assert "SIGTERM: stopping after this step and saving a checkpoint" in out
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    state = checkpoints.load_checkpoint(run)
+    state = Run(run).load_checkpoint()
     assert state is not None and state["epoch"] + state["step"] > 0 and state["epoch"] < 200
 
 
@@ -369,19 +365,19 @@ def test_flag_errors_are_one_line(tmp_path):
         TrainConfig(lr=float("nan")).validate()
 
 
-def test_out_must_be_new_or_empty_and_a_refused_run_leaves_nothing(tmp_path, cifar_python_dir, monkeypatch):
+def test_out_must_be_new_or_empty_and_a_refused_run_leaves_nothing(tmp_path, cifar_python_dir):
     mine = tmp_path / "my-notes"
     mine.mkdir()
     (mine / "thesis.txt").write_text("do not overwrite")
     with pytest.raises(CnnlabError, match="folder of other files"):
-        train.train(TrainConfig(epochs=1), DataConfig(path=str(cifar_python_dir)), out=mine)
+        training.train(TrainConfig(epochs=1), DataConfig(path=str(cifar_python_dir)), out=mine)
     assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
-    monkeypatch.setattr(train, "_require_space", lambda *a: (_ for _ in ()).throw(CnnlabError("no space")))
+    refused = Fault("before_fit", CnnlabError("no space"))  # refused after config.json, before any checkpoint
     for out in (tmp_path / "new", tmp_path / "empty"):
         if out.name == "empty":
             out.mkdir()
         with pytest.raises(CnnlabError, match="no space"):
-            train.train(TrainConfig(epochs=1), DataConfig(path=str(cifar_python_dir)), out=out, log=lambda *a: None)
+            training.train(TrainConfig(epochs=1), DataConfig(path=str(cifar_python_dir)), out=out, hooks=[refused])
         assert not out.exists() if out.name == "new" else not any(out.iterdir())  # the command can simply run again
 
 
@@ -404,7 +400,7 @@ def test_training_on_no_images_is_an_error(tmp_path):
     ds = data.Dataset(empty, torch.zeros(0, dtype=torch.int64), empty, torch.zeros(0, dtype=torch.int64), ["a", "b"],
                       "image-folder", str(tmp_path), "none")
     with pytest.raises(CnnlabError, match="no training images"):
-        train.train(TrainConfig(epochs=1), dataset=ds, out=tmp_path / "run")
+        training.train(TrainConfig(epochs=1), dataset=ds, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -440,7 +436,7 @@ def test_a_damaged_model_json_is_refused_before_building_anything(finished_run, 
     meta = json.loads((run / "model.json").read_text())
     (run / "model.json").write_text(json.dumps({**meta, **change}))
     with pytest.raises(CnnlabError, match="is not what cnnlab training writes"):
-        checkpoints.load_model(run)
+        models.load_model(run)
 
 
 def test_a_seed_beyond_what_generators_take_and_absurd_image_sizes_are_refused():

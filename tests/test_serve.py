@@ -23,8 +23,8 @@ pytest.importorskip("fastapi", reason="the deploy extra is not installed: pip in
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cnnlab import deploy
-from cnnlab.deploy import serve  # noqa: E402
+from cnnlab import deploy, models
+from cnnlab.deploy import predictors, serve  # noqa: E402
 from conftest import ARTIFACTS, CLASSES, launch_chromium, needs_chromium  # noqa: E402
 
 
@@ -242,7 +242,7 @@ def test_page_in_a_browser_classifies_several_images_and_docs_work_offline(quick
         browser.close()
     assert errors == [] and outside == []
     assert name == quick_onnx.stem  # the model's own name (for the default model.onnx: its run's)
-    assert deploy._model_name(Path("exports/model.onnx"), "/srv/runs/20261125-quick") == "20261125-quick"
+    assert predictors._model_name(Path("exports/model.onnx"), "/srv/runs/20261125-quick") == "20261125-quick"
     assert titles == [f.name for f in [*images, broken]]
     assert len(first) == 5 and first[0] == cli_top
     assert net_view == [True, 32]
@@ -257,15 +257,16 @@ def test_a_model_that_fails_its_self_check_is_refused_at_start(quick_run, quick_
     import onnx
     import torch
 
-    from cnnlab import checkpoints
     from cnnlab.errors import CnnlabError
+    from cnnlab.run import Run
+    from cnnlab.training.keep import cpu_weights
 
     nan_run = tmp_path / "nan-run"
     shutil.copytree(quick_run, nan_run)
-    model, meta = checkpoints.load_model(nan_run)
+    model, meta = models.load_model(nan_run)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
-    checkpoints.save_model(nan_run, model, {k: v for k, v in meta.items() if k != "sha256"})  # NaN, checksummed
+    Run(nan_run).save_model(cpu_weights(model), {k: v for k, v in meta.items() if k != "sha256"})  # NaN, checksummed
     with pytest.raises(CnnlabError, match="non-finite probabilities"):
         serve.create_app(serve.ServeConfig(model=str(nan_run)))
     lying = onnx.load(str(quick_onnx))  # a graph for 32x32 inputs whose metadata claims 64x64

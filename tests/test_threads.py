@@ -142,10 +142,10 @@ def test_denormals_flush_to_zero_once_cnnlab_loads_unless_kept():
 def test_a_run_leaves_the_thread_count_as_it_found_it(tmp_path, cifar_python_dir):
     import torch
 
+    from cnnlab import training
     from cnnlab.config import DataConfig, TrainConfig
-    from cnnlab.training import lifecycle as train
 
     before = torch.get_num_threads()
-    train.train(TrainConfig(epochs=1, batch_size=50, threads=1), DataConfig(path=str(cifar_python_dir)),
-                out=tmp_path / "run", with_report=False, log=lambda *a: None)
+    training.train(TrainConfig(epochs=1, batch_size=50, threads=1), DataConfig(path=str(cifar_python_dir)),
+                out=tmp_path / "run", with_report=False)
     assert torch.get_num_threads() == before

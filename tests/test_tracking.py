@@ -14,10 +14,10 @@ import urllib.request
 
 import pytest
 
-from cnnlab import cli
+from cnnlab import cli, training
 from cnnlab.config import DataConfig, TrainConfig
-from cnnlab.errors import CnnlabError
-from cnnlab.training import lifecycle as train
+from cnnlab.errors import CnnlabError, Interrupted
+from conftest import CtrlCAt
 
 pytest.importorskip("mlflow", reason="the tracking extra is not installed")
 pytest.importorskip("tensorboard", reason="the tracking extra is not installed")
@@ -64,15 +64,13 @@ def _check_mlflow_run(client, mlrun, run_dir) -> None:
     assert not {"checkpoint.safetensors", "tensorboard"} & names
 
 
-def test_mlflow_in_a_local_sqlite_store_and_resume_continues_the_same_run(tmp_path, cifar_python_dir, ctrl_c_at_step):
+def test_mlflow_in_a_local_sqlite_store_and_resume_continues_the_same_run(tmp_path, cifar_python_dir):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     cfg, data = TrainConfig(epochs=2, batch_size=30), DataConfig(path=str(cifar_python_dir))
-    ctrl_c_at_step(7)  # mid-epoch 2
-    with pytest.raises(train.Interrupted):
-        train.train(cfg, data, out=tmp_path / "run", with_report=False, log=lambda *a: None,
-                    tracking=("mlflow",), mlflow_uri=uri)
-    ctrl_c_at_step.disarm()
-    train.resume(tmp_path / "run", log=lambda *a: None)
+    with pytest.raises(Interrupted):
+        training.train(cfg, data, out=tmp_path / "run", with_report=False, tracking=("mlflow",), mlflow_uri=uri,
+                       hooks=[CtrlCAt(7)])  # mid-epoch 2
+    training.resume(tmp_path / "run")
     client, found = _mlflow_runs(uri)
     assert len(found) == 1  # the resumed run continued the MLflow run it had started
     _check_mlflow_run(client, found[0], tmp_path / "run")

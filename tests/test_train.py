@@ -15,12 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnlab import checkpoints, cli, runs
+from cnnlab import cli, training
 from cnnlab.config import DataConfig, TrainConfig
-from cnnlab.training import lifecycle as train
+from cnnlab.errors import Interrupted
+from cnnlab.run import HISTORY_FIELDS, Run
+from conftest import CtrlCAt
 
 SMALL = TrainConfig(epochs=2, batch_size=16, augment="seed", seed=7)  # 150 images: 10 steps per epoch
-quiet = dict(log=lambda *a: None)
+quiet = {}
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -39,36 +41,26 @@ def _history_without_times(run_dir: Path) -> list[dict]:
 
 def test_seeded_cpu_run_is_bit_for_bit_repeatable(tmp_path, cifar_python_dir):
     data_cfg = DataConfig(path=str(cifar_python_dir))
-    a = train.train(SMALL, data_cfg, out=tmp_path / "a", **quiet)
-    b = train.train(SMALL, data_cfg, out=tmp_path / "b", **quiet)
-    c = train.train(TrainConfig(**{**SMALL.__dict__, "seed": 8}), data_cfg, out=tmp_path / "c", **quiet)
+    a = training.train(SMALL, data_cfg, out=tmp_path / "a", **quiet)
+    b = training.train(SMALL, data_cfg, out=tmp_path / "b", **quiet)
+    c = training.train(TrainConfig(**{**SMALL.__dict__, "seed": 8}), data_cfg, out=tmp_path / "c", **quiet)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert _history_without_times(a) == _history_without_times(b)
     assert not _same_weights(a, c)
 
 
 @pytest.mark.parametrize("stop_at_call", [4, 10, 13])  # mid-epoch 1, end of epoch 1, mid-epoch 2
-def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, cifar_python_dir, monkeypatch, stop_at_call):
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, cifar_python_dir, stop_at_call):
     data_cfg = DataConfig(path=str(cifar_python_dir))
-    whole = train.train(SMALL, data_cfg, out=tmp_path / "whole", **quiet)
+    whole = training.train(SMALL, data_cfg, out=tmp_path / "whole", **quiet)
 
-    real_step, calls = train._train_step, []
-
-    def step_then_ctrl_c(*args):
-        calls.append(1)
-        if len(calls) == stop_at_call:
-            train.STOP.set()  # what the SIGINT handler does
-        return real_step(*args)
-
-    monkeypatch.setattr(train, "_train_step", step_then_ctrl_c)
-    with pytest.raises(train.Interrupted, match="--resume"):
-        train.train(SMALL, data_cfg, out=tmp_path / "cut", **quiet)
+    with pytest.raises(Interrupted, match="--resume"):  # CtrlCAt sets loop.STOP, as the SIGINT handler does
+        training.train(SMALL, data_cfg, out=tmp_path / "cut", hooks=[CtrlCAt(stop_at_call)], **quiet)
     cut = tmp_path / "cut"
-    assert (cut / checkpoints.CHECKPOINT).is_file() and not (cut / "model.safetensors").exists()
-    state = checkpoints.load_checkpoint(cut)
+    assert (cut / Run.CHECKPOINT).is_file() and not (cut / "model.safetensors").exists()
+    state = Run(cut).load_checkpoint()
     assert (state["epoch"], state["step"]) == divmod(stop_at_call, 10)
-    monkeypatch.setattr(train, "_train_step", real_step)
-    train.resume(cut, **quiet)
+    training.resume(cut, **quiet)
     assert _same_weights(whole, cut)
     assert _history_without_times(whole) == _history_without_times(cut)
     assert json.loads((cut / "metrics.json").read_text())["test_accuracy"] == \
@@ -76,14 +68,14 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, cifar_pyth
 
 
 def test_run_directory_contents(tmp_path, cifar_binary_dir):
-    run = train.train(TrainConfig(epochs=2, batch_size=32), DataConfig(path=str(cifar_binary_dir)),
+    run = training.train(TrainConfig(epochs=2, batch_size=32), DataConfig(path=str(cifar_binary_dir)),
                       preset="seed", out=tmp_path / "r", **quiet)
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["epochs"] == 2 and config["data"]["format"] == "cifar-binary"
     assert config["environment"]["torch"] == torch.__version__
     rows = list(csv.DictReader((run / "history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(rows[0]) == set(runs.HISTORY_FIELDS)
+    assert set(rows[0]) == set(HISTORY_FIELDS)
     history = json.loads((run / "history.json").read_text())
     assert all(h["seconds"] > 0 and h["images_per_s"] > 0 and 0 <= h["val_acc"] <= 1 for h in history)
     meta = json.loads((run / "model.json").read_text())
@@ -104,7 +96,7 @@ def test_ctrl_c_in_a_real_process_saves_a_checkpoint_and_exits_cleanly(tmp_path,
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and f"cnnlab train --resume {out}" in stderr
-    state = checkpoints.load_checkpoint(out)
+    state = Run(out).load_checkpoint()
     assert 1 <= state["epoch"] < 500
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 

@@ -20,17 +20,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cnnlab import checkpoints, cli, models, presets
+from cnnlab import cli, logs, models, presets, training
 from cnnlab.config import DataConfig, TrainConfig, override
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, Interrupted
 from cnnlab.models import backbones, pretrained
-from cnnlab.training import finetune, probe
-from cnnlab.training import lifecycle as train
+from cnnlab.run import Run
+from cnnlab.training import finetune, preflight, probe
+from cnnlab.training.loop import Hook
 from cnnlab.training.optim import make_optimizer, make_schedule
-from conftest import write_image_folder
+from conftest import CtrlCAt, write_image_folder
 
 MANIFEST = json.loads((Path(__file__).parent / "torchvision_manifest.json").read_text())["backbones"]
-QUIET = dict(with_report=False, log=lambda *a: None)
+QUIET = dict(with_report=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def test_a_damaged_download_is_refused_and_not_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("CNNLAB_WEIGHTS_MIRROR", mirror.as_uri())
     with pytest.raises(CnnlabError, match="arrived damaged"):
-        pretrained.fetch("resnet18_imagenet", log=lambda *a: None)
+        pretrained.fetch("resnet18_imagenet")
     assert not any((tmp_path / "torch").rglob("*.pth"))
 
 
@@ -160,10 +161,10 @@ def test_weights_that_do_not_fit_are_one_clear_error(tmp_path):
 
 
 def test_imagenet_weights_bring_their_input_size_and_normalization(imagenet_in_cache, photos, tmp_path):
-    assert train.input_size(presets.get("finetune"), DataConfig(), print).image_size == (224, 224)
-    assert train.input_size(presets.get("finetune"), DataConfig(image_size=(64, 64)), print).image_size == (64, 64)
+    assert preflight.input_size(presets.get("finetune"), DataConfig(), print).image_size == (224, 224)
+    assert preflight.input_size(presets.get("finetune"), DataConfig(image_size=(64, 64)), print).image_size == (64, 64)
     cfg = override(presets.get("finetune"), epochs=2, eval_batch_size=50)
-    run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "r", **QUIET)
+    run = training.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "r", **QUIET)
     meta = json.loads((run / "model.json").read_text())
     assert meta["normalization"] == {"mean": list(pretrained.IMAGENET_MEAN), "std": list(pretrained.IMAGENET_STD)}
     assert meta["pretrained"] == "imagenet" and meta["image_size"] == [32, 32]
@@ -175,21 +176,21 @@ def test_weights_of_a_cnnlab_run_bring_its_input_size_and_normalization(cifar_py
     become 96 px) with a preset that says `imagenet`: the photos are prepared as the body's images were."""
     from test_photos import write_split
 
-    source = train.train(TrainConfig(model="resnet20", epochs=1, batch_size=50, normalize="meanstd", threads=2),
+    source = training.train(TrainConfig(model="resnet20", epochs=1, batch_size=50, normalize="meanstd", threads=2),
                          DataConfig(path=str(cifar_python_dir)), out=tmp_path / "cifar", **QUIET)
     source_meta = json.loads((source / "model.json").read_text())
     write_split(tmp_path / "photos" / "train", 4)
     write_split(tmp_path / "photos" / "test", 2)
     weights = source / "model.safetensors" if given == "model.safetensors" else source
-    lines = []
     cfg = replace(presets.get("finetune"), model="resnet20", pretrained=str(weights), epochs=2, threads=2)
-    run = train.train(cfg, DataConfig(path=str(tmp_path / "photos")), out=tmp_path / "photos-run", with_report=False,
-                      log=lambda *a: lines.append(" ".join(map(str, a))))
+    with logs.captured() as lines:
+        run = training.train(cfg, DataConfig(path=str(tmp_path / "photos")), out=tmp_path / "photos-run",
+                             with_report=False)
     meta = json.loads((run / "model.json").read_text())
     assert meta["image_size"] == [32, 32] and meta["normalization"] == source_meta["normalization"]
     assert meta["normalization"]["mean"] != list(pretrained.IMAGENET_MEAN)
     assert f"input size 32x32, as the weights' run {source} was trained (--image-size to change it)" in lines
-    other = train.input_size(cfg, DataConfig(image_size=(48, 48)), print)  # --image-size still wins
+    other = preflight.input_size(cfg, DataConfig(image_size=(48, 48)), print)  # --image-size still wins
     assert other.image_size == (48, 48)
 
 
@@ -197,17 +198,15 @@ def test_weights_of_a_cnnlab_run_bring_its_input_size_and_normalization(cifar_py
 # Fine-tuning
 
 
-@pytest.fixture
-def epoch_snapshots(monkeypatch) -> list[dict]:
+class Snapshots(Hook):
     """The model's state_dict at the end of each training epoch, before its validation and checkpoint."""
-    snapshots = []
-    real = train._end_epoch
+    order = 0
 
-    def spy(loop, ts):
-        snapshots.append({k: v.clone() for k, v in ts.model.state_dict().items()})
-        real(loop, ts)
-    monkeypatch.setattr(train, "_end_epoch", spy)
-    return snapshots
+    def __init__(self):
+        self.taken: list[dict] = []
+
+    def end_epoch(self, fit) -> None:
+        self.taken.append({k: v.clone() for k, v in fit.state.model.state_dict().items()})
 
 
 def test_discriminative_rates_and_a_cycle_per_phase():
@@ -221,10 +220,12 @@ def test_discriminative_rates_and_a_cycle_per_phase():
     assert factors[2] == factors[18] == pytest.approx(1.0) and factors[7] < 0.1 and factors[47] < 0.01
 
 
-def test_frozen_epochs_keep_the_body_and_its_statistics(imagenet_in_cache, cifar_python_dir, tmp_path, epoch_snapshots):
-    snapshots = epoch_snapshots
+def test_frozen_epochs_keep_the_body_and_its_statistics(imagenet_in_cache, cifar_python_dir, tmp_path):
+    spy = Snapshots()
     cfg = override(presets.get("finetune"), model=RESNET, epochs=3, freeze_epochs=2, batch_size=30, eval_batch_size=100)
-    train.train(cfg, DataConfig(path=str(cifar_python_dir), image_size=(32, 32)), out=tmp_path / "ft", **QUIET)
+    training.train(cfg, DataConfig(path=str(cifar_python_dir), image_size=(32, 32)), out=tmp_path / "ft", hooks=[spy],
+                   **QUIET)
+    snapshots = spy.taken
     start = torch.load(imagenet_in_cache[RESNET])
     body = [k for k in start if not k.startswith("fc.")]
     for frozen in snapshots[:2]:  # weights, BatchNorm running statistics and their counters
@@ -252,18 +253,16 @@ def test_head_only_caches_embeddings_and_agrees_with_the_whole_network(imagenet_
 
     cfg = override(presets.get("finetune"), model=RESNET, head_only=True, epochs=4, precision="fp32")
     data = DataConfig(path=str(photos), image_size=(32, 32))
-    logs = []
-    first = train.train(cfg, data, out=tmp_path / "a", with_report=False, log=logs.append)
-    assert any("left out" in line and "augment" in line for line in logs)
+    with logs.captured() as said:
+        first = training.train(cfg, data, out=tmp_path / "a", with_report=False)
+    assert any("left out" in line and "augment" in line for line in said)
     cached = sorted((Path(os.environ["CNNLAB_CACHE"]) / "features").glob("*.safetensors"))
     assert len(cached) == 2  # train and test
-    logs.clear()
-    second = train.train(cfg, data, out=tmp_path / "b", with_report=False, log=logs.append)
-    assert checkpoints.load_weights(first, json.loads((first / "model.json").read_text()))["fc.weight"].equal(
-        checkpoints.load_weights(second, json.loads((second / "model.json").read_text()))["fc.weight"])
+    second = training.train(cfg, data, out=tmp_path / "b", with_report=False)
+    assert Run(first).weights()["fc.weight"].equal(Run(second).weights()["fc.weight"])
     recorded = json.loads((first / "metrics.json").read_text())["test_accuracy"]
     assert evaluate.evaluate_run(first)["test_accuracy"] == pytest.approx(recorded)
-    model, meta = checkpoints.load_model(first)
+    model, meta = models.load_model(first)
     assert meta["head_only"] and meta["tta"] == 0
     start = torch.load(imagenet_in_cache[RESNET])
     assert torch.equal(model.layer3[0].conv1.weight, start["layer3.0.conv1.weight"])
@@ -309,7 +308,7 @@ def test_fine_tuning_and_probes_in_two_processes(imagenet_in_cache, isolated_hom
     for n, out in ((2, "p2"), (1, "p1")):
         proc = _cli("train", "--nproc", n, *common, *probes, "--out", tmp_path / out, env_home=isolated_home)
         assert proc.returncode == 0, proc.stderr
-    one, two = (checkpoints.load_model(tmp_path / p)[0].fc.weight for p in ("p1", "p2"))
+    one, two = (models.load_model(tmp_path / p)[0].fc.weight for p in ("p1", "p2"))
     torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-4)
 
 
@@ -324,7 +323,7 @@ def test_every_backbone_from_scratch_evaluates_above_chance_exports_and_predicts
 
     cfg = replace(presets.get("finetune"), model=name, pretrained=None, freeze_epochs=0, lr_spread=1.0, epochs=3,
                   tta=0, threads=2)
-    run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / name, **QUIET)
+    run = training.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / name, **QUIET)
     # chance is 1/3 (6 of 18, what one class for every image gave); measured 0.61-1.00 with AVX-512 kernels
     # (bf16) and 0.50 and up with AVX2 ones (fp32)
     assert json.loads((run / "metrics.json").read_text())["test_accuracy"] > 0.4
@@ -344,8 +343,7 @@ def test_end_to_end_train_report_export_serve(head_only, imagenet_in_cache, phot
     from cnnlab.deploy import export, serve
 
     cfg = override(presets.get("finetune"), epochs=3, head_only=head_only)
-    run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "run",
-                      log=lambda *a: None)
+    run = training.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "run")
     assert (run / "report.html").is_file() and DEFAULT in (run / "report.html").read_text()
     onnx = export.export_onnx(run)["path"]
     image = next((photos / "test" / "c").iterdir())
@@ -358,31 +356,28 @@ def test_end_to_end_train_report_export_serve(head_only, imagenet_in_cache, phot
 
 @pytest.mark.parametrize("stop_at", [3, 13], ids=["frozen", "thawed"])
 def test_a_fine_tune_resumes_bit_exactly_on_either_side_of_the_thaw(imagenet_in_cache, cifar_python_dir, tmp_path,
-                                                                     ctrl_c_at_step, stop_at):
+                                                                     stop_at):
     """150 images in batches of 30: 5 steps an epoch; two frozen epochs, then one of everything."""
     cfg = override(presets.get("finetune"), epochs=3, freeze_epochs=2, batch_size=30, eval_batch_size=100,
                    precision="fp32")
     data = DataConfig(path=str(cifar_python_dir), image_size=(32, 32))
-    whole = train.train(cfg, data, out=tmp_path / "whole", **QUIET)
-    ctrl_c_at_step(stop_at)
-    with pytest.raises(train.Interrupted):
-        train.train(cfg, data, out=tmp_path / "cut", **QUIET)
-    ctrl_c_at_step.disarm()
-    train.resume(tmp_path / "cut", with_report=False, log=lambda *a: None)
+    whole = training.train(cfg, data, out=tmp_path / "whole", **QUIET)
+    with pytest.raises(Interrupted):
+        training.train(cfg, data, out=tmp_path / "cut", hooks=[CtrlCAt(stop_at)], **QUIET)
+    training.resume(tmp_path / "cut", with_report=False)
     assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
 
 
 def test_a_finished_probe_resumes_as_complete(imagenet_in_cache, photos, tmp_path):
     cfg = override(presets.get("finetune"), head_only=True, epochs=2)
-    run = train.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "p", **QUIET)
-    said = []
-    train.resume(run, with_report=False, log=said.append)
+    run = training.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "p", **QUIET)
+    with logs.captured() as said:
+        training.resume(run, with_report=False)
     assert any("is complete" in line for line in said), said
 
 
 @pytest.mark.parametrize("preset,model", [("seed", "seed"), ("quick", "airbench-s"), ("standard", "resnet20")])
-def test_freezing_and_spread_rates_on_the_other_preset_families(preset, model, cifar_python_dir, tmp_path,
-                                                                epoch_snapshots):
+def test_freezing_and_spread_rates_on_the_other_preset_families(preset, model, cifar_python_dir, tmp_path):
     """Any network takes a weights file, a frozen phase and spread rates: its head is its last linear layer and
     its body splits in halves. The frozen epoch leaves every body tensor (BatchNorm statistics included) as
     the file had it; airbench's fixed whitening stays fixed after the thaw."""
@@ -390,10 +385,11 @@ def test_freezing_and_spread_rates_on_the_other_preset_families(preset, model, c
     weights = tmp_path / "w.safetensors"
     source = models.build(model, 3, 10, (32, 32))
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
-    snapshots = epoch_snapshots
+    spy = Snapshots()
     cfg = override(presets.get(preset), pretrained=str(weights), freeze_epochs=1, lr_spread=10.0, epochs=2,
                    batch_size=30, eval_batch_size=100)
-    train.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "run", **QUIET)
+    training.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "run", hooks=[spy], **QUIET)
+    snapshots = spy.taken
     head = finetune.head_name(source)
     start = source.state_dict()
     body = [k for k in start if not finetune.is_head(k, head) and not k.endswith("whiten.weight")]
@@ -406,6 +402,6 @@ def test_freezing_and_spread_rates_on_the_other_preset_families(preset, model, c
 
 def test_a_probe_on_cifar_arrays(imagenet_in_cache, cifar_python_dir, tmp_path):
     cfg = override(presets.get("finetune"), head_only=True, epochs=3)
-    run = train.train(cfg, DataConfig(path=str(cifar_python_dir), image_size=(32, 32)), out=tmp_path / "p", **QUIET)
+    run = training.train(cfg, DataConfig(path=str(cifar_python_dir), image_size=(32, 32)), out=tmp_path / "p", **QUIET)
     meta = json.loads((run / "model.json").read_text())
     assert meta["head_only"] and meta["model"] == DEFAULT and (run / "metrics.json").is_file()

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab import checkpoints, cli, models
+from cnnlab import cli, logs, models, training
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
 from cnnlab.models import spec
-from cnnlab.training import lifecycle as train
+from cnnlab.training import finetune
 from conftest import write_image_folder
 
 # Parameter counts for 32x32x3 inputs and 10 classes, as published (zoo.py says where each comes from).
@@ -106,17 +106,16 @@ class Tiny(nn.Module):
         return self.head(self.conv(x).relu().mean((2, 3)))
 
 
-def test_users_register_their_own_model_and_train_it_by_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))  # registrations stay inside this test
+def test_users_register_their_own_model_and_train_it_by_name(tmp_path, registered):  # taken out after the test
 
     @models.register("tiny")
     def tiny(in_channels, num_classes, image_size):
         return Tiny(in_channels, num_classes)
 
     root = write_image_folder(tmp_path / "set", per_class=8, size=(8, 8))
-    run = train.train(TrainConfig(model="tiny", epochs=1, batch_size=8), DataConfig(path=str(root)),
-                      out=tmp_path / "run", with_report=False, log=lambda *a: None)
-    model, meta = checkpoints.load_model(run)
+    run = training.train(TrainConfig(model="tiny", epochs=1, batch_size=8), DataConfig(path=str(root)),
+                      out=tmp_path / "run", with_report=False)
+    model, meta = models.load_model(run)
     assert meta["model"] == "tiny" and isinstance(model, Tiny) and meta["params"] == 8 * 3 * 9 + 8 + 8 * 3 + 3
     with pytest.raises(CnnlabError, match="already registered"):
         models.register("tiny")(lambda c, k, s: Tiny(c, k))
@@ -133,14 +132,14 @@ def test_users_register_their_own_model_and_train_it_by_name(tmp_path, monkeypat
 def source_run(tmp_path_factory):
     root = write_image_folder(tmp_path_factory.mktemp("a") / "three", classes=("a", "b", "c"), per_class=10,
                               size=(16, 16))
-    return train.train(TrainConfig(epochs=1, batch_size=8), DataConfig(path=str(root)),
-                       out=tmp_path_factory.mktemp("runs") / "source", with_report=False, log=lambda *a: None)
+    return training.train(TrainConfig(epochs=1, batch_size=8), DataConfig(path=str(root)),
+                       out=tmp_path_factory.mktemp("runs") / "source", with_report=False)
 
 
 def test_fine_tuning_with_a_new_head(source_run, tmp_path):
-    before = checkpoints.load_model(source_run)[0].state_dict()
+    before = models.load_model(source_run)[0].state_dict()
     fresh = models.build("seed", 3, 5, (16, 16))
-    message = checkpoints.init_from(fresh, "seed", source_run)
+    message = finetune.init_from(fresh, "seed", source_run)
     assert "new classifier head (3 -> 5 classes)" in message
     after = fresh.state_dict()
     for key in ("conv1.weight", "conv2.bias", "dense1.weight"):
@@ -148,20 +147,20 @@ def test_fine_tuning_with_a_new_head(source_run, tmp_path):
     assert after["dense2.weight"].shape == (5, 128)
 
     root = write_image_folder(tmp_path / "five", classes=("v", "w", "x", "y", "z"), per_class=6, size=(16, 16))
-    lines = []
-    run = train.train(TrainConfig(epochs=1, batch_size=8, init_from=str(source_run)), DataConfig(path=str(root)),
-                      out=tmp_path / "tuned", with_report=False, log=lines.append)
+    with logs.captured() as lines:
+        run = training.train(TrainConfig(epochs=1, batch_size=8, init_from=str(source_run)), DataConfig(path=str(root)),
+                             out=tmp_path / "tuned", with_report=False)
     assert any("new classifier head (3 -> 5 classes)" in str(line) for line in lines)
     assert json.loads((run / "config.json").read_text())["train"]["init_from"] == str(source_run)
     same = models.build("seed", 3, 3, (16, 16))
-    assert "all 8 tensors copied" in checkpoints.init_from(same, "seed", source_run)
+    assert "all 8 tensors copied" in finetune.init_from(same, "seed", source_run)
 
 
 def test_fine_tuning_a_different_architecture_is_a_clear_error(source_run, tmp_path, capsys):
     with pytest.raises(CnnlabError, match="that run trained 'seed', this one is 'resnet20'"):
-        checkpoints.init_from(models.build("resnet20", 3, 3), "resnet20", source_run)
+        finetune.init_from(models.build("resnet20", 3, 3), "resnet20", source_run)
     with pytest.raises(CnnlabError, match="do not fit this model .*dense1.weight"):
-        checkpoints.init_from(models.build("seed", 3, 3, (32, 32)), "seed", source_run)  # trained at 16x16
+        finetune.init_from(models.build("seed", 3, 3, (32, 32)), "seed", source_run)  # trained at 16x16
     root = write_image_folder(tmp_path / "set", per_class=4, size=(16, 16))
     code = cli.main(["train", "--data", str(root), "--model", "resnet20", "--init-from", str(source_run),
                      "--epochs", "1", "--out", str(tmp_path / "x")])

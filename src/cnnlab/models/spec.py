@@ -19,6 +19,7 @@ The tutorial's network is "c32-p-c64-p-f-d128": 545,098 parameters for CIFAR-10,
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -52,67 +53,85 @@ def check_syntax(spec: str) -> None:
 
 def build(spec: str, in_channels: int, num_classes: int, image_size: tuple[int, int]) -> nn.Sequential:
     """The network a spec describes, for inputs of (in_channels, *image_size)."""
-    def fail(why: str) -> CnnlabError:
-        return _fail(spec, why)
-
     check_syntax(spec)
-    tokens = spec.strip().split("-")
+    walk = _Walk(spec, in_channels, *image_size)
     layers: list[nn.Module] = []
-    channels, (h, w), flat = in_channels, image_size, None  # flat: feature count once flattened
-    params = 0
-
-    def budget(count: int, where: str) -> None:
-        nonlocal params
-        params += count
-        if params > MAX_PARAMS:
-            raise fail(f"{where} brings the network to over {MAX_PARAMS:,} parameters")
-    for position, token in enumerate(tokens, 1):
-        m = LAYER.fullmatch(token)
-        where = f"layer {position} {token!r}"
-        if flat is not None and token[0] in "cpagf":
-            raise fail(f"{where} needs an image, but the layers before it flattened it")
-        if m["conv"]:
-            n, k, s = int(m["conv"]), int(m["k"] or 3), int(m["s"] or 1)
-            if n < 1 or k < 1 or s < 1:
-                raise fail(f"{where}: filters, kernel and stride must be at least 1")
-            if n > MAX_WIDTH or k > MAX_KERNEL or s > MAX_KERNEL:
-                raise fail(f"{where}: at most {MAX_WIDTH:,} filters and a kernel and stride of {MAX_KERNEL}")
-            budget(channels * n * k * k + n, where)
-            conv = (nn.Conv2d(channels, n, k, padding="same", bias=not m["bn"]) if s == 1
-                    else nn.Conv2d(channels, n, k, stride=s, padding=k // 2, bias=not m["bn"]))
-            layers += [conv, *([nn.BatchNorm2d(n)] if m["bn"] else []), nn.ReLU(inplace=True)]
-            channels = n
-            if s > 1:
-                h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
-        elif token[0] in "pa" and not m["gap"]:
-            k = int(m["pool"] or m["avg"] or 2)
-            if k < 1 or k > h or k > w:
-                raise fail(f"{where}: cannot pool {h}x{w} by {k}")
-            layers.append(nn.MaxPool2d(k) if token[0] == "p" else nn.AvgPool2d(k))
-            h, w = h // k, w // k
-        elif m["gap"]:
-            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-            flat = channels
-        elif m["flat"]:
-            layers.append(nn.Flatten())
-            flat = channels * h * w
-        elif m["dense"]:
-            if flat is None:
-                raise fail(f"{where}: flatten (f or g) before a dense layer")
-            n = int(m["dense"])
-            if not 1 <= n <= MAX_WIDTH:
-                raise fail(f"{where}: a dense layer needs 1 to {MAX_WIDTH:,} units")
-            budget(flat * n + n, where)
-            layers += [nn.Linear(flat, n), nn.ReLU(inplace=True)]
-            flat = n
-        else:
-            p = float(m["drop"])
-            if not 0 <= p < 1:
-                raise fail(f"{where}: dropout must be at least 0 and below 1")
-            layers.append(nn.Dropout(p))
-    if flat is None:
+    for position, token in enumerate(spec.strip().split("-"), 1):
+        layers += _layer(walk, token, f"layer {position} {token!r}")
+    if walk.flat is None:
         layers.append(nn.Flatten())
-        flat = channels * h * w
-    budget(flat * num_classes + num_classes, "the classifier")
-    layers.append(nn.Linear(flat, num_classes))
+        walk.flat = walk.channels * walk.h * walk.w
+    walk.budget(walk.flat * num_classes + num_classes, "the classifier")
+    layers.append(nn.Linear(walk.flat, num_classes))
     return nn.Sequential(*layers)
+
+
+@dataclass
+class _Walk:
+    """The shape of the data as the layers so far leave it, and the parameters they hold."""
+    spec: str
+    channels: int
+    h: int
+    w: int
+    flat: int | None = None  # the feature count once flattened
+    params: int = 0
+
+    def fail(self, why: str) -> CnnlabError:
+        return _fail(self.spec, why)
+
+    def budget(self, count: int, where: str) -> None:
+        self.params += count
+        if self.params > MAX_PARAMS:
+            raise self.fail(f"{where} brings the network to over {MAX_PARAMS:,} parameters")
+
+
+def _layer(walk: _Walk, token: str, where: str) -> list[nn.Module]:
+    """The modules of one token, checked against the shape so far (which it updates)."""
+    m = LAYER.fullmatch(token)
+    if walk.flat is not None and token[0] in "cpagf":
+        raise walk.fail(f"{where} needs an image, but the layers before it flattened it")
+    if m["conv"]:
+        return _conv(walk, m, where)
+    if token[0] in "pa" and not m["gap"]:
+        k = int(m["pool"] or m["avg"] or 2)
+        if k < 1 or k > walk.h or k > walk.w:
+            raise walk.fail(f"{where}: cannot pool {walk.h}x{walk.w} by {k}")
+        walk.h, walk.w = walk.h // k, walk.w // k
+        return [nn.MaxPool2d(k) if token[0] == "p" else nn.AvgPool2d(k)]
+    if m["gap"]:
+        walk.flat = walk.channels
+        return [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if m["flat"]:
+        walk.flat = walk.channels * walk.h * walk.w
+        return [nn.Flatten()]
+    if m["dense"]:
+        return _dense(walk, int(m["dense"]), where)
+    p = float(m["drop"])
+    if not 0 <= p < 1:
+        raise walk.fail(f"{where}: dropout must be at least 0 and below 1")
+    return [nn.Dropout(p)]
+
+
+def _conv(walk: _Walk, m: re.Match, where: str) -> list[nn.Module]:
+    n, k, s = int(m["conv"]), int(m["k"] or 3), int(m["s"] or 1)
+    if n < 1 or k < 1 or s < 1:
+        raise walk.fail(f"{where}: filters, kernel and stride must be at least 1")
+    if n > MAX_WIDTH or k > MAX_KERNEL or s > MAX_KERNEL:
+        raise walk.fail(f"{where}: at most {MAX_WIDTH:,} filters and a kernel and stride of {MAX_KERNEL}")
+    walk.budget(walk.channels * n * k * k + n, where)
+    conv = (nn.Conv2d(walk.channels, n, k, padding="same", bias=not m["bn"]) if s == 1
+            else nn.Conv2d(walk.channels, n, k, stride=s, padding=k // 2, bias=not m["bn"]))
+    walk.channels = n
+    if s > 1:
+        walk.h, walk.w = (walk.h + 2 * (k // 2) - k) // s + 1, (walk.w + 2 * (k // 2) - k) // s + 1
+    return [conv, *([nn.BatchNorm2d(n)] if m["bn"] else []), nn.ReLU(inplace=True)]
+
+
+def _dense(walk: _Walk, n: int, where: str) -> list[nn.Module]:
+    if walk.flat is None:
+        raise walk.fail(f"{where}: flatten (f or g) before a dense layer")
+    if not 1 <= n <= MAX_WIDTH:
+        raise walk.fail(f"{where}: a dense layer needs 1 to {MAX_WIDTH:,} units")
+    walk.budget(walk.flat * n + n, where)
+    layer, walk.flat = nn.Linear(walk.flat, n), n
+    return [layer, nn.ReLU(inplace=True)]

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 
 class Progress(Hook):
+    order = 0
+
     def __init__(self, main: bool):
         self.disable = None if main else True  # tqdm's None: on where the output is a terminal
         self.bar, self.shown = None, 0
@@ -70,6 +72,8 @@ class Progress(Hook):
 
 
 class NonFinite(Hook):
+    order = 10
+
     def __init__(self, cfg: TrainConfig, run: Run):
         self.cfg, self.run = cfg, run
 
@@ -85,6 +89,7 @@ class Validate(Hook):
     """Loss and accuracy on the validation set (or its fixed sample, --val-sample, before the last epoch; with
     test-time augmentation at the last), each process taking its share. Where BatchNorm's running averages
     cannot keep up with an epoch, their exact values are computed first (batchnorm.py says why)."""
+    order = 20
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, device: torch.device, dtype: torch.dtype, world: dist.World, *,
                  val_sample: torch.Tensor | None = None, bn_sample: torch.Tensor | None = None, bn_batch: int = 0):
@@ -125,6 +130,8 @@ class Validate(Hook):
 
 
 class History(Hook):
+    order = 30
+
     def __init__(self, run: Run | None):
         self.run = run  # process 0's; None on the others
 
@@ -137,6 +144,7 @@ class Checkpoints(Hook):
     """A checkpoint after each epoch, every `every` steps and when stopped, into the run (which owns the file
     names and writes atomically, keeping the previous one). Every process takes part (the totals are summed over
     processes); process 0 writes."""
+    order = 40
 
     def __init__(self, run: Run, world: dist.World, every: int = 0):
         self.run, self.world, self.every = run, world, every
@@ -156,6 +164,8 @@ class Checkpoints(Hook):
 
 
 class Trackers(Hook):
+    order = 50
+
     def __init__(self, trackers):
         self.trackers = trackers
 
@@ -172,6 +182,7 @@ class Trackers(Hook):
 class Monitor(Hook):
     """The monitored value (--monitor) decides the best epoch (its weights kept in best.safetensors), early
     stopping, and the plateau schedule's learning rate."""
+    order = 60
 
     def __init__(self, cfg: TrainConfig, run: Run | None):
         self.cfg, self.run = cfg, run  # run: process 0's, which writes the best weights
@@ -192,6 +203,8 @@ class Monitor(Hook):
 
 
 class Governor(Hook):
+    order = 70
+
     def __init__(self, governor: ThreadGovernor):
         self.governor = governor
 
@@ -201,6 +214,7 @@ class Governor(Hook):
 
 class EpochLog(Hook):
     """The epoch's line (Keras' format), early stopping, skipped steps, and validation stuck at chance."""
+    order = 80
 
     def __init__(self, cfg: TrainConfig, ds: Dataset):
         self.cfg, self.ds, self.warned_chance = cfg, ds, False
@@ -237,6 +251,7 @@ class EpochLog(Hook):
 class CtrlC(Hook):
     """While training, the first Ctrl-C (or SIGTERM, which schedulers send before they kill) asks the loop to
     stop and checkpoint; a second one aborts. (Only the main thread can install signal handlers.)"""
+    order = 90
 
     def before_fit(self, fit: Fit) -> None:
         STOP.clear()

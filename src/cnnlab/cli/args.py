@@ -1,24 +1,20 @@
-"""The `cnnlab` command: a thin layer over the Python API (each subcommand calls one function).
-
-Modules are imported by the subcommand that needs them: `cnnlab predict model.onnx` and
-`cnnlab serve model.onnx` run on onnxruntime and never import PyTorch.
-"""
+"""The command line's arguments: one argparse parser per subcommand, and the types that check each value
+(a bad value is one line naming the flag, before anything runs)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import sys
-import time
-from dataclasses import asdict
-from pathlib import Path
 
 from cnnlab import __version__, presets
-from cnnlab.config import MAX_IMAGE_SIDE, DataConfig, override, to_toml
-from cnnlab.errors import CnnlabError, EveryProcessError, Interrupted
+from cnnlab.config import MAX_IMAGE_SIDE
+from cnnlab.errors import CnnlabError
 
+DESCRIPTION = """The `cnnlab` command: a thin layer over the Python API (each subcommand calls one function).
+
+Modules are imported by the subcommand that needs them: `cnnlab predict model.onnx` and
+`cnnlab serve model.onnx` run on onnxruntime and never import PyTorch.
+"""
 MODEL_HELP = "a name from `cnnlab models` or a layer spec such as c32-p-c64-p-f-d128"
 
 
@@ -122,7 +118,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="cnnlab", description=__doc__)
+    parser = Parser(prog="cnnlab", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
@@ -158,24 +154,6 @@ def _add_lr_find_parser(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=100, help="batches in the sweep (default 100)")
     p.add_argument("--out", default="lr_find.png", metavar="PNG", help="the plot (default lr_find.png)")
     p.set_defaults(dry_run=False, epochs=None)
-
-
-def cmd_lr_find(args: argparse.Namespace) -> None:
-    from cnnlab import data
-    from cnnlab.evaluation import plots
-    from cnnlab.training import lrfind
-    from cnnlab.training.preflight import check_names
-
-    cfg = check_names(_train_config(args))
-    if args.start >= args.end:
-        raise CnnlabError(f"--start ({args.start:g}) must be below --end ({args.end:g})")
-    result = lrfind.find_lr(cfg, data.load(_data_config(args).validate()), start=args.start, end=args.end,
-                            steps=args.steps)
-    out = plots.save_figure(result.plot(), args.out)
-    unit = " per 1024 examples, as this preset states its rates" if result.per_1024 else ""
-    print(f"swept {len(result.lrs)} steps from {result.lrs[0]:.2g} to {result.lrs[-1]:.2g}; lowest smoothed loss "
-          f"{min(result.losses):.4f}; steepest fall at {result.steepest:.2g}\n"
-          f"suggested: --lr {result.flag_value:.3g}{unit}\nwrote {out}")
 
 
 def _add_train_parser(sub) -> None:
@@ -271,86 +249,6 @@ def _add_result_parsers(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
-def _data_config(args: argparse.Namespace, **extra) -> DataConfig:
-    return DataConfig(path=args.data, image_size=args.image_size, val_fraction=args.val_fraction,
-                      label_mode=args.label_mode, class_names=args.class_names,
-                      skip_bad_images=args.skip_bad_images, resize=args.resize, **extra)
-
-
-def _load(args: argparse.Namespace):
-    from cnnlab import data
-
-    return data.load(_data_config(args))
-
-
-def _check_model(name: str | None) -> None:
-    from cnnlab import models
-
-    if name is not None:
-        models.check(name)
-
-
-def list_models() -> str:
-    import torch
-
-    from cnnlab import models
-    from cnnlab.models import pretrained, spec
-
-    lines = [f"{'name':<20}  {'parameters':>11}  --pretrained  (parameters at 32x32x3 inputs, 10 classes)"]
-    for name in sorted(models.MODELS):
-        with torch.device("meta"):  # counted without storage: the large backbones cost no time
-            params = models.count_params(models.build(name), trainable_only=False)
-        weights = pretrained.IMAGENET.get(name)
-        lines.append(f"{name:<20}  {params:>11,}  " + (f"imagenet ({weights.top1:.1f}% top-1 at {weights.size} px)"
-                                                       if weights else "file only"))
-    return "\n".join(lines) + ("\n\n--pretrained imagenet fetches torchvision's weights; every network takes "
-                               "--pretrained FILE (.pth, .pt, .safetensors)\n\nor a layer spec:\n") + \
-        spec.__doc__.split("Grammar", 1)[1].split("\n", 1)[1]
-
-
-def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from cnnlab import dist
-
-    if args.resume:
-        _check_resume_flags(args)
-    if args.budget:
-        _check_budget_flags(args)
-    from cnnlab.training.preflight import check_names
-
-    cfg = check_names(_train_config(args))  # before starting processes: one message, not one per process
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if cfg.pretrained == "imagenet":  # one download here, not one per process
-            from cnnlab.models import pretrained
-
-            pretrained.fetch(cfg.model)
-        return dist.launch(args.nproc, _without_nproc(argv))
-    try:
-        _train_or_resume(args, cfg)
-    except EveryProcessError as e:
-        _say_for_every_process(e)
-        raise
-    except BaseException:
-        dist.close()  # no barrier: the other ranks may never reach it
-        raise
-    dist.close(together=True)
-    return 0
-
-
-def _say_for_every_process(e: EveryProcessError) -> None:
-    """Every process stopped at the same step: process 0 says why before any of them leaves. (Once one process
-    has exited, the launcher ends the others: process 0, ended before it printed, once left an empty stderr in
-    `make test` beside two busy processes.)"""
-    from cnnlab import dist
-
-    if os.environ.get("RANK", "0") == "0":
-        print(f"cnnlab: error: {e}", file=sys.stderr, flush=True)
-        e.said = True
-    try:
-        dist.close(together=True)  # the others wait here until it has
-    except Exception:  # a process group that failed: leave it as any other failure does
-        dist.close()
-
-
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     """The recipe, as `train` and `lr-find` both take it: a preset, a settings file, and the flags that
     change what is built (the rest of training's settings are `train`'s own)."""
@@ -405,285 +303,3 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", choices=["auto", "last", "best"],
                    help="the weights model.safetensors gets: auto (default: the best epoch's when validating on "
                    "held-out images or stopping early, else the last), last (the seed preset, as Keras), best")
-
-
-RESUME_TAKES = {"command", "resume", "data", "no_report", "nproc", "epochs"}  # the rest is the run's own
-
-
-def _given(args: argparse.Namespace, names) -> str:
-    """Which of `names` the command line set to other than their defaults, as flags: "--lr, --model"."""
-    defaults = vars(build_parser().parse_args(["train"]))
-    return ", ".join("--" + k.replace("_", "-") for k in names if getattr(args, k, None) != defaults.get(k))
-
-
-def _check_resume_flags(args: argparse.Namespace) -> None:
-    """--resume continues a run with the settings it recorded: a flag it cannot honour is an error, not ignored."""
-    if flags := _given(args, [k for k in vars(args) if k not in RESUME_TAKES]):
-        raise CnnlabError(f"--resume continues {args.resume} with the settings it recorded, so {flags} cannot "
-                          "apply (--resume takes --data, --epochs, --nproc and --no-report); to train with other "
-                          f"settings, start a new run from its weights: cnnlab train --init-from {args.resume} ...")
-
-
-BUDGET_CHOOSES = ("preset", "epochs", "model", "config", "resume", "nproc")
-
-
-def _check_budget_flags(args: argparse.Namespace) -> None:
-    """--budget picks the recipe and its epochs itself (and plans one process)."""
-    if flags := _given(args, BUDGET_CHOOSES):
-        raise CnnlabError(f"--budget chooses the recipe and its epochs for this machine, so {flags} cannot go with it")
-
-
-def _train_config(args: argparse.Namespace):
-    """The preset, then the --config file, then each flag given: a TrainConfig (not yet validated)."""
-    from dataclasses import fields, replace
-
-    from cnnlab.config import TrainConfig
-
-    base = presets.get(args.preset)
-    if args.config:
-        base = presets.from_toml(args.config, base)
-    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    if flags.get("pretrained") == "none":  # from random weights, whatever the preset starts from
-        flags["pretrained"], base = None, replace(base, pretrained=None)
-    cfg = override(base, **flags)  # a flag left out is None: the file's or the preset's value stays
-    if args.dry_run:  # one epoch, or the frozen ones and one more
-        return override(cfg, epochs=args.epochs or (1 if cfg.head_only else cfg.freeze_epochs + 1))
-    return cfg
-
-
-def _train_or_resume(args: argparse.Namespace, cfg) -> None:
-    from cnnlab import training
-
-    if args.resume:
-        training.resume(args.resume, args.data, with_report=not args.no_report, epochs=args.epochs)
-        return
-    subset = (args.subset or 512) if args.dry_run else args.subset
-    if args.budget:
-        from cnnlab import budget
-
-        budget.train_within(args.budget, _data_config(args, subset=subset, val_split=args.val_split), out=args.out,
-                            with_report=not args.no_report, tracking=tuple(args.log or ()),
-                            device=args.device or "auto", seed=args.seed or 0)
-        return
-    training.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset,
-                   out=args.out, with_report=not args.no_report, tracking=tuple(args.log or ()),
-                   mlflow_uri=args.mlflow_uri)
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
-
-
-def cmd_summary(args: argparse.Namespace) -> None:
-    from cnnlab import models
-
-    _check_model(args.model)
-    if args.data:
-        ds = _load(args)
-        shape, k = (ds.channels, *ds.image_size), ds.num_classes
-    else:  # CIFAR-10's shape, without reading (or downloading) anything
-        shape, k = (3, *(args.image_size or (32, 32))), 10
-    model = models.build(args.model, shape[0], k, shape[1:])
-    print(models.summary(model, shape))
-    if warning := models.size_warning(model, shape[1:]):
-        print(warning)
-
-
-def cmd_runs(args: argparse.Namespace) -> None:
-    from cnnlab import run
-
-    if not args.compare:
-        print(run.format_runs(run.list_runs(args.dir)))
-        return
-    from cnnlab.evaluation import plots  # matplotlib: only for --compare
-    curves = {Path(path).name: run.Run(path).history() for path in args.compare}
-    print(f"wrote {plots.save_figure(plots.plot_val_accuracy(curves), args.out)}")
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from cnnlab import deploy
-    from cnnlab.deploy import pytorch
-    from cnnlab.evaluation import evaluate
-
-    if deploy.is_onnx(args.run_dir):
-        print(evaluate.format_metrics(pytorch.evaluate_onnx(args.run_dir, args.data)))
-        return
-    print(evaluate.format_metrics(evaluate.evaluate_run(args.run_dir, args.data, device=args.device, out=args.out)))
-    print(f"\nwrote metrics.json and confusion_matrix.csv/.json/.png in "
-          f"{evaluate.results_folder(args.run_dir, args.data, args.out)}")
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from cnnlab import deploy
-
-    results = deploy.predict_files(args.run_dir, args.images, args.top_k, args.device)
-    if not results:
-        raise CnnlabError(f"no images found in {' '.join(args.images)}")
-    if args.csv:
-        _write_predictions_csv(args.csv, results, args.top_k)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    elif not args.csv:
-        for r in results:
-            if "predictions" in r:
-                shown = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
-                print(f"{r['filename']}: {shown}")
-    else:
-        print(f"wrote {len(results)} predictions to {args.csv}")
-    bad = [r for r in results if "error" in r]
-    if bad:
-        print(f"cnnlab: error: {len(bad)} of {len(results)} file(s) could not be read (the rest were classified): "
-              + "; ".join(r["error"] for r in bad[:10]) + ("; ..." if len(bad) > 10 else ""), file=sys.stderr)
-        return 2
-    return 0
-
-
-def _write_predictions_csv(path: str, results: list[dict], k: int) -> None:
-    import csv
-    import io
-
-    from cnnlab import files
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["filename", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "probability")),
-                     "error"])
-    for r in results:
-        cells = [c for p in r.get("predictions", []) for c in (p["class"], f"{p['probability']:.6f}")]
-        writer.writerow([r["filename"], *cells, *[""] * (2 * k - len(cells)), r.get("error", "")])
-    files.write_text(path, buf.getvalue())
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    from cnnlab.deploy import serve
-
-    if not 0 <= args.port <= 65535:
-        raise CnnlabError(f"--port must be between 0 and 65535, got {args.port}")
-    serve.serve(serve.ServeConfig(model=args.model, host=args.host, port=args.port, workers=args.workers,
-                                  max_upload_mb=args.max_upload_mb, max_files=args.max_files, device=args.device))
-
-
-def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
-    """Carry out one parsed command; returns its exit code where it is not 0."""
-    if args.command == "data":
-        from cnnlab.data import cache  # no PyTorch: cached data is described from its meta.json
-
-        print(cache.describe(cache.entry_for(_data_config(args).validate()).meta))
-    elif args.command == "summary":
-        cmd_summary(args)
-    elif args.command == "doctor":
-        from cnnlab import doctor
-
-        info = doctor.report(args.seconds)
-        print(json.dumps(info, indent=2) if args.json else doctor.format_report(info))
-    elif args.command == "presets" and args.show:
-        print(to_toml(presets.get(args.show), f"cnnlab preset {args.show!r}: edit, then `cnnlab train --config FILE`; "
-                      "flags override the file, the file overrides the preset"), end="")
-    elif args.command == "presets":
-        for name, cfg in presets.PRESETS.items():
-            print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    elif args.command == "models":
-        print(list_models())
-    elif args.command == "lr-find":
-        cmd_lr_find(args)
-    elif args.command == "train":
-        return cmd_train(args, sys.argv[1:] if argv is None else argv)
-    elif args.command == "evaluate":
-        cmd_evaluate(args)
-    elif args.command == "export":
-        from cnnlab.deploy import export
-
-        result = export.export_onnx(args.run_dir, args.out, args.data)
-        print(f"wrote {result['path']} in {result['seconds']} s; onnxruntime matches PyTorch on "
-              f"{result['checked_images']} test images (largest probability difference {result['max_abs_diff']:.1e})")
-    elif args.command == "serve":
-        cmd_serve(args)
-    elif args.command == "report":
-        from cnnlab.evaluation import report
-        from cnnlab.evaluation.analysis import Interpretation
-
-        interp = Interpretation.from_run(args.run_dir, args.data, device=args.device)
-        print(f"wrote {report.write_report(args.run_dir, interp, args.out)}")
-    elif args.command == "runs":
-        cmd_runs(args)
-    elif args.command == "predict":
-        return cmd_predict(args)
-
-
-def _lost_contact(e: Exception) -> bool:
-    if "torch" not in sys.modules:
-        return False
-    from cnnlab import dist
-
-    return dist.lost_contact(e)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    rank = os.environ.get("RANK", "0")
-    where = f"(process {rank}) " if rank not in ("0", "") else ""  # under torchrun each process speaks for itself
-    try:
-        code = run(args, argv)
-    except CnnlabError as e:
-        if not (where and isinstance(e, EveryProcessError)) and not getattr(e, "said", False):  # process 0 says it
-            # for all of them
-            print(f"cnnlab: error: {where}{e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        if not where:  # the other processes stopped at the same step: process 0 speaks for all
-            print(f"cnnlab: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("cnnlab: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        raise  # the reader of our output left (`| head`): `entry` ends quietly
-    except OSError as e:
-        if e.filename is None:
-            return _internal_error(e, where)
-        print(f"cnnlab: error: {where}cannot use {e.filename}: {e.strerror or e}", file=sys.stderr)  # a mode-000
-        return 2  # folder, a read-only disk, a path that vanished while we read: the user's to fix, not a bug
-    except Exception as e:
-        return _internal_error(e, where)
-    return code or 0
-
-
-def _internal_error(e: Exception, where: str) -> int:
-    """A bug: one line for users, the traceback on request."""
-    if os.environ.get("CNNLAB_DEBUG"):
-        raise e
-    if _lost_contact(e):  # another process failed first and says why; this one stays quiet, and waits
-        time.sleep(3)  # so that the launcher sees that process end first and reports its exit code
-        return 75
-    print(f"cnnlab: internal error: {where}{type(e).__name__}: {e} (set CNNLAB_DEBUG=1 for the traceback)",
-          file=sys.stderr)
-    return 1
-
-
-def entry() -> None:
-    """The `cnnlab` command: `main`, then leave without the interpreter's teardown.
-
-    Every result is written (atomically, synced) and both streams are flushed before this exits; what is
-    skipped is the finalization of PyTorch's and every other module's objects, 0.66 s after a `quick` run
-    (measured). `main` itself returns normally, for callers in Python.
-    """
-    try:
-        code = main()
-        sys.stdout.flush()
-    except BrokenPipeError:  # `cnnlab runs | head -1`: the reader has what it wanted; end quietly, as Unix tools
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # do (SIGPIPE's status, 128 + 13)
-        code = 141
-    sys.stderr.flush()
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    entry()
