@@ -155,14 +155,14 @@ def test_weights_that_do_not_fit_are_one_clear_error(tmp_path):
     for bad, match in (("imagenet", "'resnet18' has no ImageNet weights .*resnet18_imagenet"),
                        (str(tmp_path / "missing.pth"), "no such file")):
         with pytest.raises(CnnlabError, match=match):
-            override(presets.get("finetune"), model="resnet18", pretrained=bad).validate()
+            preflight.check_names(override(presets.get("finetune"), model="resnet18", pretrained=bad))
     with pytest.raises(CnnlabError, match="frozen body needs trained weights"):
         replace(presets.get("finetune"), pretrained=None).validate()
 
 
 def test_imagenet_weights_bring_their_input_size_and_normalization(imagenet_in_cache, photos, tmp_path):
-    assert preflight.input_size(presets.get("finetune"), DataConfig(), print).image_size == (224, 224)
-    assert preflight.input_size(presets.get("finetune"), DataConfig(image_size=(64, 64)), print).image_size == (64, 64)
+    assert preflight.input_size(presets.get("finetune"), DataConfig()).image_size == (224, 224)
+    assert preflight.input_size(presets.get("finetune"), DataConfig(image_size=(64, 64))).image_size == (64, 64)
     cfg = override(presets.get("finetune"), epochs=2, eval_batch_size=50)
     run = training.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "r", **QUIET)
     meta = json.loads((run / "model.json").read_text())
@@ -190,7 +190,7 @@ def test_weights_of_a_cnnlab_run_bring_its_input_size_and_normalization(cifar_py
     assert meta["image_size"] == [32, 32] and meta["normalization"] == source_meta["normalization"]
     assert meta["normalization"]["mean"] != list(pretrained.IMAGENET_MEAN)
     assert f"input size 32x32, as the weights' run {source} was trained (--image-size to change it)" in lines
-    other = preflight.input_size(cfg, DataConfig(image_size=(48, 48)), print)  # --image-size still wins
+    other = preflight.input_size(cfg, DataConfig(image_size=(48, 48)))  # --image-size still wins
     assert other.image_size == (48, 48)
 
 

@@ -80,10 +80,11 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         _check_resume_flags(args)
     if args.budget:
         _check_budget_flags(args)
-    from cnnlab.training.preflight import check_names
-
-    cfg = check_names(_train_config(args))  # before starting processes: one message, not one per process
+    cfg = _train_config(args)  # checked by train()'s preflight, once
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from cnnlab.training.preflight import check_names
+
+        check_names(cfg)  # before starting processes: one message, not one per process
         if cfg.pretrained == "imagenet":  # one download here, not one per process
             from cnnlab.models import pretrained
 

@@ -26,7 +26,11 @@ from cnnlab.evaluation.evaluate import run_dataset, tta_views
 from cnnlab.run import Run
 
 OPSET = 18  # the dynamo exporter's native opset; onnxruntime >= 1.14 runs it
-TOLERANCE = 1e-4  # largest difference in any probability allowed between onnxruntime and PyTorch
+# The largest difference in any probability allowed between onnxruntime and PyTorch. It is there to catch a
+# wrong graph (an operator exported differently gives differences of 1e-2 and more); float32 kernels that sum
+# in another order differ far less, but more with depth: ResNet-50 trained 3 epochs from scratch on the photo
+# fixture differed by 1.44e-4 under onnxruntime 1.32 (Xeon with AMX, 2026-12-02), where 1e-4 had held.
+TOLERANCE = 1e-3
 
 
 class DeployModule(nn.Module):

@@ -369,5 +369,5 @@ def serve(config: ServeConfig) -> None:
         return
     self_check(load_predictor(config.model, config.device))  # fail here, once, rather than in every worker
     os.environ["CNNLAB_SERVE"] = json.dumps(asdict(config))
-    uvicorn.run("cnnlab.serve:app_from_env", factory=True, host=config.host, port=config.port,
+    uvicorn.run("cnnlab.deploy.serve:app_from_env", factory=True, host=config.host, port=config.port,
                 workers=config.workers, log_level="info", **_uvicorn_limits(config))

@@ -102,9 +102,9 @@ def load_as_trained(config: dict, data_path: str | None, image_size: tuple[int, 
     return data.load(replace(recorded, path=data_path or config.get("path"), image_size=image_size))
 
 
-def run_dataset(run: Run, meta: dict, data_path: str | None = None) -> Dataset:
+def run_dataset(run: Run | str | Path, meta: dict, data_path: str | None = None) -> Dataset:
     """The data set a run was trained on (or `data_path`), checked against the run's classes and size."""
-    config = run.config()["data"]
+    config = Run.of(run).config()["data"]
     size = tuple(config["image_size"]) if config.get("image_size") else None
     for attempt in (size, tuple(meta["image_size"])):  # the run's own setting first: same cache entry
         dataset = load_as_trained(config, data_path, attempt)

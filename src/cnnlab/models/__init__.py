@@ -128,4 +128,4 @@ def summary(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
 
 # the families register their networks on import
 from cnnlab.models import backbones, networks, zoo  # noqa: E402,F401
-from cnnlab.models.networks import keras_init  # noqa: E402,F401
+from cnnlab.models.networks import AirNet, ConvGroup, Whiten, keras_init, seed_cnn  # noqa: E402,F401

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from typing import Any
 from cnnlab import files
 from cnnlab.errors import CnnlabError
 from cnnlab.run import tensors
+
+log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s", "val_seconds"]
 
@@ -188,7 +191,7 @@ class Run:
         with files.atomic_path(self.file(self.CHECKPOINT), backup=self.file(self.PREVIOUS)) as tmp:
             tmp.write_bytes(blob)
 
-    def load_checkpoint(self, log=print) -> dict | None:  # log: how a fallback is said (lifecycle: its logger)
+    def load_checkpoint(self) -> dict | None:
         """The newest intact checkpoint, or None if the run never wrote one. A damaged latest checkpoint falls
         back to the previous one, and says so."""
         problems = []
@@ -201,7 +204,7 @@ class Run:
                 problems.append(f"{name}: {e}")
                 continue
             if problems:
-                log(f"warning: {problems[0]}; resuming from the previous checkpoint "
+                log.info(f"warning: {problems[0]}; resuming from the previous checkpoint "
                     f"(epoch {state['epoch'] + 1}, step {state['step']})")
             return state
         if self.file(self.LEGACY_CHECKPOINT).is_file():  # written by cnnlab 0.1

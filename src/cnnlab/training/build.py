@@ -133,7 +133,7 @@ def thread_governor(cfg: TrainConfig, device: torch.device) -> ThreadGovernor | 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
         return None
-    return ThreadGovernor(log=log.info)
+    return ThreadGovernor(say=True)
 
 
 def require_space(run: Run, cfg: TrainConfig, model: nn.Module) -> None:

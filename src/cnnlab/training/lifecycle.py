@@ -251,7 +251,7 @@ def read_run(run: Run, world: World) -> tuple[dict, dict | None, bool]:
     if world.main:  # only process 0's machine need hold the run directory
         config = run.config()
         run.remove_leftovers()
-        state = run.load_checkpoint(log.info)
+        state = run.load_checkpoint()
         finished = run.model_complete()  # committed and intact; else written again from the state
     return dist.broadcast(world, (config, state, finished))
 

@@ -164,7 +164,9 @@ def _train_head(head: nn.Module, feats: dict, ds: Dataset, cfg: TrainConfig, dev
 
 
 class BestHead(Hook):
-    """The head's validation (all embeddings at once) and its best epoch's weights, kept in memory."""
+    """The head's validation (all embeddings at once) and its best epoch's weights, kept in memory. It takes
+    Validate's place (order 20): the history, the trackers and Monitor come after it."""
+    order = 20
 
     def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor):
         self.x_val, self.y_val, self.weights = x_val, y_val, None
@@ -189,6 +191,8 @@ class BestHead(Hook):
 
 
 class HeadLog(Hook):
+    order = 80  # EpochLog's place
+
     def after_epoch(self, fit: Fit) -> None:
         r = fit.record
         log.info(f"Epoch {r['epoch']}/{fit.epochs} - {r['seconds']:.2f}s - loss {r['train_loss']:.4f} - "

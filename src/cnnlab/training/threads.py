@@ -24,12 +24,15 @@ bit-for-bit repeatable and resumable; `--threads N` makes every run so. The log 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from cnnlab.hardware import usable_cores
+
+log = logging.getLogger(__name__)
 
 USER_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
@@ -95,11 +98,12 @@ class ThreadGovernor:
     torch.set_num_threads) applies a change: tests script a load through them.
     """
 
-    def __init__(self, every: float = 1.0, enabled: bool | None = None, log=None, *, max_threads: int | None = None,
-                 read: Callable[[], Reading] | None = None, set_threads: Callable[[int], None] | None = None):
+    def __init__(self, every: float = 1.0, enabled: bool | None = None, say: bool = False, *,
+                 max_threads: int | None = None, read: Callable[[], Reading] | None = None,
+                 set_threads: Callable[[int], None] | None = None):
         import torch
 
-        self.every, self.log = every, log
+        self.every, self.say = every, say  # say: log each change of the thread count
         self.read = read or read_proc
         self.set_threads = set_threads or torch.set_num_threads
         self._pending: int | None = None  # a change is made when two looks in a row agree on it
@@ -124,8 +128,8 @@ class ThreadGovernor:
         free = self.max_threads - int(self.others(now) + 0.5)  # a core counts as taken at half its time
         want = max(1, min(self.max_threads, free))
         if want != self.threads and want == self._pending:
-            if self.log:
-                self.log(f"threads: {self.threads} -> {want} (other processes use {self.others(now):.1f} of "
+            if self.say:
+                log.info(f"threads: {self.threads} -> {want} (other processes use {self.others(now):.1f} of "
                          f"{self.max_threads} cores)")
             self.set_threads(want)
             self.threads = want
