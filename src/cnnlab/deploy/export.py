@@ -58,8 +58,7 @@ def deploy_module(run: Run | str | Path) -> tuple[DeployModule, dict]:
     return module.eval(), meta
 
 
-def _metadata(run: Run, meta: dict) -> dict[str, str]:
-    config = run.config()
+def _metadata(run: Run, meta: dict, config: dict) -> dict[str, str]:
     fields = {"classes": meta["classes"], "channels": meta["in_channels"], "image_size": meta["image_size"],
               "resize": meta.get("resize", "squish"), "model": meta["model"], "input": "uint8 NHWC, 0-255",
               "output": "probabilities",
@@ -82,7 +81,8 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, data_path: s
     start = time.perf_counter()
     run = Run.of(run_dir)
     module, meta = deploy_module(run)
-    images = run_dataset(run, meta, data_path).x_test[:check_images].permute(0, 2, 3, 1).contiguous()
+    config = run.config()
+    images = run_dataset(run, meta, data_path, config).x_test[:check_images].permute(0, 2, 3, 1).contiguous()
     if len(images) == 0:
         raise CnnlabError("the run's test set is empty: nothing to check the export against; pass --data")
     example = images[:2] if len(images) >= 2 else images.expand(2, *images.shape[1:]).contiguous()
@@ -100,7 +100,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, data_path: s
             raise CnnlabError(f"ONNX export of {meta['model']} failed: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, _metadata(run, meta))
+    onnx.helper.set_model_props(proto, _metadata(run, meta, config))
     proto.doc_string = f"cnnlab {__version__} export of {run.path.name}: uint8 NHWC images -> class probabilities"
 
     out = Path(out) if out else run.file(Run.ONNX)

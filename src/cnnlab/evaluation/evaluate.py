@@ -102,9 +102,11 @@ def load_as_trained(config: dict, data_path: str | None, image_size: tuple[int, 
     return data.load(replace(recorded, path=data_path or config.get("path"), image_size=image_size))
 
 
-def run_dataset(run: Run | str | Path, meta: dict, data_path: str | None = None) -> Dataset:
-    """The data set a run was trained on (or `data_path`), checked against the run's classes and size."""
-    config = Run.of(run).config()["data"]
+def run_dataset(run: Run | str | Path, meta: dict, data_path: str | None = None, config: dict | None = None
+                ) -> Dataset:
+    """The data set a run was trained on (or `data_path`), checked against the run's classes and size. `config`:
+    the run's config.json when the caller holds it already."""
+    config = (config or Run.of(run).config())["data"]
     size = tuple(config["image_size"]) if config.get("image_size") else None
     for attempt in (size, tuple(meta["image_size"])):  # the run's own setting first: same cache entry
         dataset = load_as_trained(config, data_path, attempt)
