@@ -381,6 +381,20 @@ def test_out_must_be_new_or_empty_and_a_refused_run_leaves_nothing(tmp_path, cif
         assert not out.exists() if out.name == "new" else not any(out.iterdir())  # the command can simply run again
 
 
+@pytest.mark.parametrize("order", [5, 95], ids=["before-ctrl-c-hook", "after-ctrl-c-hook"])
+def test_a_hook_that_fails_leaves_the_signal_handlers_and_no_run(tmp_path, cifar_python_dir, order):
+    """A hook that fails as training starts, before or after the Ctrl-C hook installed its handlers: the error
+    is the hook's, the process' handlers are what they were, and the refused run leaves nothing."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(CnnlabError, match="refused by a hook"):
+        training.train(TrainConfig(epochs=1), DataConfig(path=str(cifar_python_dir)), out=tmp_path / "run",
+                       hooks=[Fault("before_fit", CnnlabError("refused by a hook"), order=order)])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_killed_decode_leaves_nothing_that_stays(tmp_path):
     write_image_folder(tmp_path / "imgs", per_class=3, size=(8, 8))
     decoded = Path(os.environ["CNNLAB_CACHE"]) / "decoded"

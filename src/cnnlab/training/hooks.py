@@ -253,9 +253,11 @@ class CtrlC(Hook):
     stop and checkpoint; a second one aborts. (Only the main thread can install signal handlers.)"""
     order = 90
 
+    def __init__(self):
+        self.previous: dict = {}  # the handlers to put back (none when a hook before this one failed first)
+
     def before_fit(self, fit: Fit) -> None:
         STOP.clear()
-        self.previous = {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -270,3 +272,4 @@ class CtrlC(Hook):
     def after_fit(self, fit: Fit) -> None:
         for sig, old in self.previous.items():
             signal.signal(sig, old)
+        self.previous = {}
