@@ -105,10 +105,8 @@ def weights_bytes(weights: dict, **metadata: str) -> tuple[bytes, str]:
 def read_weights(path: Path) -> tuple[dict, dict]:
     """A weights file's tensors and metadata. Errors are the reader's own (the caller words them)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with open(path, "rb"):  # so that a mode-000 file is reported as such (safetensors calls it missing)
         pass
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(path), meta
+    with safe_open(str(path), "pt") as f:  # one open for the header and the tensors, as read_checkpoint does
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
