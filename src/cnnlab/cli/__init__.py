@@ -21,6 +21,7 @@ from cnnlab import presets
 from cnnlab.cli.args import build_parser
 from cnnlab.cli.commands import (
     _data_config,
+    cmd_data_check,
     cmd_evaluate,
     cmd_lr_find,
     cmd_predict,
@@ -36,10 +37,12 @@ from cnnlab.errors import CnnlabError, EveryProcessError, Interrupted
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
     """Carry out one parsed command; returns its exit code where it is not 0."""
+    if args.command == "data" and args.data_command == "check":
+        return cmd_data_check(args)
     if args.command == "data":
-        from cnnlab.data import cache  # no PyTorch: cached data is described from its meta.json
+        from cnnlab.data import cache, info  # no PyTorch: cached data is described from its meta.json
 
-        print(cache.describe(cache.entry_for(_data_config(args).validate()).meta))
+        print(info.describe(cache.entry_for(_data_config(args).validate()).meta))
     elif args.command == "summary":
         cmd_summary(args)
     elif args.command == "doctor":

@@ -110,6 +110,19 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="leave out unreadable image files (listed in the run) instead of stopping with their list")
 
 
+def _add_check_args(p: argparse.ArgumentParser) -> None:
+    _add_data_args(p)
+    p.add_argument("--json", metavar="FILE", help="write every finding (leaks, duplicates, conflicts, unreadable, ...)")
+    p.add_argument("--html", metavar="FILE", help="write a page with thumbnails of every finding")
+    p.add_argument("--strict", action="store_true", help="exit 1 when there are leaks or conflicts")
+    p.add_argument("--near", type=int, default=6, metavar="BITS",
+                   help="near copies: perceptual hashes at most this many bits of 64 apart (default 6)")
+    p.add_argument("--labels", action="store_true", help="also rank likely label errors: trains --folds quick "
+                   "models out of fold (minutes) and ranks the images by confident learning (cleanlab)")
+    p.add_argument("--folds", type=_positive_int, default=5, help="models for --labels (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="the folds' split and the models' seed (default 0)")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (which command's --help to read), not the whole usage block."""
 
@@ -125,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="inspect a data set")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND", parser_class=Parser)
     _add_data_args(dsub.add_parser("info", help="format, classes, image size, counts per class and split"))
+    _add_check_args(dsub.add_parser("check", help="duplicates, train/test leaks, label conflicts, odd files; "
+                                    "--labels: likely label errors"))
 
     p = sub.add_parser("summary", help="a Keras-style table of a model's layers and parameters")
     p.add_argument("--model", default="seed", help=MODEL_HELP + " (default seed)")

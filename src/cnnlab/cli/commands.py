@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from cnnlab import presets
@@ -40,6 +41,49 @@ def _data_config(args: argparse.Namespace, **extra) -> DataConfig:
     return DataConfig(path=args.data, image_size=args.image_size, val_fraction=args.val_fraction,
                       label_mode=args.label_mode, class_names=args.class_names,
                       skip_bad_images=args.skip_bad_images, resize=args.resize, **extra)
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """`cnnlab data check`: findings are not errors (exit 0); --strict exits 1 on leaks or conflicts."""
+    import importlib.util
+
+    from cnnlab.data import cache, check, check_page
+
+    needed = ["imagehash"] + (["cleanlab"] if args.labels else [])
+    if missing := [m for m in needed if importlib.util.find_spec(m) is None]:
+        raise CnnlabError(f"cnnlab data check needs {' and '.join(missing)}: pip install 'cnnlab[check]'")
+    for flag, path in (("--json", args.json), ("--html", args.html)):
+        if path:
+            _check_writable(flag, path)
+    cfg = replace(_data_config(args), skip_bad_images=True).validate()  # unreadable files are a finding
+    entry = cache.entry_for(cfg)
+    found = check.check(entry, args.near)
+    if args.labels:
+        from cnnlab import data, labels
+
+        found.label_suspects = labels.suspects(entry, data.load(cfg), args.folds, args.seed)
+        found.labels_checked = True
+    print(check.summary(found))
+    if args.json:
+        from cnnlab import files
+
+        files.write_json(args.json, found.to_json())
+        print(f"wrote {args.json}")
+    if args.html:
+        print(f"wrote {check_page.write_html(found, entry, args.html)}")
+    return 1 if args.strict and found.serious else 0
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """An output file's folder must exist and take files, and the path must not be a folder: checked before any
+    data is read."""
+    p = Path(path)
+    if p.is_dir():
+        raise CnnlabError(f"{flag} {path} is a folder; give a file name")
+    if not p.parent.resolve().is_dir():
+        raise CnnlabError(f"{flag} {path}: the folder {p.parent} does not exist")
+    if not os.access(p.parent.resolve(), os.W_OK):
+        raise CnnlabError(f"{flag} {path}: cannot write in {p.parent}")
 
 
 def _load(args: argparse.Namespace):

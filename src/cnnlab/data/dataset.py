@@ -16,6 +16,7 @@ import torch
 from cnnlab.config import DataConfig
 from cnnlab.data import cache, folders
 from cnnlab.data.images import Resize
+from cnnlab.data.info import describe
 from cnnlab.data.sources import cache_dir, detect_format, resolve_path  # noqa: F401  (part of this module's API)
 from cnnlab.errors import CnnlabError
 
@@ -40,6 +41,8 @@ class Dataset:
     layout: str = ""  # image trees: split folders, class folders or csv
     ignored: dict[str, int] = field(default_factory=dict)  # files left out as hidden or not images, counted
     test_files: tuple[str, ...] = ()  # image folders: each test image's file, relative to the data folder
+    exact_copies: dict[str, int] = field(default_factory=dict)  # training images with a val/test image's pixels
+    doubted: dict[str, tuple[int, ...]] = field(default_factory=dict)  # rows `data check --labels` doubts, per split
 
     @property
     def channels(self) -> int:
@@ -173,11 +176,12 @@ def load(c: DataConfig, use_cache: bool = True) -> Dataset:
     (x, y), (xv, yv), (xt, yt) = split("train"), split("val"), split("test")
     return Dataset(x, y, xt, yt, meta["classes"], meta["format"], meta["source"], meta["split"], xv, yv,
                    skipped=tuple(meta["skipped"]), resize=meta.get("resize"), layout=meta.get("layout", ""),
-                   ignored=dict(meta.get("ignored", {})), test_files=tuple(entry.files("test")))
+                   ignored=dict(meta.get("ignored", {})), test_files=tuple(entry.files("test")),
+                   exact_copies=dict(meta.get("exact_copies", {})), doubted=entry.doubted())
 
 
 def info(ds: Dataset) -> str:
-    """A human-readable description: format, classes, image size, counts per class and split (cache.describe)."""
+    """A human-readable description: format, classes, image size, counts per class and split (info.describe)."""
     def counts(y: torch.Tensor) -> dict:
         return {"total": len(y), "per_class": torch.bincount(y, minlength=ds.num_classes).tolist()}
     meta = {"source": ds.source, "format": ds.format, "layout": ds.layout or ds.format, "resize": ds.resize,
@@ -185,4 +189,4 @@ def info(ds: Dataset) -> str:
             "counts": {"train": counts(ds.y_train), **({"val": counts(ds.y_val)} if ds.y_val is not None else {}),
                        "test": counts(ds.y_test)},
             "ignored": ds.ignored, "skipped": list(ds.skipped)}
-    return cache.describe(meta)
+    return describe(meta)

@@ -44,25 +44,26 @@ def _decode_chunk(out: str, shape: tuple, start: int, files: list[str], size: tu
 
 
 def decode_split(files: list[str], out: Path, size: tuple[int, int], resize: Resize,
-                  desc: str) -> tuple[dict[int, str], bool, list[dict]]:
+                  desc: str) -> tuple[dict[int, str], bool, list[dict | None]]:
     """Decode every file into `out` as (N, 3, H, W); returns {row: why unreadable}, whether all were grey, and
-    the readable files' facts."""
+    each row's facts (None where the file is unreadable)."""
     shape = (len(files), 3, *size)
     with open(out, "wb") as f:
         f.truncate(int(np.prod(shape)))
     tasks = [(str(out), shape, lo, files[lo:lo + CHUNK], size, resize) for lo in range(0, len(files), CHUNK)]
     errors: dict[int, str] = {}
-    facts: list[dict] = []
+    facts: list[dict | None] = [None] * len(files)
     with tqdm(total=len(files), desc=desc, unit="img", leave=False, disable=None) as bar:
         for start, results in _run(tasks, len(files)):
             for i, r in enumerate(results):
                 if isinstance(r, str):
                     errors[start + i] = r
                 else:
-                    facts.append(r)
+                    facts[start + i] = r
             bar.update(len(results))
             DECODED[0] += len(results)
-    return errors, all(f["gray"] for f in facts) and len(facts) > 0, facts
+    readable = [f for f in facts if f is not None]
+    return errors, all(f["gray"] for f in readable) and len(readable) > 0, facts
 
 
 DECODED = [0]  # images this process has decoded into the cache: `decoded()`

@@ -47,7 +47,11 @@ class DeployModule(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.permute(0, 3, 1, 2).float() / 255 - self.pixel_mean) / self.pixel_std
-        logits = sum(weight * self.model(view) for weight, view in tta_views(x, self.tta))
+        # the views go through the network as one batch: one traced copy of the network in the graph, not one per
+        # view (MobileNetV3 with the mirror view: 5.1-5.5 s against 10.0-11.4 s, 2 runs each), and the same numbers
+        views = tta_views(x, self.tta)
+        out = self.model(torch.cat([v for _, v in views])).unflatten(0, (len(views), -1))  # (views, N, classes)
+        logits = sum(weight * out[k] for k, (weight, _) in enumerate(views))
         return logits.softmax(1)
 
 

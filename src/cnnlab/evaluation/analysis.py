@@ -39,7 +39,7 @@ class Interpretation:
     def __init__(self, classes: list[str], y_true: torch.Tensor, logits: torch.Tensor,
                  images: torch.Tensor | None = None, history: list[dict] | None = None,
                  train_images: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
-                 augment_name: str = "none", files: tuple[str, ...] | list[str] = ()):
+                 augment_name: str = "none", files: tuple[str, ...] | list[str] = (), doubted: tuple[int, ...] = ()):
         self.classes = list(classes)
         self.y_true = y_true.long()
         self.logits = logits.float()
@@ -51,6 +51,7 @@ class Interpretation:
         self.train_images, self.train_labels = train_images, train_labels
         self.augment_name = augment_name
         self.files = list(files) if len(files) == len(self.y_true) else []  # each test image's file, if known
+        self.doubted = set(doubted)  # test images whose label `cnnlab data check --labels` doubts
 
     @classmethod
     def from_run(cls, run: Run | str | Path, data_path: str | None = None, *, dataset: Dataset | None = None,
@@ -68,7 +69,7 @@ class Interpretation:
         """From test-set logits already computed (training's last validation pass, when it was the test set),
         with the run's history and augmentation as training holds them."""
         return cls(classes or ds.classes, ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
-                   augment, ds.test_files)
+                   augment, ds.test_files, ds.doubted.get("test", ()))
 
     # -- numbers -------------------------------------------------------------------------------------
 
@@ -107,11 +108,11 @@ class Interpretation:
 
     def top_losses(self, k: int = 16) -> list[dict]:
         """The k test images with the highest loss: index, file (for image folders, else None), true and
-        predicted class, probability, loss."""
+        predicted class, probability, loss, and whether `cnnlab data check --labels` doubted its label."""
         losses, idx = self.losses.topk(min(k, len(self.losses)))
         return [{"index": int(i), "file": self.files[int(i)] if self.files else None,
                  "true": self.classes[int(self.y_true[i])], "predicted": self.classes[int(self.y_pred[i])],
-                 "probability": float(self.probs[i].max()), "loss": float(loss)}
+                 "probability": float(self.probs[i].max()), "loss": float(loss), "doubted": int(i) in self.doubted}
                 for loss, i in zip(losses, idx, strict=True)]
 
     # -- pictures --------------------------------------------------------------------------------------
@@ -122,7 +123,8 @@ class Interpretation:
 
     def plot_top_losses(self, k: int = 16) -> Figure:
         rows = self.top_losses(k)
-        titles = [(f"{_short(r['file'])}\n" if r["file"] else "") + f"{r['true']} / {r['predicted']}\n"
+        titles = [("label doubted\n" if r["doubted"] else "") + (f"{_short(r['file'])}\n" if r["file"] else "")
+                  + f"{r['true']} / {r['predicted']}\n"
                   f"{r['probability']:.2f} (loss {max(r['loss'], 0.0):.2f})" for r in rows]  # never "-0.00"
         images = self.images[[r["index"] for r in rows]] if self.images is not None else None
         return plots.image_grid(images, titles, "Top losses: file, true / predicted class, probability",

@@ -97,9 +97,12 @@ def _top_loss_table(interp) -> str:
     """The pictured mistakes as a table: for image folders, the files to look at (or relabel)."""
     rows = interp.top_losses(16)
     has_files = bool(rows) and rows[0]["file"] is not None
-    return _table((["file"] if has_files else ["test image"]) + ["true", "predicted", "probability", "loss"],
+    doubted = any(r["doubted"] for r in rows)  # `cnnlab data check --labels` ran on this data
+    return _table((["file"] if has_files else ["test image"]) + ["true", "predicted", "probability", "loss"]
+                  + (["label check"] if doubted else []),
                   [[r["file"] if has_files else r["index"], r["true"], r["predicted"], f"{r['probability']:.3f}",
-                    f"{max(r['loss'], 0.0):.3f}"] for r in rows])
+                    f"{max(r['loss'], 0.0):.3f}"] + (["label doubted" if r["doubted"] else ""] if doubted else [])
+                   for r in rows])
 
 
 def headline(config: dict, meta: dict, interp) -> list[tuple[str, str]]:
@@ -125,6 +128,8 @@ def headline(config: dict, meta: dict, interp) -> list[tuple[str, str]]:
         ("data", f"{Path(str(data.get('path', '?'))).name} ({data.get('format', '?')})"), ("image size", size),
         ("images train / validation / test", counts),
         *([("validation images", data["validation"])] if data.get("validation") else []),
+        *[(f"training copies of {split} images", f"{n:,} with identical pixels: the score flatters the model; "
+           "see `cnnlab data check`") for split, n in (data.get("exact_copies_of_held_out") or {}).items() if n],
         ("model", f"{meta['model']}, {meta['params']:,} parameters"),
         ("preset", config.get("preset", "")), *_starting_weights(config.get("train", {}), meta),
         ("device and precision", f"{env.get('device', '?')}, {env.get('precision', '?')}"

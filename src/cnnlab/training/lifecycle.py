@@ -194,6 +194,10 @@ def load_data(data_cfg: DataConfig, seed: int) -> Dataset:
     if ds.skipped:
         log.info(f"warning: skipped {len(ds.skipped)} unreadable image file(s) (recorded in config.json): "
                  + "; ".join(ds.skipped[:3]) + ("; ..." if len(ds.skipped) > 3 else ""))
+    if copies := sum(ds.exact_copies.values()):
+        held = " and ".join(s for s, n in ds.exact_copies.items() if n)
+        log.info(f"warning: {copies} training image(s) have exactly the pixels of {held} images, so the {held} "
+                 f"score flatters the model (recorded in config.json); see `cnnlab data check --data {ds.source}`")
     # --val-split was held out by the cache (data.load), before the subset: the held-out images never depend on
     # the training seed, and they are decoded apart rather than copied out of the mapped training set
     return ds.subset(data_cfg.subset, seed) if data_cfg.subset else ds
@@ -224,7 +228,7 @@ def data_record(data_cfg: DataConfig, ds: Dataset) -> dict:
     return {**asdict(data_cfg), "path": ds.source, "format": ds.format, "split": ds.split, "classes": ds.classes,
             "train_images": len(ds.y_train), "test_images": len(ds.y_test),
             "val_images": len(ds.y_val) if ds.y_val is not None else None, "skipped_images": list(ds.skipped),
-            "validation": validation_words(data_cfg, ds)}
+            "exact_copies_of_held_out": ds.exact_copies, "validation": validation_words(data_cfg, ds)}
 
 
 def validation_words(data_cfg: DataConfig, ds: Dataset) -> str:
