@@ -56,7 +56,8 @@ def test_planted_faults_are_found_and_named(planted, tmp_path, capsys):
     said = capsys.readouterr().out
     found = json.loads(out.read_text())
     leaks = {(leak["train"]["file"], leak["held_out"]["file"], leak["exact"]) for leak in found["leaks"]}
-    assert leaks == {("train/a/exact-copy.bmp", "test/a/00.png", True), ("train/a/near-copy.jpg", "test/a/01.png", False)}
+    assert leaks == {("train/a/exact-copy.bmp", "test/a/00.png", True),
+                     ("train/a/near-copy.jpg", "test/a/01.png", False)}
     assert [sorted(_names(c["images"])) for c in found["conflicts"]] == [["train/b/03.png", "train/c/filed-twice.png"]]
     assert [c["classes"] for c in found["conflicts"]] == [["b", "c"]]
     groups = [sorted(_names(d["images"])) for d in found["duplicates"]]
