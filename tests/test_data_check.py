@@ -38,6 +38,10 @@ def planted(tmp_path) -> Path:
     Image.open(test / "00.png").save(root / "train" / "a" / "exact-copy.bmp")  # same pixels, another format
     Image.open(test / "01.png").resize((48, 48)).save(root / "train" / "a" / "near-copy.jpg", quality=60)
     shutil.copy(root / "train" / "b" / "03.png", root / "train" / "c" / "filed-twice.png")
+    original = Image.open(root / "train" / "a" / "05.png")
+    original.crop((3, 3, 61, 61)).save(root / "train" / "a" / "cropped.png")  # 9% of each side cut away
+    Image.fromarray(np.clip(np.asarray(original, np.int16) + 14, 0, 255).astype(np.uint8)).save(
+        root / "train" / "a" / "brighter.png")
     (root / "train" / "c" / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
     Image.new("RGB", (64, 64), (90, 90, 90)).save(root / "train" / "b" / "grey.png")
     _photo(rng).resize((64, 12)).save(root / "train" / "b" / "panorama.png")
@@ -62,6 +66,7 @@ def test_planted_faults_are_found_and_named(planted, tmp_path, capsys):
     assert [c["classes"] for c in found["conflicts"]] == [["b", "c"]]
     groups = [sorted(_names(d["images"])) for d in found["duplicates"]]
     assert sorted(groups) == [["test/a/00.png", "train/a/exact-copy.bmp"], ["test/a/01.png", "train/a/near-copy.jpg"],
+                              ["train/a/05.png", "train/a/brighter.png", "train/a/cropped.png"],
                               ["train/b/03.png", "train/c/filed-twice.png"]]
     assert len(found["unreadable"]) == 1 and "broken.jpg" in found["unreadable"][0]
     assert _names(found["grey"]) == {"train/b/grey.png"}
@@ -69,7 +74,7 @@ def test_planted_faults_are_found_and_named(planted, tmp_path, capsys):
     assert _names(found["tiny"]) == {"train/b/thumbnail.png", "train/b/panorama.png"}  # 12 px high: both
     assert "leaks:" in said and "2 training image(s) are copies of test images (1 exact)" in said
     html = page.read_text()
-    pictured = 2 * 2 + 2 + 6 + 1 + 1 + 2  # leak pairs, the conflict, duplicate groups, grey, aspect, tiny
+    pictured = 2 * 2 + 2 + 9 + 1 + 1 + 2  # leak pairs, the conflict, duplicate groups, grey, aspect, tiny
     assert html.count("<img ") == pictured and "broken.jpg" in html
 
 
@@ -83,9 +88,12 @@ def test_bad_input_is_one_line_and_writes_nothing(planted, tmp_path, capsys):
     assert cli.main(["data", "check", "--data", str(tmp_path / "missing")]) == 2
     assert cli.main(["data", "check", "--data", str(planted), "--json", str(tmp_path)]) == 2
     assert cli.main(["data", "check", "--data", str(planted), "--html", str(tmp_path / "no" / "x.html")]) == 2
-    assert cli.main(["data", "check", "--data", str(planted), "--near", "40"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse's own exit, as for every flag of a wrong type
+        cli.main(["data", "check", "--data", str(planted), "--near", "40"])
+    assert refused.value.code == 2
+    assert cli.main(["data", "check", "--data", str(planted), "--json", "/dev/null"]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 4 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 5 and "Traceback" not in err and "not a regular file" in err
     assert "is a folder" in err and "does not exist" in err and "--near" in err
     assert not (tmp_path / "no").exists()
 

@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -473,3 +474,18 @@ def test_class_names_that_look_like_formulas_are_drawn_as_written(tmp_path, cifa
     assert cli.main(["train", "--data", str(cifar_python_dir), "--dry-run", "--class-names", ",".join(names),
                      "--out", str(run)]) == 0
     assert (run / "report.html").exists() and (run / "confusion_matrix.png").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_an_output_path_that_is_a_fifo_or_device_is_refused_not_replaced(tmp_path, capsys):
+    """Writing to a temporary name and renaming it over the target would replace a FIFO (or, run as root,
+    /dev/null itself): every writer refuses such a target in one line."""
+    from cnnlab import files
+
+    fifo = tmp_path / "out.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(CnnlabError, match="not a regular file"):
+        files.write_text(fifo, "x")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and list(tmp_path.iterdir()) == [fifo]
+    assert cli.main(["data", "check", "--json", "/dev/null"]) == 2
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

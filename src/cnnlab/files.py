@@ -23,6 +23,8 @@ def atomic_path(path: str | os.PathLike, backup: str | os.PathLike | None = None
     the file, and leaves no temporary file behind.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # the rename would replace a device, FIFO or socket (or fail on a folder)
+        raise CnnlabError(f"cannot write {path}: it is not a regular file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -71,6 +71,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_between(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}, got {value}")
+        return value
+    return parse
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -115,11 +127,11 @@ def _add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write every finding (leaks, duplicates, conflicts, unreadable, ...)")
     p.add_argument("--html", metavar="FILE", help="write a page with thumbnails of every finding")
     p.add_argument("--strict", action="store_true", help="exit 1 when there are leaks or conflicts")
-    p.add_argument("--near", type=int, default=6, metavar="BITS",
+    p.add_argument("--near", type=_int_between(0, 32), default=6, metavar="BITS",
                    help="near copies: perceptual hashes at most this many bits of 64 apart (default 6)")
     p.add_argument("--labels", action="store_true", help="also rank likely label errors: trains --folds quick "
                    "models out of fold (minutes) and ranks the images by confident learning (cleanlab)")
-    p.add_argument("--folds", type=_positive_int, default=5, help="models for --labels (default 5)")
+    p.add_argument("--folds", type=_int_between(2, 20), default=5, help="models for --labels (default 5)")
     p.add_argument("--seed", type=int, default=0, help="the folds' split and the models' seed (default 0)")
 
 

@@ -80,6 +80,8 @@ def _check_writable(flag: str, path: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise CnnlabError(f"{flag} {path} is a folder; give a file name")
+    if p.exists() and not p.is_file():  # a device or FIFO would be replaced by the rename that writes the file
+        raise CnnlabError(f"{flag} {path} is not a regular file; give a file name")
     if not p.parent.resolve().is_dir():
         raise CnnlabError(f"{flag} {path}: the folder {p.parent} does not exist")
     if not os.access(p.parent.resolve(), os.W_OK):
