@@ -54,7 +54,7 @@ def test_top_losses_ordering_and_values(interp):
     assert [t["index"] for t in top] == [5, 1, 6]
     assert top[0] == {"index": 5, "file": None, "true": "eel", "predicted": "cat",
                       "probability": pytest.approx(math.exp(5) / (math.exp(5) + 2)),
-                      "loss": pytest.approx(math.log(math.exp(5) + 2))}
+                      "loss": pytest.approx(math.log(math.exp(5) + 2)), "doubted": False}
     losses = [t["loss"] for t in interp.top_losses(7)]
     assert losses == sorted(losses, reverse=True)
 

@@ -40,9 +40,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
     if args.command == "data" and args.data_command == "check":
         return cmd_data_check(args)
     if args.command == "data":
-        from cnnlab.data import cache, info  # no PyTorch: cached data is described from its meta.json
+        from cnnlab.data import cache, description  # no PyTorch: cached data is described from its meta.json
 
-        print(info.describe(cache.entry_for(_data_config(args).validate()).meta))
+        print(description.describe(cache.entry_for(_data_config(args).validate()).meta))
     elif args.command == "summary":
         cmd_summary(args)
     elif args.command == "doctor":

@@ -15,8 +15,8 @@ import torch
 
 from cnnlab.config import DataConfig
 from cnnlab.data import cache, folders
+from cnnlab.data.description import describe
 from cnnlab.data.images import Resize
-from cnnlab.data.info import describe
 from cnnlab.data.sources import cache_dir, detect_format, resolve_path  # noqa: F401  (part of this module's API)
 from cnnlab.errors import CnnlabError
 
@@ -181,7 +181,7 @@ def load(c: DataConfig, use_cache: bool = True) -> Dataset:
 
 
 def info(ds: Dataset) -> str:
-    """A human-readable description: format, classes, image size, counts per class and split (info.describe)."""
+    """A human-readable description: format, classes, image size, counts per class and split (description.describe)."""
     def counts(y: torch.Tensor) -> dict:
         return {"total": len(y), "per_class": torch.bincount(y, minlength=ds.num_classes).tolist()}
     meta = {"source": ds.source, "format": ds.format, "layout": ds.layout or ds.format, "resize": ds.resize,
