@@ -477,15 +477,34 @@ def test_class_names_that_look_like_formulas_are_drawn_as_written(tmp_path, cifa
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
-def test_an_output_path_that_is_a_fifo_or_device_is_refused_not_replaced(tmp_path, capsys):
-    """Writing to a temporary name and renaming it over the target would replace a FIFO (or, run as root,
-    /dev/null itself): every writer refuses such a target in one line."""
+def test_outputs_that_are_devices_or_fifos_are_written_through_and_others_refused(tmp_path):
+    """Writing to a temporary name and renaming it over the target would replace a device or FIFO (run as
+    root, /dev/null itself): character devices and FIFOs are written through, as the shell's `>` would; a
+    folder or socket is refused in one line; none is replaced."""
+    import socket
+    import threading
+
     from cnnlab import files
 
-    fifo = tmp_path / "out.csv"
-    os.mkfifo(fifo)
-    with pytest.raises(CnnlabError, match="not a regular file"):
-        files.write_text(fifo, "x")
-    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and list(tmp_path.iterdir()) == [fifo]
-    assert cli.main(["data", "check", "--json", "/dev/null"]) == 2
+    files.write_text("/dev/null", "x")
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    if os.path.exists("/dev/full"):
+        with pytest.raises(CnnlabError, match="cannot write /dev/full: No space left"):
+            files.write_json("/dev/full", {"a": 1})
+        assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    files.write_text(fifo, "through the pipe")
+    reader.join(10)
+    assert got == ["through the pipe"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    sock_path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        with pytest.raises(CnnlabError, match="is a socket"):
+            files.write_text(sock_path, "x")
+    with pytest.raises(CnnlabError, match="is a folder"):
+        files.write_text(tmp_path, "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "s.sock"]

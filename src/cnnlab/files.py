@@ -1,10 +1,15 @@
-"""Atomic file writes: a crash, Ctrl-C or SIGKILL leaves either the old file or the new one, never half of one."""
+"""Atomic file writes: a crash, Ctrl-C or SIGKILL leaves either the old file or the new one, never half of one.
+
+An output path that is a character device or FIFO (/dev/null, /dev/stdout, a named pipe) is written through, as
+the shell's `>` would; a folder, socket or block device is refused in one line. None is ever renamed over.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,8 +28,12 @@ def atomic_path(path: str | os.PathLike, backup: str | os.PathLike | None = None
     the file, and leaves no temporary file behind.
     """
     path = Path(path)
-    if path.exists() and not path.is_file():  # the rename would replace a device, FIFO or socket (or fail on a folder)
-        raise CnnlabError(f"cannot write {path}: it is not a regular file")
+    kind = special_kind(path)
+    if kind in ("character device", "FIFO"):  # /dev/null, /dev/stdout, a pipe: written through, as `>` would
+        yield from _write_through(path)
+        return
+    if kind is not None:  # a rename over it would replace it (or fail): refused
+        raise CnnlabError(f"cannot write {path}: it is a {kind}, not a file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -49,6 +58,32 @@ def atomic_path(path: str | os.PathLike, backup: str | os.PathLike | None = None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def special_kind(path: Path) -> str | None:
+    """What an existing output path is when it is not a regular file (None: missing, or a regular file)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = {stat.S_ISDIR: "folder", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
+             stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket"}
+    return next((name for test, name in kinds.items() if test(mode)), None)
+
+
+def _write_through(path: Path) -> Iterator[Path]:
+    """Yield a temporary file (in the temporary folder, not beside a device); then copy it into `path`."""
+    fd, tmp = tempfile.mkstemp(prefix="cnnlab-", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as src, open(path, "wb") as out:
+            shutil.copyfileobj(src, out)
+    except OSError as e:
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp_path.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -77,11 +77,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def _check_writable(flag: str, path: str) -> None:
     """An output file's folder must exist and take files, and the path must not be a folder: checked before any
     data is read."""
+    from cnnlab import files
+
     p = Path(path)
-    if p.is_dir():
-        raise CnnlabError(f"{flag} {path} is a folder; give a file name")
-    if p.exists() and not p.is_file():  # a device or FIFO would be replaced by the rename that writes the file
-        raise CnnlabError(f"{flag} {path} is not a regular file; give a file name")
+    if (kind := files.special_kind(p)) not in (None, "character device", "FIFO"):  # those are written through
+        raise CnnlabError(f"{flag} {path} is a {kind}; give a file name")
     if not p.parent.resolve().is_dir():
         raise CnnlabError(f"{flag} {path}: the folder {p.parent} does not exist")
     if not os.access(p.parent.resolve(), os.W_OK):
