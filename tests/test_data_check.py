@@ -92,7 +92,7 @@ def test_bad_input_is_one_line_and_writes_nothing(planted, tmp_path, capsys):
         cli.main(["data", "check", "--data", str(planted), "--near", "40"])
     assert refused.value.code == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 3 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 4 and "Traceback" not in err
     assert "is a folder" in err and "does not exist" in err and "--near" in err
     assert not (tmp_path / "no").exists()
 
