@@ -200,3 +200,21 @@ def test_real_jpeg_subset_loads(real_subset):
     assert ds.classes == CLASSES
     assert ds.x_train.shape == (5000, 3, 32, 32) and ds.x_test.shape == (1000, 3, 32, 32)
     assert 80 < ds.x_train.float().mean() < 160  # natural photos, not blank or saturated
+
+
+def test_a_csv_data_set_is_decoded_again_when_its_images_change(tmp_path):
+    """The cache key of a CSV covers the files it names: replacing every image (the CSV untouched) must not keep
+    the old pixels."""
+    import os
+
+    from PIL import Image
+
+    for i in range(8):
+        Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "data.csv").write_text("".join(f"{i}.png,{'ab'[i % 2]}\n" for i in range(8)))
+    first = data.load_dataset(tmp_path / "data.csv")
+    for i in range(8):
+        Image.new("RGB", (8, 8), (0, 200, 10 * i)).save(tmp_path / f"{i}.png")
+        os.utime(tmp_path / f"{i}.png", ns=(1, 10**18 + i))
+    again = data.load_dataset(tmp_path / "data.csv")
+    assert int(first.x_train[:, 1].max()) == 0 and int(again.x_train[:, 1].min()) == 200

@@ -73,7 +73,8 @@ class Request:
 
 
 def fingerprint(path: Path) -> str:
-    """A key that changes when any file under `path` changes path, size or modification time."""
+    """A key that changes when any file under `path` (or named by the CSV `path`) changes path, size or
+    modification time."""
     h = hashlib.sha256(str(path).encode())
     stack, seen = [path], set()
     while stack:
@@ -91,8 +92,14 @@ def fingerprint(path: Path) -> str:
                     st = e.stat()
                     h.update(f"{e.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         else:
-            st = p.stat()
+            try:
+                st = p.stat()
+            except OSError:  # a CSV row naming a missing file: the listing says so
+                h.update(f"{p}\0missing\n".encode())
+                continue
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            if p == path and p.suffix.lower() == ".csv":  # and the images it names, which change without it
+                stack += folders.csv_paths(p)
     return h.hexdigest()
 
 

@@ -228,6 +228,16 @@ def _csv(path: Path, ignored: Counter) -> Listing:
                    f"the CSV's {split_name} column" if "test" in files else "")
 
 
+def csv_paths(path: Path) -> list[Path]:
+    """The files a CSV names (its well-formed rows), for the cache key: a CSV's images change without the CSV."""
+    try:
+        rows = _read_rows(path)
+        where, _, _, _, rows = _columns(path, rows)
+    except (CnnlabError, OSError, UnicodeError):
+        return []  # the listing itself reports what is wrong with the file
+    return [path.parent / r[where] for r in rows if len(r) > where and r[where]]
+
+
 def _flat(root: Path, ignored: Counter) -> Listing:
     found = _class_folders(root, ignored)
     classes = sorted(found)
