@@ -108,6 +108,17 @@ def _bad_inputs(tmp_path, cifar_python_dir):
         (["train", "--preset", "bogus", "--data", cifar_python_dir], "unknown preset 'bogus'"),
         (["train", "--augment", "bogus", "--data", cifar_python_dir, "--out", tmp_path / "x"],
          "unknown augmentation 'bogus'"),
+        # issue 31's hostile command lines: each was read forever, crashed, ran silently wrong or said the wrong thing
+        (["train", "--config", "/dev/zero", "--dry-run"], "config file /dev/zero is not a regular file"),
+        (["train", "--threads", "100000", "--dry-run"], "threads must be at most 1024"),
+        (["train", "--data", "", "--dry-run"], "--data is empty"),
+        (["train", "--data", "/dev/zero", "--dry-run"], "/dev/zero is a device, FIFO or socket"),
+        (["train", "--data", cifar_python_dir, "--class-names", "a,a,b,c,d,e,f,g,h,i", "--dry-run"],
+         "class-names repeats a"),
+        (["train", "--data", cifar_python_dir, "--subset", "5", "--out", tmp_path / "s"],
+         "--subset 5 is fewer images than the 10 classes"),
+        (["train", "--data", cifar_python_dir, "--val-split", "0.99", "--out", tmp_path / "v"],
+         "--val-split leaves .* classes without a training image"),
     ]
 
 
@@ -119,6 +130,7 @@ def test_bad_input_gives_one_line_and_status_2(capsys, tmp_path, cifar_python_di
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("cnnlab: error: "), (args, err)
         assert re.search(message, lines[0]), (args, lines[0])
+    assert not (tmp_path / "s").exists() and not (tmp_path / "v").exists()  # refused before any run directory
 
 
 def test_predict_on_a_file_that_is_not_an_image(capsys, tmp_path, cifar_python_dir):
@@ -153,3 +165,19 @@ def test_commands_that_need_no_tensors_never_import_torch(argv):
             "print('torch imported:', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     assert "torch imported: False" in out.stdout, out.stderr
+
+
+def test_a_class_without_training_images_is_warned_about(tmp_path):
+    """Legitimate but surprising data (a class only the test set has): trained, with a warning naming it."""
+    from cnnlab import logs, presets, training
+    from cnnlab.config import DataConfig, override
+    from conftest import fake_cifar_arrays, write_cifar_python
+
+    batches = fake_cifar_arrays()
+    batches = [(x, [9 if v == 9 and k == 5 else (v if v != 9 else 8) for v in y])
+               for k, (x, y) in enumerate(batches)]  # 9 (truck) only in the test batch
+    data = write_cifar_python(tmp_path / "cifar-10-batches-py", batches)
+    with logs.captured() as said:
+        training.train(override(presets.get("seed"), epochs=1), DataConfig(path=str(data)), out=tmp_path / "r",
+                       with_report=False)
+    assert any("1 of 10 classes have no training image (truck)" in line for line in said), said

@@ -31,6 +31,7 @@ LabelMode = Literal["fine", "coarse"]
 Resize = Literal["crop", "pad", "squish"]  # images.py: how an image file reaches the input size
 
 
+MAX_THREADS = 1024  # OpenMP crashed (segfault) at --threads 100000; no CPU socket has more than 1,024 threads
 MAX_IMAGE_SIDE = 4096  # 16.7 megapixels, the decoder's own limit: larger inputs are typos, not photos
 
 
@@ -53,6 +54,10 @@ class DataConfig:
         _require(self.val_split is None or 0 < self.val_split < 1,
                  f"val-split must be between 0 and 1, got {self.val_split}")
         _require(self.subset is None or self.subset >= 1, f"subset must be at least 1, got {self.subset}")
+        _require(self.path is None or self.path.strip() != "", "--data is empty: give a folder, archive or CSV "
+                 "(`--data .` for the current folder)")
+        dup = sorted({n for n in self.class_names or () if list(self.class_names).count(n) > 1})
+        _require(not dup, f"class-names repeats {', '.join(dup)}: each class needs its own name")
         _require(self.image_size is None or (min(self.image_size) >= 1 and max(self.image_size) <= MAX_IMAGE_SIDE),
                  f"image size must be 1 to {MAX_IMAGE_SIDE} px per side, got {self.image_size}")
         return self
@@ -142,6 +147,7 @@ class TrainConfig:
             for name in names:
                 value = getattr(self, name)
                 _require(test(value), f"{name.replace('_', '-')} must be {what}, got {value}")
+        _require(self.threads <= MAX_THREADS, f"threads must be at most {MAX_THREADS}, got {self.threads}")
         _require(self.label_smoothing < 1, f"label-smoothing must be below 1, got {self.label_smoothing}")
         _require(self.warmup <= 1, f"warmup is a fraction of all steps (0 to 1), got {self.warmup}")
         _require(0 <= self.momentum < 1 and 0 <= self.filter_momentum < 1, "momentum must be in [0, 1)")

@@ -136,10 +136,23 @@ def get(name: str) -> TrainConfig:
     return PRESETS[name]
 
 
+MAX_CONFIG_BYTES = 1_000_000  # a settings file is a few hundred bytes; /dev/zero would be read until memory ends
+
+
+def _read_small(path: Path) -> str:
+    if path.exists() and not path.is_file():
+        raise CnnlabError(f"config file {path} is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise CnnlabError(f"config file {path} is over {MAX_CONFIG_BYTES:,} bytes: not a settings file")
+    return data.decode()
+
+
 def from_toml(path: str, base: TrainConfig) -> TrainConfig:
     """`base` with the fields a TOML file sets (`preset = "NAME"` there picks the base instead)."""
     try:
-        doc = tomllib.loads(Path(path).read_text())
+        doc = tomllib.loads(_read_small(Path(path)))
     except FileNotFoundError:
         raise CnnlabError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:

@@ -56,6 +56,8 @@ def detect_format(path: Path) -> tuple[str, Path]:
         if path.suffix.lower() == ".csv":
             return "image-folder", path
         raise CnnlabError(f"{path} is a file but not a CIFAR-10/100 .tar.gz archive or a CSV of path,label rows")
+    if path.exists() and not path.is_dir():
+        raise CnnlabError(f"{path} is a device, FIFO or socket, not a data folder, CIFAR archive or CSV")
     if not os.access(path, os.R_OK | os.X_OK):
         raise CnnlabError(f"cannot read data folder {path}: permission denied")
     if (path / "data_batch_1").is_file():

@@ -200,7 +200,26 @@ def load_data(data_cfg: DataConfig, seed: int) -> Dataset:
                  f"score flatters the model (recorded in config.json); see `cnnlab data check --data {ds.source}`")
     # --val-split was held out by the cache (data.load), before the subset: the held-out images never depend on
     # the training seed, and they are decoded apart rather than copied out of the mapped training set
+    _classes_left(ds, "--val-split" if data_cfg.val_split else None)
+    if data_cfg.subset and data_cfg.subset < ds.num_classes:
+        raise CnnlabError(f"--subset {data_cfg.subset} is fewer images than the {ds.num_classes} classes: every "
+                          "class needs a training image")
     return ds.subset(data_cfg.subset, seed) if data_cfg.subset else ds
+
+
+def _classes_left(ds: Dataset, cause: str | None) -> None:
+    """Classes without a training image: refused when a flag took their images away, else a warning (a model
+    can never predict them)."""
+    counts = torch.bincount(ds.y_train, minlength=ds.num_classes)
+    empty = [ds.classes[k] for k in torch.nonzero(counts == 0).flatten().tolist()]
+    if not empty:
+        return
+    shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+    if cause:
+        raise CnnlabError(f"{cause} leaves {len(empty)} of {ds.num_classes} classes without a training image "
+                          f"({shown}): hold out a smaller share")
+    log.info(f"warning: {len(empty)} of {ds.num_classes} classes have no training image ({shown}): the model "
+             "can never predict them")
 
 
 def load_once(world: World, load) -> Dataset:
