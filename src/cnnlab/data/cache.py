@@ -80,7 +80,7 @@ def fingerprint(path: Path) -> str:
     while stack:
         p = stack.pop()
         if p.is_dir():
-            if (real := os.path.realpath(p)) in seen:
+            if (real := folders.identity(p)) in seen:
                 continue  # a symbolic link back up the tree (folders.py reads each folder once too)
             seen.add(real)
             with os.scandir(p) as it:

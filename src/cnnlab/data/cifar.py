@@ -92,7 +92,10 @@ def _read_members(path: Path, wanted: set[str]) -> dict[str, bytes]:
                                               f"any CIFAR file ({MAX_MEMBER:,}); not a CIFAR archive")
                         files[name] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise CnnlabError(f"cannot read archive {path}: {e}") from None
+            first = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
+            if "could not be opened successfully" in first:  # tarfile lists each method it tried, a line each
+                first = "not a gzip, bzip2, xz or tar file"
+            raise CnnlabError(f"cannot read archive {path}: {first}") from None
     return files
 
 
