@@ -119,6 +119,8 @@ def _bad_inputs(tmp_path, cifar_python_dir):
          "--subset 5 is fewer images than the 10 classes"),
         (["train", "--data", cifar_python_dir, "--val-split", "0.99", "--out", tmp_path / "v"],
          "--val-split leaves .* classes without a training image"),
+        (["train", "--data", cifar_python_dir, "--nproc", "3", "--batch-size", "64", "--out", tmp_path / "n"],
+         "--batch-size 64 is the global batch and must divide evenly between 3 processes"),
     ]
 
 

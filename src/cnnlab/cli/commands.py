@@ -131,6 +131,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         from cnnlab.training.preflight import check_names
 
         check_names(cfg)  # before starting processes: one message, not one per process
+        cfg.validate()
+        dist.per_rank_batch(dist.World(size=args.nproc), cfg.batch_size)
         if cfg.pretrained == "imagenet":  # one download here, not one per process
             from cnnlab.models import pretrained
 
