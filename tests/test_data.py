@@ -233,14 +233,72 @@ def test_a_class_folder_1100_levels_deep_is_read(tmp_path, capsys):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
             Image.new("RGB", (8, 8), (200 * (c == "a"), 0, 0)).save(tmp_path / split / c / "top.png")
-    fd = os.open(tmp_path / "train" / "a", os.O_RDONLY)
+    fds = [os.open(tmp_path / "train" / "a", os.O_RDONLY)]
     for _ in range(1100):
-        os.mkdir("d", dir_fd=fd)
-        fd, old = os.open("d", os.O_RDONLY, dir_fd=fd), fd
-        os.close(old)
-    with open(os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+        os.mkdir("d", dir_fd=fds[-1])
+        fds.append(os.open("d", os.O_RDONLY, dir_fd=fds[-1]))
+    with open(os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fds[-1]), "wb") as f:
         Image.new("RGB", (8, 8), (200, 0, 0)).save(f, "PNG")
-    os.close(fd)
-    assert cli.main(["data", "info", "--data", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert [line.split() for line in out.splitlines() if line.startswith("total")] == [["total", "3", "2"]]
+    try:
+        assert cli.main(["data", "info", "--data", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert [line.split() for line in out.splitlines() if line.startswith("total")] == [["total", "3", "2"]]
+    finally:  # bottom up: pytest's own cleanup (shutil.rmtree, recursive) cannot delete a tree this deep
+        os.unlink("deep.png", dir_fd=fds[-1])
+        for parent, child in zip(fds[-2::-1], fds[:0:-1], strict=True):
+            os.close(child)
+            os.rmdir("d", dir_fd=parent)
+        os.close(fds[0])
+
+
+def _damage(folder, kind: str) -> None:
+    import json as _json
+
+    meta = folder / "meta.json"
+    doc = _json.loads(meta.read_text())
+    if kind == "zeroed pixels":
+        (folder / "test.u8").write_bytes(bytes((folder / "test.u8").stat().st_size))
+    elif kind == "random pixels":
+        (folder / "test.u8").write_bytes(np.random.default_rng(0).bytes((folder / "test.u8").stat().st_size))
+    elif kind == "truncated pixels":
+        (folder / "train.u8").write_bytes((folder / "train.u8").read_bytes()[:-100])
+    elif kind == "shuffled labels":
+        y = np.load(folder / "train.labels.npy")
+        np.save(folder / "train.labels.npy", np.roll(y, 1))
+    elif kind == "labels out of range":
+        y = np.load(folder / "test.labels.npy")
+        y[0] = 99
+        np.save(folder / "test.labels.npy", y)
+    elif kind == "labels not an array":
+        (folder / "train.labels.npy").write_text("garbage")
+    elif kind == "negative count":
+        doc["counts"]["train"]["total"] = -5
+        meta.write_text(_json.dumps(doc))
+    elif kind == "string count":
+        doc["counts"]["test"]["total"] = "ten"
+        meta.write_text(_json.dumps(doc))
+    else:
+        meta.write_text({"meta as []": "[]", "meta as null": "null", "meta truncated": '{"counts": {'}[kind])
+
+
+DAMAGE = ["zeroed pixels", "random pixels", "truncated pixels", "shuffled labels", "labels out of range",
+          "labels not an array", "negative count", "string count", "meta as []", "meta as null", "meta truncated"]
+
+
+def test_every_kind_of_cache_damage_is_found_and_decoded_again(cifar_python_dir):
+    """Each damage of issue 31 to a decoded entry: the next load says so in one line, decodes again (in place
+    of the damaged copy, which is never kept), and gives exactly the first load's images and labels."""
+    from cnnlab import logs
+    from cnnlab.data import cache
+
+    first = data.load_dataset(cifar_python_dir)
+    x, y, xt, yt = (t.clone() for t in (first.x_train, first.y_train, first.x_test, first.y_test))
+    folder = next((cache.sources.cache_dir() / "decoded").iterdir())
+    for kind in DAMAGE:
+        _damage(folder, kind)
+        with logs.captured() as said:
+            again = data.load_dataset(cifar_python_dir)
+        assert [line for line in said if "is damaged" in line and "decoding it again" in line], (kind, said)
+        assert torch.equal(again.x_train, x) and torch.equal(again.y_train, y), kind
+        assert torch.equal(again.x_test, xt) and torch.equal(again.y_test, yt), kind
+        assert [p.name for p in folder.parent.iterdir()] == [folder.name], kind  # nothing left beside it

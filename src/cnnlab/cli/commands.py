@@ -56,7 +56,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         if path:
             _check_writable(flag, path)
     cfg = replace(_data_config(args), skip_bad_images=True).validate()  # unreadable files are a finding
-    entry = cache.entry_for(cfg)
+    entry = cache.entry_for(cfg, verify=True)  # every image against its digest, whatever the entry's size
     found = check.check(entry, args.near)
     if args.labels:
         from cnnlab import data, labels

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab.config import DataConfig
-from cnnlab.data import cifar, decode, folders, idx, sources
+from cnnlab.data import cifar, decode, folders, idx, integrity, sources
 from cnnlab.data.images import Resize, image_size, resize_to
 from cnnlab.errors import CnnlabError
 
@@ -45,6 +46,7 @@ CACHE_VERSION = 5  # bump when an entry's meaning changes (3: image folders reco
 DEFAULT_IMAGE_SIZE = 96
 SMALL = 64
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 SUSPECTS = "label_suspects.json"  # written into a finished entry by `cnnlab data check --labels` (labels.py)
 
 
@@ -149,12 +151,13 @@ class Entry:
         return [s for s in SPLITS if s in self.meta["counts"]]
 
 
-def entry_for(c: DataConfig, use_cache: bool = True) -> Entry:
-    """The entry for a data configuration: its data found, decoded when not cached, classes renamed as asked."""
+def entry_for(c: DataConfig, use_cache: bool = True, verify: bool | None = None) -> Entry:
+    """The entry for a data configuration: its data found, decoded when not cached, classes renamed as asked.
+    `verify`: compare every image with its digest (None: for entries small enough, integrity.py)."""
     fmt, src = sources.detect_format(sources.resolve_path(c.path))
     req = Request(fmt, src.resolve(), tuple(c.image_size) if c.image_size else None, c.resize, c.label_mode,
                   c.skip_bad_images, c.val_fraction, c.split_seed, c.val_split)
-    entry = open_entry(req, use_cache)
+    entry = open_entry(req, use_cache, verify)
     if c.class_names:
         if len(c.class_names) != len(entry.meta["classes"]):
             raise CnnlabError(f"--class-names gives {len(c.class_names)} names, but {src} has "
@@ -163,16 +166,21 @@ def entry_for(c: DataConfig, use_cache: bool = True) -> Entry:
     return entry
 
 
-def open_entry(req: Request, use_cache: bool = True) -> Entry:
+def open_entry(req: Request, use_cache: bool = True, verify: bool | None = None) -> Entry:
     """The cached entry for `req`, built first when missing (or, without `use_cache`, built in a temporary
     folder that is removed when the process exits, or by the next build once it has)."""
     if use_cache:
         folder = sources.cache_dir() / "decoded" / req.key()
         meta = _read_meta(folder)
-        if meta is not None:
+        if meta is not None and (why := integrity.damage(folder, meta, verify)):
+            log.info(f"warning: the decoded copy of {req.path} is damaged ({why}); decoding it again")
+            _discard(folder)
+        elif meta is not None:
             if meta["skipped"] and not req.skip_bad:
                 _refuse_unreadable(meta["skipped"])
             return Entry(folder, meta)
+        elif folder.exists():  # published entries always hold meta.json: this one lost it
+            _discard(folder)
         parent = folder.parent
     else:
         folder, parent = None, Path(tempfile.gettempdir())
@@ -207,12 +215,28 @@ def _clear_abandoned(parent: Path) -> None:
             continue  # not ours to judge, or its process is alive
 
 
-def _read_meta(folder: Path) -> dict | None:
+def _read_meta(folder: Path) -> object | None:
+    """An entry's meta.json as written (None: missing or of another version, built again); integrity.py judges
+    whether the entry is whole."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError):
-        return None  # missing, or unreadable: built again
+        return "unreadable"
+    if not isinstance(meta, dict):
+        return "not an object"  # judged damaged
     return meta if meta.get("version") == CACHE_VERSION else None
+
+
+def _discard(folder: Path) -> None:
+    """Move a damaged entry out of the way (one rename, so no reader sees it half-deleted), then delete it."""
+    gone = folder.with_name(f".damaged-{os.getpid()}-{folder.name}")
+    try:
+        os.replace(folder, gone)
+    except OSError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def _publish(tmp: Path, folder: Path) -> Path:
@@ -265,6 +289,7 @@ def _write_digests(tmp: Path, meta: dict) -> dict[str, int]:
     for split in entry.splits:
         found[split] = digests(entry.images(split))
         np.save(tmp / f"{split}.digest.npy", found[split])
+    meta["label_digests"] = {s: integrity.labels_digest(entry.labels(s)) for s in entry.splits}
     train = found.get("train", np.zeros(0, np.uint64))
     return {s: int(np.isin(train, found[s]).sum()) for s in ("val", "test") if s in found}
 
