@@ -66,9 +66,7 @@ def plant(root: Path, classes: list[str], rng) -> dict:
             shutil.copy(f, root / name)
             conflicts[name] = f"train/{f.parent.name}/{f.name}"
         else:
-            name = f"train/{other}/{f.name}"
-            if (root / name).exists():
-                continue
+            name = f"train/{other}/flipped-{f.parent.name}-{f.name}"  # CIFAR's file names repeat across classes
             f.rename(root / name)
             flipped.add(name)
     return {"leaks": leaks, "conflicts": conflicts, "flipped": flipped}
