@@ -185,3 +185,26 @@ def test_label_check_finds_flipped_labels_and_the_report_marks_them(tmp_path, ca
     run = training.train(override(presets.get("seed"), epochs=3), DataConfig(path=str(root)), out=tmp_path / "r")
     html = (run / "report.html").read_text()
     assert "label doubted" in html
+
+
+def test_cifar_arrays_name_images_by_split_and_index_and_imbalance_is_hinted(tmp_path):
+    """Arrays have no file names: images are named by split and index. A test image copied into a training
+    batch is a leak; a class with a third of the others' images gets the --class-weights hint."""
+    from conftest import fake_cifar_arrays, write_cifar_python
+
+    batches = fake_cifar_arrays()
+    (x0, y0), (xt, yt) = batches[0], batches[5]
+    x0[7] = xt[3]
+    y0[7] = yt[3]
+    data = write_cifar_python(tmp_path / "cifar-10-batches-py", batches)
+    out = tmp_path / "arrays.json"
+    assert cli.main(["data", "check", "--data", str(data), "--json", str(out)]) == 0
+    leaks = json.loads(out.read_text())["leaks"]
+    assert [(x["train"]["split"], x["train"]["index"], x["train"]["file"], x["held_out"]["index"]) for x in leaks] \
+        == [("train", 7, None, 3)]
+    folder = write_image_folder(tmp_path / "imbalanced", per_class=9, size=(16, 16))
+    for f in sorted((folder / "train" / "a").iterdir())[3:]:
+        f.unlink()
+    assert cli.main(["data", "check", "--data", str(folder), "--json", str(out)]) == 0
+    imbalance = json.loads(out.read_text())["imbalance"]
+    assert imbalance["smallest"] == "a" and imbalance["ratio"] == 3.0 and "--class-weights auto" in imbalance["hint"]
