@@ -408,6 +408,25 @@ def test_a_killed_decode_leaves_nothing_that_stays(tmp_path):
     alive.mkdir()
     data.load_dataset(tmp_path / "imgs")
     assert not abandoned.exists() and alive.exists()
+    alive.rmdir()  # this "decode" ends with the test: other tests look for half-built entries left anywhere
+
+
+def test_a_second_process_waits_for_the_first_decode_instead_of_decoding_twice(tmp_path):
+    """A second process that loads the same folder while a first is decoding it waits for the first and maps its
+    entry: it says so and decodes nothing."""
+    write_image_folder(tmp_path / "imgs", per_class=1500, size=(64, 64))
+    code = ("import sys; from cnnlab import data, logs\nfrom cnnlab.data import decode\nwith logs.captured() as said:\n"
+            "    data.load_dataset(sys.argv[1])\nprint(decode.decoded(), any('waiting' in s for s in said))")
+    run = [sys.executable, "-c", code, str(tmp_path / "imgs")]
+    first = subprocess.Popen(run, stdout=subprocess.PIPE, text=True)
+    decoded = Path(os.environ["CNNLAB_CACHE"]) / "decoded"
+    deadline = time.monotonic() + 120
+    while not list(decoded.glob(".building-*")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the first process holds the lock from before it makes its building folder
+    assert first.poll() is None, "the first decode ended before the second process could start"
+    second = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert first.communicate(timeout=300)[0].split() == ["6750", "False"]  # 1,500 train + 750 test per class
+    assert second.stdout.split() == ["0", "True"], second.stderr[-2000:]
 
 
 def test_training_on_no_images_is_an_error(tmp_path):
@@ -508,3 +527,30 @@ def test_outputs_that_are_devices_or_fifos_are_written_through_and_others_refuse
     with pytest.raises(CnnlabError, match="is a folder"):
         files.write_text(tmp_path, "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "s.sock"]
+
+
+def test_a_full_disk_while_decoding_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """The pixel file's space is reserved before decoding (a sparse file filled through a mapping dies with
+    SIGBUS when the disk fills); a disk that cannot reserve it, or fills while the small files are written, is
+    one line naming the way out, and no half-built entry stays."""
+    import errno
+
+    write_image_folder(tmp_path / "imgs", per_class=4, size=(8, 8))
+    decoded = Path(os.environ["CNNLAB_CACHE"]) / "decoded"
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(CnnlabError, match="no room for .* on its disk: free some space, or set CNNLAB_CACHE"):
+        data.load_dataset(tmp_path / "imgs")
+    assert not list(decoded.glob(".building-*"))
+    monkeypatch.undo()
+
+    def full_json(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full_json)
+    with pytest.raises(CnnlabError, match="filled up while decoding"):
+        data.load_dataset(tmp_path / "imgs")
+    monkeypatch.undo()
+    assert not list(decoded.glob(".building-*"))
+    assert len(data.load_dataset(tmp_path / "imgs").y_train) == 12  # and with room, it simply works

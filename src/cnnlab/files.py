@@ -6,6 +6,7 @@ the shell's `>` would; a folder, socket or block device is refused in one line. 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -58,6 +59,24 @@ def atomic_path(path: str | os.PathLike, backup: str | os.PathLike | None = None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def allocate(path: str | os.PathLike, nbytes: int) -> None:
+    """Create `path` with `nbytes` of disk reserved now (posix_fallocate). A file that is only truncated to size
+    is sparse: writing its pages through a mapping when the disk fills kills the process with SIGBUS, silently
+    (two cache builds at once on a nearly full disk both died so, exit 135). Reserved, a full disk is one line
+    here, before anything is written."""
+    with open(path, "wb") as f:
+        if nbytes <= 0:
+            return
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                f.truncate(nbytes)  # a file system without fallocate (EOPNOTSUPP): sparse, as before
+                return
+            raise CnnlabError(f"no room for {path} ({nbytes / 1e6:,.0f} MB) on its disk: free some space, or set "
+                              "CNNLAB_CACHE to a larger disk") from None
 
 
 def special_kind(path: Path) -> str | None:

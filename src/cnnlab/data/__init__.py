@@ -3,6 +3,7 @@
     sources, cifar, idx, folders   where images come from (CIFAR archives, IDX files, folders, CSVs)
     images                         one file decoded to pixels (every format, EXIF turns, resizing)
     cache                          decoded pixels kept on disk, memory-mapped, so sets larger than memory train
+    cachedir, integrity            the cache folder kept in order (one builder, locks); entries checked on open
     description                    `data info` in words, from a cache entry's meta.json
     dataset                        `Dataset`, `Normalization`, `load`: what the layers above use
     augment, mix                   random changes of a batch (flips, crops, RandAugment; MixUp/CutMix)

@@ -19,6 +19,7 @@ No PyTorch here: `cnnlab data info` on cached data reads `meta.json` and nothing
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -30,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab import files
 from cnnlab.config import DataConfig
-from cnnlab.data import cifar, decode, folders, idx, integrity, sources
+from cnnlab.data import cachedir, cifar, decode, folders, idx, integrity, sources
 from cnnlab.data.images import Resize, image_size, resize_to
 from cnnlab.errors import CnnlabError
 
@@ -168,51 +170,56 @@ def entry_for(c: DataConfig, use_cache: bool = True, verify: bool | None = None)
 
 def open_entry(req: Request, use_cache: bool = True, verify: bool | None = None) -> Entry:
     """The cached entry for `req`, built first when missing (or, without `use_cache`, built in a temporary
-    folder that is removed when the process exits, or by the next build once it has)."""
-    if use_cache:
-        folder = sources.cache_dir() / "decoded" / req.key()
-        meta = _read_meta(folder)
-        if meta is not None and (why := integrity.damage(folder, meta, verify)):
-            log.info(f"warning: the decoded copy of {req.path} is damaged ({why}); decoding it again")
-            _discard(folder)
-        elif meta is not None:
-            if meta["skipped"] and not req.skip_bad:
-                _refuse_unreadable(meta["skipped"])
-            return Entry(folder, meta)
-        elif folder.exists():  # published entries always hold meta.json: this one lost it
-            _discard(folder)
-        parent = folder.parent
-    else:
-        folder, parent = None, Path(tempfile.gettempdir())
+    folder that is removed when the process exits, or by the next build once it has). A process that finds
+    another building the same entry waits for it and maps its result instead of decoding it twice."""
+    if not use_cache:
+        return _build_entry(req, None, Path(tempfile.gettempdir()))
+    folder = sources.cache_dir() / "decoded" / req.key()
+    entry = _open_existing(req, folder, verify)
+    if entry is not None:
+        return entry
+    with cachedir.one_builder(folder):
+        return _open_existing(req, folder, verify) or _build_entry(req, folder, folder.parent)
+
+
+def _open_existing(req: Request, folder: Path, verify: bool | None) -> Entry | None:
+    meta = _read_meta(folder)
+    if meta is not None and (why := integrity.damage(folder, meta, verify)):
+        log.info(f"warning: the decoded copy of {req.path} is damaged ({why}); decoding it again")
+        cachedir.discard(folder)
+    elif meta is not None:
+        if meta["skipped"] and not req.skip_bad:
+            _refuse_unreadable(meta["skipped"])
+        return Entry(folder, meta)
+    elif folder.exists():  # published entries always hold meta.json: this one lost it
+        cachedir.discard(folder)
+    return None
+
+
+def _build_entry(req: Request, folder: Path | None, parent: Path) -> Entry:
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        _clear_abandoned(parent)
+        cachedir.clear_abandoned(parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=parent))
     except OSError:
-        if not use_cache:
+        if folder is None:
             raise CnnlabError(f"cannot write the decoded images to {parent}") from None
-        return open_entry(req, use_cache=False)  # a read-only or full cache only costs speed
+        return _build_entry(req, None, Path(tempfile.gettempdir()))  # a read-only or full cache only costs speed
     try:
         meta = _build(req, tmp)
         if folder is None:
             return Entry(tmp, meta)  # mapped below by the caller; removed at exit
-        return Entry(_publish(tmp, folder), meta)
+        return Entry(cachedir.publish(tmp, folder), meta)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise CnnlabError(f"the disk holding {parent} filled up while decoding: free some space, or set "
+                          "CNNLAB_CACHE to a larger disk") from None
     finally:
         if folder is None:
-            _remove_when_mapped(tmp)
+            cachedir.remove_when_mapped(tmp)
         elif tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _clear_abandoned(parent: Path) -> None:
-    """Remove the half-built entries of processes that no longer run (killed while decoding)."""
-    for folder in parent.glob(".building-*"):
-        try:
-            os.kill(int(folder.name.split("-")[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError, OSError):
-            continue  # not ours to judge, or its process is alive
 
 
 def _read_meta(folder: Path) -> object | None:
@@ -227,32 +234,6 @@ def _read_meta(folder: Path) -> object | None:
     if not isinstance(meta, dict):
         return "not an object"  # judged damaged
     return meta if meta.get("version") == CACHE_VERSION else None
-
-
-def _discard(folder: Path) -> None:
-    """Move a damaged entry out of the way (one rename, so no reader sees it half-deleted), then delete it."""
-    gone = folder.with_name(f".damaged-{os.getpid()}-{folder.name}")
-    try:
-        os.replace(folder, gone)
-    except OSError:
-        return
-    shutil.rmtree(gone, ignore_errors=True)
-
-
-def _publish(tmp: Path, folder: Path) -> Path:
-    """Rename the finished entry into place; if another process finished the same entry first, keep theirs."""
-    if not folder.exists():
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            pass  # another process renamed its copy into place between the look and the rename
-    return folder
-
-
-def _remove_when_mapped(tmp: Path) -> None:
-    import atexit
-
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,7 +326,9 @@ def _resize_array(x: np.ndarray, size: tuple[int, int], resize: Resize, path: Pa
     """Write `x` resized to `size` into the raw file `path`, through a mapping: never all of it in memory."""
     from PIL import Image
 
-    out = np.memmap(path, np.uint8, "w+", shape=(len(x), x.shape[1], *size))
+    shape = (len(x), x.shape[1], *size)
+    files.allocate(path, int(np.prod(shape)))
+    out = np.memmap(path, np.uint8, "r+", shape=shape)
     for i, img in enumerate(x):
         im = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
         arr = np.asarray(resize_to(im, size, resize))
@@ -434,7 +417,9 @@ def _finish_split(path: Path, n: int, size: tuple[int, int], keep: np.ndarray, g
     src = np.memmap(path, np.uint8, "r+", shape=(n, 3, *size)) if n else np.zeros((0, 3, *size), np.uint8)
     channels = 1 if gray else 3
     out_path = path.with_suffix(".tmp")
-    out = np.memmap(out_path, np.uint8, "w+", shape=(len(keep), channels, *size)) if len(keep) else None
+    if len(keep):
+        files.allocate(out_path, len(keep) * channels * size[0] * size[1])
+    out = np.memmap(out_path, np.uint8, "r+", shape=(len(keep), channels, *size)) if len(keep) else None
     for lo in range(0, len(keep), 256):
         out[lo:lo + 256] = src[keep[lo:lo + 256], :channels]
     if out is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cnnlab import files as files_mod
 from cnnlab import hardware
 from cnnlab.data.images import Resize, decode_image
 from cnnlab.errors import CnnlabError
@@ -48,8 +49,7 @@ def decode_split(files: list[str], out: Path, size: tuple[int, int], resize: Res
     """Decode every file into `out` as (N, 3, H, W); returns {row: why unreadable}, whether all were grey, and
     each row's facts (None where the file is unreadable)."""
     shape = (len(files), 3, *size)
-    with open(out, "wb") as f:
-        f.truncate(int(np.prod(shape)))
+    files_mod.allocate(out, int(np.prod(shape)))
     tasks = [(str(out), shape, lo, files[lo:lo + CHUNK], size, resize) for lo in range(0, len(files), CHUNK)]
     errors: dict[int, str] = {}
     facts: list[dict | None] = [None] * len(files)
