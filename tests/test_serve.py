@@ -374,3 +374,22 @@ def test_a_busy_port_is_one_line(quick_onnx, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cnnlab: error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another "
                    "--port (or stop what holds it)"]
+
+
+def test_an_image_of_extreme_aspect_costs_what_its_result_does(tmp_path):
+    """A 1,000,000x1 PNG (3 KB) passes the pixel limit; scaled to cover 96x96 before cropping it made a
+    96,000,000x96 intermediate (5.3 GB, 25 s). Decoded in a fresh process, its peak memory now stays near the
+    interpreter's own."""
+    import subprocess
+    import sys
+
+    Image.new("RGB", (1_000_000, 1), (200, 10, 10)).save(tmp_path / "line.png")
+    code = ("import resource, sys; from cnnlab.data.images import decode_image\n"
+            "a = decode_image(sys.argv[1], 3, (96, 96), resize='crop')\n"
+            "print(a.shape, a[..., 0].mean(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "line.png")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shape, red, peak_mb = out.stdout.rsplit(" ", 2)
+    assert shape == "(96, 96, 3)" and float(red) == 200.0, out.stderr
+    assert int(peak_mb) < 400, peak_mb  # the interpreter with NumPy and Pillow: ~60 MB
