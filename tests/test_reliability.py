@@ -22,9 +22,9 @@ from torch import nn
 
 from cnnlab import cli, data, logs, models, training
 from cnnlab.config import DataConfig, TrainConfig
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, Interrupted
 from cnnlab.run import Run
-from conftest import Fault, fake_cifar_arrays, write_cifar_python, write_image_folder
+from conftest import CtrlCAt, Fault, fake_cifar_arrays, write_cifar_python, write_image_folder
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -554,3 +554,19 @@ def test_a_full_disk_while_decoding_is_one_line_and_leaves_nothing(tmp_path, mon
     monkeypatch.undo()
     assert not list(decoded.glob(".building-*"))
     assert len(data.load_dataset(tmp_path / "imgs").y_train) == 12  # and with room, it simply works
+
+
+def test_a_checkpoint_of_another_network_is_one_line(tmp_path, cifar_python_dir, capsys):
+    """A checkpoint copied in from a run of another network (both interrupted after their first checkpoint)."""
+    for model, out in (("seed", "a"), ("c8-p-f-d10", "b")):
+        with pytest.raises(Interrupted):
+            training.train(TrainConfig(model=model, epochs=3, batch_size=30, checkpoint_every=2),
+                           DataConfig(path=str(cifar_python_dir)), out=tmp_path / out, hooks=[CtrlCAt(3)],
+                           with_report=False)
+    for name in (Run.CHECKPOINT, Run.PREVIOUS):
+        if (tmp_path / "b" / name).exists():
+            (tmp_path / "a" / name).write_bytes((tmp_path / "b" / name).read_bytes())
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the checkpoint does not fit this run's network" in err[0], err

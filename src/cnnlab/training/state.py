@@ -21,6 +21,7 @@ from torch import nn
 from cnnlab import dist
 from cnnlab.data.dataset import Normalization
 from cnnlab.dist import World
+from cnnlab.errors import CnnlabError
 from cnnlab.training.optim import EMA, Lookahead
 
 # The running totals of an epoch, in this order in `TrainState.totals`.
@@ -90,8 +91,13 @@ class TrainState:
     def load_state_dict(self, state: dict, world: World) -> None:
         """Restore a checkpoint; rank 0 takes the saved sums, the other ranks start theirs from zero (and every
         rank takes the skipped count, which is the same on all)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # another network's (or run's) checkpoint
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CnnlabError(f"the checkpoint does not fit this run's network and optimizer ({first[:200]}): it "
+                              "was written by another run; start a new one") from None
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.lookahead is not None:
