@@ -384,12 +384,36 @@ def test_an_image_of_extreme_aspect_costs_what_its_result_does(tmp_path):
     import sys
 
     Image.new("RGB", (1_000_000, 1), (200, 10, 10)).save(tmp_path / "line.png")
-    code = ("import resource, sys; from cnnlab.data.images import decode_image\n"
+    code = ("import re, sys; from cnnlab.data.images import decode_image\n"  # VmHWM: ru_maxrss survives exec
             "a = decode_image(sys.argv[1], 3, (96, 96), resize='crop')\n"
-            "print(a.shape, a[..., 0].mean(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+            "print(a.shape, a[..., 0].mean(), int(hwm) // 1024)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "line.png")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     shape, red, peak_mb = out.stdout.rsplit(" ", 2)
     assert shape == "(96, 96, 3)" and float(red) == 200.0, out.stderr
     assert int(peak_mb) < 400, peak_mb  # the interpreter with NumPy and Pillow: ~60 MB
+
+
+def test_a_timed_out_decode_keeps_its_slot_until_it_really_ends(quick_onnx):
+    """A request past `request_seconds` gets its 503 at once, but its decoding thread cannot be stopped: the
+    decoding slot stays taken until that thread ends (it was given back at the 503, so repeated slow requests
+    ran 5-6 decodes at once), and is free again afterwards."""
+    predictor = deploy.OnnxPredictor(quick_onnx)
+    flat = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (20, 200, 30)).save(flat, "PNG")  # 16.7 MP in 50 KB
+    files = [("files", (f"{i}.png", flat.getvalue(), "image/png")) for i in range(40)]  # seconds of decoding
+    config = serve.ServeConfig(model=str(quick_onnx), request_seconds=0.05, max_decoding=1,
+                               max_request_pixels=2**30)
+    app = serve.create_app(config, predictor)
+    with TestClient(app) as c:
+        r = c.post("/predict", files=files)
+        assert r.status_code == 503
+        slots = app.state.decoding
+        assert slots.semaphore.locked()  # the decode goes on, and holds the only slot
+        deadline = time.monotonic() + 120
+        while slots.semaphore.locked() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not slots.semaphore.locked()
+        assert c.get("/health").status_code == 200

@@ -20,6 +20,7 @@ The model runs one inference on a blank batch before the server starts (`deploy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -36,7 +37,6 @@ from cnnlab.hardware import usable_cores
 
 try:
     from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-    from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
     from fastapi_offline import FastAPIOffline
@@ -230,9 +230,10 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     async def lifespan(app: FastAPI):
         app.state.batcher = Batcher(predictor.probabilities, config.max_batch)
         app.state.batcher.start()
-        app.state.decoding = asyncio.Semaphore(config.max_decoding or usable_cores())
+        app.state.decoding = DecodingSlots(config.max_decoding or usable_cores())
         yield
         await app.state.batcher.stop()
+        app.state.decoding.close()
 
     # /docs and /redoc from files in the fastapi-offline package, not a CDN: they work on a machine offline
     app = FastAPIOffline(title="cnnlab", summary=f"Image classifier: {info['name']} ({len(info['classes'])} classes)",
@@ -311,16 +312,54 @@ async def _classify(app: FastAPI, predictor: Predictor, files: list[UploadFile],
     """Read, check and decode a request's files (one of `max_decoding` at a time), then classify them in the
     next gathered batch: (probabilities, the network-sized images). Raises ImageError (with its HTTP status)
     for what the client sent."""
-    async with app.state.decoding:
+    slots: DecodingSlots = app.state.decoding
+    await slots.acquire()
+    try:
         uploads = [(f.filename or f"file {i + 1}", await f.read()) for i, f in enumerate(files)]
         pixels = sum(header_pixels(data) for _, data in uploads)
         if pixels > config.max_request_pixels:
             raise TooManyPixels(f"the images in this request add up to {pixels:,} pixels; at most "
                                 f"{config.max_request_pixels:,} per request")
-        images = await run_in_threadpool(
-            lambda: np.stack([decode_for(predictor, data, name, config.max_pixels) for name, data in uploads]))
-        uploads.clear()  # the compressed bytes: only the network-sized pixels leave this block
+    except BaseException:
+        slots.release()
+        raise
+    images = await slots.run(  # the slot is released when the decoding thread ends, not when the request does
+        lambda: np.stack([decode_for(predictor, data, name, config.max_pixels) for name, data in uploads]))
     return await app.state.batcher(images), images
+
+
+class DecodingSlots:
+    """At most `n` requests read and decode at once, each decode in this pool's threads. A request that times out
+    (503) stops waiting, but a thread cannot be stopped: its slot is given back only when its decode really ends,
+    so requests that time out again and again cannot pile decodes up beyond `n` (they ran 5-6 at once, 5.1 GB)."""
+
+    def __init__(self, n: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.semaphore, self.pool = asyncio.Semaphore(n), ThreadPoolExecutor(n, thread_name_prefix="decode")
+
+    async def acquire(self) -> None:
+        await self.semaphore.acquire()
+
+    def release(self) -> None:
+        self.semaphore.release()
+
+    async def run(self, work):
+        """`work()` in a decoding thread, holding the slot taken by `acquire` until the thread is done."""
+        loop = asyncio.get_running_loop()
+        try:
+            done = self.pool.submit(work)
+        except BaseException:
+            self.release()
+            raise
+        def give_back(_) -> None:
+            with contextlib.suppress(RuntimeError):  # the server's loop already closed: nothing waits any more
+                loop.call_soon_threadsafe(self.release)
+        done.add_done_callback(give_back)
+        return await asyncio.wrap_future(done)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def png_data_uri(image: np.ndarray) -> str:
