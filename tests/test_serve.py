@@ -417,3 +417,67 @@ def test_a_timed_out_decode_keeps_its_slot_until_it_really_ends(quick_onnx):
             time.sleep(0.05)
         assert not slots.semaphore.locked()
         assert c.get("/health").status_code == 200
+
+
+def test_slow_clients_do_not_take_the_health_check_down(quick_onnx):
+    """80 connections sending the start of a request and then nothing (more than the 64 requests answered at
+    once): `cnnlab serve` still answers /health (it answered 503 for 56 s when open connections were capped at
+    64), and /predict too."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab.cli", "serve", str(quick_onnx), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    slow = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        for _ in range(80):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.send(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # and then nothing more
+            slow.append(s)
+        time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200
+        image = io.BytesIO()
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(image, "PNG")
+        body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n"
+                b"Content-Type: image/png\r\n\r\n" + image.getvalue() + b"\r\n--b--\r\n")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body,
+                                         headers={"Content-Type": "multipart/form-data; boundary=b"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read())["results"][0]["predictions"]
+    finally:
+        for s in slow:
+            s.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_requests_past_the_limit_get_503_but_the_health_check_does_not(quick_onnx):
+    predictor = deploy.OnnxPredictor(quick_onnx)
+
+    class Slow:
+        info = predictor.info
+
+        def probabilities(self, images):
+            time.sleep(1.5)
+            return predictor.probabilities(images)
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image, "PNG")
+    files = [("files", ("a.png", image.getvalue(), "image/png"))]
+    with TestClient(serve.create_app(serve.ServeConfig(model=str(quick_onnx), max_requests=1), Slow())) as c:
+        first = threading.Thread(target=lambda: c.post("/predict", files=files))
+        first.start()
+        time.sleep(0.5)
+        busy = c.post("/predict", files=files)
+        assert busy.status_code == 503 and busy.json()["detail"].startswith("busy")
+        assert c.get("/health").status_code == 200
+        first.join()
+        assert c.post("/predict", files=files).status_code == 200

@@ -64,7 +64,12 @@ class ServeConfig:
     # CPU to decode; 64 megapixels (four such images, or 64 phone photos at 1 MP) cost about 2 s
     max_request_pixels: int = 64 * 2**20
     request_seconds: float = 30.0  # decode + inference of one request; past it the client gets 503
-    max_connections: int = 64  # open at once (uvicorn's limit_concurrency): more get 503 at once
+    # requests being answered at once (/predict); more get 503 at once. /health, /model and the page never count
+    max_requests: int = 64
+    # open connections (uvicorn's limit_concurrency), a backstop far above max_requests: a client sending its
+    # request a byte at a time holds a socket, not work. At 64 (then also the request limit) 64 such clients
+    # made /health answer 503 for 56 s. 0: 1,000, or fewer where the process may open fewer files.
+    max_connections: int = 0
     max_batch: int = 256  # images per forward pass when requests are gathered
     # requests whose files are read and decoded at once (0: one per usable core). Each holds its upload and its
     # full-size pixels meanwhile (a 9.9 MB PNG: about 30 MB); the rest wait with their bodies spooled to disk.
@@ -163,6 +168,29 @@ class DeadlineH11(H11Protocol):
 # Upload size limit, enforced while the body streams in
 
 
+class RequestLimit:
+    """ASGI middleware: at most `max_requests` requests answered at once, past which 503 at once; the health
+    check, /model and the page are always answered (a load balancer must see a busy server as alive)."""
+
+    ALWAYS = ("/health", "/model", "/")
+
+    def __init__(self, app, max_requests: int):
+        self.app, self.max_requests, self.active = app, max_requests, 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.ALWAYS:
+            return await self.app(scope, receive, send)
+        if self.active >= self.max_requests:
+            response = JSONResponse({"detail": f"busy: {self.active} requests are being answered; try again"},
+                                    status_code=503, headers={"Retry-After": "1"})
+            return await response(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 class UploadLimit:
     """ASGI middleware: answer 413 as soon as a request body passes `max_bytes`, without reading the rest.
 
@@ -239,6 +267,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     app = FastAPIOffline(title="cnnlab", summary=f"Image classifier: {info['name']} ({len(info['classes'])} classes)",
                          lifespan=lifespan)
     app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2**20))
+    app.add_middleware(RequestLimit, max_requests=config.max_requests)
     app.add_exception_handler(RequestValidationError, _one_line_error)
     _add_info_routes(app, info, config)
 
@@ -395,7 +424,16 @@ def app_from_env() -> FastAPI:
 def _uvicorn_limits(config: ServeConfig) -> dict:
     """uvicorn's connection limits: a cap on open connections, idle keep-alive connections closed after 5 s,
     and each request answered within a deadline of its first byte, or its connection closed (slow clients)."""
-    return {"limit_concurrency": config.max_connections, "timeout_keep_alive": 5, "http": DeadlineH11}
+    return {"limit_concurrency": config.max_connections or connection_cap(), "timeout_keep_alive": 5,
+            "http": DeadlineH11}
+
+
+def connection_cap() -> int:
+    """1,000 open connections, or fewer when the process may not open that many files (each is one)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1000 if soft == resource.RLIM_INFINITY else max(16, min(1000, soft - 64))
 
 
 def serve(config: ServeConfig) -> None:
