@@ -9,9 +9,11 @@ round on the same server shows whether memory keeps growing.
     python benchmarks/serve_load.py --hostile --clients 8 --seconds 75 --rounds 1   # beside hostile clients
 
 `--hostile` adds, beside the normal clients: one client that posts 64 PNGs of 4096x4096 (49 KB each, 3 MB
-in all) again and again, and 6 slow clients that trickle a request header one byte a second. It reports
-the normal clients' latencies, what the large requests got and how long each took, whether the slow
-connections were still open at the end, and the server's peak resident memory (sampled every 0.2 s). Then
+in all) again and again, one that posts a 1,000,000x1 PNG (3 KB) again and again, 6 slow clients that trickle
+a request header one byte a second, and 80 that send the start of a request and then nothing. It reports
+the normal clients' latencies, what the large and extreme-aspect requests got and how long each took, whether
+the slow connections were still open at the end, /health's latencies and statuses, and the server's peak
+resident memory (sampled every 0.2 s). Then
 16 clients post one 9.9 MB PNG of random pixels each at the same moment: their statuses and the peak memory.
 Writes benchmarks/results/serve_load.json, or serve_load-hostile.json.
 """
@@ -85,24 +87,29 @@ def client(port: int, bodies: list[tuple[bytes, str]], deadline: float, latencie
     conn.close()
 
 
-def health_probe(port: int, deadline: float, latencies: list) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def health_probe(port: int, deadline: float, latencies: list, not_ok: list) -> None:
     while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        conn.request("GET", "/health")
-        conn.getresponse().read()
+        conn, t0 = http.client.HTTPConnection("127.0.0.1", port, timeout=30), time.perf_counter()
+        try:  # a new connection each time, as a load balancer's probe makes
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                not_ok.append(response.status)
+        except (OSError, http.client.HTTPException) as e:
+            not_ok.append(type(e).__name__)
         latencies.append(time.perf_counter() - t0)
+        conn.close()
         time.sleep(0.1)
-    conn.close()
 
 
 def load_round(port: int, bodies, clients: int, seconds: float) -> dict:
-    latencies, errors, health = [], [], []
+    latencies, errors, health, health_not_ok = [], [], [], []
     start = time.perf_counter()
     deadline = start + seconds
     threads = [threading.Thread(target=client, args=(port, bodies, deadline, latencies, errors, k * 7))
                for k in range(clients)]
-    threads.append(threading.Thread(target=health_probe, args=(port, deadline, health)))
+    threads.append(threading.Thread(target=health_probe, args=(port, deadline, health, health_not_ok)))
     for t in threads:
         t.start()
     for t in threads:
@@ -113,7 +120,8 @@ def load_round(port: int, bodies, clients: int, seconds: float) -> dict:
     return {"requests": len(latencies), "errors": len(errors), "error_kinds": sorted(set(map(str, errors))),
             "requests_per_s": round(len(latencies) / elapsed, 1), "p50_ms": pct(50), "p95_ms": pct(95),
             "p99_ms": pct(99), "health_p50_ms": round(float(np.median(health)) * 1000, 1) if health else None,
-            "health_max_ms": round(float(np.max(health)) * 1000, 1) if health else None}
+            "health_max_ms": round(float(np.max(health)) * 1000, 1) if health else None,
+            "health_checks": len(health), "health_not_200": len(health_not_ok)}
 
 
 def large_request() -> tuple[bytes, str]:
@@ -161,12 +169,38 @@ def slow_client(port: int, deadline: float, still_open: list) -> None:
     sock.close()
 
 
+def line_request() -> tuple[bytes, str]:
+    """A 1,000,000x1 PNG: 3 KB, within the pixel limit, and an aspect ratio that once cost 25 s and 5 GB."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1_000_000, 1), (200, 10, 10)).save(buf, "PNG")
+    return multipart("line.png", buf.getvalue())
+
+
+def stalled(port: int, deadline: float, sockets: list) -> None:
+    """Connections that send the start of a request and then nothing, held until the deadline."""
+    for _ in range(80):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.send(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        sockets.append(sock)
+    while time.perf_counter() < deadline:
+        time.sleep(0.2)
+    for sock in sockets:
+        sock.close()
+
+
 def hostile_round(port: int, bodies, clients: int, seconds: float, pid: int) -> dict:
-    """A normal round with the large-request client, 6 slow clients and a memory sampler beside it."""
+    """A normal round with the large-request and extreme-aspect clients, slow and stalled clients and a memory
+    sampler beside it."""
     deadline = time.perf_counter() + seconds
-    outcomes, still_open, peak = [], [], [rss_mb(pid)]
+    outcomes, lines, still_open, held, peak = [], [], [], [], [rss_mb(pid)]
     big = large_request()
-    extra = [threading.Thread(target=bomber, args=(port, big, deadline, outcomes))]
+    extra = [threading.Thread(target=bomber, args=(port, big, deadline, outcomes)),
+             threading.Thread(target=bomber, args=(port, line_request(), deadline, lines)),
+             threading.Thread(target=stalled, args=(port, deadline, held))]
     extra += [threading.Thread(target=slow_client, args=(port, deadline, still_open)) for _ in range(6)]
 
     def sample() -> None:
@@ -181,6 +215,9 @@ def hostile_round(port: int, bodies, clients: int, seconds: float, pid: int) -> 
         t.join()
     return {**result, "large_requests": len(outcomes), "large_statuses": sorted({str(s) for s, _ in outcomes}),
             "large_seconds_max": round(max((d for _, d in outcomes), default=0), 2),
+            "extreme_aspect_requests": len(lines), "extreme_aspect_statuses": sorted({str(s) for s, _ in lines}),
+            "extreme_aspect_seconds_max": round(max((d for _, d in lines), default=0), 3),
+            "stalled_connections": len(held),
             "slow_clients_still_open": sum(1 for s in still_open if s is None),
             "slow_clients_closed_after_s": sorted(s for s in still_open if s is not None), "peak_rss_mb": max(peak)}
 
@@ -286,11 +323,15 @@ def main() -> None:
             rounds.append(result)
             print(f"round {r + 1}: {args.clients} clients x {args.seconds:g} s: {result['requests_per_s']} req/s, "
                   f"p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, p99 {result['p99_ms']} ms, "
-                  f"errors {result['errors']}, /health p50 {result['health_p50_ms']} ms "
+                  f"errors {result['errors']}, /health p50 {result['health_p50_ms']} ms, "
+                  f"{result['health_not_200']} of {result['health_checks']} not 200 "
                   f"(max {result['health_max_ms']}), server RSS {memory[-2]} -> {memory[-1]} MB")
             if args.hostile:
                 print(f"  beside it: {result['large_requests']} large requests got {result['large_statuses']} "
-                      f"(slowest {result['large_seconds_max']} s); slow clients still open at the end: "
+                      f"(slowest {result['large_seconds_max']} s); {result['extreme_aspect_requests']} "
+                      f"1,000,000x1 PNGs got {result['extreme_aspect_statuses']} (slowest "
+                      f"{result['extreme_aspect_seconds_max']} s); {result['stalled_connections']} stalled "
+                      f"connections held; slow clients still open at the end: "
                       f"{result['slow_clients_still_open']} of 6, closed by the server after "
                       f"{result['slow_clients_closed_after_s']} s; server peak RSS {result['peak_rss_mb']} MB")
         uploads = parallel_uploads(port, server.pid) if args.hostile else None
