@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -96,6 +97,10 @@ def _bad_inputs(tmp_path, cifar_python_dir):
     no_weights = tmp_path / "noweights"
     no_weights.mkdir()
     (tmp_path / "layout").mkdir()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    garbage = tmp_path / "cifar-10-python.tar.gz"
+    garbage.write_bytes(bytes(range(256)) * 4)
     return [
         (["data", "info", "--data", tmp_path / "missing"], "does not exist"),
         (["data", "info", "--data", tmp_path / "layout"], "unknown data layout"),
@@ -121,6 +126,8 @@ def _bad_inputs(tmp_path, cifar_python_dir):
          "--val-split leaves .* classes without a training image"),
         (["train", "--data", cifar_python_dir, "--nproc", "3", "--batch-size", "64", "--out", tmp_path / "n"],
          "--batch-size 64 is the global batch and must divide evenly between 3 processes"),
+        (["train", "--data", fifo, "--dry-run"], "is a device, FIFO or socket"),
+        (["train", "--data", garbage, "--dry-run"], "cannot read archive .*: not a gzip, bzip2, xz or tar file$"),
     ]
 
 
@@ -144,6 +151,9 @@ def test_predict_on_a_file_that_is_not_an_image(capsys, tmp_path, cifar_python_d
     assert code == 2 and "is not an image" in err and "notes.png" in err
     code, _, err = run_cli(capsys, "predict", run, tmp_path / "absent.jpg")
     assert code == 2 and "absent.jpg does not exist" in err
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would wait for a writer forever
+    code, _, err = run_cli(capsys, "predict", run, tmp_path / "pipe.png")
+    assert code == 2 and "pipe.png is not a regular file" in err
 
 
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--lr", "abc"], ["--subset", "-5"]])

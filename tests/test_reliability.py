@@ -570,3 +570,12 @@ def test_a_checkpoint_of_another_network_is_one_line(tmp_path, cifar_python_dir,
     assert cli.main(["train", "--resume", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the checkpoint does not fit this run's network" in err[0], err
+
+
+def test_resuming_a_no_report_run_writes_no_report(tmp_path, cifar_python_dir):
+    """The run's own choice is kept: `--resume` alone does not add the report a `--no-report` run left out."""
+    with pytest.raises(Interrupted):
+        training.train(TrainConfig(epochs=2, batch_size=30), DataConfig(path=str(cifar_python_dir)),
+                       out=tmp_path / "r", hooks=[CtrlCAt(7)], with_report=False)
+    assert cli.main(["train", "--resume", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "metrics.json").is_file() and not (tmp_path / "r" / "report.html").exists()
