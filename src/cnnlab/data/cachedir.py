@@ -21,9 +21,10 @@ log = logging.getLogger("cnnlab.data.cache")
 def one_builder(folder: Path):
     """Hold `.<key>.lock` beside the entry while building it (flock: released by the kernel if the process dies).
     Without a writable cache folder there is nothing to share, and no lock."""
+    lock = folder.parent / f".{folder.name}.lock"
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         yield
         return
@@ -35,6 +36,10 @@ def one_builder(folder: Path):
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        # removed while held: a process still waiting on it looks for the finished entry before building, and
+        # one arriving later makes a new lock; the cache folder keeps only entries
+        with contextlib.suppress(OSError):
+            lock.unlink()
         os.close(fd)
 
 
