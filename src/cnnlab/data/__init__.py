@@ -5,6 +5,7 @@
     cache                          decoded pixels kept on disk, memory-mapped, so sets larger than memory train
     cachedir, integrity            the cache folder kept in order (one builder, locks); entries checked on open
     description                    `data info` in words, from a cache entry's meta.json
+    check, check_page              `data check`: copies, leaks, conflicts, odd files; its page of thumbnails
     dataset                        `Dataset`, `Normalization`, `load`: what the layers above use
     augment, mix                   random changes of a batch (flips, crops, RandAugment; MixUp/CutMix)
     loader                         `Batches`: an epoch's finished, sharded, augmented batches
