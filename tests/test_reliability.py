@@ -414,7 +414,7 @@ def test_a_killed_decode_leaves_nothing_that_stays(tmp_path):
 def test_a_second_process_waits_for_the_first_decode_instead_of_decoding_twice(tmp_path):
     """A second process that loads the same folder while a first is decoding it waits for the first and maps its
     entry: it says so and decodes nothing."""
-    write_image_folder(tmp_path / "imgs", per_class=1500, size=(64, 64))
+    write_image_folder(tmp_path / "imgs", per_class=1000, size=(64, 64))
     code = ("import sys; from cnnlab import data, logs\nfrom cnnlab.data import decode\nwith logs.captured() as said:\n"
             "    data.load_dataset(sys.argv[1])\nprint(decode.decoded(), any('waiting' in s for s in said))")
     run = [sys.executable, "-c", code, str(tmp_path / "imgs")]
@@ -425,7 +425,7 @@ def test_a_second_process_waits_for_the_first_decode_instead_of_decoding_twice(t
         time.sleep(0.01)  # the first process holds the lock from before it makes its building folder
     assert first.poll() is None, "the first decode ended before the second process could start"
     second = subprocess.run(run, capture_output=True, text=True, timeout=300)
-    assert first.communicate(timeout=300)[0].split() == ["6750", "False"]  # 1,500 train + 750 test per class
+    assert first.communicate(timeout=300)[0].split() == ["4500", "False"]  # 1,000 train + 500 test per class
     assert second.stdout.split() == ["0", "True"], second.stderr[-2000:]
 
 

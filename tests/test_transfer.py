@@ -342,9 +342,11 @@ def test_end_to_end_train_report_export_serve(head_only, imagenet_in_cache, phot
 
     from cnnlab.deploy import export, serve
 
-    cfg = override(presets.get("finetune"), epochs=3, head_only=head_only)
+    # ResNet-18 rather than the preset's MobileNetV3: the same recipe and path, half the export's tracing time
+    # (every backbone, the preset's own included, is exported by the test above)
+    cfg = override(presets.get("finetune"), epochs=3, head_only=head_only, model="resnet18_imagenet")
     run = training.train(cfg, DataConfig(path=str(photos), image_size=(32, 32)), out=tmp_path / "run")
-    assert (run / "report.html").is_file() and DEFAULT in (run / "report.html").read_text()
+    assert (run / "report.html").is_file() and "resnet18_imagenet" in (run / "report.html").read_text()
     onnx = export.export_onnx(run)["path"]
     image = next((photos / "test" / "c").iterdir())
     for model in (run, onnx):
