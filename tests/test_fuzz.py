@@ -130,16 +130,19 @@ def test_image_folder_decoder(tmp_path_factory, blob, resize):
 LAYER_TEXT = st.text(alphabet="cpagfdrkbs0123456789.-", max_size=24)
 
 
-@settings(max_examples=30, deadline=None)  # each example may build a network of up to 500 M parameters
+@FUZZ
 @given(text=st.one_of(LAYER_TEXT, st.text(max_size=24)), channels=st.sampled_from([1, 3]),
        size=st.sampled_from([(8, 8), (32, 32), (28, 28)]))
 def test_layer_spec_parser(text, channels, size):
+    """Built on PyTorch's meta device: shapes and errors as on the CPU, without allocating the networks of up
+    to 500 M parameters the parser accepts (60 examples took 35 s on the CPU)."""
+    import torch
     try:
-        net = spec.build(text, channels, 10, size)
+        with torch.device("meta"):
+            net = spec.build(text, channels, 10, size)
     except CnnlabError:
         return
-    import torch
-    assert net(torch.zeros(1, channels, *size)).shape == (1, 10)
+    assert net(torch.zeros(1, channels, *size, device="meta")).shape == (1, 10)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +203,7 @@ def _replace_somewhere(doc, path: list[int], value):
     return out
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(["config.json", "model.json"]), path=st.lists(st.integers(0, 50), max_size=3),
        value=JSON, command=st.sampled_from(["evaluate", "export", "resume"]))
 def test_run_directory_files(fuzz_run, tmp_path_factory, name, path, value, command):
