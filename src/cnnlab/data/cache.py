@@ -253,7 +253,7 @@ def _build(req: Request, tmp: Path) -> dict:
 
 def digests(images: np.ndarray) -> np.ndarray:
     """Each image's 64-bit BLAKE2 digest of its pixels (N,) uint64: equal pixels, equal digests, whatever the files'
-    formats. Read in chunks through the mapping: 0.2 s for CIFAR-10's 60,000 images."""
+    formats. Read in chunks through the mapping: 0.35 s for 60,000 CIFAR-sized images (integrity.py)."""
     out = np.empty(len(images), np.uint64)
     for lo in range(0, len(images), 4096):
         chunk = np.ascontiguousarray(images[lo:lo + 4096])

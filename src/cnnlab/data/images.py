@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import warnings
 from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cnnlab import files
 from cnnlab.errors import CnnlabError
 
 Resize = Literal["crop", "pad", "squish"]
@@ -172,17 +172,9 @@ def file_facts(im: Image.Image) -> dict:
             "transparent": im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info}
 
 
-def _special(path) -> bool:
-    """A FIFO, device or socket (one stat; a missing file or a folder is left to open() to say)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
 def _decode(source, channels, size, max_pixels, name, resize, facts=None) -> np.ndarray:
-    if not isinstance(source, bytes) and _special(source):  # reading a FIFO waits for a writer; a device may never end
+    # reading a FIFO waits for a writer; a device may never end (a missing file or a folder: open() says so)
+    if not isinstance(source, bytes) and files.special_kind(source) not in (None, "folder"):
         raise NotAnImage(f"{name} is not a regular file (a FIFO, device or socket), not an image")
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     with warnings.catch_warnings():
