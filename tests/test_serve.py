@@ -24,7 +24,7 @@ pytest.importorskip("fastapi", reason="the deploy extra is not installed: pip in
 from fastapi.testclient import TestClient  # noqa: E402
 
 from cnnlab import deploy, models
-from cnnlab.deploy import predictors, serve  # noqa: E402
+from cnnlab.deploy import limits, predictors, serve  # noqa: E402
 from conftest import ARTIFACTS, CLASSES, launch_chromium, needs_chromium  # noqa: E402
 
 
@@ -337,7 +337,7 @@ def test_a_burst_of_large_uploads_is_decoded_a_few_at_a_time(quick_onnx, monkeyp
 def test_a_request_that_arrives_one_byte_a_second_is_cut_off(quick_onnx):
     import uvicorn
 
-    class Short(serve.DeadlineH11):
+    class Short(limits.DeadlineH11):
         deadline_seconds = 1.0
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(serve.create_app(serve.ServeConfig(model=str(quick_onnx))), port=port,

@@ -23,6 +23,7 @@ from cnnlab.cli.commands import (
     _data_config,
     cmd_data_check,
     cmd_evaluate,
+    cmd_explain,
     cmd_lr_find,
     cmd_predict,
     cmd_runs,
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
         cmd_runs(args)
     elif args.command == "predict":
         return cmd_predict(args)
+    elif args.command == "explain":
+        return cmd_explain(args)
 
 
 def _lost_contact(e: Exception) -> bool:

@@ -30,6 +30,16 @@ def _fraction(text: str) -> float:
     return _unit(text, zero=False)
 
 
+def _min_confidence(text: str) -> float | str:
+    """A probability from 0 to 1, or `auto`."""
+    if text == "auto":
+        return text
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, or auto; got {text}")
+    return value
+
+
 def _below_one(text: str) -> float:
     """A decay or a factor: from 0, below 1."""
     return _unit(text, zero=True)
@@ -253,6 +263,9 @@ def _add_result_parsers(sub) -> None:
     p.add_argument("--workers", type=_positive_int, default=1, help="server processes (default 1)")
     p.add_argument("--max-upload-mb", type=_positive_float, default=10.0, help="per request (default 10)")
     p.add_argument("--max-files", type=_positive_int, default=64, help="images per request (default 64)")
+    p.add_argument("--min-confidence", type=_min_confidence, metavar="P|auto",
+                   help="answer `unknown` below this calibrated probability (a request may pass its own "
+                   "min_confidence); `auto`: the run's suggestion for 95%% accuracy")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("report", help="write report.html: curves, confusion matrices, mistakes, config")
@@ -266,13 +279,27 @@ def _add_result_parsers(sub) -> None:
     p.add_argument("--compare", nargs="+", metavar="RUN", help="run directories to overlay in one PNG")
     p.add_argument("--out", metavar="FILE", default="compare.png", help="PNG for --compare (default compare.png)")
 
+    p = sub.add_parser("explain", help="Grad-CAM heatmaps: where the network looked in each image (a run directory)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders (searched at any depth)")
+    p.add_argument("--out", metavar="DIR", help="where the overlays go (default RUN_DIR/explanations)")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="the class to map (default: each image's predicted class)")
+    p.add_argument("--layer", metavar="NAME", help="the layer to map (default: the last convolution whose output is "
+                   "at least 2x2; names as in the model's state dict)")
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("predict", help="classify image files with a trained run or an exported .onnx model")
     p.add_argument("run_dir", metavar="RUN_DIR|MODEL.onnx")
     p.add_argument("images", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders (searched at any depth)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5, as the server)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--csv", metavar="FILE",
-                   help="write FILE: a header row `filename,class_1,probability_1,...,error`, then a row per image")
+                   help="write FILE: a header row `filename,label,confidence,class_1,probability_1,...,error`, then "
+                   "a row per image")
+    p.add_argument("--min-confidence", type=_min_confidence, metavar="P|auto",
+                   help="answer `unknown` when the top calibrated probability is below P (0-1); `auto`: the run's "
+                   "suggestion, where its held-out images reach 95%% accuracy (see its report)")
     p.add_argument("--device", default="auto")
 
 

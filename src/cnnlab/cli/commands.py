@@ -282,7 +282,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cnnlab import deploy
 
-    results = deploy.predict_files(args.run_dir, args.images, args.top_k, args.device)
+    results = deploy.predict_files(args.run_dir, args.images, args.top_k, args.device,
+                                   min_confidence=args.min_confidence)
     if not results:
         raise CnnlabError(f"no images found in {' '.join(args.images)}")
     if args.csv:
@@ -293,7 +294,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for r in results:
             if "predictions" in r:
                 shown = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
-                print(f"{r['filename']}: {shown}")
+                print(f"{r['filename']}: {shown}" if r["label"] != deploy.UNKNOWN else
+                      f"{r['filename']}: unknown (below --min-confidence; {shown})")
     else:
         print(f"wrote {len(results)} predictions to {args.csv}")
     bad = [r for r in results if "error" in r]
@@ -312,12 +314,29 @@ def _write_predictions_csv(path: str, results: list[dict], k: int) -> None:
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["filename", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "probability")),
-                     "error"])
+    writer.writerow(["filename", "label", "confidence",
+                     *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "probability")), "error"])
     for r in results:
         cells = [c for p in r.get("predictions", []) for c in (p["class"], f"{p['probability']:.6f}")]
-        writer.writerow([r["filename"], *cells, *[""] * (2 * k - len(cells)), r.get("error", "")])
+        answer = [r["label"], f"{r['confidence']:.6f}"] if "label" in r else ["", ""]
+        writer.writerow([r["filename"], *answer, *cells, *[""] * (2 * k - len(cells)), r.get("error", "")])
     files.write_text(path, buf.getvalue())
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cnnlab.evaluation import explain
+
+    results = explain.explain_run(args.run_dir, args.images, args.out, args.class_name, args.layer, args.device)
+    for r in results:
+        if "overlay" in r:
+            print(f"{r['filename']}: {r['predicted']} {r['probability']:.3f}; where it looked for {r['class']}: "
+                  f"{r['overlay']}")
+    bad = [r for r in results if "error" in r]
+    if bad:
+        print(f"cnnlab: error: {len(bad)} of {len(results)} file(s) could not be read (the rest were explained): "
+              + "; ".join(r["error"] for r in bad[:10]) + ("; ..." if len(bad) > 10 else ""), file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -326,4 +345,5 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise CnnlabError(f"--port must be between 0 and 65535, got {args.port}")
     serve.serve(serve.ServeConfig(model=args.model, host=args.host, port=args.port, workers=args.workers,
-                                  max_upload_mb=args.max_upload_mb, max_files=args.max_files, device=args.device))
+                                  max_upload_mb=args.max_upload_mb, max_files=args.max_files, device=args.device,
+                                  min_confidence=args.min_confidence))

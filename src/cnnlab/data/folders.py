@@ -291,3 +291,15 @@ def list_images(root: Path, val_fraction: float = 0.1, split_seed: int = 0) -> L
     if "test" not in listing.files:
         listing = listing.hold_out(val_fraction, split_seed)
     return listing
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """Files as given, and the images at any depth under each folder (sorted; hidden files left out)."""
+    out = []
+    for p in paths:
+        if Path(p).is_dir():
+            out += [str(f) for f in sorted(Path(p).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS
+                    and f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+        else:
+            out.append(p)
+    return out

@@ -3,6 +3,7 @@
     predictors   one `Predictor` interface over an ONNX file (onnxruntime, NumPy and Pillow: no PyTorch) or a
                  run directory; `predict_files`, the run's current export
     pytorch      the run-directory predictor and the ONNX file's test metrics (imported only when needed)
+    explain      Grad-CAM heatmaps of where the network looked (captum; a run directory: gradients need PyTorch)
     export       a run's weights written as one ONNX file, checked against PyTorch
     serve        the web service and its page (static/)
 
@@ -12,13 +13,16 @@ The names below are this layer's API; importing them does not import PyTorch.
 
 from cnnlab.deploy.predictors import (  # noqa: F401
     METADATA_PREFIX,
+    UNKNOWN,
     OnnxPredictor,
     Predictor,
+    answer,
     current_export,
     decode_for,
     expand_paths,
     is_onnx,
     load_predictor,
+    min_confidence_for,
     predict_files,
     self_check,
     top_k,

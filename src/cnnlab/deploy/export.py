@@ -22,6 +22,7 @@ from cnnlab import __version__, files, models
 from cnnlab.data.dataset import Normalization
 from cnnlab.deploy.predictors import METADATA_PREFIX, OnnxPredictor
 from cnnlab.errors import CnnlabError
+from cnnlab.evaluation import calibration
 from cnnlab.evaluation.evaluate import run_dataset, tta_views
 from cnnlab.run import Run
 
@@ -36,9 +37,9 @@ TOLERANCE = 1e-3
 class DeployModule(nn.Module):
     """uint8 (N, H, W, C) images -> (N, classes) probabilities: the network with its input pipeline."""
 
-    def __init__(self, model: nn.Module, norm: Normalization, channels: int, tta: int):
+    def __init__(self, model: nn.Module, norm: Normalization, channels: int, tta: int, temperature: float = 1.0):
         super().__init__()
-        self.model, self.tta = model, tta
+        self.model, self.tta, self.temperature = model, tta, temperature  # (a constant in the graph)
         # names no exported node takes: the exporter calls ResNet's global average pool's output "mean", and
         # an initializer of the same name makes the graph invalid
         stats = (torch.tensor(s).expand(channels).reshape(1, channels, 1, 1).clone() for s in (norm.mean, norm.std))
@@ -52,20 +53,20 @@ class DeployModule(nn.Module):
         views = tta_views(x, self.tta)
         out = self.model(torch.cat([v for _, v in views])).unflatten(0, (len(views), -1))  # (views, N, classes)
         logits = sum(weight * out[k] for k, (weight, _) in enumerate(views))
-        return logits.softmax(1)
+        return (logits / self.temperature).softmax(1)  # calibrated probabilities (evaluation/calibration.py)
 
 
 def deploy_module(run: Run | str | Path) -> tuple[DeployModule, dict]:
     model, meta = models.load_model(run, "cpu")
     module = DeployModule(model.float(), Normalization.from_dict(meta["normalization"]), meta["in_channels"],
-                          meta.get("tta", 0))
+                          meta.get("tta", 0), calibration.temperature_of(meta))
     return module.eval(), meta
 
 
 def _metadata(run: Run, meta: dict, config: dict) -> dict[str, str]:
     fields = {"classes": meta["classes"], "channels": meta["in_channels"], "image_size": meta["image_size"],
               "resize": meta.get("resize", "squish"), "model": meta["model"], "input": "uint8 NHWC, 0-255",
-              "output": "probabilities",
+              "output": "probabilities", "calibration": meta.get("calibration"),
               "source_run": str(run.path.resolve()), "test_accuracy": run.recorded_accuracy(),
               "data": config["data"], "version": __version__, "weights_sha256": meta.get("sha256")}
     return {METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}

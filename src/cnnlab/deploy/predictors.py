@@ -14,19 +14,21 @@ from typing import Protocol
 
 import numpy as np
 
-from cnnlab.data.folders import IMAGE_EXTENSIONS
+from cnnlab.data.folders import expand_paths  # noqa: F401  (part of this module's API)
 from cnnlab.data.images import MAX_PIXELS, decode_image
 from cnnlab.errors import CnnlabError
 from cnnlab.run import Run
 
 METADATA_PREFIX = "cnnlab."
+UNKNOWN = "unknown"  # the answer below --min-confidence: the image is of none of the classes, or too unclear
 
 
 class Predictor(Protocol):
-    info: dict  # name, format, classes, channels, image_size, source_run, test_accuracy, cnnlab_version
+    info: dict  # name, format, classes, channels, image_size, source_run, test_accuracy, cnnlab_version,
+    # calibration (model.json's record: temperature, the suggested min_confidence as "threshold"; None before it)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, C) uint8 -> (N, classes) float32 probabilities."""
+        """(N, H, W, C) uint8 -> (N, classes) float32 probabilities, calibrated by the run's temperature."""
         ...
 
 
@@ -64,6 +66,7 @@ class OnnxPredictor:
             "cnnlab_version": meta.get(METADATA_PREFIX + "version"),
             "data": json.loads(meta.get(METADATA_PREFIX + "data", "null")),
             "weights_sha256": meta.get(METADATA_PREFIX + "weights_sha256"),
+            "calibration": json.loads(meta.get(METADATA_PREFIX + "calibration", "null")),
         }
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -145,24 +148,33 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list[dict]]:
             for row, idx in zip(probs, order, strict=True)]
 
 
-def expand_paths(paths: list[str]) -> list[str]:
-    """Files as given, and the images at any depth under each folder (sorted; hidden files left out)."""
-    out = []
-    for p in paths:
-        if Path(p).is_dir():
-            out += [str(f) for f in sorted(Path(p).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS
-                    and f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
-        else:
-            out.append(p)
-    return out
+def min_confidence_for(predictor: Predictor, value: float | str | None) -> float | None:
+    """--min-confidence as a number: `auto` is the threshold the run suggests (model.json's calibration record:
+    the lowest confidence at which its held-out images reach 95% accuracy); None: every image gets a class."""
+    if value != "auto":
+        return None if value is None else float(value)
+    threshold = (predictor.info.get("calibration") or {}).get("threshold")
+    if threshold is None:
+        raise CnnlabError(f"{predictor.info['name']} suggests no --min-confidence (trained before calibration, or "
+                          "no threshold reached 95% accuracy on its held-out images); give a number from 0 to 1")
+    return float(threshold)
+
+
+def answer(predictions: list[dict], min_confidence: float | None) -> dict:
+    """The answer for one image: its most probable class, or UNKNOWN below `min_confidence`."""
+    top = predictions[0]
+    known = min_confidence is None or top["probability"] >= min_confidence
+    return {"label": top["class"] if known else UNKNOWN, "confidence": top["probability"]}
 
 
 def predict_files(model: str | os.PathLike, paths: list[str], k: int = 3, device: str = "auto",
-                  batch_size: int = 256) -> list[dict]:
-    """Top-k class names and probabilities for each image file (folders: every image under them), with an
-    ONNX file or a run directory. A file that cannot be read gets {"filename", "error"} instead of predictions,
-    and the others are still classified."""
+                  batch_size: int = 256, min_confidence: float | str | None = None) -> list[dict]:
+    """Per image file (folders: every image under them), with an ONNX file or a run directory: its answer
+    (`label`: the top class, or "unknown" below `min_confidence`, a number or "auto"; `confidence`) and its top-k
+    classes and calibrated probabilities. A file that cannot be read gets {"filename", "error"} instead, and the
+    others are still classified."""
     predictor = load_predictor(model, device, exported=True)
+    threshold = min_confidence_for(predictor, min_confidence)
     results = []
     for i in range(0, len(paths := expand_paths(paths)), batch_size):
         decoded: dict[str, np.ndarray | str] = {}
@@ -174,6 +186,6 @@ def predict_files(model: str | os.PathLike, paths: list[str], k: int = 3, device
         good = [p for p, a in decoded.items() if not isinstance(a, str)]
         probs = predictor.probabilities(np.stack([decoded[p] for p in good])) if good else []
         preds = dict(zip(good, top_k(probs, predictor.info["classes"], k), strict=True)) if good else {}
-        results += [{"filename": str(p), "predictions": preds[p]} if p in preds else {"filename": str(p), "error": a}
-                    for p, a in decoded.items()]
+        results += [{"filename": str(p), **answer(preds[p], threshold), "predictions": preds[p]} if p in preds
+                    else {"filename": str(p), "error": a} for p, a in decoded.items()]
     return results

@@ -14,7 +14,7 @@ from cnnlab.data import Normalization
 from cnnlab.deploy.predictors import OnnxPredictor
 from cnnlab.device import pick_device
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluation import evaluate
+from cnnlab.evaluation import calibration, evaluate
 from cnnlab.run import Run
 
 
@@ -31,11 +31,13 @@ class TorchPredictor:
                      "classes": meta["classes"], "channels": meta["in_channels"], "image_size": meta["image_size"],
                      "resize": meta.get("resize", "squish"), "source_run": str(Path(run_dir).resolve()),
                      "test_accuracy": Run.of(run_dir).recorded_accuracy(),
-                     "cnnlab_version": __version__, "model": meta["model"]}
+                     "cnnlab_version": __version__, "model": meta["model"], "calibration": meta.get("calibration")}
+        self.temperature = calibration.temperature_of(meta)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        return evaluate.predict_logits(self.model, x, self.norm, self.device, tta=self.tta).softmax(1).numpy()
+        logits = evaluate.predict_logits(self.model, x, self.norm, self.device, tta=self.tta)
+        return (logits / self.temperature).softmax(1).numpy()
 
 
 def evaluate_onnx(model_path: str | Path, data_path: str | None = None) -> dict:

@@ -1,8 +1,10 @@
 """`cnnlab serve`: a FastAPI app that classifies uploaded images with an ONNX file or a run directory.
 
-    GET  /          a page: drop or choose an image, see it and its top-5 classes (static/index.html)
-    POST /predict   multipart images -> per image the top-k classes and probabilities (JSON)
-    GET  /model     classes, input size, source run, test accuracy
+    GET  /          a page: drop or choose an image, see it, its answer and top-5 classes, and "why" (static/)
+    POST /predict   multipart images -> per image its answer (a class, or "unknown" below min_confidence) and
+                    the top-k classes with their calibrated probabilities (JSON)
+    POST /explain   one image -> a Grad-CAM overlay of where the network looked (a run directory only)
+    GET  /model     classes, input size, source run, test accuracy, calibration, the server's min_confidence
     GET  /health    liveness
     GET  /docs      OpenAPI documentation (FastAPI's own)
 
@@ -10,7 +12,7 @@ The event loop only moves bytes. Decoding runs in a thread pool, and inference i
 task that gathers the images of all waiting requests into one batch (`Batcher`): under load one
 forward pass serves many clients, and the page stays responsive meanwhile.
 
-What one request may cost is bounded: its body (`max_upload_mb`, 413 while it streams in), its file count,
+What one request may cost is bounded (limits.py): its body (`max_upload_mb`, 413 while it streams in), its file count,
 each image's pixels and all its images' pixels together (from their headers, before decoding: 413), and
 its decode and inference time (503). Connections are capped, idle ones closed (uvicorn's settings), and a
 request must arrive and be answered within 60 s of its first byte (`DeadlineH11`: slow clients).
@@ -20,7 +22,6 @@ The model runs one inference on a blank batch before the server starts (`deploy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -31,7 +32,16 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab.data.images import MAX_PIXELS, ImageError, TooManyPixels
-from cnnlab.deploy.predictors import Predictor, decode_for, load_predictor, self_check, top_k
+from cnnlab.deploy.limits import DecodingSlots, RequestLimit, UploadLimit, header_pixels, uvicorn_limits
+from cnnlab.deploy.predictors import (
+    Predictor,
+    answer,
+    decode_for,
+    load_predictor,
+    min_confidence_for,
+    self_check,
+    top_k,
+)
 from cnnlab.errors import CnnlabError
 from cnnlab.hardware import usable_cores
 
@@ -40,10 +50,8 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
     from fastapi_offline import FastAPIOffline
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError:  # the CLI turns this into a one-line hint
     FastAPI = None
-    H11Protocol = object
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 # The page loads nothing from elsewhere; the policy makes the browser enforce that.
@@ -76,6 +84,9 @@ class ServeConfig:
     # Unbounded, 16 parallel 9.9 MB uploads took the server from 110 to 562 MB (benchmarks/serve_load.py)
     max_decoding: int = 0
     device: str = "auto"
+    # below it the answer is "unknown" (a request may pass its own); "auto": the run's suggestion (the lowest
+    # calibrated confidence at which its held-out images reach 95% accuracy); None: always a class
+    min_confidence: float | str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,124 +136,6 @@ class Batcher:
 
 
 # ---------------------------------------------------------------------------------------------------
-# A deadline on each request's arrival (slow clients)
-
-
-class DeadlineH11(H11Protocol):
-    """uvicorn's h11 protocol with a deadline from a request's first byte to its response.
-
-    uvicorn has no such timeout (its keep-alive timer restarts on every byte received), so a client that
-    sends a header one byte a second holds its connection for ever (measured: 6 of 6 still open after
-    30 s). Here a request must be answered within `deadline_seconds` of its first byte, or the connection
-    is closed; idle connections between requests are left to uvicorn's keep-alive timeout.
-    """
-
-    deadline_seconds = 60.0  # a 10 MB upload on a 2 Mbit/s link, plus the 30 s a request may take
-    _deadline = None
-
-    def data_received(self, data: bytes) -> None:
-        if self._deadline is None:
-            self._deadline = self.loop.call_later(self.deadline_seconds, self._expire)
-        super().data_received(data)
-
-    def on_response_complete(self) -> None:
-        self._disarm()
-        super().on_response_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expire(self) -> None:
-        self._deadline = None
-        if not self.transport.is_closing():
-            self.transport.close()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Upload size limit, enforced while the body streams in
-
-
-class RequestLimit:
-    """ASGI middleware: at most `max_requests` requests answered at once, past which 503 at once; the health
-    check, /model and the page are always answered (a load balancer must see a busy server as alive)."""
-
-    ALWAYS = ("/health", "/model", "/")
-
-    def __init__(self, app, max_requests: int):
-        self.app, self.max_requests, self.active = app, max_requests, 0
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.ALWAYS:
-            return await self.app(scope, receive, send)
-        if self.active >= self.max_requests:
-            response = JSONResponse({"detail": f"busy: {self.active} requests are being answered; try again"},
-                                    status_code=503, headers={"Retry-After": "1"})
-            return await response(scope, receive, send)
-        self.active += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
-
-
-class UploadLimit:
-    """ASGI middleware: answer 413 as soon as a request body passes `max_bytes`, without reading the rest.
-
-    A declared Content-Length is checked before any byte is read; a body without one (chunked) is
-    counted as it arrives and cut off at the limit.
-    """
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._too_large(send)
-        received, over = 0, False
-
-        async def limited_receive():
-            nonlocal received, over
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    over = True
-                    raise _BodyTooLarge
-            return message
-
-        async def guarded_send(message):
-            if not over:  # once over the limit, whatever the app answers is replaced by the 413 below
-                await send(message)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except Exception:
-            if not over:
-                raise
-        if over:
-            await self._too_large(send)
-
-    async def _too_large(self, send) -> None:
-        body = json.dumps({"detail": f"upload larger than {self.max_bytes / 2**20:g} MB"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -253,6 +146,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     # what clients may see: names, not the server's file system (paths become their last part)
     info = {k: Path(v).name if k in ("path", "source_run") and v else v for k, v in predictor.info.items()
             if k != "data"}
+    info["min_confidence"] = min_confidence_for(predictor, config.min_confidence)  # the server's default
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -274,6 +168,8 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     @app.post("/predict", responses={400: {}, 413: {}, 415: {}})
     async def predict(files: list[UploadFile] = File(..., description="one or more images (PNG, JPEG, ...)"),
                       top_k_: int = Query(5, alias="top_k", ge=1, le=1000, description="classes per image"),
+                      min_confidence: float | None = Query(None, ge=0, le=1, description="answer `unknown` below "
+                                                           "this calibrated probability (default: the server's)"),
                       preview: bool = Query(False, description="add each image as the network sees it (`input`: a "
                                                                 "PNG data URI at the network's input size)")):
         if len(files) > config.max_files:
@@ -286,14 +182,56 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         except TimeoutError:
             return JSONResponse({"detail": f"the request took longer than {config.request_seconds:g} s"},
                                 status_code=503)
-        results = [{"filename": name, "predictions": preds}
+        threshold = info["min_confidence"] if min_confidence is None else min_confidence
+        results = [{"filename": name, **answer(preds, threshold), "predictions": preds}
                    for name, preds in zip(names, top_k(probs, info["classes"], top_k_), strict=True)]
         if preview:
             for result, image in zip(results, images, strict=True):
                 result["input"] = png_data_uri(image)
-        return {"model": info["name"], "results": results}
+        return {"model": info["name"], "min_confidence": threshold, "results": results}
 
+    _add_explain_route(app, predictor, info, config)
     return app
+
+
+def _add_explain_route(app: FastAPI, predictor: Predictor, info: dict, config: ServeConfig) -> None:
+    """POST /explain: one image's Grad-CAM overlay (evaluation/explain.py) on a copy of the network, so that its
+    hooks never meet the batches /predict runs meanwhile. An ONNX model has no gradients: 501, saying so."""
+    explainer = {}
+
+    def explain(image: np.ndarray, class_name: str | None) -> dict:
+        import copy
+
+        import torch
+
+        from cnnlab.evaluation import explain
+
+        model = explainer.setdefault("model", copy.deepcopy(predictor.model))
+        found, pictures = explain.explain_images(model, predictor.norm, torch.tensor(image).permute(2, 0, 1)[None],
+                                                 info["classes"], predictor.temperature, class_name)
+        return {**found[0], "overlay": png_data_uri(pictures[0].permute(1, 2, 0).numpy())}
+
+    @app.post("/explain", responses={400: {}, 413: {}, 501: {}})
+    async def explain_route(file: UploadFile = File(..., description="one image"),
+                            class_name: str | None = Query(None, alias="class", description="the class to map "
+                                                           "(default: the predicted one)")):
+        if not hasattr(predictor, "model"):
+            return JSONResponse({"detail": "this server runs an ONNX file, which has no gradients: serve the run "
+                                           "directory (cnnlab serve RUN_DIR) to see where the network looked"},
+                                status_code=501)
+        if class_name is not None and class_name not in info["classes"]:
+            raise HTTPException(400, f"class {class_name!r} is not one of the model's classes")
+        name = file.filename or "file"
+        try:
+            data = await file.read()
+            image = await asyncio.to_thread(decode_for, predictor, data, name, config.max_pixels)
+            result = await asyncio.wait_for(asyncio.to_thread(explain, image, class_name), config.request_seconds)
+        except ImageError as e:
+            return JSONResponse({"detail": str(e)}, status_code=e.status)
+        except TimeoutError:
+            return JSONResponse({"detail": f"the request took longer than {config.request_seconds:g} s"},
+                                status_code=503)
+        return {"filename": name, **result}
 
 
 def _add_info_routes(app: FastAPI, info: dict, config: ServeConfig) -> None:
@@ -325,17 +263,6 @@ async def _one_line_error(request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"detail": "; ".join(say(e) for e in exc.errors())}, status_code=400)
 
 
-def header_pixels(data: bytes) -> int:
-    """Width x height from an image's header, without decoding it (0 when unreadable: decoding says why)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size[0] * im.size[1]
-    except Exception:
-        return 0
-
-
 async def _classify(app: FastAPI, predictor: Predictor, files: list[UploadFile],
                     config: ServeConfig) -> tuple[np.ndarray, np.ndarray]:
     """Read, check and decode a request's files (one of `max_decoding` at a time), then classify them in the
@@ -355,40 +282,6 @@ async def _classify(app: FastAPI, predictor: Predictor, files: list[UploadFile],
     images = await slots.run(  # the slot is released when the decoding thread ends, not when the request does
         lambda: np.stack([decode_for(predictor, data, name, config.max_pixels) for name, data in uploads]))
     return await app.state.batcher(images), images
-
-
-class DecodingSlots:
-    """At most `n` requests read and decode at once, each decode in this pool's threads. A request that times out
-    (503) stops waiting, but a thread cannot be stopped: its slot is given back only when its decode really ends,
-    so requests that time out again and again cannot pile decodes up beyond `n` (they ran 5-6 at once, 5.1 GB)."""
-
-    def __init__(self, n: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.semaphore, self.pool = asyncio.Semaphore(n), ThreadPoolExecutor(n, thread_name_prefix="decode")
-
-    async def acquire(self) -> None:
-        await self.semaphore.acquire()
-
-    def release(self) -> None:
-        self.semaphore.release()
-
-    async def run(self, work):
-        """`work()` in a decoding thread, holding the slot taken by `acquire` until the thread is done."""
-        loop = asyncio.get_running_loop()
-        try:
-            done = self.pool.submit(work)
-        except BaseException:
-            self.release()
-            raise
-        def give_back(_) -> None:
-            with contextlib.suppress(RuntimeError):  # the server's loop already closed: nothing waits any more
-                loop.call_soon_threadsafe(self.release)
-        done.add_done_callback(give_back)
-        return await asyncio.wrap_future(done)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def png_data_uri(image: np.ndarray) -> str:
@@ -421,30 +314,16 @@ def app_from_env() -> FastAPI:
     return create_app(ServeConfig(**json.loads(os.environ["CNNLAB_SERVE"])))
 
 
-def _uvicorn_limits(config: ServeConfig) -> dict:
-    """uvicorn's connection limits: a cap on open connections, idle keep-alive connections closed after 5 s,
-    and each request answered within a deadline of its first byte, or its connection closed (slow clients)."""
-    return {"limit_concurrency": config.max_connections or connection_cap(), "timeout_keep_alive": 5,
-            "http": DeadlineH11}
-
-
-def connection_cap() -> int:
-    """1,000 open connections, or fewer when the process may not open that many files (each is one)."""
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 1000 if soft == resource.RLIM_INFINITY else max(16, min(1000, soft - 64))
-
-
 def serve(config: ServeConfig) -> None:
     """Run the app under uvicorn until Ctrl-C."""
     import uvicorn
 
     _check_port(config.host, config.port)
+    limits = uvicorn_limits(config.max_connections)
     if config.workers == 1:
-        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info", **_uvicorn_limits(config))
+        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info", **limits)
         return
     self_check(load_predictor(config.model, config.device))  # fail here, once, rather than in every worker
     os.environ["CNNLAB_SERVE"] = json.dumps(asdict(config))
     uvicorn.run("cnnlab.deploy.serve:app_from_env", factory=True, host=config.host, port=config.port,
-                workers=config.workers, log_level="info", **_uvicorn_limits(config))
+                workers=config.workers, log_level="info", **limits)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from cnnlab.config import TrainConfig, from_dict
 from cnnlab.data import augment
 from cnnlab.data.dataset import Dataset
-from cnnlab.evaluation import evaluate, plots
+from cnnlab.evaluation import calibration, evaluate, plots
 from cnnlab.run import Run
 
 if TYPE_CHECKING:
@@ -39,11 +39,14 @@ class Interpretation:
     def __init__(self, classes: list[str], y_true: torch.Tensor, logits: torch.Tensor,
                  images: torch.Tensor | None = None, history: list[dict] | None = None,
                  train_images: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,
-                 augment_name: str = "none", files: tuple[str, ...] | list[str] = (), doubted: tuple[int, ...] = ()):
+                 augment_name: str = "none", files: tuple[str, ...] | list[str] = (), doubted: tuple[int, ...] = (),
+                 calibrated: dict | None = None):
         self.classes = list(classes)
         self.y_true = y_true.long()
         self.logits = logits.float()
-        self.probs = self.logits.softmax(1)
+        self.calibrated = calibrated  # model.json's calibration record (None: a run trained before calibration)
+        self.temperature = calibrated["temperature"] if calibrated else 1.0
+        self.probs = (self.logits / self.temperature).softmax(1)  # calibrated: what predict and serve answer
         self.y_pred = self.logits.argmax(1)
         self.losses = F.cross_entropy(self.logits, self.y_true, reduction="none")
         self.images = images  # uint8 (N, C, H, W) test images, for pictures of mistakes
@@ -61,15 +64,16 @@ class Interpretation:
         logits, meta, ds = evaluate.run_test_logits(run, data_path, dataset=dataset, device=device)
         history = run.history() if run.file(Run.HISTORY).is_file() else []
         augment = from_dict(TrainConfig, run.config()["train"]).augment
-        return cls.from_logits(ds, logits, history=history, augment=augment, classes=meta["classes"])
+        return cls.from_logits(ds, logits, history=history, augment=augment, classes=meta["classes"],
+                               calibrated=meta.get("calibration"))
 
     @classmethod
     def from_logits(cls, ds: Dataset, logits: torch.Tensor, *, history: list[dict], augment: str,
-                    classes: list[str] | None = None) -> Interpretation:
+                    classes: list[str] | None = None, calibrated: dict | None = None) -> Interpretation:
         """From test-set logits already computed (training's last validation pass, when it was the test set),
-        with the run's history and augmentation as training holds them."""
+        with the run's history, augmentation and calibration as training holds them."""
         return cls(classes or ds.classes, ds.y_test, logits, ds.x_test, history, ds.x_train, ds.y_train,
-                   augment, ds.test_files, ds.doubted.get("test", ()))
+                   augment, ds.test_files, ds.doubted.get("test", ()), calibrated)
 
     # -- numbers -------------------------------------------------------------------------------------
 
@@ -129,6 +133,40 @@ class Interpretation:
         images = self.images[[r["index"] for r in rows]] if self.images is not None else None
         return plots.image_grid(images, titles, "Top losses: file, true / predicted class, probability",
                                  columns=4 if rows and rows[0]["file"] else 8, fontsize=13)
+
+    def calibration(self) -> dict | None:
+        """calibration.summary of the test set (None for a run trained before calibration existed)."""
+        if not self.calibrated or not len(self.y_true):
+            return None
+        if not hasattr(self, "_calibration"):
+            self._calibration = calibration.summary(self.logits, self.y_true, self.calibrated)
+        return self._calibration
+
+    def plot_reliability(self) -> Figure:
+        return plots.plot_reliability(self.calibration())
+
+    def plot_coverage(self) -> Figure:
+        conf, pred = self.probs.max(1)
+        summary = self.calibration()
+        return plots.plot_coverage(conf.numpy(), (pred == self.y_true).numpy(), summary["selective"]["threshold"],
+                                   summary["target"])
+
+    def heatmaps_of_top_losses(self, model, norm, k: int = 16) -> tuple[torch.Tensor, list[str]]:
+        """Per top-loss image: the image, where the network looked for the class it predicted, and for the true
+        class (explain.py), as uint8 (3k, 3, H, W) images with their titles."""
+        from cnnlab.evaluation import explain
+
+        rows = self.top_losses(k)
+        idx = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+        images = self.images[idx]
+        colour = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        looked = [explain.overlay(images, explain.heatmaps(model, images, norm, t)) for t in (self.y_pred[idx],
+                                                                                              self.y_true[idx])]
+        pictures = torch.stack([colour, *looked], 1).flatten(0, 1)
+        titles = [t for r in rows for t in (f"{r['true']} / {r['predicted']}\n{r['probability']:.2f}",
+                                            f"looked for\n{r['predicted']}",
+                                            f"looked for\n{r['true']}")]
+        return pictures, titles
 
     def plot_per_class(self) -> Figure:
         return plots.plot_per_class(self.classification_report()["per_class"])

@@ -17,7 +17,7 @@ from cnnlab.config import DataConfig, from_dict
 from cnnlab.data.dataset import Dataset, Normalization
 from cnnlab.device import autocast, pick_device, pick_precision
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluation import plots, report
+from cnnlab.evaluation import calibration, plots, report
 from cnnlab.run import Run
 
 
@@ -156,9 +156,12 @@ def balanced_accuracy(cm: np.ndarray) -> float:
 
 
 def save_metrics(run: Run, logits: torch.Tensor, y: torch.Tensor, classes: list[str], source: str,
-                 picture: bool = True) -> dict:
-    """Write metrics.json and the confusion matrix files (the PNG only with `picture`); return the metrics."""
+                 picture: bool = True, calibrated: dict | None = None) -> dict:
+    """Write metrics.json and the confusion matrix files (the PNG only with `picture`); return the metrics.
+    `calibrated`: model.json's calibration record, whose effect on these logits metrics.json then records."""
     metrics = {**metrics_from_logits(logits, y, classes), "data": source}
+    if calibrated and len(y):
+        metrics["calibration"] = calibration.summary(logits, y, calibrated)
     run.write_metrics(metrics)
     write_confusion_matrix(run, np.array(metrics["confusion_matrix"]), classes, picture)
     return metrics
@@ -171,7 +174,8 @@ def evaluate_run(run: Run | str | Path, data_path: str | None = None, *, dataset
     logits, meta, dataset = run_test_logits(run, data_path, dataset=dataset, device=device)
     folder = results_folder(run, data_path, out)
     folder.mkdir(parents=True, exist_ok=True)
-    return save_metrics(Run(folder), logits, dataset.y_test, meta["classes"], dataset.source)
+    return save_metrics(Run(folder), logits, dataset.y_test, meta["classes"], dataset.source,
+                        calibrated=meta.get("calibration"))
 
 
 def results_folder(run: Run | str | Path, data_path: str | None = None, out: str | Path | None = None) -> Path:
@@ -198,4 +202,6 @@ def format_metrics(m: dict) -> str:
              f"{'':<{width}}  precision  recall  f1-score  support"]
     lines += [f"{name:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>8.4f}  {r['support']:>7}"
               for name, r in report.score_rows(m)]
+    if "calibration" in m:
+        lines += ["", *calibration.words(m["calibration"])]
     return "\n".join(lines)

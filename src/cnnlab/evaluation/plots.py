@@ -155,6 +155,46 @@ def plot_val_accuracy(curves: dict[str, list[dict]]) -> Figure:
     return fig
 
 
+def plot_reliability(summary: dict) -> Figure:
+    """Reliability diagrams before and after the temperature: per confidence bin, the accuracy of its images
+    against their mean confidence (on the diagonal: calibrated), each bar as wide as its bin; the bins' image
+    counts as a thin grey histogram below."""
+    fig, axes = subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for ax, key, name in ((axes[0], "before", "Before calibration"), (axes[1], "after", "After calibration")):
+        bins = summary[f"reliability_{key}"]
+        total = max(sum(b["count"] for b in bins), 1)
+        ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=[b["high"] - b["low"] for b in bins],
+               align="edge", edgecolor="#1f4e79", color="#6fa8dc", label="accuracy")
+        ax.bar([b["low"] for b in bins], [b["count"] / total for b in bins], width=[b["high"] - b["low"] for b in bins],
+               align="edge", color="#999", alpha=0.5, label="share of images")
+        ax.plot([0, 1], [0, 1], "--", color="#c00", label="calibrated")
+        ece = summary[key]["ece"]
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence (top probability)", title=f"{name}: ECE {ece:.3f}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def plot_coverage(confidence: np.ndarray, correct: np.ndarray, threshold: float | None, target: float) -> Figure:
+    """Selective prediction: the accuracy of the images answered against the share answered, answering the most
+    confident first; the suggested threshold marked."""
+    order = np.argsort(-confidence, kind="stable")
+    k = np.arange(1, len(order) + 1)
+    accuracy = np.cumsum(correct[order]) / k
+    fig, ax = subplots(figsize=(6.5, 4.2))
+    ax.plot(k / max(len(k), 1), accuracy, color="#1f4e79")
+    ax.axhline(target, ls="--", color="#c00", lw=1, label=f"target {target:.0%}")
+    if threshold is not None:
+        share = float((confidence >= threshold).mean())
+        ax.axvline(share, ls=":", color="#444", lw=1, label=f"--min-confidence {threshold:.3f}: {share:.1%} answered")
+    ax.set(xlim=(0, 1), xlabel="Share of test images answered (the rest: unknown)", ylabel="Accuracy of those answered",
+           title="Accuracy against coverage")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write a PNG atomically and free the figure."""
     with files.atomic_path(path) as tmp:

@@ -78,7 +78,9 @@ def write_report(run: Run | str | Path, interp, out: str | Path | None = None, *
         "<h2>Per class</h2>", _table(["class", "precision", "recall", "F1", "support"], per_class),
         _img(interp.plot_per_class(), "per-class scores"),
         "<h2>Most confused pairs</h2>", _table(["true", "predicted", "count"], confused),
+        *_trust(interp),
         "<h2>Top losses</h2>", _img(interp.plot_top_losses(16), "top losses"), _top_loss_table(interp),
+        *_where_it_looked(run, interp),
         "<h2>Augmented training samples</h2>", _img(interp.plot_samples(), "augmented training samples"),
         "<details><summary>Configuration</summary>", f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>",
         "</details>", "<h2>Where it was trained</h2>",
@@ -91,6 +93,51 @@ def write_report(run: Run | str | Path, interp, out: str | Path | None = None, *
     out = Path(out) if out else run.file(Run.REPORT)
     files.write_text(out, page)
     return out
+
+
+def _trust(interp) -> list[str]:
+    """Calibration and selective prediction: the reliability diagrams, accuracy against coverage, the threshold."""
+    summary = interp.calibration()
+    if summary is None:
+        return ["<h2>Can you trust its answers?</h2>", "<p>This run was trained before cnnlab calibrated its "
+                "probabilities; train it again to see its reliability diagram and a suggested --min-confidence.</p>"]
+    before, after, sel = summary["before"], summary["after"], summary["selective"]
+    where = ("the validation set" if summary["fitted_on"] == "validation" else
+             "the test set, the only held-out images: the figures after calibration and the threshold are "
+             "cross-fitted (each half of the test set scaled by the temperature fitted on the other half)")
+    rows = [[name, f"{before[k]:.4f}", f"{after[k]:.4f}"] for name, k in
+            (("expected calibration error (15 bins)", "ece"), ("negative log-likelihood", "nll"),
+             ("Brier score", "brier"))]
+    if sel["threshold"] is None:
+        advice = f"No confidence threshold reaches {summary['target']:.0%} accuracy on the held-out images."
+    else:
+        advice = (f"`--min-confidence {sel['threshold']:.3f}` (or `auto`) answers {sel['coverage']:.1%} of the test "
+                  f"images, {sel['accuracy']:.1%} of them right (target {summary['target']:.0%}); the rest are "
+                  "\"unknown\". Chosen on " + ("the validation set." if summary["fitted_on"] == "validation" else
+                                                 "the test set (cross-fitted)."))
+    return ["<h2>Can you trust its answers?</h2>",
+            f"<p>Probabilities are divided by a temperature of {summary['temperature']:.3f} before the softmax, "
+            f"fitted on {html.escape(where)}; predict, serve and the ONNX export use it.</p>",
+            _table(["", "before", "after"], rows), _img(interp.plot_reliability(), "reliability diagrams"),
+            f"<p>{html.escape(advice)}</p>", _img(interp.plot_coverage(), "accuracy against coverage")]
+
+
+def _where_it_looked(run: Run, interp) -> list[str]:
+    """The top losses beside Grad-CAM heatmaps for the predicted and the true class (explain.py)."""
+    from cnnlab import models
+    from cnnlab.data.dataset import Normalization
+    from cnnlab.errors import CnnlabError
+    from cnnlab.evaluation.plots import image_grid
+
+    if interp.images is None or not len(interp.y_true) or not run.file(Run.WEIGHTS).is_file():
+        return []
+    model, meta = models.load_model(run)
+    try:
+        pictures, titles = interp.heatmaps_of_top_losses(model, Normalization.from_dict(meta["normalization"]))
+    except CnnlabError as e:  # a network without a convolution to map
+        return [f"<p>No heatmaps: {html.escape(str(e))}.</p>"]
+    grid = image_grid(pictures, titles, "Top losses: where the network looked (Grad-CAM)", columns=6, fontsize=12)
+    return ["<h3>Where it looked</h3>", _img(grid, "Grad-CAM heatmaps of the top losses")]
 
 
 def _top_loss_table(interp) -> str:

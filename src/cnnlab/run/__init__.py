@@ -45,6 +45,7 @@ class Run:
     CHECKPOINT, PREVIOUS, LEGACY_CHECKPOINT = "checkpoint.safetensors", "checkpoint.prev.safetensors", "checkpoint.pt"
     WEIGHTS, META, BEST = "model.safetensors", "model.json", "best.safetensors"
     METRICS, EVALUATIONS = "metrics.json", "evaluations"  # evaluations/<data>/: metrics on other data
+    EXPLANATIONS = "explanations"  # `cnnlab explain`'s overlays, by default
     CONFUSION_CSV, CONFUSION_JSON = "confusion_matrix.csv", "confusion_matrix.json"
     CONFUSION_PNG = "confusion_matrix.png"
     REPORT, ONNX, TRACKING, TENSORBOARD = "report.html", "model.onnx", "tracking.json", "tensorboard"

@@ -95,7 +95,7 @@ class Validate(Hook):
                  val_sample: torch.Tensor | None = None, bn_sample: torch.Tensor | None = None, bn_batch: int = 0):
         self.cfg, self.ds, self.device, self.dtype, self.world = cfg, ds, device, dtype, world
         self.val_sample, self.bn_sample, self.bn_batch = val_sample, bn_sample, bn_batch
-        self.test_logits: torch.Tensor | None = None  # the last validation's, when validating on the test set
+        self.last_logits: torch.Tensor | None = None  # the last epoch's validation logits, every image, with TTA
 
     def end_epoch(self, fit: Fit) -> None:
         s, epoch = fit.state, fit.state.epoch
@@ -105,8 +105,8 @@ class Validate(Hook):
             batchnorm.recompute(s.evaluated, fit.batches.x[self.bn_sample.to(self.device)], s.norm, self.device,
                                 self.dtype, self.bn_batch)
         val_loss, val_acc, logits = self.validate(s.evaluated, s.norm, last)
-        if last and self.ds.y_val is None:  # the final weights on the test set, with TTA: what the run's
-            self.test_logits = dist.gather_shards(self.world, logits)  # evaluation would otherwise compute again
+        if last:  # the final weights, with TTA: what calibration and (validating on the test set) the run's
+            self.last_logits = dist.gather_shards(self.world, logits)  # evaluation would otherwise compute again
         t = fit.totals
         loss, correct, seen = dist.all_sum(self.world, [t["loss"], t["correct"], t["seen"]], self.device)
         fit.record = {"epoch": epoch + 1, "train_loss": loss / max(seen, 1), "train_acc": correct / max(seen, 1),
@@ -114,6 +114,11 @@ class Validate(Hook):
                       "images_per_s": round(seen / max(s.seconds, 1e-9), 1),
                       "val_seconds": round(time.perf_counter() - t0, 3)}
         s.history.append(fit.record)
+
+    @property
+    def test_logits(self) -> torch.Tensor | None:
+        """The last validation's logits when the validation set is the test set."""
+        return self.last_logits if self.ds.y_val is None else None
 
     def validate(self, model, norm, last: bool) -> tuple[float, float, torch.Tensor]:
         """Loss, accuracy (summed over processes, not repeated) and this process's logits of its share."""

@@ -1,5 +1,6 @@
 """The weights a run keeps: the best epoch's or the last (`keep_rule`), put into the model (`keep`), as CPU
-tensors (`cpu_weights`), described by model.json (`model_meta`)."""
+tensors (`cpu_weights`), described by model.json (`model_meta`), with the temperature that calibrates them
+(`calibrate`, fitted on the held-out images: evaluation/calibration.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from cnnlab import models
 from cnnlab.config import TrainConfig
 from cnnlab.data.dataset import Dataset
 from cnnlab.device import precision_name
+from cnnlab.evaluation import calibration, evaluate
 from cnnlab.run import Run
 from cnnlab.training.preflight import Plan
 from cnnlab.training.state import TrainState
@@ -57,3 +59,18 @@ def model_meta(cfg: TrainConfig, ds: Dataset, norm, model: torch.nn.Module, dtyp
 def cpu_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A model's state as contiguous CPU tensors: what a weights file holds."""
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def calibrate(plan: Plan, ds: Dataset, model: torch.nn.Module, norm, held_logits: torch.Tensor | None) -> tuple[
+        dict, torch.Tensor]:
+    """model.json's calibration record, fitted on the kept weights' logits of the validation set (the test set
+    where there is none: cross-fitted, calibration.py), computed here unless the last validation's are those.
+    Returns the record and the held-out logits."""
+    x, y = ds.validation
+    if held_logits is None:
+        held_logits = evaluate.predict_logits(model, x, norm, plan.device, plan.dtype, plan.cfg.eval_batch_size,
+                                              tta=plan.cfg.tta)
+    record = calibration.fit(held_logits, y, "validation" if ds.y_val is not None else "test")
+    where = "validation set" if ds.y_val is not None else "test set (the only held-out images; cross-fitted)"
+    log.info(f"calibration: temperature {record['temperature']:.3f}, fitted on the {where}")
+    return record, held_logits

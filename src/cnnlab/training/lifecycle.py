@@ -35,7 +35,7 @@ from cnnlab.run import Run
 from cnnlab.training import build, probe
 from cnnlab.training import tracking as tracking_mod
 from cnnlab.training.hooks import Hook, Validate
-from cnnlab.training.keep import cpu_weights, keep, model_meta
+from cnnlab.training.keep import calibrate, cpu_weights, keep, model_meta
 from cnnlab.training.loop import Stopped, fit
 from cnnlab.training.optim import step_lr
 from cnnlab.training.preflight import Plan, preflight
@@ -125,14 +125,16 @@ def train_run(plan: Plan, ds: Dataset, run: Run, state: dict | None, trackers, e
         raise Interrupted(run.path) from None
     if ts.ema is not None:  # the run's weights are the average from here on (the checkpoint keeps both)
         ts.model.load_state_dict(ts.ema.state_dict())
-    test_logits = next(h for h in hooks if isinstance(h, Validate)).test_logits
+    held = next(h for h in hooks if isinstance(h, Validate)).last_logits
     kept = keep(plan, ds, run, ts)
     if kept != (ts.history[-1]["epoch"] if ts.history else 0):
-        test_logits = None  # those were the last epoch's: the final evaluation runs on the kept weights
-    meta = None
+        held = None  # those were the last epoch's: the kept weights are evaluated and calibrated afresh
+    meta, test_logits = None, None
     if plan.world.main:
+        calibrated, held = calibrate(plan, ds, ts.model, ts.norm, held)
+        test_logits = held if ds.y_val is None else None
         meta = {**model_meta(cfg, ds, ts.norm, ts.model, plan.dtype, ts.history), "epoch": kept,
-                "best_epoch": ts.best.get("epoch")}
+                "best_epoch": ts.best.get("epoch"), "calibration": calibrated}
         run.save_model(cpu_weights(ts.model), meta)
     return {"test_logits": test_logits, "history": ts.history, "meta": meta}
 
@@ -154,10 +156,12 @@ def finish(run: Run, ds: Dataset, cfg: TrainConfig, with_report: bool, ended: di
     (the test logits of its last validation, the history, model.json, config.json) is handed on, not re-read."""
     ended = ended or {}
     if ended.get("test_logits") is not None:
-        interp = Interpretation.from_logits(ds, ended["test_logits"], history=ended["history"], augment=cfg.augment)
+        interp = Interpretation.from_logits(ds, ended["test_logits"], history=ended["history"], augment=cfg.augment,
+                                            calibrated=ended["meta"]["calibration"])
     else:
         interp = Interpretation.from_run(run, dataset=ds, device=cfg.device)
-    result = evaluate.save_metrics(run, interp.logits, interp.y_true, interp.classes, ds.source, with_report)
+    result = evaluate.save_metrics(run, interp.logits, interp.y_true, interp.classes, ds.source, with_report,
+                                   interp.calibrated)
     log.info(evaluate.format_metrics(result))
     outputs = [Run.WEIGHTS, Run.METRICS, Run.HISTORY_CSV]
     if with_report:

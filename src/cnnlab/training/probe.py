@@ -37,7 +37,7 @@ from cnnlab.run import Run
 from cnnlab.training import finetune
 from cnnlab.training.build import class_weight, train_state
 from cnnlab.training.hooks import History, Monitor, Trackers
-from cnnlab.training.keep import cpu_weights, keep_rule, model_meta
+from cnnlab.training.keep import calibrate, cpu_weights, keep_rule, model_meta
 from cnnlab.training.loop import Fit, Hook, fit
 from cnnlab.training.preflight import Plan
 from cnnlab.training.step import Step
@@ -84,15 +84,15 @@ def fit_head(plan: Plan, ds: Dataset, run: Run, trackers=None) -> dict:
         kept = best["epoch"]
     log.info(f"best epoch: {best['epoch']} ({cfg.monitor} {best['value']:.4f}); model.safetensors holds epoch "
              f"{kept}'s head")
-    meta = None
+    meta, logits = None, None
     if world.main:
-        meta = {**model_meta(cfg, ds, norm, model, plan.dtype, history), "epoch": kept, "best_epoch": best["epoch"],
-                "head_only": True}
-        run.save_model(cpu_weights(model), meta)
-    logits = None
-    if ds.y_val is None:
         with torch.no_grad(), autocast(device, plan.dtype):  # as the whole network computes its head: evaluate agrees
-            logits = head(feats["validation"].to(device)).float().cpu()
+            held = head(feats["validation"].to(device)).float().cpu()
+        calibrated = calibrate(plan, ds, model, norm, held)[0]
+        meta = {**model_meta(cfg, ds, norm, model, plan.dtype, history), "epoch": kept, "best_epoch": best["epoch"],
+                "head_only": True, "calibration": calibrated}
+        run.save_model(cpu_weights(model), meta)
+        logits = held if ds.y_val is None else None
     return {"test_logits": logits, "history": history, "meta": meta}
 
 
