@@ -144,13 +144,14 @@ def real_subset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory, real_subset) -> Path:
     """The `quick` recipe (airbench-s: whitening, BatchNorm, GELU, flip+shift test-time augmentation),
-    three epochs on the real subset: a small but complete model to export and serve."""
+    three epochs on the real subset with a tenth of it held out for validation (and calibration): a small but
+    complete model to export, explain and serve."""
     from cnnlab import presets, training
     from cnnlab.config import DataConfig, override
 
     out = tmp_path_factory.mktemp("runs") / "quick"
-    training.train(override(presets.get("quick"), epochs=3), DataConfig(path=str(real_subset)), preset="quick", out=out,
-                with_report=False)
+    training.train(override(presets.get("quick"), epochs=3), DataConfig(path=str(real_subset), val_split=0.1),
+                   preset="quick", out=out, with_report=False)
     return out
 
 

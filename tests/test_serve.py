@@ -231,6 +231,9 @@ def test_page_in_a_browser_classifies_several_images_and_docs_work_offline(quick
         cards = page.locator(".card")
         titles = cards.locator("h2").all_inner_texts()
         first = cards.nth(0).locator(".name").all_inner_texts()
+        answer = cards.nth(0).locator(".answer").inner_text()
+        cards.nth(0).locator("button.why").click()  # an ONNX server has no gradients: it says so in the card
+        why = cards.nth(0).locator(".why-error").inner_text()
         net_view = cards.nth(0).locator("figure.net img").evaluate("i => [i.complete, i.naturalWidth]")
         failed = [cards.nth(3).locator("img").count(), cards.nth(3).inner_text()]
         status = page.inner_text("#status")
@@ -244,11 +247,38 @@ def test_page_in_a_browser_classifies_several_images_and_docs_work_offline(quick
     assert name == quick_onnx.stem  # the model's own name (for the default model.onnx: its run's)
     assert predictors._model_name(Path("exports/model.onnx"), "/srv/runs/20261125-quick") == "20261125-quick"
     assert titles == [f.name for f in [*images, broken]]
-    assert len(first) == 5 and first[0] == cli_top
+    assert len(first) == 5 and first[0] == cli_top and answer.startswith(cli_top)
+    assert "ONNX" in why and "cnnlab serve RUN_DIR" in why
     assert net_view == [True, 32]
     assert failed[0] == 0 and "broken.jpg" in failed[1]
     assert status == "3 of 4 classified; 1 could not be read"
     assert docs_title.startswith("cnnlab")
+
+
+@needs_chromium
+def test_the_page_shows_where_a_served_run_looked(quick_run, test_images, tmp_path):
+    """A run directory served with --min-confidence 1: the card says unknown, and "why?" shows the Grad-CAM
+    overlay of the predicted class at the network's input size."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    errors = []
+    with running_server(quick_run, tmp_path / "server.log", "--min-confidence", "1") as url, \
+            playwright.sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{url}/")
+        page.set_input_files("#file", [str(test_images[0])])
+        page.wait_for_selector("body[data-state=done]", timeout=30_000)
+        answer = page.inner_text(".card .answer")
+        first = page.locator(".card .name").first.inner_text()
+        page.click(".card button.why")
+        page.wait_for_selector("figure.heatmap img", timeout=30_000)
+        shown = page.locator("figure.heatmap img").evaluate("i => [i.complete, i.naturalWidth]")
+        caption = page.inner_text("figure.heatmap figcaption")
+        page.screenshot(path=str(ARTIFACTS / "serve-why.png"), full_page=True)
+        browser.close()
+    assert errors == [] and answer.startswith(f"unknown: the most probable class, {first},")
+    assert shown == [True, 32] and caption == f"where it looked for {first}"
 
 
 def test_a_model_that_fails_its_self_check_is_refused_at_start(quick_run, quick_onnx, tmp_path):
