@@ -100,8 +100,9 @@ def test_predict_says_unknown_below_min_confidence(quick_run, real_subset, tmp_p
     got = json.loads(capsys.readouterr().out)
     assert code == 0 and sum(r["label"] == deploy.UNKNOWN for r in got) == 4
     assert all((r["label"] == deploy.UNKNOWN) == (r["confidence"] < cut) for r in got)
-    assert cli.main(["predict", str(quick_run), *images, "--min-confidence", "auto", "--csv", str(tmp_path / "p.csv")]) == 0
-    rows = (tmp_path / "p.csv").read_text().splitlines()
+    csv = tmp_path / "p.csv"
+    assert cli.main(["predict", str(quick_run), *images, "--min-confidence", "auto", "--csv", str(csv)]) == 0
+    rows = csv.read_text().splitlines()
     threshold = json.loads((quick_run / "model.json").read_text())["calibration"]["threshold"]
     labels = [row.split(",")[1] for row in rows[1:]]
     assert rows[0].startswith("filename,label,confidence,class_1")
