@@ -114,6 +114,10 @@ def test_evaluate_onnx_agrees_with_pytorch(quick_run, quick_onnx, capsys):
     assert metrics["test_images"] == len(dataset.y_test) == 1000
     assert abs(metrics["test_accuracy"] - torch_accuracy) <= 0.002  # at most 2 near-ties may flip
     assert metrics["test_accuracy"] > 0.3  # far above chance: the graph really is the trained model
+    recorded = json.loads((quick_run / "metrics.json").read_text())  # the run's own loss and calibration figures
+    assert metrics["test_loss"] == pytest.approx(recorded["test_loss"], abs=2e-3)
+    for when in ("before", "after"):
+        assert metrics["calibration"][when]["ece"] == pytest.approx(recorded["calibration"][when]["ece"], abs=5e-3)
     assert cli.main(["evaluate", str(quick_onnx)]) == 0
     assert f"Test accuracy: {metrics['test_accuracy']:.4f}" in capsys.readouterr().out
 

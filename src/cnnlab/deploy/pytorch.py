@@ -54,6 +54,11 @@ def evaluate_onnx(model_path: str | Path, data_path: str | None = None) -> dict:
     x = dataset.x_test.permute(0, 2, 3, 1).numpy()
     probs = np.concatenate([predictor.probabilities(x[i:i + 1000]) for i in range(0, len(x), 1000)] or
                            [np.zeros((0, len(info["classes"])), np.float32)])
-    # log-probabilities are logits whose softmax is the probabilities themselves, so the loss is -log p(true)
-    logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, None)))
-    return {**evaluate.metrics_from_logits(logits, dataset.y_test, info["classes"]), "data": dataset.source}
+    # the graph's probabilities are softmax(logits / T): T * log p is the logits up to a constant per image, which
+    # no softmax sees, so the loss and the calibration figures are those `evaluate RUN_DIR` gives
+    record = info.get("calibration")
+    logits = torch.from_numpy(np.log(np.clip(probs, 1e-12, None))) * calibration.temperature_of(info)
+    metrics = {**evaluate.metrics_from_logits(logits, dataset.y_test, info["classes"]), "data": dataset.source}
+    if record and len(dataset.y_test):
+        metrics["calibration"] = calibration.summary(logits, dataset.y_test, record)
+    return metrics
