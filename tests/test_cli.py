@@ -58,7 +58,7 @@ def test_predict_help_names_the_csv_header_it_writes(capsys):
     with pytest.raises(SystemExit):
         cli.main(["predict", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "`filename,class_1,probability_1,...,error`" in help_text  # what _write_predictions_csv writes
+    assert "`filename,label,confidence,` `class_1,probability_1,...,error`" in help_text  # what _write_predictions_csv writes
 
 
 def test_train_dry_run_evaluate_and_predict(capsys, tmp_path, cifar_python_dir):
@@ -81,7 +81,7 @@ def test_train_dry_run_evaluate_and_predict(capsys, tmp_path, cifar_python_dir):
     code, out, _ = run_cli(capsys, "predict", out_dir, img)
     assert code == 0 and out.startswith(f"{img}: ") and out.count(",") == 4  # 5 classes by default, as the server
     code, out, _ = run_cli(capsys, "predict", out_dir, img, "--json")
-    assert set(json.loads(out)[0]) == {"filename", "predictions"}  # the server's word for it
+    assert set(json.loads(out)[0]) == {"filename", "label", "confidence", "predictions"}  # the server's words
     assert len(json.loads(out)[0]["predictions"]) == 5
 
 

@@ -46,8 +46,12 @@ def test_export_reports_its_check(quick_run, tmp_path):
 
 
 def test_failed_export_check_writes_nothing(quick_run, tmp_path, monkeypatch):
-    real = deploy.OnnxPredictor.probabilities
-    monkeypatch.setattr(deploy.OnnxPredictor, "probabilities", lambda self, x: real(self, x) + 1e-2)  # a wrong graph
+    real = deploy.OnnxPredictor.predict
+
+    def wrong(self, x):  # a graph whose probabilities are off
+        probs, conf = real(self, x)
+        return probs + 1e-2, conf
+    monkeypatch.setattr(deploy.OnnxPredictor, "predict", wrong)
     with pytest.raises(CnnlabError, match="export check failed"):
         export.export_onnx(quick_run, tmp_path / "m.onnx", check_images=16)
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary copy

@@ -441,9 +441,10 @@ def test_predict_takes_folders_writes_csv_and_reports_bad_files_last(photo_run, 
     out = cli("predict", str(run), str(tmp_path / "new"), "--csv", str(tmp_path / "p.csv"), "--top-k", "2")
     assert out.returncode == 2 and "1 of 3 file(s) could not be read" in out.stderr and "broken.jpg" in out.stderr
     rows = (tmp_path / "p.csv").read_text().splitlines()
-    assert rows[0] == "filename,class_1,probability_1,class_2,probability_2,error" and len(rows) == 4
+    assert rows[0] == "filename,label,confidence,class_1,probability_1,class_2,probability_2,error" and len(rows) == 4
     by_name = {r.split(",")[0].rsplit("/", 1)[1]: r.split(",") for r in rows[1:]}
-    assert by_name["a.jpg"][1] == "blue" and by_name["b.png"][1] == "red" and by_name["broken.jpg"][5]
+    assert by_name["a.jpg"][1] == by_name["a.jpg"][3] == "blue" and by_name["b.png"][1] == "red"
+    assert by_name["broken.jpg"][7] and by_name["broken.jpg"][1] == ""
     out = cli("predict", str(run), str(tmp_path / "new" / "a.jpg"), "--json")
     assert out.returncode == 0 and json.loads(out.stdout)[0]["predictions"][0]["class"] == "blue"
 

@@ -277,7 +277,7 @@ def test_the_page_shows_where_a_served_run_looked(quick_run, test_images, tmp_pa
         caption = page.inner_text("figure.heatmap figcaption")
         page.screenshot(path=str(ARTIFACTS / "serve-why.png"), full_page=True)
         browser.close()
-    assert errors == [] and answer.startswith(f"unknown: the most probable class, {first},")
+    assert errors == [] and answer.startswith(f"unknown: {first} is right with a chance of")
     assert shown == [True, 32] and caption == f"where it looked for {first}"
 
 

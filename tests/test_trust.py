@@ -58,11 +58,21 @@ def test_the_threshold_reaches_the_target_and_accepts_equal_confidences_together
     assert got["coverage"] == pytest.approx(5 / 6) and got["accuracy"] == pytest.approx(0.8)
 
 
+def test_the_confidence_regression_recovers_the_slope_and_intercept():
+    g = torch.Generator().manual_seed(2)
+    score = torch.randn(20_000, generator=g) * 2
+    right = torch.rand(20_000, generator=g) < torch.sigmoid(1.5 * score - 1)
+    a, b = calibration.fit_confidence(score, right)
+    assert a == pytest.approx(1.5, rel=0.05) and b == pytest.approx(-1.0, abs=0.06)
+    assert calibration.fit_confidence(score[:10], torch.ones(10, dtype=torch.bool))[0] == 0.0  # all right: flat
+
+
 def test_cross_fitting_scores_each_half_with_the_other_halfs_temperature():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(400, 5, generator=g)
     logits, y = z * 2, torch.multinomial(z.softmax(1), 1, generator=g)[:, 0]
-    scaled, (t_a, t_b) = calibration.cross_fitted(logits, y)
+    scaled, _, fits = calibration.cross_fitted(logits, y)
+    t_a, t_b = (f["temperature"] for f in fits)
     ratio = (logits / scaled)[:, 0]
     halves = [ratio.isclose(torch.tensor(t, dtype=torch.float32)) for t in (t_a, t_b)]
     assert t_a != t_b and halves[0].sum() == halves[1].sum() == 200 and not (halves[0] & halves[1]).any()
@@ -118,9 +128,11 @@ def test_the_onnx_export_carries_the_temperature(quick_run, quick_onnx, real_sub
     model, _ = models.load_model(quick_run)
     logits = evaluate.predict_logits(model, x, Normalization.from_dict(meta["normalization"]), torch.device("cpu"),
                                      tta=meta["tta"])
-    got = onnx.probabilities(x.permute(0, 2, 3, 1).numpy())
+    got, conf = onnx.predict(x.permute(0, 2, 3, 1).numpy())
     t = meta["calibration"]["temperature"]
     np.testing.assert_allclose(got, (logits / t).softmax(1).numpy(), atol=2e-4)
+    assert meta["calibration"]["score"] == "energy"  # the better open-set score (benchmarks/results/trust.json)
+    np.testing.assert_allclose(conf, calibration.confidence(logits, meta["calibration"]).numpy(), atol=2e-4)
     assert np.abs(got - logits.softmax(1).numpy()).max() > 0.01  # the temperature changed the answer
 
 

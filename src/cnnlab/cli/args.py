@@ -264,8 +264,8 @@ def _add_result_parsers(sub) -> None:
     p.add_argument("--max-upload-mb", type=_positive_float, default=10.0, help="per request (default 10)")
     p.add_argument("--max-files", type=_positive_int, default=64, help="images per request (default 64)")
     p.add_argument("--min-confidence", type=_min_confidence, metavar="P|auto",
-                   help="answer `unknown` below this calibrated probability (a request may pass its own "
-                   "min_confidence); `auto`: the run's suggestion for 95%% accuracy")
+                   help="answer `unknown` when the chance that the top class is right is below P (a request may "
+                   "pass its own min_confidence); `auto`: the run's suggestion for 95%% accuracy")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("report", help="write report.html: curves, confusion matrices, mistakes, config")
@@ -295,11 +295,11 @@ def _add_result_parsers(sub) -> None:
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5, as the server)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--csv", metavar="FILE",
-                   help="write FILE: a header row `filename,label,confidence,class_1,probability_1,...,error`, then "
-                   "a row per image")
+                   help="write FILE: a header row `filename,label,confidence,` `class_1,probability_1,...,error`, "
+                   "then a row per image")
     p.add_argument("--min-confidence", type=_min_confidence, metavar="P|auto",
-                   help="answer `unknown` when the top calibrated probability is below P (0-1); `auto`: the run's "
-                   "suggestion, where its held-out images reach 95%% accuracy (see its report)")
+                   help="answer `unknown` when the chance that the top class is right (from the run's calibration) "
+                   "is below P (0-1); `auto`: the run's suggestion, where its held-out images reach 95%% accuracy")
     p.add_argument("--device", default="auto")
 
 

@@ -35,11 +35,12 @@ TOLERANCE = 1e-3
 
 
 class DeployModule(nn.Module):
-    """uint8 (N, H, W, C) images -> (N, classes) probabilities: the network with its input pipeline."""
+    """uint8 (N, H, W, C) images -> (N, classes) calibrated probabilities and (N,) confidences that the answer is
+    right (calibration.py): the network with its input pipeline and its calibration."""
 
-    def __init__(self, model: nn.Module, norm: Normalization, channels: int, tta: int, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, norm: Normalization, channels: int, tta: int, calibrated: dict | None = None):
         super().__init__()
-        self.model, self.tta, self.temperature = model, tta, temperature  # (a constant in the graph)
+        self.model, self.tta, self.calibrated = model, tta, calibrated  # (constants in the graph)
         # names no exported node takes: the exporter calls ResNet's global average pool's output "mean", and
         # an initializer of the same name makes the graph invalid
         stats = (torch.tensor(s).expand(channels).reshape(1, channels, 1, 1).clone() for s in (norm.mean, norm.std))
@@ -53,13 +54,14 @@ class DeployModule(nn.Module):
         views = tta_views(x, self.tta)
         out = self.model(torch.cat([v for _, v in views])).unflatten(0, (len(views), -1))  # (views, N, classes)
         logits = sum(weight * out[k] for k, (weight, _) in enumerate(views))
-        return (logits / self.temperature).softmax(1)  # calibrated probabilities (evaluation/calibration.py)
+        probs = (logits / calibration.temperature_of({"calibration": self.calibrated})).softmax(1)
+        return probs, calibration.confidence(logits, self.calibrated)
 
 
 def deploy_module(run: Run | str | Path) -> tuple[DeployModule, dict]:
     model, meta = models.load_model(run, "cpu")
     module = DeployModule(model.float(), Normalization.from_dict(meta["normalization"]), meta["in_channels"],
-                          meta.get("tta", 0), calibration.temperature_of(meta))
+                          meta.get("tta", 0), meta.get("calibration"))
     return module.eval(), meta
 
 
@@ -99,7 +101,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, data_path: s
             # optimize=False: onnxscript's graph optimizer took 0.7 of the 5.1 s the export took (11-25,
             # airbench-s); onnxruntime folds the same constants itself when it loads the file.
             program = torch.onnx.export(module, (example,), dynamo=True, verbose=False, opset_version=OPSET,
-                                        input_names=["images"], output_names=["probabilities"],
+                                        input_names=["images"], output_names=["probabilities", "confidence"],
                                         dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, optimize=False)
         except Exception as e:
             raise CnnlabError(f"ONNX export of {meta['model']} failed: {type(e).__name__}: "
@@ -112,8 +114,8 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, data_path: s
     with files.atomic_path(out) as tmp:
         tmp.write_bytes(proto.SerializeToString())
         with torch.no_grad():
-            expected = module(images).numpy()
-        got = OnnxPredictor(tmp).probabilities(images.numpy())
+            expected = np.concatenate([t.numpy().reshape(len(images), -1) for t in module(images)], 1)
+        got = np.concatenate([a.reshape(len(images), -1) for a in OnnxPredictor(tmp).predict(images.numpy())], 1)
         diff = float(np.abs(got - expected).max())
         if not diff <= tolerance:  # also catches NaN
             raise CnnlabError(f"export check failed: onnxruntime and PyTorch differ by {diff:.2e} "

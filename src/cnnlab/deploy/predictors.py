@@ -31,6 +31,10 @@ class Predictor(Protocol):
         """(N, H, W, C) uint8 -> (N, classes) float32 probabilities, calibrated by the run's temperature."""
         ...
 
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The probabilities, and (N,) confidences that the top class is right (what --min-confidence tests)."""
+        ...
+
 
 class OnnxPredictor:
     """An exported model (see export.py) in onnxruntime."""
@@ -70,7 +74,24 @@ class OnnxPredictor:
         }
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.uint8)})[0]
+        return self.predict(images)[0]
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.uint8)})
+        # exports from before calibration have one output: their confidence is the top probability
+        return outputs[0], outputs[1] if len(outputs) > 1 else outputs[0].max(1)
+
+
+def predict_of(predictor: Predictor):
+    """`predictor.predict`, or for an object with only `probabilities` (a Predictor written before confidences
+    existed) one that takes the top probability as the confidence."""
+    if hasattr(predictor, "predict"):
+        return predictor.predict
+
+    def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs = np.asarray(predictor.probabilities(images))
+        return probs, probs.max(1)
+    return predict
 
 
 def self_check(predictor: Predictor) -> Predictor:
@@ -160,17 +181,18 @@ def min_confidence_for(predictor: Predictor, value: float | str | None) -> float
     return float(threshold)
 
 
-def answer(predictions: list[dict], min_confidence: float | None) -> dict:
-    """The answer for one image: its most probable class, or UNKNOWN below `min_confidence`."""
-    top = predictions[0]
-    known = min_confidence is None or top["probability"] >= min_confidence
-    return {"label": top["class"] if known else UNKNOWN, "confidence": top["probability"]}
+def answer(predictions: list[dict], confidence: float, min_confidence: float | None) -> dict:
+    """The answer for one image: its most probable class, or UNKNOWN when the confidence that it is right is
+    below `min_confidence`."""
+    known = min_confidence is None or confidence >= min_confidence
+    return {"label": predictions[0]["class"] if known else UNKNOWN, "confidence": float(confidence)}
 
 
 def predict_files(model: str | os.PathLike, paths: list[str], k: int = 3, device: str = "auto",
                   batch_size: int = 256, min_confidence: float | str | None = None) -> list[dict]:
     """Per image file (folders: every image under them), with an ONNX file or a run directory: its answer
-    (`label`: the top class, or "unknown" below `min_confidence`, a number or "auto"; `confidence`) and its top-k
+    (`label`: the top class, or "unknown" when `confidence`, the chance that it is right, is below
+    `min_confidence`, a number or "auto") and its top-k
     classes and calibrated probabilities. A file that cannot be read gets {"filename", "error"} instead, and the
     others are still classified."""
     predictor = load_predictor(model, device, exported=True)
@@ -184,8 +206,10 @@ def predict_files(model: str | os.PathLike, paths: list[str], k: int = 3, device
             except CnnlabError as e:
                 decoded[p] = str(e)
         good = [p for p, a in decoded.items() if not isinstance(a, str)]
-        probs = predictor.probabilities(np.stack([decoded[p] for p in good])) if good else []
-        preds = dict(zip(good, top_k(probs, predictor.info["classes"], k), strict=True)) if good else {}
-        results += [{"filename": str(p), **answer(preds[p], threshold), "predictions": preds[p]} if p in preds
+        preds = {}
+        if good:
+            probs, conf = predictor.predict(np.stack([decoded[p] for p in good]))
+            preds = dict(zip(good, zip(top_k(probs, predictor.info["classes"], k), conf, strict=True), strict=True))
+        results += [{"filename": str(p), **answer(*preds[p], threshold), "predictions": preds[p][0]} if p in preds
                     else {"filename": str(p), "error": a} for p, a in decoded.items()]
     return results

@@ -32,12 +32,15 @@ class TorchPredictor:
                      "resize": meta.get("resize", "squish"), "source_run": str(Path(run_dir).resolve()),
                      "test_accuracy": Run.of(run_dir).recorded_accuracy(),
                      "cnnlab_version": __version__, "model": meta["model"], "calibration": meta.get("calibration")}
-        self.temperature = calibration.temperature_of(meta)
+        self.temperature, self.calibrated = calibration.temperature_of(meta), meta.get("calibration")
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return self.predict(images)[0]
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         logits = evaluate.predict_logits(self.model, x, self.norm, self.device, tta=self.tta)
-        return (logits / self.temperature).softmax(1).numpy()
+        return (logits / self.temperature).softmax(1).numpy(), calibration.confidence(logits, self.calibrated).numpy()
 
 
 def evaluate_onnx(model_path: str | Path, data_path: str | None = None) -> dict:

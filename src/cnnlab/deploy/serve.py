@@ -39,6 +39,7 @@ from cnnlab.deploy.predictors import (
     decode_for,
     load_predictor,
     min_confidence_for,
+    predict_of,
     self_check,
     top_k,
 )
@@ -122,7 +123,7 @@ class Batcher:
                 jobs.append(self.queue.get_nowait())
                 count += len(jobs[-1][0])
             try:
-                probs = await asyncio.to_thread(self.predict, np.concatenate([images for images, _ in jobs]))
+                out = await asyncio.to_thread(self.predict, np.concatenate([images for images, _ in jobs]))
             except Exception as e:  # a failed batch fails its requests, not the server
                 for _, future in jobs:
                     if not future.done():
@@ -131,7 +132,8 @@ class Batcher:
             start = 0
             for images, future in jobs:
                 if not future.done():  # the client may have gone away
-                    future.set_result(probs[start:start + len(images)])
+                    end = start + len(images)  # (a predictor's outputs: an array, or a tuple of them)
+                    future.set_result(tuple(o[start:end] for o in out) if isinstance(out, tuple) else out[start:end])
                 start += len(images)
 
 
@@ -150,7 +152,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.batcher = Batcher(predictor.probabilities, config.max_batch)
+        app.state.batcher = Batcher(predict_of(predictor), config.max_batch)
         app.state.batcher.start()
         app.state.decoding = DecodingSlots(config.max_decoding or usable_cores())
         yield
@@ -168,23 +170,25 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     @app.post("/predict", responses={400: {}, 413: {}, 415: {}})
     async def predict(files: list[UploadFile] = File(..., description="one or more images (PNG, JPEG, ...)"),
                       top_k_: int = Query(5, alias="top_k", ge=1, le=1000, description="classes per image"),
-                      min_confidence: float | None = Query(None, ge=0, le=1, description="answer `unknown` below "
-                                                           "this calibrated probability (default: the server's)"),
+                      min_confidence: float | None = Query(None, ge=0, le=1, description="answer `unknown` when the "
+                                                           "chance that the top class is right is below this "
+                                                           "(default: the server's)"),
                       preview: bool = Query(False, description="add each image as the network sees it (`input`: a "
                                                                 "PNG data URI at the network's input size)")):
         if len(files) > config.max_files:
             raise HTTPException(400, f"{len(files)} files in one request; at most {config.max_files}")
         names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
         try:
-            probs, images = await asyncio.wait_for(_classify(app, predictor, files, config), config.request_seconds)
+            (probs, conf), images = await asyncio.wait_for(_classify(app, predictor, files, config),
+                                                           config.request_seconds)
         except ImageError as e:
             return JSONResponse({"detail": str(e)}, status_code=e.status)
         except TimeoutError:
             return JSONResponse({"detail": f"the request took longer than {config.request_seconds:g} s"},
                                 status_code=503)
         threshold = info["min_confidence"] if min_confidence is None else min_confidence
-        results = [{"filename": name, **answer(preds, threshold), "predictions": preds}
-                   for name, preds in zip(names, top_k(probs, info["classes"], top_k_), strict=True)]
+        results = [{"filename": name, **answer(preds, c, threshold), "predictions": preds}
+                   for name, preds, c in zip(names, top_k(probs, info["classes"], top_k_), conf, strict=True)]
         if preview:
             for result, image in zip(results, images, strict=True):
                 result["input"] = png_data_uri(image)
@@ -266,8 +270,8 @@ async def _one_line_error(request, exc: RequestValidationError) -> JSONResponse:
 async def _classify(app: FastAPI, predictor: Predictor, files: list[UploadFile],
                     config: ServeConfig) -> tuple[np.ndarray, np.ndarray]:
     """Read, check and decode a request's files (one of `max_decoding` at a time), then classify them in the
-    next gathered batch: (probabilities, the network-sized images). Raises ImageError (with its HTTP status)
-    for what the client sent."""
+    next gathered batch: ((probabilities, confidences), the network-sized images). Raises ImageError (with its
+    HTTP status) for what the client sent."""
     slots: DecodingSlots = app.state.decoding
     await slots.acquire()
     try:

@@ -146,10 +146,10 @@ class Interpretation:
         return plots.plot_reliability(self.calibration())
 
     def plot_coverage(self) -> Figure:
-        conf, pred = self.probs.max(1)
         summary = self.calibration()
-        return plots.plot_coverage(conf.numpy(), (pred == self.y_true).numpy(), summary["selective"]["threshold"],
-                                   summary["target"])
+        conf = calibration.applied(self.logits, self.y_true, self.calibrated)[1]
+        return plots.plot_coverage(conf.numpy(), (self.y_pred == self.y_true).numpy(),
+                                   summary["selective"]["threshold"], summary["target"])
 
     def heatmaps_of_top_losses(self, model, norm, k: int = 16) -> tuple[torch.Tensor, list[str]]:
         """Per top-loss image: the image, where the network looked for the class it predicted, and for the true

@@ -178,7 +178,8 @@ def plot_reliability(summary: dict) -> Figure:
 
 def plot_coverage(confidence: np.ndarray, correct: np.ndarray, threshold: float | None, target: float) -> Figure:
     """Selective prediction: the accuracy of the images answered against the share answered, answering the most
-    confident first; the suggested threshold marked."""
+    confident first (confidence: the chance the answer is right, calibration.py); the suggested threshold
+    marked."""
     order = np.argsort(-confidence, kind="stable")
     k = np.arange(1, len(order) + 1)
     accuracy = np.cumsum(correct[order]) / k
