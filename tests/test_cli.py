@@ -58,7 +58,8 @@ def test_predict_help_names_the_csv_header_it_writes(capsys):
     with pytest.raises(SystemExit):
         cli.main(["predict", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "`filename,label,confidence,` `class_1,probability_1,...,error`" in help_text  # what _write_predictions_csv writes
+    # what _write_predictions_csv writes
+    assert "`filename,label,confidence,` `class_1,probability_1,...,error`" in help_text
 
 
 def test_train_dry_run_evaluate_and_predict(capsys, tmp_path, cifar_python_dir):
