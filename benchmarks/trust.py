@@ -9,7 +9,9 @@ For each preset, on CIFAR-10 (the JPEG copy) with a tenth of the training images
 2. Open set: the same recipe trained on 8 classes (cat and truck held out of training and validation); the
    test images of the 8 are "known", those of the 2 "unknown". AUROC of telling them apart by each score:
    the calibrated maximum probability, the maximum logit, and the negative energy T * logsumexp(logits / T)
-   (Liu et al., 2020). The product uses the score that wins here.
+   (Liu et al., 2020), and the product's confidence (a logistic regression on the energy). The product decides
+   by the score that wins here. Beside it, the AUROC of telling right answers from wrong ones on the known
+   classes' test images, the score's other job.
 3. Grad-CAM's corner test: images of grey noise with one of three patterns pasted in a random corner; `quick`
    trained on them; the share of test images whose map for the true class peaks in the pattern's quadrant.
 Writes benchmarks/results/trust.json.
@@ -80,10 +82,15 @@ def open_set_figures(preset: str, out: Path) -> dict:
     logits = evaluate.predict_logits(model, ds.x_test, norm, torch.device("cpu"), tta=meta["tta"])
     scores = {"max_probability": (logits / t).softmax(1).amax(1), "max_logit": logits.amax(1),
               "energy": t * torch.logsumexp(logits / t, 1)}
+    scores["confidence"] = calibration.confidence(logits, meta["calibration"])  # what the product decides by
     known = known_test.numpy()
+    right = (logits.argmax(1) == remap[ds.y_test]).numpy()[known]
     return {"held_out_classes": list(HELD_OUT),
             "known_accuracy": json.loads((run / "metrics.json").read_text())["test_accuracy"],
-            "auroc": {name: round(auroc(s.numpy()[known], s.numpy()[~known]), 4) for name, s in scores.items()}}
+            "auroc": {name: round(auroc(s.numpy()[known], s.numpy()[~known]), 4) for name, s in scores.items()},
+            # the other job of the score: telling right answers from wrong ones among the known classes' images
+            "auroc_right_vs_wrong": {name: round(auroc(s.numpy()[known][right], s.numpy()[known][~right]), 4)
+                                     for name, s in scores.items()}}
 
 
 def corner_figures(n: int, out: Path) -> dict:

@@ -3,9 +3,9 @@
     predictors   one `Predictor` interface over an ONNX file (onnxruntime, NumPy and Pillow: no PyTorch) or a
                  run directory; `predict_files`, the run's current export
     pytorch      the run-directory predictor and the ONNX file's test metrics (imported only when needed)
-    explain      Grad-CAM heatmaps of where the network looked (captum; a run directory: gradients need PyTorch)
     export       a run's weights written as one ONNX file, checked against PyTorch
-    serve        the web service and its page (static/)
+    serve        the web service and its page (static/), with its limits (limits.py); POST /explain maps where
+                 the network looked (evaluation/explain.py) for a run directory
 
 It sits beside training, not above it: neither imports the other. Both stand on evaluation, models and data.
 The names below are this layer's API; importing them does not import PyTorch.
