@@ -158,6 +158,29 @@ def test_explain_writes_an_overlay_per_image(quick_run, real_subset, tmp_path, c
     assert "is not one of the model's classes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", [*models.MODELS, "c16-p-c32-g-d10"])
+def test_every_network_is_mapped_at_its_last_convolution_wider_than_1x1(name):
+    """Every registered network and a layer spec, on grey 32x32 images (the 1-channel path of the overlays):
+    the mapped layer is a convolution whose output is at least 2x2, no convolution called after it is, and the
+    maps are at the input size, in [0, 1], each peaking at 1 or empty (no class evidence at all)."""
+    torch.manual_seed(0)
+    model = models.build(name, 1, 4, (32, 32)).eval()
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: shapes.update({n: tuple(out.shape[2:])}))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    model(torch.zeros(1, 1, 32, 32))
+    for h in hooks:
+        h.remove()
+    layer = explain.target_layer(model, 1, (32, 32))
+    after = list(shapes)[list(shapes).index(layer) + 1:]
+    assert min(shapes[layer]) >= 2 and all(min(shapes[n]) < 2 for n in after)
+    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    maps = explain.heatmaps(model, x, Normalization(mean=(0.5,), std=(0.25,)), torch.tensor([0, 1, 3]))
+    assert maps.shape == (3, 32, 32) and maps.min() >= 0
+    assert all(float(m.max()) in (0.0, 1.0) for m in maps)
+    assert explain.overlay(x, maps).shape == (3, 3, 32, 32)
+
+
 def test_the_map_changes_when_the_weights_are_re_randomized(quick_run, real_subset):
     """Adebayo et al. (2018): a saliency method that gives the same map for random weights shows the image, not
     the model. The trained network's maps and a re-initialized one's barely correlate."""
