@@ -111,7 +111,7 @@ def _trust(interp) -> list[str]:
     if sel["threshold"] is None:
         advice = f"No confidence threshold reaches {summary['target']:.0%} accuracy on the held-out images."
     else:
-        advice = (f"`--min-confidence {sel['threshold']:.3f}` (or `auto`) answers {sel['coverage']:.1%} of the test "
+        advice = (f"--min-confidence {sel['threshold']:.3f} (or auto) answers {sel['coverage']:.1%} of the test "
                   f"images, {sel['accuracy']:.1%} of them right (target {summary['target']:.0%}); the rest are "
                   "\"unknown\". Chosen on " + ("the validation set." if summary["fitted_on"] == "validation" else
                                                  "the test set (cross-fitted)."))
