@@ -120,12 +120,13 @@ def test_training_writes_a_self_contained_report(finished_run):
     _, run = finished_run
     page = (run / "report.html").read_text()
     sections = ["<h2>Training curves", "<h2>Confusion matrix", "<h2>Per class", "<h2>Most confused pairs",
-                "<h2>Top losses", "<h2>Augmented training samples", "<summary>Configuration",
-                "<h2>Where it was trained"]
+                "<h2>Can you trust its answers?", "<h2>Top losses", "<h3>Where it looked",
+                "<h2>Augmented training samples", "<summary>Configuration", "<h2>Where it was trained"]
     positions = [page.index(s) for s in sections]
     assert positions == sorted(positions)  # in the order the issue lists
     assert "test accuracy" in page and "parameters" in page
-    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 6
+    # curves, two confusion matrices, per class, reliability, coverage, top losses, their heatmaps, samples
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 9
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from the network
 
 
@@ -177,7 +178,7 @@ def test_report_renders_in_headless_chromium(finished_run):
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         browser.close()
     assert errors == []
-    assert len(sizes) == 6 and all(done and w > 0 and h > 0 for done, w, h in sizes)
+    assert len(sizes) == 9 and all(done and w > 0 and h > 0 for done, w, h in sizes)
     assert (ARTIFACTS / "report.png").stat().st_size > 20_000
 
 
@@ -234,7 +235,8 @@ def test_the_report_in_a_browser_at_1280_px(folder_run):
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto((folder_run / "report.html").as_uri())
         labels = page.locator(".headline div").all_inner_texts()
-        files = page.locator("table").nth(2).locator("tbody td:first-child").all_inner_texts()
+        top_losses = page.locator("h2:has-text('Top losses') ~ table").first
+        files = top_losses.locator("tbody td:first-child").all_inner_texts()
         config_visible = page.locator("details pre").is_visible()
         boxes = page.eval_on_selector_all("img[alt*=confusion]", "imgs => imgs.map(i => {"
                                           "const r = i.getBoundingClientRect(); return [r.top, r.bottom]; })")

@@ -81,6 +81,11 @@ def test_run_directory_contents(tmp_path, cifar_binary_dir):
     meta = json.loads((run / "model.json").read_text())
     assert meta["model"] == "seed" and meta["image_size"] == [32, 32] and len(meta["classes"]) == 10
     assert meta["normalization"] == {"mean": [0.0], "std": [1.0]}
+    # the tutorial's recipe validates on the test set: calibrated there, its figures cross-fitted on halves
+    calibrated = json.loads((run / "metrics.json").read_text())["calibration"]
+    assert meta["calibration"]["fitted_on"] == calibrated["fitted_on"] == "test"
+    assert len(calibrated["fitted_temperatures"]) == 2 and meta["calibration"]["temperature"] > 0
+    assert "cross-fitted" in (run / "report.html").read_text()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no half-written files
 
 
