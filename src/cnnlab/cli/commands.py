@@ -295,7 +295,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if "predictions" in r:
                 shown = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
                 print(f"{r['filename']}: {shown}" if r["label"] != deploy.UNKNOWN else
-                      f"{r['filename']}: unknown (below --min-confidence; {shown})")
+                      f"{r['filename']}: unknown (confidence {r['confidence']:.3f}, below --min-confidence; {shown})")
     else:
         print(f"wrote {len(results)} predictions to {args.csv}")
     bad = [r for r in results if "error" in r]
