@@ -298,12 +298,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       f"{r['filename']}: unknown (confidence {r['confidence']:.3f}, below --min-confidence; {shown})")
     else:
         print(f"wrote {len(results)} predictions to {args.csv}")
-    bad = [r for r in results if "error" in r]
-    if bad:
-        print(f"cnnlab: error: {len(bad)} of {len(results)} file(s) could not be read (the rest were classified): "
-              + "; ".join(r["error"] for r in bad[:10]) + ("; ..." if len(bad) > 10 else ""), file=sys.stderr)
-        return 2
-    return 0
+    return _unreadable(results, "classified")
 
 
 def _write_predictions_csv(path: str, results: list[dict], k: int) -> None:
@@ -331,12 +326,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if "overlay" in r:
             print(f"{r['filename']}: {r['predicted']} {r['probability']:.3f}; where it looked for {r['class']}: "
                   f"{r['overlay']}")
+    return _unreadable(results, "explained")
+
+
+def _unreadable(results: list[dict], done: str) -> int:
+    """Exit status 2 with one line naming the files that could not be read, when any could not; else 0."""
     bad = [r for r in results if "error" in r]
-    if bad:
-        print(f"cnnlab: error: {len(bad)} of {len(results)} file(s) could not be read (the rest were explained): "
-              + "; ".join(r["error"] for r in bad[:10]) + ("; ..." if len(bad) > 10 else ""), file=sys.stderr)
-        return 2
-    return 0
+    if not bad:
+        return 0
+    print(f"cnnlab: error: {len(bad)} of {len(results)} file(s) could not be read (the rest were {done}): "
+          + "; ".join(r["error"] for r in bad[:10]) + ("; ..." if len(bad) > 10 else ""), file=sys.stderr)
+    return 2
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
