@@ -156,6 +156,9 @@ def test_explain_writes_an_overlay_per_image(quick_run, real_subset, tmp_path, c
     assert out.count("where it looked for ship") == 2
     assert cli.main(["explain", str(quick_run), str(images[0]), "--class", "zebra"]) == 2
     assert "is not one of the model's classes" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["explain", str(quick_run), str(images[0]), "--out", str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err.strip().endswith("is a file; give a folder for the overlays")
 
 
 @pytest.mark.parametrize("name", [*models.MODELS, "c16-p-c32-g-d10"])

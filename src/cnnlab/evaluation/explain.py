@@ -105,6 +105,8 @@ def explain_run(run: Run | str | Path, paths: list[str], out: str | Path | None 
     if str(run).lower().endswith(".onnx"):
         raise CnnlabError(f"{run} is an ONNX file: explaining needs the run directory it was exported from "
                           "(gradients need the PyTorch weights)")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise CnnlabError(f"--out {out} is a file; give a folder for the overlays")
     run = Run.of(run)
     model, meta = models.load_model(run, pick_device(device))
     if not (paths := expand_paths(paths)):
