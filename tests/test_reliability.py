@@ -419,19 +419,23 @@ def test_a_killed_decode_leaves_nothing_that_stays(tmp_path):
 def test_a_second_process_waits_for_the_first_decode_instead_of_decoding_twice(tmp_path):
     """A second process that loads the same folder while a first is decoding it waits for the first and maps its
     entry: it says so and decodes nothing."""
-    write_image_folder(tmp_path / "imgs", per_class=1000, size=(64, 64))
-    code = ("import sys; from cnnlab import data, logs\nfrom cnnlab.data import decode\nwith logs.captured() as said:\n"
-            "    data.load_dataset(sys.argv[1])\nprint(decode.decoded(), any('waiting' in s for s in said))")
-    run = [sys.executable, "-c", code, str(tmp_path / "imgs")]
-    first = subprocess.Popen(run, stdout=subprocess.PIPE, text=True)
+    write_image_folder(tmp_path / "imgs", per_class=1000, size=(128, 128))  # seconds of decoding, resized to 96
     decoded = Path(os.environ["CNNLAB_CACHE"]) / "decoded"
-    deadline = time.monotonic() + 120
-    while not list(decoded.glob(".building-*")) and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # the first process holds the lock from before it makes its building folder
-    assert first.poll() is None, "the first decode ended before the second process could start"
-    second = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    # Both start at once; the second, its imports done, waits for the first's building folder, then loads. (Started
+    # only once that folder existed, on a machine with two busy processes it was still importing torch when the
+    # first had finished.)
+    code = ("import sys, time; from pathlib import Path; from cnnlab import data, logs\n"
+            "from cnnlab.data import decode\n"
+            "while sys.argv[2] != '-' and not list(Path(sys.argv[2]).glob('.building-*')): time.sleep(0.005)\n"
+            "with logs.captured() as said:\n"
+            "    data.load_dataset(sys.argv[1])\nprint(decode.decoded(), any('waiting' in s for s in said))")
+    first = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "imgs"), "-"], stdout=subprocess.PIPE,
+                             text=True)
+    second = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "imgs"), str(decoded)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert first.communicate(timeout=300)[0].split() == ["4500", "False"]  # 1,000 train + 500 test per class
-    assert second.stdout.split() == ["0", "True"], second.stderr[-2000:]
+    out, err = second.communicate(timeout=300)
+    assert out.split() == ["0", "True"], err[-2000:]
 
 
 def test_training_on_no_images_is_an_error(tmp_path):
