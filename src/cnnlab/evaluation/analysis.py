@@ -45,7 +45,7 @@ class Interpretation:
         self.y_true = y_true.long()
         self.logits = logits.float()
         self.calibrated = calibrated  # model.json's calibration record (None: a run trained before calibration)
-        self.temperature = calibrated["temperature"] if calibrated else 1.0
+        self.temperature = calibration.temperature_of({"calibration": calibrated})
         self.probs = (self.logits / self.temperature).softmax(1)  # calibrated: what predict and serve answer
         self.y_pred = self.logits.argmax(1)
         self.losses = F.cross_entropy(self.logits, self.y_true, reduction="none")
@@ -138,8 +138,10 @@ class Interpretation:
         """calibration.summary of the test set (None for a run trained before calibration existed)."""
         if not self.calibrated or not len(self.y_true):
             return None
-        if not hasattr(self, "_calibration"):
-            self._calibration = calibration.summary(self.logits, self.y_true, self.calibrated)
+        if not hasattr(self, "_calibration"):  # (cross-fitting refits: once, for metrics.json and the report)
+            done = calibration.applied(self.logits, self.y_true, self.calibrated)
+            self._confidence = done[1]
+            self._calibration = calibration.summary(self.logits, self.y_true, self.calibrated, done)
         return self._calibration
 
     def plot_reliability(self) -> Figure:
@@ -147,8 +149,7 @@ class Interpretation:
 
     def plot_coverage(self) -> Figure:
         summary = self.calibration()
-        conf = calibration.applied(self.logits, self.y_true, self.calibrated)[1]
-        return plots.plot_coverage(conf.numpy(), (self.y_pred == self.y_true).numpy(),
+        return plots.plot_coverage(self._confidence.numpy(), (self.y_pred == self.y_true).numpy(),
                                    summary["selective"]["threshold"], summary["target"])
 
     def heatmaps_of_top_losses(self, model, norm, k: int = 16) -> tuple[torch.Tensor, list[str]]:

@@ -189,10 +189,11 @@ def applied(test_logits: torch.Tensor, y_test: torch.Tensor, record: dict) -> tu
     return test_logits.float() / record["temperature"], confidence(test_logits, record), [record["temperature"]]
 
 
-def summary(test_logits: torch.Tensor, y_test: torch.Tensor, record: dict) -> dict:
+def summary(test_logits: torch.Tensor, y_test: torch.Tensor, record: dict, done: tuple | None = None) -> dict:
     """What metrics.json records of calibration and selective prediction on the test set, for model.json's
-    `record` (fit's). Where it was fitted on the test set, the figures after it are cross-fitted."""
-    after, conf, temps = applied(test_logits, y_test, record)
+    `record` (fit's). Where it was fitted on the test set, the figures after it are cross-fitted. `done`:
+    `applied`'s result when the caller holds it already."""
+    after, conf, temps = done or applied(test_logits, y_test, record)
     right = test_logits.argmax(1) == y_test
     return {**record, "fitted_temperatures": temps, "before": scores(test_logits, y_test),
             "after": scores(after, y_test), "reliability_before": reliability(test_logits.float().softmax(1), y_test),

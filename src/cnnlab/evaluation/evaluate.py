@@ -158,10 +158,10 @@ def balanced_accuracy(cm: np.ndarray) -> float:
 def save_metrics(run: Run, logits: torch.Tensor, y: torch.Tensor, classes: list[str], source: str,
                  picture: bool = True, calibrated: dict | None = None) -> dict:
     """Write metrics.json and the confusion matrix files (the PNG only with `picture`); return the metrics.
-    `calibrated`: model.json's calibration record, whose effect on these logits metrics.json then records."""
+    `calibrated`: calibration.summary of these logits (what calibration changes), recorded when given."""
     metrics = {**metrics_from_logits(logits, y, classes), "data": source}
-    if calibrated and len(y):
-        metrics["calibration"] = calibration.summary(logits, y, calibrated)
+    if calibrated:
+        metrics["calibration"] = calibrated
     run.write_metrics(metrics)
     write_confusion_matrix(run, np.array(metrics["confusion_matrix"]), classes, picture)
     return metrics
@@ -175,7 +175,8 @@ def evaluate_run(run: Run | str | Path, data_path: str | None = None, *, dataset
     folder = results_folder(run, data_path, out)
     folder.mkdir(parents=True, exist_ok=True)
     return save_metrics(Run(folder), logits, dataset.y_test, meta["classes"], dataset.source,
-                        calibrated=meta.get("calibration"))
+                        calibrated=calibration.summary(logits, dataset.y_test, meta["calibration"])
+                        if meta.get("calibration") and len(dataset.y_test) else None)
 
 
 def results_folder(run: Run | str | Path, data_path: str | None = None, out: str | Path | None = None) -> Path:
