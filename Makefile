@@ -18,7 +18,7 @@ $(BIN)/.base: pyproject.toml
 	touch $@
 
 $(BIN)/.dev: $(BIN)/.base
-	$(BIN)/pip install -q -e '.[dev,deploy,heif,tracking,check]'
+	$(BIN)/pip install -q -e '.[dev,deploy,heif,tracking,check,openvino]'
 	touch $@
 
 demo: $(BIN)/.base

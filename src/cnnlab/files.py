@@ -41,9 +41,7 @@ def atomic_path(path: str | os.PathLike, backup: str | os.PathLike | None = None
     except OSError as e:
         raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; results should read like any other file
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; results should read like any other file
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -59,6 +57,39 @@ def atomic_path(path: str | os.PathLike, backup: str | os.PathLike | None = None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success it replaces `path` (a folder of several files,
+    such as an OpenVINO model's .xml and .bin, appears whole or not at all). On failure it is removed."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CnnlabError(f"cannot write {path}: it exists and is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
+    old = tmp.with_suffix(".old")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes folders private; results should read like any other
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise CnnlabError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def allocate(path: str | os.PathLike, nbytes: int) -> None:

@@ -68,9 +68,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
     elif args.command == "export":
         from cnnlab.deploy import export
 
-        result = export.export_onnx(args.run_dir, args.out, args.data)
-        print(f"wrote {result['path']} in {result['seconds']} s; onnxruntime matches PyTorch on "
-              f"{result['checked_images']} test images (largest probability difference {result['max_abs_diff']:.1e})")
+        print(export.describe(export.export(args.run_dir, args.out, args.data, args.format, args.int8, args.max_drop,
+                                            args.calibration_images)))
     elif args.command == "serve":
         cmd_serve(args)
     elif args.command == "report":

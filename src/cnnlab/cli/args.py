@@ -103,6 +103,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_runtime_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "openvino"],
+                   help="what runs an .onnx model (default auto: the faster one on this CPU class, as measured; "
+                   "an OpenVINO model always runs in OpenVINO)")
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x")) if "x" in text.lower() else (int(text),) * 2
@@ -243,21 +249,33 @@ def _add_train_parser(sub) -> None:
 def _add_result_parsers(sub) -> None:
     """The commands that use a finished run: evaluate, export, serve, report, runs, predict."""
     p = sub.add_parser("evaluate", help="test loss, accuracy, per-class scores and confusion matrix of a run "
-                       "(or of an exported .onnx model, through onnxruntime)")
-    p.add_argument("run_dir", metavar="RUN_DIR|MODEL.onnx")
+                       "(or of an exported model: .onnx, or an OpenVINO folder or .xml)")
+    p.add_argument("run_dir", metavar="RUN_DIR|MODEL")
     p.add_argument("--data", metavar="PATH", help="data to evaluate on (default: the run's own)")
     p.add_argument("--out", metavar="DIR", help="where the results of other --data go (default "
                    "RUN_DIR/evaluations/<data folder name>); the run's own results never change")
     p.add_argument("--device", default="auto")
+    _add_runtime_arg(p)
 
-    p = sub.add_parser("export", help="export a run as one ONNX file: uint8 images in, probabilities out")
+    p = sub.add_parser("export", help="export a run as one ONNX file or OpenVINO model (fp32 or int8): uint8 images "
+                       "in, probabilities out; checked before it is written")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", metavar="FILE", help="where to write it (default RUN_DIR/model.onnx)")
-    p.add_argument("--data", metavar="PATH", help="test images for the export check (default: the run's data)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"],
+                   help="onnx (default), or openvino: a folder with OpenVINO's model.xml and model.bin "
+                   "(pip install 'cnnlab[openvino]')")
+    p.add_argument("--int8", action="store_true", help="quantize to int8 (ranges from 300 seeded training images); "
+                   "refused, and nothing written, if it loses more than --max-drop points of test accuracy")
+    p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                   help="test accuracy an int8 model may lose against fp32, in points (default 1; below 0: it must "
+                   "gain that much)")
+    p.add_argument("--calibration-images", type=_positive_int, default=300, metavar="N",
+                   help="training images the int8 ranges are measured on (default 300)")
+    p.add_argument("--out", metavar="PATH", help="where to write it (default RUN_DIR/model.onnx, model.int8.onnx, "
+                   "openvino/ or openvino-int8/)")
+    p.add_argument("--data", metavar="PATH", help="test images for the export's checks (default: the run's data)")
 
     p = sub.add_parser("serve", help="a web page and JSON API that classify uploaded images")
-    p.add_argument("model", metavar="RUN_DIR|MODEL.onnx")
+    p.add_argument("model", metavar="RUN_DIR|MODEL")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=_positive_int, default=1, help="server processes (default 1)")
@@ -267,6 +285,7 @@ def _add_result_parsers(sub) -> None:
                    help="answer `unknown` when the chance that the top class is right is below P (a request may "
                    "pass its own min_confidence); `auto`: the run's suggestion for 95%% accuracy")
     p.add_argument("--device", default="auto")
+    _add_runtime_arg(p)
 
     p = sub.add_parser("report", help="write report.html: curves, confusion matrices, mistakes, config")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -289,8 +308,9 @@ def _add_result_parsers(sub) -> None:
                    "at least 2x2; names as in the model's state dict)")
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("predict", help="classify image files with a trained run or an exported .onnx model")
-    p.add_argument("run_dir", metavar="RUN_DIR|MODEL.onnx")
+    p = sub.add_parser("predict", help="classify image files with a trained run or an exported model (.onnx, "
+                       "OpenVINO)")
+    p.add_argument("run_dir", metavar="RUN_DIR|MODEL")
     p.add_argument("images", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders (searched at any depth)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5, as the server)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -301,6 +321,7 @@ def _add_result_parsers(sub) -> None:
                    help="answer `unknown` when the chance that the top class is right (from the run's calibration) "
                    "is below P (0-1); `auto`: the run's suggestion, where its held-out images reach 95%% accuracy")
     p.add_argument("--device", default="auto")
+    _add_runtime_arg(p)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:

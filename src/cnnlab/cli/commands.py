@@ -271,8 +271,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from cnnlab.deploy import pytorch
     from cnnlab.evaluation import evaluate
 
-    if deploy.is_onnx(args.run_dir):
-        print(evaluate.format_metrics(pytorch.evaluate_onnx(args.run_dir, args.data)))
+    if deploy.is_exported(args.run_dir):
+        print(evaluate.format_metrics(pytorch.evaluate_exported(args.run_dir, args.data, args.runtime)))
         return
     print(evaluate.format_metrics(evaluate.evaluate_run(args.run_dir, args.data, device=args.device, out=args.out)))
     print(f"\nwrote metrics.json and confusion_matrix.csv/.json/.png in "
@@ -283,7 +283,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cnnlab import deploy
 
     results = deploy.predict_files(args.run_dir, args.images, args.top_k, args.device,
-                                   min_confidence=args.min_confidence)
+                                   min_confidence=args.min_confidence, runtime=args.runtime)
     if not results:
         raise CnnlabError(f"no images found in {' '.join(args.images)}")
     if args.csv:
@@ -346,4 +346,4 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CnnlabError(f"--port must be between 0 and 65535, got {args.port}")
     serve.serve(serve.ServeConfig(model=args.model, host=args.host, port=args.port, workers=args.workers,
                                   max_upload_mb=args.max_upload_mb, max_files=args.max_files, device=args.device,
-                                  min_confidence=args.min_confidence))
+                                  min_confidence=args.min_confidence, runtime=args.runtime))

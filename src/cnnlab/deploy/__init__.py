@@ -2,8 +2,10 @@
 
     predictors   one `Predictor` interface over an ONNX file (onnxruntime, NumPy and Pillow: no PyTorch) or a
                  run directory; `predict_files`, the run's current export
-    pytorch      the run-directory predictor and the ONNX file's test metrics (imported only when needed)
-    export       a run's weights written as one ONNX file, checked against PyTorch
+    openvino     the same interface over an OpenVINO model (or an ONNX file in OpenVINO), imported when needed
+    pytorch      the run-directory predictor and an exported model's test metrics (imported only when needed)
+    export       a run's weights written as one ONNX file or OpenVINO model, checked against PyTorch
+    int8         int8 versions of an export, refused when they lose more than --max-drop points of accuracy
     serve        the web service and its page (static/), with its limits (limits.py); POST /explain maps where
                  the network looked (evaluation/explain.py) for a run directory
 
@@ -16,11 +18,14 @@ from cnnlab.deploy.predictors import (  # noqa: F401
     UNKNOWN,
     OnnxPredictor,
     Predictor,
+    Runtime,
     answer,
     current_export,
     decode_for,
     expand_paths,
+    is_exported,
     is_onnx,
+    is_openvino,
     load_predictor,
     min_confidence_for,
     predict_files,

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,7 +24,8 @@ from torch import nn
 
 from cnnlab import __version__, files, models
 from cnnlab.data.dataset import Normalization
-from cnnlab.deploy.predictors import METADATA_PREFIX, OnnxPredictor
+from cnnlab.deploy import int8 as int8_
+from cnnlab.deploy.predictors import METADATA_PREFIX, OnnxPredictor, Predictor
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluation import calibration
 from cnnlab.evaluation.evaluate import run_dataset, tta_views
@@ -74,24 +79,96 @@ def _metadata(run: Run, meta: dict, config: dict) -> dict[str, str]:
     return {METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
 
 
-def export_onnx(run_dir: str | Path, out: str | Path | None = None, data_path: str | None = None,
-                check_images: int = 256, tolerance: float = TOLERANCE) -> dict:
-    """Write RUN_DIR/model.onnx (or `out`) after checking it against PyTorch on `check_images` test images.
+Format = Literal["onnx", "openvino"]
 
-    Returns the path, the largest probability difference seen, and the time taken. If the check fails,
-    nothing is written.
+
+def default_out(run: Run, fmt: Format, int8: bool) -> Path:
+    """RUN/model.onnx, RUN/model.int8.onnx, RUN/openvino/ or RUN/openvino-int8/ (folders: model.xml, model.bin)."""
+    if fmt == "onnx":
+        return run.file(Run.ONNX_INT8 if int8 else Run.ONNX)
+    return run.file(Run.OPENVINO + ("-int8" if int8 else ""))
+
+
+def export(run_dir: str | Path, out: str | Path | None = None, data_path: str | None = None, fmt: Format = "onnx",
+           int8: bool = False, max_drop: float = int8_.MAX_DROP, calibration_images: int = int8_.CALIBRATION_IMAGES,
+           check_images: int = 256, tolerance: float = TOLERANCE) -> dict:
+    """Write a run as one checked ONNX file or OpenVINO model (`fmt`), in fp32 or, with `int8`, quantized.
+
+    The fp32 graph is checked against PyTorch on `check_images` test images (every probability within
+    `tolerance`); an int8 model is measured beside it on the whole test set and refused when it loses more than
+    `max_drop` points of accuracy. Nothing is written unless every check passes. Returns the path, the checks'
+    figures and the time taken.
     """
-    try:
-        import onnx
-    except ImportError:
-        raise CnnlabError("ONNX export needs onnx and onnxscript: pip install 'cnnlab[deploy]'") from None
+    _requirements(fmt, int8, max_drop, calibration_images)
     start = time.perf_counter()
     run = Run.of(run_dir)
     module, meta = deploy_module(run)
     config = run.config()
-    images = run_dataset(run, meta, data_path, config).x_test[:check_images].permute(0, 2, 3, 1).contiguous()
+    dataset = run_dataset(run, meta, data_path, config)
+    images = dataset.x_test[:check_images].permute(0, 2, 3, 1).contiguous()
     if len(images) == 0:
         raise CnnlabError("the run's test set is empty: nothing to check the export against; pass --data")
+    out = Path(out) if out else default_out(run, fmt, int8)
+    with tempfile.TemporaryDirectory(prefix="cnnlab-export-") as work:
+        fp32 = Path(work) / "model.onnx"
+        proto = _onnx_graph(module, meta, images)
+        onnx_helper().set_model_props(proto, _metadata(run, meta, config))
+        fp32.write_bytes(proto.SerializeToString())
+        result = {"checked_images": len(images), "max_abs_diff": _agreement(module, images, OnnxPredictor(fp32),
+                                                                           tolerance, "onnxruntime")}
+        writer = _write_onnx if fmt == "onnx" else _write_openvino
+        result |= writer(fp32, out, module, images, tolerance, int8 and (dataset, max_drop, calibration_images))
+    return {"path": str(out), **result, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def export_onnx(run_dir: str | Path, out: str | Path | None = None, data_path: str | None = None,
+                check_images: int = 256, tolerance: float = TOLERANCE) -> dict:
+    """Write RUN_DIR/model.onnx (or `out`), fp32, after checking it against PyTorch (`export`)."""
+    return export(run_dir, out, data_path, "onnx", check_images=check_images, tolerance=tolerance)
+
+
+def describe(result: dict) -> str:
+    """What `cnnlab export` prints: the file, and what its checks found."""
+    lines = [f"wrote {result['path']} in {result['seconds']} s; onnxruntime matches PyTorch on "
+             f"{result['checked_images']} test images (largest probability difference {result['max_abs_diff']:.1e})"]
+    if "openvino_max_abs_diff" in result:
+        lines.append(f"OpenVINO matches PyTorch too (largest difference {result['openvino_max_abs_diff']:.1e})")
+    if q := result.get("int8"):
+        drop = 100 * (q["fp32_accuracy"] - q["int8_accuracy"])
+        lines.append(f"int8: test accuracy {100 * q['int8_accuracy']:.2f}% against fp32's "
+                     f"{100 * q['fp32_accuracy']:.2f}% "
+                     f"on {q['test_images']:,} images ({abs(drop):.2f} points {'lost' if drop > 0 else 'gained'}; "
+                     f"at most {q['max_drop']:g} may be lost), "
+                     f"ranges from {q['calibration_images']} training images")
+    return "\n".join(lines)
+
+
+def _requirements(fmt: Format, int8: bool, max_drop: float, calibration_images: int) -> None:
+    """Refuse what cannot work before any data is read: a missing package or a setting out of range."""
+    import importlib.util
+
+    if fmt not in ("onnx", "openvino"):
+        raise CnnlabError(f"unknown export format {fmt!r}: give onnx or openvino")
+    if not math.isfinite(max_drop):  # below 0 is allowed: the int8 model must then beat fp32 by that much
+        raise CnnlabError(f"--max-drop {max_drop}: give the points of test accuracy int8 may lose, a number")
+    if calibration_images < 1:
+        raise CnnlabError(f"--calibration-images {calibration_images}: give 1 or more")
+    needed = ["onnx", "onnxscript", "onnxruntime"] + (["openvino"] + (["nncf"] if int8 else [])
+                                                      if fmt == "openvino" else [])
+    if missing := [m for m in needed if importlib.util.find_spec(m) is None]:
+        extra = "openvino" if {"openvino", "nncf"} & set(missing) else "deploy"
+        raise CnnlabError(f"export --format {fmt}{' --int8' if int8 else ''} needs {', '.join(missing)}: "
+                          f"pip install 'cnnlab[{extra}]'")
+
+
+def onnx_helper():
+    import onnx
+
+    return onnx.helper
+
+
+def _onnx_graph(module: DeployModule, meta: dict, images: torch.Tensor):
+    """The module as an ONNX graph (a ModelProto): uint8 NHWC images of any batch size in."""
     example = images[:2] if len(images) >= 2 else images.expand(2, *images.shape[1:]).contiguous()
     # torch.onnx logs a warning per torchvision operator it cannot find; torchvision is not used here.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -107,18 +184,71 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None, data_path: s
             raise CnnlabError(f"ONNX export of {meta['model']} failed: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, _metadata(run, meta, config))
-    proto.doc_string = f"cnnlab {__version__} export of {run.path.name}: uint8 NHWC images -> class probabilities"
+    proto.doc_string = f"cnnlab {__version__} export: uint8 NHWC images -> class probabilities and confidences"
+    return proto
 
-    out = Path(out) if out else run.file(Run.ONNX)
+
+def _agreement(module: DeployModule, images: torch.Tensor, predictor: Predictor, tolerance: float, runtime: str
+               ) -> float:
+    """The largest difference between the exported model's outputs and PyTorch's; over `tolerance` refuses."""
+    with torch.no_grad():
+        expected = np.concatenate([t.numpy().reshape(len(images), -1) for t in module(images)], 1)
+    got = np.concatenate([a.reshape(len(images), -1) for a in predictor.predict(images.numpy())], 1)
+    diff = float(np.abs(got - expected).max())
+    if not diff <= tolerance:  # also catches NaN
+        raise CnnlabError(f"export check failed: {runtime} and PyTorch differ by {diff:.2e} "
+                          f"(allowed {tolerance:.0e}) on {len(images)} test images; nothing was written")
+    return diff
+
+
+def _int8_check(fp32: Predictor, int8: Predictor, dataset, max_drop: float, calibration_images: int,
+                method: str) -> dict[str, str]:
+    """Both models' test accuracy; the int8 model's metadata when it loses at most `max_drop` points."""
+    n = len(dataset.y_test)
+    fp32_accuracy, int8_accuracy = (int8_.accuracy(p, dataset.x_test, dataset.y_test) for p in (fp32, int8))
+    int8_.check(fp32_accuracy, int8_accuracy, n, max_drop)
+    return int8_.record(fp32_accuracy, int8_accuracy, n, calibration_images, max_drop, method)
+
+
+def _write_onnx(fp32: Path, out: Path, module: DeployModule, images: torch.Tensor, tolerance: float,
+                int8: tuple | bool) -> dict:
+    """The checked fp32 file at `out`, or its int8 version once that passes the accuracy check."""
     with files.atomic_path(out) as tmp:
-        tmp.write_bytes(proto.SerializeToString())
-        with torch.no_grad():
-            expected = np.concatenate([t.numpy().reshape(len(images), -1) for t in module(images)], 1)
-        got = np.concatenate([a.reshape(len(images), -1) for a in OnnxPredictor(tmp).predict(images.numpy())], 1)
-        diff = float(np.abs(got - expected).max())
-        if not diff <= tolerance:  # also catches NaN
-            raise CnnlabError(f"export check failed: onnxruntime and PyTorch differ by {diff:.2e} "
-                              f"(allowed {tolerance:.0e}) on {len(images)} test images; nothing was written")
-    return {"path": str(out), "max_abs_diff": diff, "checked_images": len(images),
-            "seconds": round(time.perf_counter() - start, 2)}
+        if not int8:
+            shutil.copyfile(fp32, tmp)
+            return {}
+        dataset, max_drop, n = int8
+        sample = int8_.calibration_sample(dataset.x_train, n)
+        int8_.quantize_onnx(fp32, tmp, sample)
+        fields = _int8_check(OnnxPredictor(fp32), OnnxPredictor(tmp), dataset, max_drop, len(sample),
+                             "onnxruntime static QDQ, per-channel int8 weights, uint8 activations, MinMax ranges")
+        int8_.add_metadata(tmp, fields)
+        return {"int8": json.loads(fields[METADATA_PREFIX + "int8"])}
+
+
+def _write_openvino(fp32: Path, out: Path, module: DeployModule, images: torch.Tensor, tolerance: float,
+                    int8: tuple | bool) -> dict:
+    """OpenVINO's IR of the checked fp32 graph (its own converter; the metadata comes along), checked against
+    PyTorch in OpenVINO too, in the folder `out`; or, with `int8`, NNCF's int8 version once that passes."""
+    from cnnlab.deploy import openvino
+
+    ov = openvino.openvino()
+    model = ov.convert_model(str(fp32))
+    reference = fp32.with_suffix(".xml")
+    ov.save_model(model, str(reference), compress_to_fp16=False)  # fp16 weights would move the probabilities
+    fp32_model = openvino.OpenVinoPredictor(reference)
+    result = {"openvino_max_abs_diff": _agreement(module, images, fp32_model, tolerance, "OpenVINO")}
+    with files.atomic_dir(out) as folder:
+        if not int8:
+            ov.save_model(model, str(folder / openvino.IR_NAME), compress_to_fp16=False)
+            return result
+        dataset, max_drop, n = int8
+        sample = int8_.calibration_sample(dataset.x_train, n)
+        quantized = int8_.quantize_openvino(model, sample)
+        staged = fp32.with_name("int8.xml")
+        ov.save_model(quantized, str(staged))
+        fields = _int8_check(fp32_model, openvino.OpenVinoPredictor(staged), dataset, max_drop, len(sample),
+                             "NNCF post-training quantization (OpenVINO), per-channel int8 weights")
+        openvino.set_metadata(quantized, fields)
+        ov.save_model(quantized, str(folder / openvino.IR_NAME))
+        return result | {"int8": json.loads(fields[METADATA_PREFIX + "int8"])}

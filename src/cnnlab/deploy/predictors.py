@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -20,6 +20,10 @@ from cnnlab.errors import CnnlabError
 from cnnlab.run import Run
 
 METADATA_PREFIX = "cnnlab."
+Runtime = Literal["auto", "onnxruntime", "openvino"]  # what runs an ONNX file (an OpenVINO model: OpenVINO)
+# The faster runtime for a fp32 ONNX file on each CPU class, where OpenVINO is installed
+# (benchmarks/results/deploy_speed-*.json; README "Deploying fast").
+RUNTIME_BY_CPU: dict[str, Literal["onnxruntime", "openvino"]] = {}
 UNKNOWN = "unknown"  # the answer below --min-confidence: the image is of none of the classes, or too unclear
 
 
@@ -54,24 +58,9 @@ class OnnxPredictor:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
             raise CnnlabError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if METADATA_PREFIX + "classes" not in meta:
-            raise CnnlabError(f"{path} was not exported by cnnlab (no class names in its metadata); "
-                              "use `cnnlab export RUN_DIR`")
+        self.info = exported_info(self.session.get_modelmeta().custom_metadata_map, path, "onnx")
+        self.info["runtime"] = "onnxruntime"
         self.input_name = self.session.get_inputs()[0].name
-        self.info = {
-            "name": _model_name(path, meta.get(METADATA_PREFIX + "source_run")), "format": "onnx", "path": str(path),
-            "classes": json.loads(meta[METADATA_PREFIX + "classes"]),
-            "channels": int(meta[METADATA_PREFIX + "channels"]),
-            "image_size": json.loads(meta[METADATA_PREFIX + "image_size"]),
-            "resize": meta.get(METADATA_PREFIX + "resize", "squish"),  # models exported before it existed squished
-            "source_run": meta.get(METADATA_PREFIX + "source_run"),
-            "test_accuracy": json.loads(meta.get(METADATA_PREFIX + "test_accuracy", "null")),
-            "cnnlab_version": meta.get(METADATA_PREFIX + "version"),
-            "data": json.loads(meta.get(METADATA_PREFIX + "data", "null")),
-            "weights_sha256": meta.get(METADATA_PREFIX + "weights_sha256"),
-            "calibration": json.loads(meta.get(METADATA_PREFIX + "calibration", "null")),
-        }
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.predict(images)[0]
@@ -80,6 +69,26 @@ class OnnxPredictor:
         outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.uint8)})
         # exports from before calibration have one output: their confidence is the top probability
         return outputs[0], outputs[1] if len(outputs) > 1 else outputs[0].max(1)
+
+
+def exported_info(meta: dict[str, str], path: Path, fmt: str) -> dict:
+    """A Predictor's `info` from an exported model's metadata (export.py writes it; OpenVINO's converter keeps it)."""
+    if METADATA_PREFIX + "classes" not in meta:
+        raise CnnlabError(f"{path} was not exported by cnnlab (no class names in its metadata); "
+                          "use `cnnlab export RUN_DIR`")
+
+    def field(key: str, default: str = "null"):
+        return json.loads(meta.get(METADATA_PREFIX + key, default))
+    return {
+        "name": _model_name(path, meta.get(METADATA_PREFIX + "source_run")), "format": fmt, "path": str(path),
+        "classes": field("classes"), "channels": int(meta[METADATA_PREFIX + "channels"]),
+        "image_size": field("image_size"),
+        "resize": meta.get(METADATA_PREFIX + "resize", "squish"),  # models exported before it existed squished
+        "source_run": meta.get(METADATA_PREFIX + "source_run"), "test_accuracy": field("test_accuracy"),
+        "cnnlab_version": meta.get(METADATA_PREFIX + "version"), "data": field("data"),
+        "weights_sha256": meta.get(METADATA_PREFIX + "weights_sha256"), "calibration": field("calibration"),
+        "precision": meta.get(METADATA_PREFIX + "precision", "fp32"), "int8": field("int8"),
+    }
 
 
 def predict_of(predictor: Predictor):
@@ -117,9 +126,27 @@ def is_onnx(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(".onnx")
 
 
-def load_predictor(path: str | os.PathLike, device: str = "auto", exported: bool = False) -> Predictor:
-    """An ONNX file (onnxruntime) or a run directory (PyTorch). With `exported`, a run directory is run through
-    its own export when that is current (`current_export`): no PyTorch to import."""
+def is_openvino(path: str | os.PathLike) -> bool:
+    """An OpenVINO model: its .xml file, or the folder `cnnlab export --format openvino` writes (model.xml and
+    model.bin; a run directory, which has model.json, is not one)."""
+    path = Path(path)
+    return path.suffix.lower() == ".xml" or (path.is_dir() and (path / "model.xml").is_file()
+                                              and not (path / Run.META).exists())
+
+
+def is_exported(path: str | os.PathLike) -> bool:
+    return is_onnx(path) or is_openvino(path)
+
+
+def load_predictor(path: str | os.PathLike, device: str = "auto", exported: bool = False,
+                   runtime: Runtime = "auto") -> Predictor:
+    """An exported model (an ONNX file in `runtime`, an OpenVINO model in OpenVINO) or a run directory
+    (PyTorch). With `exported`, a run directory is run through its own ONNX export when that is current
+    (`current_export`): no PyTorch to import."""
+    if is_openvino(path) or (is_onnx(path) and pick_runtime(runtime) == "openvino"):
+        from cnnlab.deploy.openvino import OpenVinoPredictor
+
+        return OpenVinoPredictor(path)
     if is_onnx(path):
         return OnnxPredictor(path)
     if exported and device in ("auto", "cpu") and (onnx := current_export(path)) is not None:
@@ -150,8 +177,26 @@ def current_export(run_dir: str | os.PathLike) -> OnnxPredictor | None:
 
 
 def _model_name(path: Path, source_run: str | None) -> str:
-    """What to call an exported model: its file's stem, or its run's name for the default `model.onnx`."""
-    return Path(source_run).name if path.stem == "model" and source_run else path.stem
+    """What to call an exported model: its file's stem, or its run's name for the default names (`model.onnx`,
+    `model.int8.onnx`: the run's name and `.int8`; an OpenVINO folder's `model.xml`)."""
+    if source_run and (path.stem == "model" or path.stem.startswith("model.")):
+        return Path(source_run).name + path.stem[len("model"):]
+    return path.stem
+
+
+def pick_runtime(runtime: Runtime) -> Literal["onnxruntime", "openvino"]:
+    """What runs an ONNX file. `auto`: onnxruntime, which `cnnlab[deploy]` installs, unless OpenVINO is installed
+    and this CPU class is one where it measured faster (RUNTIME_BY_CPU; benchmarks/deploy_speed.py)."""
+    import importlib.util
+
+    from cnnlab.hardware import cpu_class
+
+    installed = importlib.util.find_spec("openvino") is not None
+    if runtime == "openvino" and not installed:
+        raise CnnlabError("--runtime openvino needs OpenVINO: pip install 'cnnlab[openvino]'")
+    if runtime != "auto":
+        return runtime
+    return RUNTIME_BY_CPU.get(cpu_class(), "onnxruntime") if installed else "onnxruntime"
 
 
 def decode_for(predictor: Predictor, source: bytes | str | os.PathLike, name: str | None = None,
@@ -189,13 +234,14 @@ def answer(predictions: list[dict], confidence: float, min_confidence: float | N
 
 
 def predict_files(model: str | os.PathLike, paths: list[str], k: int = 3, device: str = "auto",
-                  batch_size: int = 256, min_confidence: float | str | None = None) -> list[dict]:
+                  batch_size: int = 256, min_confidence: float | str | None = None, runtime: Runtime = "auto"
+                  ) -> list[dict]:
     """Per image file (folders: every image under them), with an ONNX file or a run directory: its answer
     (`label`: the top class, or "unknown" when `confidence`, the chance that it is right, is below
     `min_confidence`, a number or "auto") and its top-k
     classes and calibrated probabilities. A file that cannot be read gets {"filename", "error"} instead, and the
     others are still classified."""
-    predictor = load_predictor(model, device, exported=True)
+    predictor = load_predictor(model, device, exported=True, runtime=runtime)
     threshold = min_confidence_for(predictor, min_confidence)
     results = []
     for i in range(0, len(paths := expand_paths(paths)), batch_size):

@@ -11,7 +11,7 @@ import torch
 
 from cnnlab import __version__, models
 from cnnlab.data import Normalization
-from cnnlab.deploy.predictors import OnnxPredictor
+from cnnlab.deploy.predictors import Runtime, load_predictor
 from cnnlab.device import pick_device
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluation import calibration, evaluate
@@ -43,9 +43,9 @@ class TorchPredictor:
         return (logits / self.temperature).softmax(1).numpy(), calibration.confidence(logits, self.calibrated).numpy()
 
 
-def evaluate_onnx(model_path: str | Path, data_path: str | None = None) -> dict:
-    """Test-set metrics of an exported model, computed by onnxruntime (nothing is written)."""
-    predictor = OnnxPredictor(model_path)
+def evaluate_exported(model_path: str | Path, data_path: str | None = None, runtime: Runtime = "auto") -> dict:
+    """Test-set metrics of an exported model (ONNX or OpenVINO), computed by its runtime (nothing is written)."""
+    predictor = load_predictor(model_path, runtime=runtime)
     info, config = predictor.info, predictor.info["data"] or {}
     if not (data_path or config.get("path")):
         raise CnnlabError(f"{model_path} does not say which data it was trained on; pass --data")
@@ -65,3 +65,6 @@ def evaluate_onnx(model_path: str | Path, data_path: str | None = None) -> dict:
     if record and len(dataset.y_test):
         metrics["calibration"] = calibration.summary(logits, dataset.y_test, record)
     return metrics
+
+
+evaluate_onnx = evaluate_exported  # its name before OpenVINO models existed

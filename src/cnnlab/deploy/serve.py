@@ -35,6 +35,7 @@ from cnnlab.data.images import MAX_PIXELS, ImageError, TooManyPixels
 from cnnlab.deploy.limits import DecodingSlots, RequestLimit, UploadLimit, header_pixels, uvicorn_limits
 from cnnlab.deploy.predictors import (
     Predictor,
+    Runtime,
     answer,
     decode_for,
     load_predictor,
@@ -62,7 +63,7 @@ PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsaf
 
 @dataclass
 class ServeConfig:
-    model: str  # an exported .onnx file or a run directory
+    model: str  # an exported model (.onnx, an OpenVINO folder or .xml) or a run directory
     host: str = "127.0.0.1"  # loopback: exposing a model to the network is a decision, not a default
     port: int = 8000
     workers: int = 1  # processes; each holds its own copy of the model
@@ -88,6 +89,7 @@ class ServeConfig:
     # below it the answer is "unknown" (a request may pass its own); "auto": the run's suggestion (the lowest
     # calibrated confidence at which its held-out images reach 95% accuracy); None: always a class
     min_confidence: float | str | None = None
+    runtime: Runtime = "auto"  # what runs an .onnx file (predictors.pick_runtime)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ class Batcher:
 def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
     if FastAPI is None:
         raise CnnlabError("serving needs FastAPI and uvicorn: pip install 'cnnlab[deploy]'")
-    predictor = predictor or self_check(load_predictor(config.model, config.device))
+    predictor = predictor or self_check(load_predictor(config.model, config.device, runtime=config.runtime))
     # what clients may see: names, not the server's file system (paths become their last part)
     info = {k: Path(v).name if k in ("path", "source_run") and v else v for k, v in predictor.info.items()
             if k != "data"}
@@ -200,7 +202,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
 
 def _add_explain_route(app: FastAPI, predictor: Predictor, info: dict, config: ServeConfig) -> None:
     """POST /explain: one image's Grad-CAM overlay (evaluation/explain.py) on a copy of the network, so that its
-    hooks never meet the batches /predict runs meanwhile. An ONNX model has no gradients: 501, saying so."""
+    hooks never meet the batches /predict runs meanwhile. An exported model has no gradients: 501, saying so."""
     explainer = {}
 
     def explain(image: np.ndarray, class_name: str | None) -> dict:
@@ -220,7 +222,7 @@ def _add_explain_route(app: FastAPI, predictor: Predictor, info: dict, config: S
                             class_name: str | None = Query(None, alias="class", description="the class to map "
                                                            "(default: the predicted one)")):
         if not hasattr(predictor, "model"):
-            return JSONResponse({"detail": "this server runs an ONNX file, which has no gradients: serve the run "
+            return JSONResponse({"detail": "this server runs an exported model, which has no gradients: serve the run "
                                            "directory (cnnlab serve RUN_DIR) to see where the network looked"},
                                 status_code=501)
         if class_name is not None and class_name not in info["classes"]:
@@ -327,7 +329,8 @@ def serve(config: ServeConfig) -> None:
     if config.workers == 1:
         uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info", **limits)
         return
-    self_check(load_predictor(config.model, config.device))  # fail here, once, rather than in every worker
+    # fail here, once, rather than in every worker
+    self_check(load_predictor(config.model, config.device, runtime=config.runtime))
     os.environ["CNNLAB_SERVE"] = json.dumps(asdict(config))
     uvicorn.run("cnnlab.deploy.serve:app_from_env", factory=True, host=config.host, port=config.port,
                 workers=config.workers, log_level="info", **limits)

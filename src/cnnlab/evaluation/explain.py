@@ -102,8 +102,8 @@ def explain_run(run: Run | str | Path, paths: list[str], out: str | Path | None 
                 layer: str | None = None, device: str = "auto") -> list[dict]:
     """`cnnlab explain`: Grad-CAM overlays of image files (folders: every image under them) with a run's final
     weights, written to `out` (default RUN/explanations/)."""
-    if str(run).lower().endswith(".onnx"):
-        raise CnnlabError(f"{run} is an ONNX file: explaining needs the run directory it was exported from "
+    if Path(run).suffix.lower() in (".onnx", ".xml"):
+        raise CnnlabError(f"{run} is an exported model: explaining needs the run directory it was exported from "
                           "(gradients need the PyTorch weights)")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise CnnlabError(f"--out {out} is a file; give a folder for the overlays")

@@ -49,6 +49,7 @@ class Run:
     CONFUSION_CSV, CONFUSION_JSON = "confusion_matrix.csv", "confusion_matrix.json"
     CONFUSION_PNG = "confusion_matrix.png"
     REPORT, ONNX, TRACKING, TENSORBOARD = "report.html", "model.onnx", "tracking.json", "tensorboard"
+    ONNX_INT8, OPENVINO = "model.int8.onnx", "openvino"  # `export --int8`; `--format openvino`: a folder (-int8)
     # What the end of a run writes after its weights, in order; the pictures not with --no-report.
     END_FILES = (METRICS, CONFUSION_CSV, CONFUSION_JSON)
     PICTURES = (CONFUSION_PNG, REPORT)
