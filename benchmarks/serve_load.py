@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CNNLAB, DATA, HERE, ROOT, machine, run, save
+from common import CNNLAB, DATA, HERE, ROOT, cpu_class, machine, run, save
 
 
 def free_port() -> int:
@@ -290,6 +290,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     ap.add_argument("--hostile", action="store_true", help="large and slow clients beside the normal ones")
+    ap.add_argument("--runtime", default="auto", help="what runs an .onnx model (serve --runtime)")
+    ap.add_argument("--tag", help="write serve_load-TAG.json (fp32 against int8: benchmarks/deploy_speed.py models)")
     args = ap.parse_args()
 
     model = Path(args.model) if args.model else default_model()
@@ -299,7 +301,8 @@ def main() -> None:
     log = HERE / "work" / "serve-load-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        server = subprocess.Popen([*CNNLAB, "serve", str(model), "--port", str(port), "--workers", str(args.workers)],
+        server = subprocess.Popen([*CNNLAB, "serve", str(model), "--port", str(port), "--workers", str(args.workers),
+                                   "--runtime", args.runtime],
                                   stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         for _ in range(600):
@@ -344,8 +347,9 @@ def main() -> None:
         server.wait(timeout=30)
     growth = round(memory[-1] - memory[1], 1) if len(memory) > 2 else None
     print(f"memory: {memory[0]} MB after warm-up; growth across the rounds after the first: {growth} MB")
-    name = "serve_load" + ("-hostile" if args.hostile else "")
-    save(name, {"machine": machine(), "hostile": args.hostile, "model": str(model), "clients": args.clients,
+    name = "serve_load" + ("-hostile" if args.hostile else "") + (f"-{args.tag}" if args.tag else "")
+    save(name, {"machine": machine(), "cpu_class": cpu_class(), "hostile": args.hostile, "model": str(model),
+                "runtime": args.runtime, "clients": args.clients,
                 "seconds": args.seconds, "workers": args.workers, "rss_after_warmup_mb": memory[0],
                 "rss_growth_after_first_round_mb": growth, "rounds": rounds, "parallel_uploads": uploads,
                 "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])})

@@ -222,7 +222,8 @@ def _add_explain_route(app: FastAPI, predictor: Predictor, info: dict, config: S
                             class_name: str | None = Query(None, alias="class", description="the class to map "
                                                            "(default: the predicted one)")):
         if not hasattr(predictor, "model"):
-            return JSONResponse({"detail": "this server runs an exported model, which has no gradients: serve the run "
+            kind = "an ONNX file" if info["format"] == "onnx" else "an OpenVINO model"
+            return JSONResponse({"detail": f"this server runs {kind}, which has no gradients: serve the run "
                                            "directory (cnnlab serve RUN_DIR) to see where the network looked"},
                                 status_code=501)
         if class_name is not None and class_name not in info["classes"]:
