@@ -31,7 +31,8 @@ class TorchPredictor:
                      "classes": meta["classes"], "channels": meta["in_channels"], "image_size": meta["image_size"],
                      "resize": meta.get("resize", "squish"), "source_run": str(Path(run_dir).resolve()),
                      "test_accuracy": Run.of(run_dir).recorded_accuracy(),
-                     "cnnlab_version": __version__, "model": meta["model"], "calibration": meta.get("calibration")}
+                     "cnnlab_version": __version__, "model": meta["model"], "calibration": meta.get("calibration"),
+                     "runtime": "pytorch", "precision": meta.get("precision", "fp32")}
         self.temperature, self.calibrated = calibration.temperature_of(meta), meta.get("calibration")
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
