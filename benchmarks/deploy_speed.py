@@ -10,11 +10,12 @@ weights, so these runs are weak classifiers; what matters here is their speed, a
 network's accuracy). Each run is exported by `cnnlab export` four ways (ONNX fp32 and int8, OpenVINO fp32 and int8).
 
 Per model, runtime and precision: batch-1 latency (median and p99 over single-image calls) and batch-64
-throughput, with 1 thread and with all cores; the model file's size; test accuracy (int8: the figure its export
-measured and refused on). The runtimes are measured in interleaved rounds (each round visits every runtime in
-turn), so a machine that gets busier hurts all of them alike. Targets (issue "deploy fast"): int8 >= 2x the fp32
-ONNX throughput at <= 1 point accuracy loss for the 224-px backbones; mobilenet_v3_large fp32 batch-1 latency at
-or below timm's published 7.4 ms. Writes benchmarks/results/deploy_speed-<cpu class>.json. Run it alone.
+throughput, with 1 thread and with all cores; the model file's size; test accuracy. The runtimes are measured in
+interleaved rounds (each round visits every runtime in turn), so a machine that gets busier hurts all of them
+alike. Accuracies are those already measured on the whole test set: PyTorch's by the run, each runtime's fp32
+and int8 by the int8 export's check. Targets (issue "deploy fast"): int8 >= 2x the fp32 ONNX throughput at
+<= 1 point accuracy loss for the 224-px backbones; mobilenet_v3_large fp32 batch-1 latency at or below timm's
+published 7.4 ms. Writes benchmarks/results/deploy_speed-<cpu class>.json. Run it alone.
 """
 
 from __future__ import annotations
@@ -104,19 +105,25 @@ def time_calls(model, batches: list[np.ndarray], seconds: float, at_least: int) 
     return times
 
 
-def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
-    right = sum(int((model.probabilities(x[i:i + 250]).argmax(1) == y[i:i + 250]).sum()) for i in range(0, len(y), 250))
-    return right / len(y)
+def accuracies(run_dir: Path, paths: dict[tuple[str, str], Path]) -> dict[tuple[str, str], float]:
+    """Test accuracy of each (runtime, precision), as measured already: PyTorch's by the run (metrics.json), each
+    runtime's fp32 and int8 by the int8 export's own check (the same runtime, the whole test set)."""
+    result = {("pytorch", p): json.loads((run_dir / "metrics.json").read_text())["test_accuracy"]
+              for p in ("fp32", "bf16")}
+    for runtime in ("onnxruntime", "openvino"):
+        record = predictor(runtime, paths[(runtime, "int8")], 0).info["int8"]
+        result[(runtime, "fp32")], result[(runtime, "int8")] = record["fp32_accuracy"], record["int8_accuracy"]
+    return result
 
 
 def measure(name: str, run_dir: Path, rounds: int, seconds: float) -> list[dict]:
     dataset = evaluate.run_dataset(run_dir, json.loads((run_dir / "model.json").read_text()))
-    x = dataset.x_test.permute(0, 2, 3, 1).contiguous().numpy()
-    y = dataset.y_test.numpy()
+    x = dataset.x_test[:256].permute(0, 2, 3, 1).contiguous().numpy()
     singles = [x[i:i + 1] for i in range(32)]
     sixty_fours = [x[i:i + 64] for i in range(0, 256, 64)]
     models = {("pytorch", "fp32" if json.loads((run_dir / "model.json").read_text()).get("precision") == "fp32"
                else "bf16"): run_dir, **exports(run_dir)}
+    accuracy = accuracies(run_dir, models)
     cores = os.cpu_count() or 1
     samples: dict[tuple, dict[str, list]] = {}
     for _ in range(rounds):  # interleaved: every runtime once per round
@@ -130,9 +137,7 @@ def measure(name: str, run_dir: Path, rounds: int, seconds: float) -> list[dict]
     rows = []
     for (runtime, precision, threads), s in samples.items():
         path = models[(runtime, precision)]
-        model = predictor(runtime, path, cores)
-        recorded = getattr(model, "info", {}).get("int8")
-        acc = recorded["int8_accuracy"] if recorded else accuracy(model, x, y)
+        acc = accuracy[(runtime, precision)]
         size = size_mb(path / "model.safetensors") if runtime == "pytorch" else size_mb(path)
         for batch, key in ((1, "b1"), (64, "b64")):
             ms = s[key]
@@ -140,7 +145,7 @@ def measure(name: str, run_dir: Path, rounds: int, seconds: float) -> list[dict]
                          "threads": threads, "images_per_s": round(1000 * batch / statistics.median(ms), 1),
                          "latency_ms_median": round(statistics.median(ms), 3),
                          "latency_ms_p99": round(float(np.percentile(ms, 99)), 3), "calls": len(ms),
-                         "accuracy": round(acc, 4), "test_images": len(y), "size_mb": size})
+                         "accuracy": round(acc, 4), "test_images": len(dataset.y_test), "size_mb": size})
         print(f"{name:20s} {runtime:12s} {precision:5s} threads {threads}: batch 1 "
               f"{statistics.median(s['b1']):7.2f} ms (p99 {np.percentile(s['b1'], 99):7.2f}), batch 64 "
               f"{64000 / statistics.median(s['b64']):8.1f} img/s, accuracy {acc:.4f}, {rows[-1]['size_mb']} MB")

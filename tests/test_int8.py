@@ -184,3 +184,18 @@ def test_serve_runs_an_openvino_model(openvino_models, real_subset):
         top = reply.json()["results"][0]["predictions"][0]
         assert top["class"] in info["classes"] and 0 < top["probability"] <= 1
         assert client.post("/explain", files={"file": (image.name, image.read_bytes())}).status_code == 501
+
+
+@needs_openvino
+def test_the_server_runs_onnx_files_in_the_runtime_measured_faster(quick_onnx, int8_onnx):
+    """`auto`: for the server, the table measured per CPU class and precision; for a one-off predict, onnxruntime
+    (OpenVINO's import alone costs more than classifying an image)."""
+    from cnnlab.deploy import predictors
+    from cnnlab.hardware import cpu_class
+
+    for path, precision in ((quick_onnx, "fp32"), (int8_onnx, "int8")):
+        want = predictors.RUNTIME_BY_CPU.get((cpu_class(), precision), "onnxruntime")
+        assert deploy.load_predictor(path, serving=True).info["runtime"] == want
+        assert deploy.load_predictor(path).info["runtime"] == "onnxruntime"
+        assert deploy.load_predictor(path, runtime="openvino").info["runtime"] == "openvino"
+        assert deploy.load_predictor(path, runtime="onnxruntime", serving=True).info["runtime"] == "onnxruntime"

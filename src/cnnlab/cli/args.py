@@ -105,8 +105,8 @@ def _positive_float(text: str) -> float:
 
 def _add_runtime_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "openvino"],
-                   help="what runs an .onnx model (default auto: the faster one on this CPU class, as measured; "
-                   "an OpenVINO model always runs in OpenVINO)")
+                   help="what runs an .onnx model (default auto: onnxruntime; for `serve`, OpenVINO where it is "
+                   "installed and measured faster on this CPU class; an OpenVINO model always runs in OpenVINO)")
 
 
 def _size(text: str) -> tuple[int, int]:

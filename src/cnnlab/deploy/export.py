@@ -221,7 +221,7 @@ def _write_onnx(fp32: Path, out: Path, module: DeployModule, images: torch.Tenso
         sample = int8_.calibration_sample(dataset.x_train, n)
         int8_.quantize_onnx(fp32, tmp, sample)
         fields = _int8_check(OnnxPredictor(fp32), OnnxPredictor(tmp), dataset, max_drop, len(sample),
-                             "onnxruntime static QDQ, per-channel int8 weights, uint8 activations, MinMax ranges")
+                             "onnxruntime static QDQ, per-channel int8 weights, uint8 activations, percentile ranges")
         int8_.add_metadata(tmp, fields)
         return {"int8": json.loads(fields[METADATA_PREFIX + "int8"])}
 

@@ -21,9 +21,12 @@ from cnnlab.run import Run
 
 METADATA_PREFIX = "cnnlab."
 Runtime = Literal["auto", "onnxruntime", "openvino"]  # what runs an ONNX file (an OpenVINO model: OpenVINO)
-# The faster runtime for a fp32 ONNX file on each CPU class, where OpenVINO is installed
-# (benchmarks/results/deploy_speed-*.json; README "Deploying fast").
-RUNTIME_BY_CPU: dict[str, Literal["onnxruntime", "openvino"]] = {}
+# The server's runtime for an ONNX file, by CPU class and precision, where OpenVINO is installed: where it measured
+# faster (benchmarks/deploy_speed.py, results/deploy_speed-<class>.json). avx512_bf16 (AMD EPYC with VNNI,
+# 2 cores): OpenVINO ran fp32 graphs 2.0-2.8x as fast as onnxruntime at batch 64 and 1.5-2x at batch 1. int8
+# ONNX files stay on onnxruntime (OpenVINO ran its QDQ graph of `quick` 1.4x slower: 3.3 s against 2.3 s for the
+# test set). Classes not measured keep onnxruntime.
+RUNTIME_BY_CPU: dict[tuple[str, str], Literal["onnxruntime", "openvino"]] = {("avx512_bf16", "fp32"): "openvino"}
 UNKNOWN = "unknown"  # the answer below --min-confidence: the image is of none of the classes, or too unclear
 
 
@@ -139,16 +142,21 @@ def is_exported(path: str | os.PathLike) -> bool:
 
 
 def load_predictor(path: str | os.PathLike, device: str = "auto", exported: bool = False,
-                   runtime: Runtime = "auto") -> Predictor:
-    """An exported model (an ONNX file in `runtime`, an OpenVINO model in OpenVINO) or a run directory
-    (PyTorch). With `exported`, a run directory is run through its own ONNX export when that is current
+                   runtime: Runtime = "auto", serving: bool = False) -> Predictor:
+    """An exported model (an ONNX file in `runtime`, see pick_runtime; an OpenVINO model in OpenVINO) or a run
+    directory (PyTorch). With `exported`, a run directory is run through its own ONNX export when that is current
     (`current_export`): no PyTorch to import."""
-    if is_openvino(path) or (is_onnx(path) and pick_runtime(runtime) == "openvino"):
-        from cnnlab.deploy.openvino import OpenVinoPredictor
+    from cnnlab.deploy.openvino import OpenVinoPredictor  # imports OpenVINO only when it makes one
 
+    if is_openvino(path):
         return OpenVinoPredictor(path)
     if is_onnx(path):
-        return OnnxPredictor(path)
+        if runtime != "auto":
+            return OpenVinoPredictor(path) if pick_runtime(runtime) == "openvino" else OnnxPredictor(path)
+        model = OnnxPredictor(path)
+        if pick_runtime(runtime, model.info["precision"], serving) == "openvino":
+            return OpenVinoPredictor(path)
+        return model
     if exported and device in ("auto", "cpu") and (onnx := current_export(path)) is not None:
         return onnx
 
@@ -184,9 +192,12 @@ def _model_name(path: Path, source_run: str | None) -> str:
     return path.stem
 
 
-def pick_runtime(runtime: Runtime) -> Literal["onnxruntime", "openvino"]:
-    """What runs an ONNX file. `auto`: onnxruntime, which `cnnlab[deploy]` installs, unless OpenVINO is installed
-    and this CPU class is one where it measured faster (RUNTIME_BY_CPU; benchmarks/deploy_speed.py)."""
+def pick_runtime(runtime: Runtime, precision: str = "fp32", serving: bool = False
+                 ) -> Literal["onnxruntime", "openvino"]:
+    """What runs an ONNX file. `auto`: onnxruntime, which `cnnlab[deploy]` installs; for the server, OpenVINO where
+    it is installed and measured faster on this CPU class for a model of this precision (RUNTIME_BY_CPU). A
+    one-off `predict` or `evaluate` keeps onnxruntime: importing OpenVINO alone takes 0.37 s, more than
+    classifying an image (0.14 s in all through onnxruntime)."""
     import importlib.util
 
     from cnnlab.hardware import cpu_class
@@ -196,7 +207,9 @@ def pick_runtime(runtime: Runtime) -> Literal["onnxruntime", "openvino"]:
         raise CnnlabError("--runtime openvino needs OpenVINO: pip install 'cnnlab[openvino]'")
     if runtime != "auto":
         return runtime
-    return RUNTIME_BY_CPU.get(cpu_class(), "onnxruntime") if installed else "onnxruntime"
+    if not (serving and installed):
+        return "onnxruntime"
+    return RUNTIME_BY_CPU.get((cpu_class(), precision), "onnxruntime")
 
 
 def decode_for(predictor: Predictor, source: bytes | str | os.PathLike, name: str | None = None,

@@ -89,7 +89,8 @@ class ServeConfig:
     # below it the answer is "unknown" (a request may pass its own); "auto": the run's suggestion (the lowest
     # calibrated confidence at which its held-out images reach 95% accuracy); None: always a class
     min_confidence: float | str | None = None
-    runtime: Runtime = "auto"  # what runs an .onnx file (predictors.pick_runtime)
+    # what runs an .onnx file; auto: the faster runtime on this CPU class as measured (predictors.pick_runtime)
+    runtime: Runtime = "auto"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,7 +147,8 @@ class Batcher:
 def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
     if FastAPI is None:
         raise CnnlabError("serving needs FastAPI and uvicorn: pip install 'cnnlab[deploy]'")
-    predictor = predictor or self_check(load_predictor(config.model, config.device, runtime=config.runtime))
+    predictor = predictor or self_check(load_predictor(config.model, config.device, runtime=config.runtime,
+                                                       serving=True))
     # what clients may see: names, not the server's file system (paths become their last part)
     info = {k: Path(v).name if k in ("path", "source_run") and v else v for k, v in predictor.info.items()
             if k != "data"}
@@ -331,7 +333,7 @@ def serve(config: ServeConfig) -> None:
         uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info", **limits)
         return
     # fail here, once, rather than in every worker
-    self_check(load_predictor(config.model, config.device, runtime=config.runtime))
+    self_check(load_predictor(config.model, config.device, runtime=config.runtime, serving=True))
     os.environ["CNNLAB_SERVE"] = json.dumps(asdict(config))
     uvicorn.run("cnnlab.deploy.serve:app_from_env", factory=True, host=config.host, port=config.port,
                 workers=config.workers, log_level="info", **limits)
