@@ -152,19 +152,62 @@ def measure(name: str, run_dir: Path, rounds: int, seconds: float) -> list[dict]
     return rows
 
 
+def without_tta(run_dir: Path, rounds: int, seconds: float) -> list[dict]:
+    """Batch-1 latency of the run's network without test-time augmentation (the photos recipe averages a mirrored
+    view, two images a call), in fp32: the figure to hold against timm's, which runs one view."""
+    import shutil
+
+    copy = WORK / f"{run_dir.name}-without-tta"
+    if not copy.exists():
+        copy.mkdir(parents=True)
+        for name in ("model.json", "model.safetensors", "config.json", "metrics.json", "history.json"):
+            shutil.copy(run_dir / name, copy / name)
+        meta = json.loads((copy / "model.json").read_text())
+        (copy / "model.json").write_text(json.dumps({**meta, "tta": 0}))
+    paths = {("onnxruntime", "fp32"): copy / "model.onnx", ("openvino", "fp32"): copy / "openvino"}
+    for (runtime, _), path in paths.items():
+        if not path.exists():
+            print(export.describe(export.export(copy, path, fmt="onnx" if runtime == "onnxruntime" else "openvino")))
+    dataset = evaluate.run_dataset(copy, json.loads((copy / "model.json").read_text()))
+    singles = [dataset.x_test[i:i + 1].permute(0, 2, 3, 1).contiguous().numpy() for i in range(32)]
+    times: dict[tuple, list[float]] = {}
+    for _ in range(rounds):
+        for (runtime, _), path in paths.items():
+            for threads in sorted({1, os.cpu_count() or 1}):
+                times.setdefault((runtime, threads), []).extend(
+                    time_calls(predictor(runtime, path, threads), singles, seconds, 20))
+    rows = [{"model": run_dir.name, "tta": 0, "runtime": runtime, "precision": "fp32", "batch": 1, "threads": threads,
+             "latency_ms_median": round(statistics.median(ms), 3),
+             "latency_ms_p99": round(float(np.percentile(ms, 99)), 3), "calls": len(ms)}
+            for (runtime, threads), ms in times.items()]
+    for r in rows:
+        print(f"{r['model']} without TTA, {r['runtime']} threads {r['threads']}: batch 1 {r['latency_ms_median']} ms "
+              f"(p99 {r['latency_ms_p99']})")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--run", action="append", default=[], metavar="MODEL=RUN_DIR", help="use a trained run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement and round")
+    parser.add_argument("--without-tta-only", action="store_true",
+                        help="add only the batch-1 latency without test-time augmentation to the saved results")
     args = parser.parse_args()
+    if args.without_tta_only:
+        path = HERE / "results" / f"deploy_speed-{cpu_class()}.json"
+        result = json.loads(path.read_text())
+        result["without_tta"] = without_tta(Path(result["runs"]["mobilenet_v3_large"]), args.rounds, args.seconds)
+        save(f"deploy_speed-{cpu_class()}", result)
+        return
     given = dict(item.split("=", 1) for item in args.run)
     runs = {name: trained(name, given) for name in args.models}
     rows = []
     for name, run_dir in runs.items():
         rows += measure(name, run_dir, args.rounds, args.seconds)
-    result = {"cpu_class": cpu_class(), "machine": machine(), "rows": rows,
+    without = without_tta(runs["mobilenet_v3_large"], args.rounds, args.seconds) if "mobilenet_v3_large" in runs else []
+    result = {"cpu_class": cpu_class(), "machine": machine(), "rows": rows, "without_tta": without,
               "runs": {name: str(path) for name, path in runs.items()},
               "command": "python benchmarks/deploy_speed.py " + " ".join(sys.argv[1:])}
     save(f"deploy_speed-{cpu_class()}", result)

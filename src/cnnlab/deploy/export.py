@@ -1,9 +1,12 @@
-"""ONNX export of a training run: one self-contained file that takes raw uint8 images and gives probabilities.
+"""Export of a training run: one self-contained ONNX file (or OpenVINO model) that takes raw uint8 images and
+gives probabilities; fp32, or int8 (int8.py) when that keeps the test accuracy within --max-drop.
 
 Everything a deployment would otherwise have to re-implement lives inside the graph: the NHWC -> NCHW
 layout change, the run's normalization, its test-time augmentation and the softmax. Class names, input
 size and provenance go into the ONNX metadata, so the file alone is enough to serve the model
-(`cnnlab serve model.onnx`). The export checks itself against PyTorch before the file appears.
+(`cnnlab serve model.onnx`). The export checks itself against PyTorch before the file appears; an OpenVINO model
+is OpenVINO's conversion of that checked graph, checked again in OpenVINO. Intermediate files live in a temporary
+folder; the result appears by rename (files.atomic_path, files.atomic_dir) or not at all.
 """
 
 from __future__ import annotations
