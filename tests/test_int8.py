@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -94,6 +95,18 @@ def test_export_settings_are_checked_before_any_data_is_read(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["export", str(missing), "--int8", "--calibration-images", "0"])
     assert e.value.code == 2 and "--calibration-images" in capsys.readouterr().err
+    # outputs an export cannot be kept in: refused before the run is even looked up
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "file.xml").write_text("")
+    for args, says in ((["--int8", "--out", "/dev/null"], "give a file path"),
+                       (["--int8", "--out", str(fifo)], "give a file path"),
+                       (["--format", "openvino", "--out", str(tmp_path / "file.xml")], "give a folder path"),
+                       (["--format", "openvino", "--out", str(fifo)], "give a folder path")):
+        assert cli.main(["export", str(missing), *args]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "file.xml"]
 
 
 @needs_openvino

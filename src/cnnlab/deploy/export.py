@@ -103,6 +103,10 @@ def export(run_dir: str | Path, out: str | Path | None = None, data_path: str | 
     figures and the time taken.
     """
     _requirements(fmt, int8, max_drop, calibration_images)
+    if out is not None and int8 and fmt == "onnx" and files.special_kind(Path(out)) is not None:
+        raise CnnlabError(f"--out {out}: an int8 model is measured from its file before it is kept; give a file path")
+    if out is not None and fmt == "openvino" and Path(out).exists() and not Path(out).is_dir():
+        raise CnnlabError(f"--out {out}: an OpenVINO model is a folder (model.xml, model.bin); give a folder path")
     start = time.perf_counter()
     run = Run.of(run_dir)
     module, meta = deploy_module(run)
