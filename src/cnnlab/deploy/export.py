@@ -103,6 +103,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, data_path: str | 
     figures and the time taken.
     """
     _requirements(fmt, int8, max_drop, calibration_images)
+    import onnx
+
     if out is not None and int8 and fmt == "onnx" and files.special_kind(Path(out)) is not None:
         raise CnnlabError(f"--out {out}: an int8 model is measured from its file before it is kept; give a file path")
     if out is not None and fmt == "openvino" and Path(out).exists() and not Path(out).is_dir():
@@ -119,7 +121,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, data_path: str | 
     with tempfile.TemporaryDirectory(prefix="cnnlab-export-") as work:
         fp32 = Path(work) / "model.onnx"
         proto = _onnx_graph(module, meta, images)
-        onnx_helper().set_model_props(proto, _metadata(run, meta, config))
+        onnx.helper.set_model_props(proto, _metadata(run, meta, config))
         fp32.write_bytes(proto.SerializeToString())
         result = {"checked_images": len(images), "max_abs_diff": _agreement(module, images, OnnxPredictor(fp32),
                                                                            tolerance, "onnxruntime")}
@@ -166,12 +168,6 @@ def _requirements(fmt: Format, int8: bool, max_drop: float, calibration_images: 
         extra = "openvino" if {"openvino", "nncf"} & set(missing) else "deploy"
         raise CnnlabError(f"export --format {fmt}{' --int8' if int8 else ''} needs {', '.join(missing)}: "
                           f"pip install 'cnnlab[{extra}]'")
-
-
-def onnx_helper():
-    import onnx
-
-    return onnx.helper
 
 
 def _onnx_graph(module: DeployModule, meta: dict, images: torch.Tensor):
