@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash, Ctrl-C or SIGKILL leaves either the old file or the new one, never half of one.
+"""Atomic file writes: a crash, Ctrl-C or SIGKILL leaves either the old file or the new one, never half of one;
+and `exclusive`, a lock that one process of a machine holds while it makes a file the others then read.
 
 An output path that is a character device or FIFO (/dev/null, /dev/stdout, a named pipe) is written through, as
 the shell's `>` would; a folder, socket or block device is refused in one line. None is ever renamed over.
@@ -6,18 +7,45 @@ the shell's `>` would; a folder, socket or block device is refused in one line. 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cnnlab.errors import CnnlabError
+
+
+@contextmanager
+def exclusive(lock: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the file lock `lock` (flock: the kernel releases it if the process dies), calling `on_wait` first
+    when another process holds it. The lock file is removed while held: a process still waiting on it looks for
+    the finished result before making it, and one arriving later makes a new lock. Without a writable folder
+    there is nothing to share, and no lock."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from cnnlab import presets
+from cnnlab import cluster, presets
 from cnnlab.cli.args import build_parser
 from cnnlab.cli.commands import (
     _data_config,
@@ -96,14 +96,19 @@ def _lost_contact(e: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        cluster.adopt_slurm()  # under srun: SLURM's variables as torchrun's, before anything reads them
     rank = os.environ.get("RANK", "0")
     where = f"(process {rank}) " if rank not in ("0", "") else ""  # under torchrun each process speaks for itself
     try:
         code = run(args, argv)
     except CnnlabError as e:
-        if not (where and isinstance(e, EveryProcessError)) and not getattr(e, "said", False):  # process 0 says it
-            # for all of them
-            print(f"cnnlab: error: {where}{e}", file=sys.stderr)
+        every = isinstance(e, EveryProcessError)
+        if not every:
+            _tell_the_others(str(e))
+        if not (every and cluster.local_rank()) and not getattr(e, "said", False):  # each machine's first
+            # process says what every process met, once
+            print(f"cnnlab: error: {'' if every else where}{e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         if not where:  # the other processes stopped at the same step: process 0 speaks for all
@@ -128,12 +133,35 @@ def _internal_error(e: Exception, where: str) -> int:
     """A bug: one line for users, the traceback on request."""
     if os.environ.get("CNNLAB_DEBUG"):
         raise e
-    if _lost_contact(e):  # another process failed first and says why; this one stays quiet, and waits
+    if _lost_contact(e):  # another process failed first and says why on its machine; this one waits
         time.sleep(3)  # so that the launcher sees that process end first and reports its exit code
-        return 75
+        return _say_why_lost()
     print(f"cnnlab: internal error: {where}{type(e).__name__}: {e} (set CNNLAB_DEBUG=1 for the traceback)",
           file=sys.stderr)
     return 1
+
+
+def _tell_the_others(message: str) -> None:
+    """Under several processes, leave the reason in the rendezvous store for processes on other machines."""
+    if "torch" in sys.modules and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        from cnnlab import dist
+
+        dist.tell(dist.World(cluster.rank(), int(os.environ["WORLD_SIZE"]), cluster.local_rank()), message)
+
+
+def _say_why_lost() -> int:
+    """A process that lost contact: if a process on another machine failed and told the store why, the first
+    process of this machine says it (2); otherwise all stay quiet, and the launcher reports the process of this
+    machine that failed, or that contact was lost (75)."""
+    from cnnlab import dist
+
+    told = dist.told(int(os.environ.get("WORLD_SIZE", "1")))
+    first_here = cluster.rank() - cluster.local_rank()
+    if told is None or first_here <= told[0] < first_here + int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+        return dist.LOST_CONTACT
+    if cluster.local_rank() == 0:
+        print(f"cnnlab: error: {told[1]}", file=sys.stderr)
+    return 2
 
 
 def entry() -> None:

@@ -93,6 +93,13 @@ def _int_between(low: int, high: int):
     return parse
 
 
+def _endpoint(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a port from 1 to 65535)")
+    return text
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -228,6 +235,17 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--nproc", type=_positive_int, metavar="N",
                    help="data-parallel training in N processes on this machine (runs torchrun; the batch size "
                    "stays the global one)")
+    p.add_argument("--nnodes", type=_positive_int, metavar="N",
+                   help="with --rdzv-endpoint: N machines train together, each running this same command "
+                   "(torchrun's c10d rendezvous; --nproc processes on each)")
+    p.add_argument("--node-rank", type=_int_between(0, 100_000), metavar="R",
+                   help="this machine's number, 0 to N-1 (said in the log; torchrun's c10d rendezvous orders "
+                   "machines by host name)")
+    p.add_argument("--rdzv-endpoint", type=_endpoint, metavar="HOST:PORT",
+                   help="where the machines meet: a host all of them reach and a free port on it")
+    p.add_argument("--max-restarts", type=_int_between(0, 1000), metavar="N",
+                   help="when a process dies, restart the group up to N times; every process resumes from the "
+                   "run's last checkpoint")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="with several processes: BatchNorm statistics over the global batch")
     p.add_argument("--val-sample", type=_positive_int, metavar="N",

@@ -127,17 +127,18 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.budget:
         _check_budget_flags(args)
     cfg = _train_config(args)  # checked by train()'s preflight, once
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if _launches(args) and "WORLD_SIZE" not in os.environ:
         from cnnlab.training.preflight import check_names
 
         check_names(cfg)  # before starting processes: one message, not one per process
         cfg.validate()
-        dist.per_rank_batch(dist.World(size=args.nproc), cfg.batch_size)
+        dist.per_rank_batch(dist.World(size=(args.nproc or 1) * (args.nnodes or 1)), cfg.batch_size)
         if cfg.pretrained == "imagenet":  # one download here, not one per process
             from cnnlab.models import pretrained
 
             pretrained.fetch(cfg.model)
-        return dist.launch(args.nproc, _without_nproc(argv))
+        return dist.launch(_worker_argv(args, argv), args.nproc or 1, args.nnodes or 1, args.node_rank or 0,
+                           args.rdzv_endpoint, args.max_restarts or 0)
     try:
         _train_or_resume(args, cfg)
     except EveryProcessError as e:
@@ -156,16 +157,17 @@ def _say_for_every_process(e: EveryProcessError) -> None:
     `make test` beside two busy processes.)"""
     from cnnlab import dist
 
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # each machine's first process
         print(f"cnnlab: error: {e}", file=sys.stderr, flush=True)
-        e.said = True
+    e.said = True
     try:
         dist.close(together=True)  # the others wait here until it has
     except Exception:  # a process group that failed: leave it as any other failure does
         dist.close()
 
 
-RESUME_TAKES = {"command", "resume", "data", "no_report", "nproc", "epochs"}  # the rest is the run's own
+RESUME_TAKES = {"command", "resume", "data", "no_report", "nproc", "epochs", "nnodes", "node_rank", "rdzv_endpoint",
+                "max_restarts"}  # the rest is the run's own
 
 
 def _given(args: argparse.Namespace, names) -> str:
@@ -182,7 +184,7 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
                           f"settings, start a new run from its weights: cnnlab train --init-from {args.resume} ...")
 
 
-BUDGET_CHOOSES = ("preset", "epochs", "model", "config", "resume", "nproc")
+BUDGET_CHOOSES = ("preset", "epochs", "model", "config", "resume", "nproc", "nnodes", "max_restarts")
 
 
 def _check_budget_flags(args: argparse.Namespace) -> None:
@@ -228,15 +230,35 @@ def _train_or_resume(args: argparse.Namespace, cfg) -> None:
                    mlflow_uri=args.mlflow_uri)
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
+LAUNCHER_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts")  # the launcher's own
+
+
+def _launches(args: argparse.Namespace) -> bool:
+    """Whether this command starts the processes (torchrun's agent) rather than training in this one."""
+    if (args.nnodes or 1) > 1 and not args.rdzv_endpoint:
+        raise CnnlabError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT: where the machines meet")
+    if args.rdzv_endpoint and (args.nnodes or 1) == 1:
+        raise CnnlabError("--rdzv-endpoint is for several machines: add --nnodes N")
+    if args.node_rank is not None and not args.node_rank < (args.nnodes or 1):
+        raise CnnlabError(f"--node-rank {args.node_rank} must be below --nnodes {args.nnodes or 1}")
+    return (args.nproc or 1) > 1 or (args.nnodes or 1) > 1 or bool(args.max_restarts)
+
+
+def _worker_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """The command each process runs: this one without the launcher's flags; with restarts, a named --out, so
+    that a restarted process 0 finds the run it was writing (lifecycle.elastic_restart)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a in LAUNCHER_FLAGS:
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(tuple(f + "=" for f in LAUNCHER_FLAGS)):
             out.append(a)
+    if args.max_restarts and not args.out and not args.resume:
+        from cnnlab.run import Run
+
+        out += ["--out", str(Run.new_path("runs", args.preset))]
     return out
 
 

@@ -76,6 +76,17 @@ class Request:
         return h.hexdigest()[:24]
 
 
+def pixels_digest(entry: Entry) -> str:
+    """A digest of every image's pixels in every split, from the entry's per-image digests (no pixel is read)."""
+    h = hashlib.sha256()
+    for split in sorted(entry.splits):
+        try:
+            h.update(split.encode() + entry.digests(split).tobytes())
+        except OSError:
+            return ""
+    return h.hexdigest()[:16]
+
+
 def fingerprint(path: Path) -> str:
     """A key that changes when any file under `path` (or named by the CSV `path`) changes path, size or
     modification time."""
@@ -200,7 +211,7 @@ def _build_entry(req: Request, folder: Path | None, parent: Path) -> Entry:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         cachedir.clear_abandoned(parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=cachedir.building_prefix(), dir=parent))
     except OSError:
         if folder is None:
             raise CnnlabError(f"cannot write the decoded images to {parent}") from None

@@ -1,56 +1,52 @@
 """The decoded cache's folder, kept in order: one process builds an entry while the others wait, finished entries
 appear by one rename, and the half-built entries of dead processes and damaged entries are removed.
 
-Nothing here knows what an entry holds (cache.py): only folders, locks and process ids.
+Nothing here knows what an entry holds (cache.py): only folders, locks, hosts and process ids.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
+
+from cnnlab import files
 
 log = logging.getLogger("cnnlab.data.cache")
 
 
-@contextlib.contextmanager
 def one_builder(folder: Path):
-    """Hold `.<key>.lock` beside the entry while building it (flock: released by the kernel if the process dies).
-    Without a writable cache folder there is nothing to share, and no lock."""
-    lock = folder.parent / f".{folder.name}.lock"
-    try:
+    """Hold `.<key>.lock` beside the entry while building it (files.exclusive: flock, released by the kernel if
+    the process dies). flock is per machine on NFS only where its lock daemon runs; the entries' names carry
+    the host name besides, so machines sharing a cache folder never judge each other's half-built entries."""
+    with contextlib.suppress(OSError):
         folder.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is decoding the same data: waiting for it")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        # removed while held: a process still waiting on it looks for the finished entry before building, and
-        # one arriving later makes a new lock; the cache folder keeps only entries
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        os.close(fd)
+    return files.exclusive(folder.parent / f".{folder.name}.lock",
+                           lambda: log.info("another process is decoding the same data: waiting for it"))
+
+
+def building_prefix() -> str:
+    """`.building-<host>-<pid>-`: a half-built entry's name says whose it is."""
+    return f".building-{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
 
 
 def clear_abandoned(parent: Path) -> None:
-    """Remove the half-built entries of processes that no longer run (killed while decoding)."""
+    """Remove the half-built entries of this machine's processes that no longer run (killed while decoding);
+    another machine's (a shared cache folder) are that machine's to judge."""
+    host = socket.gethostname().replace("-", "_")
     for folder in parent.glob(".building-*"):
+        parts = folder.name.split("-")
+        if len(parts) < 4 or parts[1] != host:
+            continue  # another machine's, or from before entries carried a host name
         try:
-            os.kill(int(folder.name.split("-")[1]), 0)
+            os.kill(int(parts[2]), 0)
         except ProcessLookupError:
             shutil.rmtree(folder, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError, OSError):
+        except (ValueError, PermissionError, OSError):
             continue  # not ours to judge, or its process is alive
 
 

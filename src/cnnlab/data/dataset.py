@@ -8,9 +8,11 @@ bounded chunks, so nothing here makes a float copy of the whole set.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 
 from cnnlab.config import DataConfig
@@ -43,6 +45,7 @@ class Dataset:
     test_files: tuple[str, ...] = ()  # image folders: each test image's file, relative to the data folder
     exact_copies: dict[str, int] = field(default_factory=dict)  # training images with a val/test image's pixels
     doubted: dict[str, tuple[int, ...]] = field(default_factory=dict)  # rows `data check --labels` doubts, per split
+    pixels_digest: str = ""  # of the decoded pixels of every split (the cache entry's digests); "" if not decoded
 
     @property
     def channels(self) -> int:
@@ -177,7 +180,21 @@ def load(c: DataConfig, use_cache: bool = True) -> Dataset:
     return Dataset(x, y, xt, yt, meta["classes"], meta["format"], meta["source"], meta["split"], xv, yv,
                    skipped=tuple(meta["skipped"]), resize=meta.get("resize"), layout=meta.get("layout", ""),
                    ignored=dict(meta.get("ignored", {})), test_files=tuple(entry.files("test")),
-                   exact_copies=dict(meta.get("exact_copies", {})), doubted=entry.doubted())
+                   exact_copies=dict(meta.get("exact_copies", {})), doubted=entry.doubted(),
+                   pixels_digest=cache.pixels_digest(entry))
+
+
+def fingerprint(ds: Dataset) -> dict:
+    """What processes on several machines must agree on before they train together (dist.agree): the classes,
+    the number of images, the labels and the pixels, each as its own entry so a difference can be named."""
+    def digest(*ys: torch.Tensor | None) -> str:
+        h = hashlib.sha256()
+        for y in ys:
+            h.update(b"-" if y is None else y.numpy().astype(np.int64).tobytes())
+        return h.hexdigest()[:16]
+    return {"classes": ds.classes, "training images": len(ds.y_train), "test images": len(ds.y_test),
+            "validation images": None if ds.y_val is None else len(ds.y_val),
+            "labels (a digest)": digest(ds.y_train, ds.y_val, ds.y_test), "pixels (a digest)": ds.pixels_digest}
 
 
 def info(ds: Dataset) -> str:

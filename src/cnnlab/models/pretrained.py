@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnlab import files
 from cnnlab.errors import CnnlabError
 from cnnlab.run import Run
 
@@ -91,10 +92,13 @@ def fetch(model: str) -> Path:
     path = cached_path(weights)
     if path.is_file():
         return path
-    log.info(f"downloading {weights.url} to {path}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=weights.hash_prefix, progress=True)
+        with files.exclusive(path.with_name(f".{path.name}.lock")):  # the processes of a machine: one download
+            if path.is_file():  # another process fetched it while this one waited
+                return path
+            log.info(f"downloading {weights.url} to {path}")
+            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=weights.hash_prefix, progress=True)
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e.strerror or e
         raise CnnlabError(f"cannot download {weights.url} ({reason}); on a machine with internet, fetch that file "

@@ -107,15 +107,21 @@ class Run:
             if out is not None:
                 Path(out).mkdir(parents=True, exist_ok=True)
                 return cls(out)
-            base = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}"
-            path, n = base, 1
-            while path.exists():
-                n += 1
-                path = base.with_name(f"{base.name}-{n}")
+            path = cls.new_path(root, preset)
             path.mkdir(parents=True)
             return cls(path)
         except OSError as e:
             raise CnnlabError(f"cannot create the run directory {out or root}: {e.strerror or e}") from None
+
+    @staticmethod
+    def new_path(root: str | os.PathLike, preset: str) -> Path:
+        """`root/<time>-<preset>`, made unique with a counter if two runs start in the same second."""
+        base = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        return path
 
     def discard(self, created: bool) -> None:
         """A run refused before its first checkpoint (no disk space, a non-finite first step, ...) leaves nothing:

@@ -16,6 +16,7 @@ exactly where the interrupted one stopped (data/loader.py, state.py). Under torc
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, replace
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from cnnlab import __version__, data, dist, hardware, models
+from cnnlab import __version__, cluster, data, dist, hardware, models
 from cnnlab.config import DataConfig, TrainConfig, from_dict
-from cnnlab.data.dataset import Dataset
+from cnnlab.data.dataset import Dataset, fingerprint
 from cnnlab.device import precision_name
 from cnnlab.dist import World
 from cnnlab.errors import CnnlabError, Interrupted
@@ -51,8 +52,10 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
           hooks: list[Hook] = ()) -> Path:
     """Train, evaluate and return the run directory. `dataset` skips loading (already in memory); `tracking`
     names experiment trackers ("tensorboard", "mlflow": see tracking.py); `hooks` extend the loop (loop.py)."""
+    if out is not None and elastic_restart(out):
+        return resume(out, (data_cfg or DataConfig()).path, with_report=with_report, hooks=hooks)
     plan = preflight(cfg, data_cfg, out=out, tracking_kinds=tuple(tracking))
-    ds = dataset or load_once(plan.world, lambda: load_data(plan.data, cfg.seed))
+    ds = dataset or load_together(plan.world, lambda: load_data(plan.data, cfg.seed))
     if len(ds.y_train) == 0:
         raise CnnlabError(f"{ds.source} has no training images")
     created = out is None or not Path(out).exists()
@@ -64,7 +67,7 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
     try:
         if plan.world.main:
             run.write_config(config)
-            log.info(f"run directory: {run}")
+            log.info(f"run directory: {run}" + (f" (on {cluster.host()})" if several_machines() else ""))
         trackers = make_trackers(run, config, plan.world)
         ended = train_run(plan, ds, run, None, trackers, list(hooks))
     except CnnlabError:
@@ -91,7 +94,7 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
         finished = False
     data_cfg = from_dict(DataConfig, {**config["data"], **({"path": data_path} if data_path else {})})
     plan = preflight(cfg, data_cfg, resuming=True)
-    ds = load_once(world, lambda: load_data(plan.data, cfg.seed))
+    ds = load_together(world, lambda: load_data(plan.data, cfg.seed))
     if ds.classes != config["data"]["classes"]:
         raise CnnlabError(f"the data at {ds.source} has other classes than the run was trained on")
     with_report = with_report and config.get("outputs", {}).get("report", True)
@@ -226,15 +229,34 @@ def _classes_left(ds: Dataset, cause: str | None) -> None:
              "can never predict them")
 
 
-def load_once(world: World, load) -> Dataset:
-    """The first process of each machine reads the data (building that machine's cache) while the others
-    wait; then they read the finished cache. Every rank passes exactly one barrier."""
-    if world.local_rank != 0:
-        dist.barrier(world)
-    ds = load()
-    if world.local_rank == 0:
-        dist.barrier(world)
+def load_together(world: World, load) -> Dataset:
+    """Every process reads the data (the first on each machine decodes it into that machine's cache, the others
+    wait on the cache's lock and map the result), waiting for each other outside any collective's timeout
+    (dist.together); then they check that every machine has the same data."""
+    ds = dist.together(world, "reading the data", load)
+    dist.agree(world, "data", fingerprint(ds))
     return ds
+
+
+def elastic_restart(out: str | Path) -> bool:
+    """Under torchrun's elastic agent, whether `out` is this job's own run, left by a process group that the
+    agent restarted after a worker died: then every process resumes it. Process 0 decides, by the job identity
+    its config.json records (cluster.job: the agent's host, process and rendezvous id, the same for each
+    restart); any other run at `out` stays refused, as without restarts."""
+    if cluster.job() is None:
+        return False
+    world = dist.init()
+    mine = False
+    if world.main and Run.is_run(out):
+        mine = Run(out).config().get("environment", {}).get("job") == cluster.job()
+    restart = dist.broadcast(world, mine)
+    if restart:
+        log.info(f"the process group was restarted (torchrun --max-restarts): resuming {out}")
+    return restart
+
+
+def several_machines() -> bool:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1) < int(os.environ.get("WORLD_SIZE", 1) or 1)
 
 
 def make_trackers(run: Run, config: dict, world: World) -> tracking_mod.Trackers | None:
@@ -269,7 +291,7 @@ def environment(plan: Plan) -> dict:
     return {"started": time.strftime("%Y-%m-%d %H:%M"), "cnnlab": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "cpu": hardware.cpu_model(),
             "cpu class": hardware.cpu_class(), "threads": torch.get_num_threads(), "device": plan.device.type,
-            "processes": plan.world.size, "precision": precision_name(plan.dtype)}
+            "processes": plan.world.size, "precision": precision_name(plan.dtype), "job": cluster.job()}
 
 
 def read_run(run: Run, world: World) -> tuple[dict, dict | None, bool]:

@@ -123,13 +123,13 @@ def feature_key(model: nn.Module, norm: Normalization, dtype: torch.dtype, x: to
 
 def embeddings(model: nn.Module, x: torch.Tensor, norm: Normalization, device: torch.device, dtype: torch.dtype,
                batch_size: int, world: World) -> torch.Tensor:
-    """The body's outputs for images `x` (float32, on the CPU): from the cache, or computed (each rank its
-    share) and cached by rank 0."""
+    """The body's outputs for images `x` (float32, on the CPU): from rank 0's cache (sent to the others: their
+    machines need not share its disk), or computed (each rank its share) and cached by rank 0."""
     path = sources.cache_dir() / "features" / f"{feature_key(model, norm, dtype, x)}.safetensors"
     if dist.broadcast(world, path.is_file() if world.main else None):
         from safetensors.torch import load_file
 
-        return load_file(str(path))["embeddings"]
+        return dist.broadcast(world, load_file(str(path))["embeddings"] if world.main else None)
     part = evaluate.predict_logits(Embedder(model), dist.shard(world, x), norm, device, dtype, batch_size)
     whole = dist.gather_shards(world, part)
     if world.main:
