@@ -140,6 +140,30 @@ def test_a_killed_worker_is_restarted_and_the_job_ends_with_the_same_weights(see
     assert (homes[0] / "run" / "model.safetensors").read_bytes() == reference.read_bytes()
 
 
+def test_when_the_machine_of_the_run_directory_dies_the_others_end_in_one_line(tmp_path, cifar_python_dir):
+    """Restarts cannot cover the machine that holds the run directory (and here the rendezvous): the other
+    machine ends at once with one line saying where to resume, and the run resumes there to the end."""
+    homes = [machine(tmp_path, r, cifar_python_dir) for r in range(2)]
+    jobs = start(homes, "--epochs", "40", "--checkpoint-every", "2", *FLAGS, "--out", "run", "--max-restarts", "2",
+                 port=free_port())
+    checkpoint = homes[0] / "run" / Run.CHECKPOINT
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and all(j.poll() is None for j in jobs):
+        time.sleep(0.02)
+    for pid in workers_of(jobs[0].pid):
+        os.kill(pid, signal.SIGKILL)
+    jobs[0].kill()  # the whole machine: its launcher and its worker
+    killed = time.monotonic()
+    log1 = finish(jobs, homes)[1]
+    assert jobs[1].returncode == 2 and time.monotonic() - killed < 30
+    errors = [ln for ln in log1.splitlines() if ln.strip()]
+    assert errors[-1].startswith("cnnlab: error: lost the rendezvous at 127.0.0.1:") and "--resume RUN" in errors[-1]
+    assert "Traceback" not in log1 and "frame #" not in log1, log1[-2000:]
+    proc = subprocess.run([*CNNLAB, "train", "--resume", "run"], cwd=homes[0], capture_output=True, text=True,
+                          timeout=300, env=env_of(homes[0]))
+    assert proc.returncode == 0 and "Epoch 40/40" in proc.stdout, proc.stderr
+
+
 def test_torchruns_shared_store_with_restarts_is_refused_in_one_line(tmp_path, cifar_python_dir):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "--max-restarts", "1", "-m", "cnnlab", "train", "--data", str(cifar_python_dir),

@@ -315,7 +315,7 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, end
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
@@ -336,10 +336,15 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, end
     except SignalException as e:  # Ctrl-C or SIGTERM reached the launcher; it passed the signal to the processes,
         # which stopped after a checkpoint and said so themselves: 130 for both, as one process ends
         return 130 if int(e.sigval) in (signal.SIGINT, signal.SIGTERM) else 128 + int(e.sigval)
-    except RendezvousError as e:
+    except RendezvousTimeoutError:
         raise CnnlabError(f"the {nnodes} machines did not meet at {endpoint} within {TIMEOUT.total_seconds():g} s "
-                          f"(CNNLAB_DIST_TIMEOUT): start the same command on each of them, with --rdzv-endpoint a "
-                          f"host:port that all of them reach ({type(e).__name__})") from None
+                          "(CNNLAB_DIST_TIMEOUT): start the same command on each of them, with --rdzv-endpoint a "
+                          "host:port that all of them reach") from None
+    except RendezvousError as e:  # the launcher holding the rendezvous is gone (its machine died), or never came
+        raise CnnlabError(f"lost the rendezvous at {endpoint}: the machine holding it went away "
+                          f"({type(e).__name__}). The run's checkpoint stays on the machine of process 0: when it "
+                          "is back, continue there with `cnnlab train --resume RUN` (alone, or with --nnodes "
+                          "again)") from None
     return 0
 
 

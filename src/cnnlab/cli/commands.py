@@ -120,6 +120,8 @@ def list_models() -> str:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    if _launches(args) and "WORLD_SIZE" not in os.environ:  # the launcher's store client warns in C++, with a
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # stack, when another machine goes: we say it once
     from cnnlab import dist
 
     if args.resume:
