@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from torch import nn
 
 from cnnlab import cli, data, logs, models, training
 from cnnlab.config import DataConfig, TrainConfig
+from cnnlab.data import cachedir
 from cnnlab.errors import CnnlabError, Interrupted
 from cnnlab.run import Run
 from conftest import CtrlCAt, Fault, fake_cifar_arrays, write_cifar_python, write_image_folder
@@ -406,14 +408,19 @@ def test_a_killed_decode_leaves_nothing_that_stays(tmp_path):
     decoded = Path(os.environ["CNNLAB_CACHE"]) / "decoded"
     decoded.mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    abandoned = decoded / f".building-{dead.stdout.strip()}-x1"  # what a SIGKILL mid-decode leaves
+    host = socket.gethostname().replace("-", "_")
+    abandoned = decoded / f".building-{host}-{dead.stdout.strip()}-x1"  # what a SIGKILL mid-decode leaves
     (abandoned / "train.u8").parent.mkdir()
     (abandoned / "train.u8").write_bytes(b"\0" * 100)
-    alive = decoded / f".building-{os.getpid()}-x2"  # a decode still running in this process: left alone
-    alive.mkdir()
+    alive = decoded / f"{cachedir.building_prefix()}x2"  # a decode still running in this process: left alone
+    # another machine's decode in a shared cache folder (its process id means nothing here): left alone
+    elsewhere = decoded / f".building-othermachine-{dead.stdout.strip()}-x3"
+    for folder in (alive, elsewhere):
+        folder.mkdir()
     data.load_dataset(tmp_path / "imgs")
-    assert not abandoned.exists() and alive.exists()
-    alive.rmdir()  # this "decode" ends with the test: other tests look for half-built entries left anywhere
+    assert not abandoned.exists() and alive.exists() and elsewhere.exists()
+    for folder in (alive, elsewhere):  # these "decodes" end with the test: other tests look for half-built
+        folder.rmdir()  # entries left anywhere
 
 
 def test_a_second_process_waits_for_the_first_decode_instead_of_decoding_twice(tmp_path):

@@ -153,8 +153,12 @@ def together(world: World, doing: str, work):
     (a first decode of a large folder on one machine), and ends with a one-line error naming the process and
     its machine when one fails (its own message) or falls silent for `CNNLAB_DIST_TIMEOUT`."""
     global _rounds
-    if not world.distributed or _STORE is None:
+    if not world.distributed:
         return work()
+    if _STORE is None:  # a process group that another library started: a plain barrier
+        result = work()
+        barrier(world)
+        return result
     _rounds += 1
     key = f"together/{_rounds}"
     beating = threading.Event()
@@ -181,7 +185,7 @@ def _beat(key: str, stop: threading.Event) -> None:
             _STORE.add(key, 1)
         except Exception:  # the store's host is gone: the waiting side finds that out
             return
-        stop.wait(1.0)
+        stop.wait(min(1.0, TIMEOUT.total_seconds() / 4))  # several beats within any timeout
 
 
 def _wait_for_all(world: World, key: str, doing: str) -> None:

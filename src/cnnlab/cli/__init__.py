@@ -96,8 +96,9 @@ def _lost_contact(e: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        cluster.adopt_slurm()  # under srun: SLURM's variables as torchrun's, before anything reads them
+    if args.command == "train" and not (args.nproc or args.nnodes or args.max_restarts):
+        cluster.adopt_slurm()  # under srun: SLURM's variables as torchrun's, before anything reads them (not
+        # where this command is the launcher: `srun --ntasks-per-node 1 cnnlab train --nnodes N ...`)
     rank = os.environ.get("RANK", "0")
     where = f"(process {rank}) " if rank not in ("0", "") else ""  # under torchrun each process speaks for itself
     try:
