@@ -106,6 +106,7 @@ def main() -> None:
     flags = ["--data", str(DATA), "--subset", str(args.subset), "--epochs", str(args.epochs), "--batch-size", "256",
              "--checkpoint-every", str(args.checkpoint_every), "--no-report", "--threads", "1"]
     work, rows = HERE / "work" / "elastic", []
+    one_round(work, flags, args.checkpoint_every, kill=False)  # warm-up, not counted: the cache, the page cache
     for r in range(args.rounds):  # interleaved: uninterrupted, killed, uninterrupted, killed, ...
         for kill in (False, True):
             row = {"killed": kill, **one_round(work, flags, args.checkpoint_every, kill)}
