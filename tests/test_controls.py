@@ -5,7 +5,6 @@ learning-rate schedules; EMA, gradient clipping, accumulation and class weights.
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 from cnnlab import cli, logs, training
 from cnnlab.config import DataConfig, TrainConfig
-from cnnlab.errors import CnnlabError, Interrupted
+from cnnlab.errors import Interrupted
 from cnnlab.run import Run
 from cnnlab.training.loop import Hook
 from conftest import CtrlCAt
@@ -299,44 +298,6 @@ def test_lr_find_sweeps_stops_on_divergence_suggests_and_restores(tmp_path, cifa
     printed = capsys.readouterr().out
     assert "per 1024 examples" in printed and out.read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["lr-find", "--data", str(cifar_python_dir), "--start", "1", "--end", "0.1"]) == 2
-
-
-# ---------------------------------------------------------------------------------------------------
-# A time budget
-
-
-def test_budget_parsing_interpolation_and_choice(monkeypatch):
-    from cnnlab import budget
-
-    assert [budget.parse(t) for t in ("90s", "10m", "1.5h", "45")] == [90, 600, 5400, 45]
-    with pytest.raises(CnnlabError, match="not a duration"):
-        budget.parse("ten minutes")
-    monkeypatch.setattr(budget, "ACCURACY", {"small": {1: 70.0, 4: 80.0}, "big": {1: 75.0, 2: 85.0}})
-    assert budget.accuracy_after("small", 2) == pytest.approx(75.0)  # halfway in log(epochs)
-    assert budget.accuracy_after("small", 16) == 80.0  # flat beyond the last measured epoch
-    chosen = budget.plan(40, {"small": 10.0, "big": 30.0})  # small: 4 epochs -> 80; big: 1 epoch -> 75
-    assert (chosen.preset, chosen.epochs, chosen.expected_accuracy) == ("small", 4, 80.0)
-    chosen = budget.plan(60, {"small": 10.0, "big": 30.0})  # big: 2 epochs -> 85 beats small's 6 -> 80
-    assert (chosen.preset, chosen.epochs) == ("big", 2)
-    with pytest.raises(CnnlabError, match="fits no whole epoch"):
-        budget.plan(5, {"small": 10.0, "big": 30.0})
-
-
-def test_a_budget_run_plans_says_and_trains_its_plan(tmp_path, cifar_python_dir, capsys, monkeypatch):
-    from cnnlab import budget
-
-    monkeypatch.setattr(budget, "MAX_EPOCHS", 2)  # keep the test short: at most 2 epochs whatever fits
-    run = tmp_path / "budget"
-    assert cli.main(["train", "--data", str(cifar_python_dir), "--budget", "10m", "--no-report", "--out",
-                     str(run)]) == 0
-    printed = capsys.readouterr().out
-    plan = re.search(r"budget plan: (\w+) for (\d+) epochs? of", printed)
-    config = json.loads((run / "config.json").read_text())
-    assert plan and config["preset"] == plan.group(1) and config["train"]["epochs"] == int(plan.group(2)) == 2
-    assert config["train"]["val_sample"] == budget.VAL_SAMPLE
-    for flags in (["--preset", "fast"], ["--epochs", "3"]):
-        assert cli.main(["train", "--data", str(cifar_python_dir), "--budget", "1m", *flags]) == 2
-        assert "--budget chooses the recipe" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset", ["quick", "fast", "standard", "photos", "finetune"])

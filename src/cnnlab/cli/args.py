@@ -253,8 +253,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="smoke test: 1 epoch on 512 images")
     _add_knobs(p)
     _add_transfer_args(p)
-    p.add_argument("--budget", type=_budget, metavar="TIME", help="e.g. 10m: pick the recipe and epochs that should "
-                   "reach the best accuracy in that much training here (measured in a few seconds; CIFAR-sized data)")
+    p.add_argument("--budget", type=_budget, metavar="TIME", help="e.g. 10m: search the recipes that suit the data "
+                   "(trials on a held-out split) and train the best, all within that time here")
     p.add_argument("--log", action="append", choices=["tensorboard", "mlflow"],
                    help="track the run in TensorBoard (RUN_DIR/tensorboard) and/or MLflow; repeat for both")
     p.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "

@@ -217,6 +217,13 @@ def _train_or_resume(args: argparse.Namespace, cfg) -> None:
     from cnnlab import training
 
     if args.resume:
+        from cnnlab.run import Run
+
+        if (Path(args.resume) / Run.SEARCH).is_dir():  # a --budget run: its search, then its final run
+            from cnnlab import budget
+
+            budget.resume(args.resume)
+            return
         training.resume(args.resume, args.data, with_report=not args.no_report, epochs=args.epochs)
         return
     subset = (args.subset or 512) if args.dry_run else args.subset
@@ -225,7 +232,8 @@ def _train_or_resume(args: argparse.Namespace, cfg) -> None:
 
         budget.train_within(args.budget, _data_config(args, subset=subset, val_split=args.val_split), out=args.out,
                             with_report=not args.no_report, tracking=tuple(args.log or ()),
-                            device=args.device or "auto", seed=args.seed or 0)
+                            device=args.device or "auto", seed=args.seed or 0, pretrained=args.pretrained,
+                            dry_run=args.dry_run)
         return
     training.train(cfg, _data_config(args, subset=subset, val_split=args.val_split), preset=args.preset,
                    out=args.out, with_report=not args.no_report, tracking=tuple(args.log or ()),

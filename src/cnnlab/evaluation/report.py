@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
@@ -82,6 +83,7 @@ def write_report(run: Run | str | Path, interp, out: str | Path | None = None, *
         "<h2>Top losses</h2>", _img(interp.plot_top_losses(16), "top losses"), _top_loss_table(interp),
         *_where_it_looked(run, interp),
         "<h2>Augmented training samples</h2>", _img(interp.plot_samples(), "augmented training samples"),
+        *_leaderboard(run),
         "<details><summary>Configuration</summary>", f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>",
         "</details>", "<h2>Where it was trained</h2>",
         _table(["", "value"], [[k, v] for k, v in config.get("environment", {}).items()]),
@@ -93,6 +95,17 @@ def write_report(run: Run | str | Path, interp, out: str | Path | None = None, *
     out = Path(out) if out else run.file(Run.REPORT)
     files.write_text(out, page)
     return out
+
+
+def _leaderboard(run: Run) -> list[str]:
+    """A --budget run's search: each trial's candidate, settings, epochs, held-out accuracy and seconds."""
+    if not run.file(Run.TRIALS).is_file():
+        return []
+    with open(run.file(Run.TRIALS), newline="") as f:
+        rows = list(csv.reader(f))
+    return ["<h2>The budget's search</h2><p>Trials on the held-out split (the test set was not used), best first; "
+            "the final run trained the first one's candidate and settings (trials.csv).</p>",
+            _table(rows[0], rows[1:])] if rows else []
 
 
 def _trust(interp) -> list[str]:

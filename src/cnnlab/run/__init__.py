@@ -50,6 +50,8 @@ class Run:
     CONFUSION_PNG = "confusion_matrix.png"
     REPORT, ONNX, TRACKING, TENSORBOARD = "report.html", "model.onnx", "tracking.json", "tensorboard"
     ONNX_INT8, OPENVINO = "model.int8.onnx", "openvino"  # `export --int8`; `--format openvino`: a folder (-int8)
+    SEARCH, TRIALS = "search", "trials.csv"  # --budget: the search (study, trials' runs) and its leaderboard
+    SEARCH_FILES = {SEARCH, TRIALS}  # what a budget run's folder holds before its final run starts there
     # What the end of a run writes after its weights, in order; the pictures not with --no-report.
     END_FILES = (METRICS, CONFUSION_CSV, CONFUSION_JSON)
     PICTURES = (CONFUSION_PNG, REPORT)
@@ -89,11 +91,12 @@ class Run:
 
     @staticmethod
     def check_out(out: str | os.PathLike) -> None:
-        """--out must be new, or an empty folder: never a run (that is --resume) nor a folder of other files."""
+        """--out must be new, or an empty folder (or one holding only a --budget search, whose final run it
+        becomes): never a run (that is --resume) nor a folder of other files."""
         out = Path(out)
         if (out / Run.CONFIG).exists():
             raise CnnlabError(f"{out} already holds a run; use --resume {out} or another --out")
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and {p.name for p in out.iterdir()} - Run.SEARCH_FILES:
             raise CnnlabError(f"{out} is a folder of other files, not a cnnlab run; choose a new or empty --out")
         if out.exists() and not out.is_dir():
             raise CnnlabError(f"--out {out} is a file; choose a new or empty folder")

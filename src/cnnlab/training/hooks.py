@@ -229,7 +229,7 @@ class EpochLog(Hook):
         log.info(f"Epoch {r['epoch']}/{fit.epochs} - {r['seconds']:.1f}s - {r['images_per_s']:,.0f} img/s - "
                  f"loss {r['train_loss']:.4f} - acc {r['train_acc']:.4f} - "
                  f"val_loss {r['val_loss']:.4f} - val_acc {r['val_acc']:.4f} - validation {r['val_seconds']:.1f}s")
-        if fit.stop_early:
+        if fit.stop_early and cfg.early_stopping and fit.state.best.get("since", 0) >= cfg.early_stopping:
             log.info(f"early stopping: {cfg.monitor} has not improved for {cfg.early_stopping} epoch"
                      f"{'s' * (cfg.early_stopping != 1)} (best: epoch {fit.state.best['epoch']}); training ends here")
         if fit.totals["skipped"]:  # the same steps on every process: not summed

@@ -1,0 +1,147 @@
+"""`cnnlab train --budget 10m`: the best classifier this data allows on this machine in that time, found by
+searching on the data itself.
+
+    candidates (candidates.py)    from the images' size and the backbone weights on this machine
+    a held-out split              15% of the training images (or the data's own validation split); the
+                                  test set is not looked at until the final evaluation
+    the search (search.py)        trials on the held-out split, with successive halving, until SEARCH_SHARE
+                                  of the budget is spent; the leaderboard in the log and in trials.csv
+    the final run                 the best candidate and settings, for the epochs that the rest of the
+                                  budget fits at the pace its trials measured; it trains on the training
+                                  images, keeps the held-out split for validation (best epoch, calibration),
+                                  ends early if the machine slows (pace.Deadline), and is evaluated on the test set
+
+The budget covers everything from the start of the command to the final metrics except decoding data into
+the cache for the first time, which the log states. The run directory holds the final run and `search/`
+(the Optuna study in SQLite, each trial's run); `cnnlab train --resume RUN` continues an interrupted search
+with the time it had left, then trains the final run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from cnnlab import files, training
+from cnnlab.budget import candidates as candidates_mod
+from cnnlab.budget.pace import Clock, Deadline
+from cnnlab.config import DataConfig, from_dict
+from cnnlab.data.dataset import Dataset
+from cnnlab.errors import CnnlabError, Interrupted
+from cnnlab.run import Run
+
+log = logging.getLogger("cnnlab.budget")
+
+SEARCH_SHARE = 0.45  # of the budget for the trials; the rest trains the winner longer
+HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
+MAX_EPOCHS = 100
+STATE = "budget.json"  # in search/: the budget, the time spent, the data settings (for --resume)
+
+
+def parse(text: str) -> float:
+    """'90s', '10m', '1.5h' or plain seconds -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise CnnlabError(f"--budget {text!r} is not a duration such as 90s, 10m or 1.5h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def is_search(path: str | Path) -> bool:
+    return (Path(path) / "search" / STATE).is_file()
+
+
+def train_within(seconds: float, data_cfg: DataConfig, *, out=None, with_report: bool = True,
+                 tracking: tuple[str, ...] = (), device: str = "auto", seed: int = 0, pretrained: str | None = None,
+                 dry_run: bool = False) -> Path:
+    """Search, then train the winner, within `seconds`; returns the run directory."""
+    clock = Clock(seconds)
+    data_cfg = data_cfg.validate()
+    run = Path(out) if out is not None else Run.new_path("runs", "budget")
+    Run.check_out(run)
+    folder = run / "search"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"seconds": seconds, "spent": 0.0, "data": asdict(data_cfg), "device": device, "seed": seed,
+             "pretrained": pretrained, "dry_run": dry_run, "with_report": with_report, "tracking": list(tracking)}
+    files.write_json(folder / STATE, state)
+    return _search_and_train(run, state, clock)
+
+
+def resume(run: str | Path) -> Path:
+    """Continue an interrupted budget search with the time it had left, then train its winner."""
+    run = Path(run)
+    state = json.loads((run / "search" / STATE).read_text())
+    if Run.is_run(run):  # the final run had started: it resumes as any run does
+        return training.resume(run, with_report=state["with_report"])
+    clock = Clock(state["seconds"], spent=state["spent"])
+    clock.say(f"resuming the search in {run}")
+    return _search_and_train(run, state, clock)
+
+
+def _search_and_train(run: Path, state: dict, clock: Clock) -> Path:
+    from cnnlab.budget.search import TRIAL_EPOCHS, Search  # optuna: imported when a budget run starts
+
+    data_cfg = from_dict(DataConfig, state["data"])
+    with clock.excluded("decoding"):
+        ds = held_out(training.load_data(data_cfg, state["seed"]), state["seed"])
+    found, said = candidates_mod.for_data(ds.image_size, state["pretrained"], state["device"], state["seed"])
+    for line in said:
+        log.info(f"budget: {line}")
+    trial_data = {}
+    for c in found:
+        if c.image_size not in trial_data:
+            with clock.excluded("decoding"):
+                trial_data[c.image_size] = as_trial_data(_at_size(data_cfg, ds, c.image_size, state["seed"]))
+    search = Search(run / "search", found, trial_data, clock, state["seed"],
+                    max_epochs=1 if state["dry_run"] else TRIAL_EPOCHS)
+    clock.say(f"{len(found)} candidates ({', '.join(c.name for c in found)}); trials on {len(ds.y_val):,} held-out "
+              f"images until {SEARCH_SHARE:.0%} of the budget is spent")
+    try:
+        search.run(clock.deadline(SEARCH_SHARE), trials=len(found) if state["dry_run"] else None)
+    except (Interrupted, KeyboardInterrupt):  # Ctrl-C in a trial or between two: the search continues with
+        raise Interrupted(run) from None  # --resume, with the time it had left
+    finally:
+        state["spent"] = clock.spent()
+        files.write_json(run / "search" / STATE, state)
+    best = search.best()
+    if best is None:
+        raise CnnlabError(f"no trial finished within the budget of {state['seconds']:.0f} s; give a larger --budget "
+                          f"(or --subset)")
+    log.info("budget: leaderboard (held-out accuracy)\n" + search.leaderboard())
+    search.write_csv(run / "trials.csv")
+    return _train_winner(run, state, clock, search, best, data_cfg, ds)
+
+
+def _train_winner(run: Path, state: dict, clock: Clock, search, best, data_cfg: DataConfig, ds: Dataset) -> Path:
+    pace = search.pace(best.candidate.name) or 1.0
+    reserve = max(2.0, 0.04 * state["seconds"])  # the final evaluation and report
+    epochs = 1 if state["dry_run"] else max(1, min(MAX_EPOCHS, math.floor((clock.left() - reserve) / pace)))
+    cfg = best.config(epochs)
+    clock.say(f"final run: {best.candidate.name} for {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of ~{pace:.1f} s "
+              f"(lr {cfg.lr:.4g}, weight decay {cfg.weight_decay:.4g}, augment {cfg.augment})")
+    final_ds = ds if best.candidate.image_size is None else _at_size(data_cfg, ds, best.candidate.image_size,
+                                                                       state["seed"])
+    path = training.train(cfg, replace(data_cfg, image_size=best.candidate.image_size or data_cfg.image_size),
+                          preset="budget", out=run, dataset=final_ds, with_report=state["with_report"],
+                          tracking=tuple(state["tracking"]), hooks=[Deadline(clock, reserve=reserve)])
+    clock.say("done")
+    return path
+
+
+def held_out(ds: Dataset, seed: int) -> Dataset:
+    """The data with a validation split: its own, or HOLD_OUT of the training images (stratified, seeded)."""
+    return ds if ds.y_val is not None else ds.hold_out(HOLD_OUT, seed)
+
+
+def as_trial_data(ds: Dataset) -> Dataset:
+    """What a trial sees: the held-out split as its test set, so no trial looks at the real one."""
+    return replace(ds, x_test=ds.x_val, y_test=ds.y_val, x_val=None, y_val=None, test_files=())
+
+
+def _at_size(data_cfg: DataConfig, ds: Dataset, size: tuple[int, int] | None, seed: int) -> Dataset:
+    if size is None or tuple(size) == tuple(ds.image_size):
+        return ds
+    return held_out(training.load_data(replace(data_cfg, image_size=size), seed), seed)

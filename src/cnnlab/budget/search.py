@@ -1,0 +1,167 @@
+"""The search of `--budget`: short trials of the candidates on a held-out split of the training images (the
+test set is never seen), in an Optuna study kept in SQLite beside the run, so an interrupted search resumes.
+
+    search = Search(folder, candidates, trial_data, clock, seed)
+    search.run(until=clock.deadline(SEARCH_SHARE))      # trials until that share of the budget is spent
+    best = search.best()                                 # the candidate and its settings; search.pace(best)
+
+Each candidate is first tried at its recipe's own settings (enqueued), then Optuna's TPE sampler proposes a
+candidate with a learning-rate factor, a weight-decay factor and an augmentation strength. A trial trains for
+up to TRIAL_EPOCHS epochs (its schedule sized to them) and reports its held-out accuracy after each; Optuna's
+successive-halving pruner stops, after the first epoch, a trial that is not in the best third of those seen
+there, so poor candidates cost one epoch. Every trial ends as a row of `trials.csv` (the leaderboard).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+
+from cnnlab import files, training
+from cnnlab.budget.candidates import Candidate, augment_at
+from cnnlab.budget.pace import Clock, Deadline
+from cnnlab.config import DataConfig
+from cnnlab.data.dataset import Dataset
+from cnnlab.errors import CnnlabError
+from cnnlab.training.hooks import Hook
+
+log = logging.getLogger("cnnlab.budget")
+
+TRIAL_EPOCHS = 3  # the longest trial: successive halving's rungs at 1 and 3 epochs (reduction factor 3)
+COLUMNS = ["trial", "candidate", "lr", "weight_decay", "augment", "epochs", "held_out_accuracy", "seconds", "state"]
+
+
+@dataclass
+class Choice:
+    candidate: Candidate
+    params: dict  # lr_factor, weight_decay_factor, augment_strength
+
+    def config(self, epochs: int):
+        cfg = self.candidate.tuned(self.params["lr_factor"], self.params["weight_decay_factor"],
+                                   self.params["augment_strength"])
+        return replace(cfg, epochs=max(epochs, cfg.freeze_epochs + 1))
+
+
+class Report(Hook):
+    """A trial's held-out accuracy after each epoch, to Optuna; the pruner's verdict ends the run there."""
+    order = 96
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial, self.pruned = trial, False
+
+    def end_epoch(self, fit) -> None:
+        self.trial.report(fit.record["val_acc"], fit.record["epoch"])
+        if fit.record["epoch"] < fit.epochs and self.trial.should_prune():
+            fit.stop_early, self.pruned = True, True
+
+
+class Search:
+    def __init__(self, folder: Path, candidates: list[Candidate], trial_data: dict, clock: Clock, seed: int,
+                 max_epochs: int = TRIAL_EPOCHS):
+        self.folder, self.clock, self.max_epochs = folder, clock, max_epochs
+        self.candidates = {c.name: c for c in candidates}
+        self.trial_data: dict[tuple | None, Dataset] = trial_data  # per input size: test = the held-out split
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # its trial lines: we say them
+        self.study = optuna.create_study(
+            study_name="budget", storage=f"sqlite:///{folder / 'study.db'}", load_if_exists=True,
+            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
+        if not self.study.trials:  # a new search: every candidate first at its recipe's own settings
+            for name in self.candidates:
+                self.study.enqueue_trial({"candidate": name, "lr_factor": 1.0, "weight_decay_factor": 1.0,
+                                          "augment_strength": 1})
+
+    def run(self, until: float, trials: int | None = None) -> None:
+        """Trials until the monotonic time `until` (none started that the measured pace says cannot end
+        before it), or `trials` of them."""
+        done = 0
+        while (trials is None or done < trials) and self._room_for_one(until):
+            self.study.optimize(lambda t: self.objective(t, until), n_trials=1, catch=(CnnlabError,))
+            done += 1
+            self.write_csv()
+
+    def _room_for_one(self, until: float) -> bool:
+        paces = [self.pace(name) for name in self.candidates]
+        known = [p for p in paces if p is not None]
+        cheapest = min(known) if known and len(known) == len(paces) else 0.0
+        return time.monotonic() + cheapest < until
+
+    def objective(self, trial: optuna.Trial, until: float) -> float:
+        choice = Choice(self.candidates[trial.suggest_categorical("candidate", list(self.candidates))], {
+            "lr_factor": trial.suggest_float("lr_factor", 0.3, 3.0, log=True),
+            "weight_decay_factor": trial.suggest_float("weight_decay_factor", 0.3, 3.0, log=True),
+            "augment_strength": trial.suggest_int("augment_strength", 0, 2)})
+        cfg = choice.config(self.max_epochs)
+        ds = self.trial_data[choice.candidate.image_size]
+        report = Report(trial)
+        deadline = Deadline(self.clock, share=(until - self.clock.deadline(0)) / self.clock.seconds)
+        t0 = time.monotonic()
+        run = training.train(cfg, DataConfig(path=ds.source, image_size=choice.candidate.image_size), dataset=ds,
+                             out=self.folder / f"trial-{trial.number:03d}", with_report=False, hooks=[report, deadline])
+        seconds = time.monotonic() - t0
+        history = json.loads((run / "history.json").read_text())
+        accuracy = max(h["val_acc"] for h in history)
+        trial.set_user_attr("seconds", round(seconds, 1))
+        trial.set_user_attr("epochs", len(history))
+        trial.set_user_attr("epoch_seconds", round(sum(h["seconds"] + h.get("val_seconds", 0) for h in history)
+                                                   / max(len(history), 1), 2))
+        self.clock.say(f"trial {trial.number} {choice.candidate.name} (lr x{choice.params['lr_factor']:.2f}, weight "
+                       f"decay x{choice.params['weight_decay_factor']:.2f}, augment "
+                       f"{augment_at(choice.candidate.cfg.augment, choice.params['augment_strength'])}): "
+                       f"{accuracy:.2%} held out after {len(history)} epoch{'s' * (len(history) != 1)}"
+                       + (" (pruned)" if report.pruned else "") + f" in {seconds:.0f} s")
+        if report.pruned:
+            trial.set_user_attr("accuracy", accuracy)
+            raise optuna.TrialPruned()
+        return accuracy
+
+    def pace(self, name: str) -> float | None:
+        """Seconds an epoch of candidate `name` took in its trials (training and validation), None if untried."""
+        seen = [t.user_attrs["epoch_seconds"] for t in self.study.trials
+                if t.params.get("candidate") == name and "epoch_seconds" in t.user_attrs]
+        return sum(seen) / len(seen) if seen else None
+
+    def best(self) -> Choice | None:
+        complete = [t for t in self.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            return None
+        t = max(complete, key=lambda t: t.value)
+        return Choice(self.candidates[t.params["candidate"]], {k: v for k, v in t.params.items() if k != "candidate"})
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for t in self.study.trials:
+            if "candidate" not in t.params or t.params["candidate"] not in self.candidates:
+                continue
+            c = Choice(self.candidates[t.params["candidate"]], t.params).config(self.max_epochs)
+            accuracy = t.value if t.value is not None else t.user_attrs.get("accuracy")
+            rows.append({"trial": t.number, "candidate": t.params["candidate"], "lr": f"{c.lr:.4g}",
+                         "weight_decay": f"{c.weight_decay:.4g}", "augment": c.augment,
+                         "epochs": t.user_attrs.get("epochs", ""),
+                         "held_out_accuracy": "" if accuracy is None else f"{accuracy:.4f}",
+                         "seconds": t.user_attrs.get("seconds", ""), "state": t.state.name.lower()})
+        return sorted(rows, key=lambda r: -float(r["held_out_accuracy"] or -1))
+
+    def write_csv(self, path: Path | None = None) -> Path:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, COLUMNS)
+        writer.writeheader()
+        writer.writerows(self.rows())
+        path = path or self.folder / "trials.csv"
+        files.write_text(path, out.getvalue())
+        return path
+
+    def leaderboard(self, top: int = 10) -> str:
+        lines = [f"  {'candidate':<34} {'lr':>8} {'wd':>8} {'augment':<24} {'epochs':>6} {'held out':>8} {'s':>5}"]
+        for r in self.rows()[:top]:
+            acc = f"{float(r['held_out_accuracy']):.2%}" if r["held_out_accuracy"] else "-"
+            lines.append(f"  {r['candidate']:<34} {r['lr']:>8} {r['weight_decay']:>8} {r['augment']:<24} "
+                         f"{r['epochs']!s:>6} {acc:>8} {r['seconds']!s:>5}  {r['state']}")
+        return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""`cnnlab train --budget`: candidates from the data, a search on a held-out split that an interruption does not
+lose, a final run inside the budget, the leaderboard in trials.csv and the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab import budget, cli, models
+from cnnlab.budget import candidates
+from cnnlab.errors import CnnlabError
+from cnnlab.models import pretrained
+from conftest import write_image_folder
+
+CNNLAB = [sys.executable, "-m", "cnnlab"]
+
+
+def trials(run: Path) -> list[dict]:
+    path = run / "search" / "trials.csv"
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
+def test_budget_parsing():
+    assert [budget.parse(t) for t in ("90s", "10m", "1.5h", "45")] == [90, 600, 5400, 45]
+    with pytest.raises(CnnlabError, match="not a duration"):
+        budget.parse("ten minutes")
+
+
+def test_the_candidates_follow_the_images_and_the_weights_on_this_machine(tmp_path, monkeypatch):
+    found, _ = candidates.for_data((32, 32))
+    assert [c.name for c in found] == ["quick", "fast"]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    found, said = candidates.for_data((100, 120))
+    assert [c.name for c in found] == ["photos@64", "photos@96"] and "none" in said[0]
+    cached = pretrained.cached_path(pretrained.IMAGENET["resnet18_imagenet"])
+    cached.parent.mkdir(parents=True)
+    torch.save(models.build("resnet18_imagenet", 3, 1000, (224, 224)).state_dict(), cached)
+    found, said = candidates.for_data((300, 300))
+    assert [c.name for c in found] == ["photos@64", "photos@96", "photos@128", "finetune:resnet18_imagenet@128",
+                                       "probe:resnet18_imagenet@128"]
+    assert found[-1].cfg.head_only and found[-2].cfg.pretrained == "imagenet" and "resnet18_imagenet" in said[0]
+    tuned = found[0].tuned(2.0, 0.5, 2)
+    assert tuned.lr == 2 * found[0].cfg.lr and tuned.weight_decay == found[0].cfg.weight_decay / 2
+    assert tuned.augment == "flip-crop+erasing" and found[0].tuned(1, 1, 0).augment == "flip"
+
+
+def test_a_budget_dry_run_on_cifar_sized_images(tmp_path, cifar_python_dir, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(cifar_python_dir), "--budget", "5m", "--dry-run", "--no-report",
+                     "--out", str(run)]) == 0
+    printed = capsys.readouterr().out
+    rows = trials(run)
+    assert sorted(r["candidate"] for r in rows) == ["fast", "quick"] and all(r["epochs"] == "1" for r in rows)
+    assert "Epoch 1/1" in printed.split("final run:")[1]
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "budget" and config["train"]["epochs"] == 1
+    for flags in (["--preset", "fast"], ["--epochs", "3"]):
+        assert cli.main(["train", "--data", str(cifar_python_dir), "--budget", "1m", *flags]) == 2
+        assert "--budget chooses the recipe" in capsys.readouterr().err
+
+
+def test_a_budget_on_photos_is_searched_resumed_after_ctrl_c_and_kept(tmp_path):
+    """40 s on a generated photo folder: Ctrl-C after the first trial, --resume finishes the search with the time
+    left and trains the winner; the whole stays within the budget + 10% by its own account, the trials never
+    saw the test images, and the leaderboard is in trials.csv and the report."""
+    photos = write_image_folder(tmp_path / "photos", classes=("a", "b", "c", "d"), per_class=30, size=(100, 120),
+                                ext=".jpg")
+    run, env = tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "first.log").open("w")
+    job = subprocess.Popen([*CNNLAB, "train", "--data", str(photos), "--budget", "40s", "--out", str(run)],
+                           stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while not trials(run) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.send_signal(signal.SIGINT)
+    assert job.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()
+    first = (tmp_path / "first.log").read_text()
+    assert f"cnnlab train --resume {run}" in first and not (run / "model.safetensors").exists()
+    done_before = trials(run)
+    proc = subprocess.run([*CNNLAB, "train", "--resume", str(run)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = trials(run)
+    assert len(rows) > len(done_before) and {"photos@64", "photos@96"} <= {r["candidate"] for r in rows}
+    spent = float(re.search(r"budget: done; (\d+) s spent", proc.stdout).group(1))
+    assert spent <= 44, proc.stdout
+    assert list(csv.DictReader((run / "trials.csv").open()))[0]["candidate"] in proc.stdout.split("final run: ")[1]
+    held_out = json.loads((run / "config.json").read_text())["data"]["val_images"]
+    trial_config = json.loads(next((run / "search").glob("trial-*/config.json")).read_text())
+    assert trial_config["data"]["test_images"] == held_out  # a trial's "test" is the held-out split
+    assert "The budget&#x27;s search" in (run / "report.html").read_text() or \
+        "The budget's search" in (run / "report.html").read_text()
