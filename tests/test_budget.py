@@ -64,7 +64,7 @@ def test_a_budget_dry_run_on_cifar_sized_images(tmp_path, cifar_python_dir, caps
     assert "Epoch 1/1" in printed.split("final run:")[1]
     config = json.loads((run / "config.json").read_text())
     assert config["preset"] == "budget" and config["train"]["epochs"] == 1
-    for flags in (["--preset", "fast"], ["--epochs", "3"]):
+    for flags in (["--preset", "fast"], ["--epochs", "3"], ["--batch-size", "64"], ["--lr", "0.1"]):
         assert cli.main(["train", "--data", str(cifar_python_dir), "--budget", "1m", *flags]) == 2
         assert "--budget chooses the recipe" in capsys.readouterr().err
 
@@ -100,3 +100,15 @@ def test_a_budget_on_photos_is_searched_resumed_after_ctrl_c_and_kept(tmp_path):
     assert trial_config["data"]["test_images"] == held_out  # a trial's "test" is the held-out split
     assert "The budget&#x27;s search" in (run / "report.html").read_text() or \
         "The budget's search" in (run / "report.html").read_text()
+
+
+def test_a_budget_in_two_processes_runs_each_trial_on_both(tmp_path, cifar_python_dir):
+    """--nproc 2: process 0 keeps the study; every trial and the final run train on both processes."""
+    run = tmp_path / "run"
+    proc = subprocess.run([*CNNLAB, "train", "--nproc", "2", "--data", str(cifar_python_dir), "--budget", "5m",
+                           "--dry-run", "--no-report", "--out", str(run)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(r["candidate"] for r in trials(run)) == ["fast", "quick"]
+    assert proc.stdout.count("2 processes of") == 3  # two trials and the final run
+    assert json.loads((run / "config.json").read_text())["environment"]["processes"] == 2

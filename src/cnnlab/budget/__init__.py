@@ -26,12 +26,13 @@ import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from cnnlab import files, training
+from cnnlab import dist, files, training
 from cnnlab.budget import candidates as candidates_mod
 from cnnlab.budget.pace import Clock, Deadline
 from cnnlab.config import DataConfig, from_dict
 from cnnlab.data.dataset import Dataset
-from cnnlab.errors import CnnlabError, Interrupted
+from cnnlab.dist import World
+from cnnlab.errors import CnnlabError, EveryProcessError, Interrupted
 from cnnlab.run import Run
 
 log = logging.getLogger("cnnlab.budget")
@@ -57,31 +58,32 @@ def is_search(path: str | Path) -> bool:
 def train_within(seconds: float, data_cfg: DataConfig, *, out=None, with_report: bool = True,
                  tracking: tuple[str, ...] = (), device: str = "auto", seed: int = 0, pretrained: str | None = None,
                  dry_run: bool = False) -> Path:
-    """Search, then train the winner, within `seconds`; returns the run directory."""
-    clock = Clock(seconds)
+    """Search, then train the winner, within `seconds`; returns the run directory. Under torchrun every
+    process calls it: process 0 keeps the study and the files, and every trial runs on all of them."""
+    clock, world = Clock(seconds), dist.init()
     data_cfg = data_cfg.validate()
-    run = Path(out) if out is not None else Run.new_path("runs", "budget")
-    Run.check_out(run)
-    folder = run / "search"
-    folder.mkdir(parents=True, exist_ok=True)
+    run = Path(dist.broadcast(world, str(out if out is not None else Run.new_path("runs", "budget"))))
     state = {"seconds": seconds, "spent": 0.0, "data": asdict(data_cfg), "device": device, "seed": seed,
              "pretrained": pretrained, "dry_run": dry_run, "with_report": with_report, "tracking": list(tracking)}
-    files.write_json(folder / STATE, state)
-    return _search_and_train(run, state, clock)
+    if world.main:
+        Run.check_out(run)
+        (run / Run.SEARCH).mkdir(parents=True, exist_ok=True)
+        files.write_json(run / Run.SEARCH / STATE, state)
+    return _search_and_train(run, state, clock, world)
 
 
 def resume(run: str | Path) -> Path:
     """Continue an interrupted budget search with the time it had left, then train its winner."""
-    run = Path(run)
-    state = json.loads((run / "search" / STATE).read_text())
-    if Run.is_run(run):  # the final run had started: it resumes as any run does
-        return training.resume(run, with_report=state["with_report"])
+    run, world = Path(run), dist.init()
+    state = dist.broadcast(world, json.loads((run / Run.SEARCH / STATE).read_text()) if world.main else None)
+    if dist.broadcast(world, Run.is_run(run) if world.main else None):  # the final run had started: it resumes
+        return training.resume(run, with_report=state["with_report"])  # as any run does
     clock = Clock(state["seconds"], spent=state["spent"])
     clock.say(f"resuming the search in {run}")
-    return _search_and_train(run, state, clock)
+    return _search_and_train(run, state, clock, world)
 
 
-def _search_and_train(run: Path, state: dict, clock: Clock) -> Path:
+def _search_and_train(run: Path, state: dict, clock: Clock, world: World) -> Path:
     from cnnlab.budget.search import TRIAL_EPOCHS, Search  # optuna: imported when a budget run starts
 
     data_cfg = from_dict(DataConfig, state["data"])
@@ -95,7 +97,7 @@ def _search_and_train(run: Path, state: dict, clock: Clock) -> Path:
         if c.image_size not in trial_data:
             with clock.excluded("decoding"):
                 trial_data[c.image_size] = as_trial_data(_at_size(data_cfg, ds, c.image_size, state["seed"]))
-    search = Search(run / "search", found, trial_data, clock, state["seed"],
+    search = Search(run / Run.SEARCH, found, trial_data, clock, state["seed"], world,
                     max_epochs=1 if state["dry_run"] else TRIAL_EPOCHS)
     clock.say(f"{len(found)} candidates ({', '.join(c.name for c in found)}); trials on {len(ds.y_val):,} held-out "
               f"images until {SEARCH_SHARE:.0%} of the budget is spent")
@@ -104,29 +106,43 @@ def _search_and_train(run: Path, state: dict, clock: Clock) -> Path:
     except (Interrupted, KeyboardInterrupt):  # Ctrl-C in a trial or between two: the search continues with
         raise Interrupted(run) from None  # --resume, with the time it had left
     finally:
-        state["spent"] = clock.spent()
-        files.write_json(run / "search" / STATE, state)
+        if world.main:
+            files.write_json(run / Run.SEARCH / STATE, {**state, "spent": clock.spent()})
+    plan = dist.broadcast(world, _plan(run, state, clock, search) if world.main else None)
+    return _train_winner(run, state, clock, search.candidates[plan["candidate"]], plan, data_cfg, ds)
+
+
+def _plan(run: Path, state: dict, clock: Clock, search) -> dict:
+    """Process 0: the leaderboard said and written; the winner, its settings, and the epochs the time left fits
+    at the pace its trials measured."""
     best = search.best()
     if best is None:
-        raise CnnlabError(f"no trial finished within the budget of {state['seconds']:.0f} s; give a larger --budget "
-                          f"(or --subset)")
+        raise EveryProcessError(f"no trial finished within the budget of {state['seconds']:.0f} s; give a larger "
+                                "--budget (or --subset)")
     log.info("budget: leaderboard (held-out accuracy)\n" + search.leaderboard())
-    search.write_csv(run / "trials.csv")
-    return _train_winner(run, state, clock, search, best, data_cfg, ds)
-
-
-def _train_winner(run: Path, state: dict, clock: Clock, search, best, data_cfg: DataConfig, ds: Dataset) -> Path:
+    search.write_csv(run / Run.TRIALS)
     pace = search.pace(best.candidate.name) or 1.0
-    reserve = max(2.0, 0.04 * state["seconds"])  # the final evaluation and report
-    epochs = 1 if state["dry_run"] else max(1, min(MAX_EPOCHS, math.floor((clock.left() - reserve) / pace)))
-    cfg = best.config(epochs)
-    clock.say(f"final run: {best.candidate.name} for {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of ~{pace:.1f} s "
+    epochs = 1 if state["dry_run"] else max(1, min(MAX_EPOCHS, math.floor((clock.left() - reserve(state)) / pace)))
+    return {"candidate": best.candidate.name, "params": best.params, "epochs": epochs, "pace": pace}
+
+
+def reserve(state: dict) -> float:
+    """Seconds kept for the final evaluation and report."""
+    return max(2.0, 0.04 * state["seconds"])
+
+
+def _train_winner(run: Path, state: dict, clock: Clock, candidate, plan: dict, data_cfg: DataConfig,
+                  ds: Dataset) -> Path:
+    from cnnlab.budget.search import Choice
+
+    cfg = Choice(candidate, plan["params"]).config(plan["epochs"])
+    clock.say(f"final run: {candidate.name} for {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of ~{plan['pace']:.1f} s "
               f"(lr {cfg.lr:.4g}, weight decay {cfg.weight_decay:.4g}, augment {cfg.augment})")
-    final_ds = ds if best.candidate.image_size is None else _at_size(data_cfg, ds, best.candidate.image_size,
-                                                                       state["seed"])
-    path = training.train(cfg, replace(data_cfg, image_size=best.candidate.image_size or data_cfg.image_size),
+    final_ds = _at_size(data_cfg, ds, candidate.image_size, state["seed"])
+    path = training.train(cfg, replace(data_cfg, image_size=candidate.image_size or data_cfg.image_size),
                           preset="budget", out=run, dataset=final_ds, with_report=state["with_report"],
-                          tracking=tuple(state["tracking"]), hooks=[Deadline(clock, reserve=reserve)])
+                          tracking=tuple(state["tracking"]), hooks=[Deadline(clock, reserve=reserve(state),
+                                                                             world=dist.init())])
     clock.say("done")
     return path
 

@@ -13,6 +13,8 @@ import contextlib
 import logging
 import time
 
+from cnnlab import dist
+from cnnlab.dist import World
 from cnnlab.training.hooks import Hook
 
 log = logging.getLogger("cnnlab.budget")
@@ -50,8 +52,8 @@ class Deadline(Hook):
     seconds (what the run's end needs: the final evaluation), at the pace of the epochs so far."""
     order = 95  # after the record of the epoch is made (Validate) and the monitor has spoken
 
-    def __init__(self, clock: Clock, share: float = 1.0, reserve: float = 0.0):
-        self.clock, self.share, self.reserve = clock, share, reserve
+    def __init__(self, clock: Clock, share: float = 1.0, reserve: float = 0.0, world: World | None = None):
+        self.clock, self.share, self.reserve, self.world = clock, share, reserve, world or World()
         self.started, self.epochs, self.stopped_at = 0.0, 0, None
 
     def before_fit(self, fit) -> None:
@@ -60,7 +62,8 @@ class Deadline(Hook):
     def end_epoch(self, fit) -> None:
         done, self.epochs = fit.record["epoch"], self.epochs + 1
         pace = (time.monotonic() - self.started) / self.epochs
-        if done < fit.epochs and time.monotonic() + pace > self.clock.deadline(self.share) - self.reserve:
+        late = done < fit.epochs and time.monotonic() + pace > self.clock.deadline(self.share) - self.reserve
+        if dist.any_rank(self.world, late, fit.state.device):  # every process stops at the same epoch
             fit.stop_early = True
             self.stopped_at = done
             log.info(f"budget: ending after epoch {done} of {fit.epochs}: at {pace:.1f} s an epoch the next would end "

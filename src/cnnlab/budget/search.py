@@ -24,11 +24,12 @@ from pathlib import Path
 
 import optuna
 
-from cnnlab import files, training
-from cnnlab.budget.candidates import Candidate, augment_at
+from cnnlab import dist, files, training
+from cnnlab.budget.candidates import Candidate
 from cnnlab.budget.pace import Clock, Deadline
 from cnnlab.config import DataConfig
 from cnnlab.data.dataset import Dataset
+from cnnlab.dist import World
 from cnnlab.errors import CnnlabError
 from cnnlab.training.hooks import Hook
 
@@ -50,42 +51,62 @@ class Choice:
 
 
 class Report(Hook):
-    """A trial's held-out accuracy after each epoch, to Optuna; the pruner's verdict ends the run there."""
+    """A trial's held-out accuracy after each epoch, to Optuna (process 0); the pruner's verdict, the same on
+    every process, ends the run there."""
     order = 96
 
-    def __init__(self, trial: optuna.Trial):
-        self.trial, self.pruned = trial, False
+    def __init__(self, trial: optuna.Trial | None, world: World):
+        self.trial, self.world, self.pruned = trial, world, False
 
     def end_epoch(self, fit) -> None:
-        self.trial.report(fit.record["val_acc"], fit.record["epoch"])
-        if fit.record["epoch"] < fit.epochs and self.trial.should_prune():
+        prune = False
+        if self.trial is not None:
+            self.trial.report(fit.record["val_acc"], fit.record["epoch"])
+            prune = fit.record["epoch"] < fit.epochs and self.trial.should_prune()
+        if dist.any_rank(self.world, prune, fit.state.device):
             fit.stop_early, self.pruned = True, True
 
 
 class Search:
+    """Process 0 keeps the study; under several processes every trial runs on all of them, one at a time,
+    with the settings process 0 drew."""
+
     def __init__(self, folder: Path, candidates: list[Candidate], trial_data: dict, clock: Clock, seed: int,
-                 max_epochs: int = TRIAL_EPOCHS):
-        self.folder, self.clock, self.max_epochs = folder, clock, max_epochs
+                 world: World, max_epochs: int = TRIAL_EPOCHS):
+        self.folder, self.clock, self.world, self.max_epochs = folder, clock, world, max_epochs
         self.candidates = {c.name: c for c in candidates}
         self.trial_data: dict[tuple | None, Dataset] = trial_data  # per input size: test = the held-out split
-        optuna.logging.set_verbosity(optuna.logging.ERROR)  # its trial lines: we say them
-        self.study = optuna.create_study(
-            study_name="budget", storage=f"sqlite:///{folder / 'study.db'}", load_if_exists=True,
-            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
-            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
-        if not self.study.trials:  # a new search: every candidate first at its recipe's own settings
-            for name in self.candidates:
-                self.study.enqueue_trial({"candidate": name, "lr_factor": 1.0, "weight_decay_factor": 1.0,
-                                          "augment_strength": 1})
+        self.study = None
+        if world.main:
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # its trial lines: we say them
+            self.study = optuna.create_study(
+                study_name="budget", storage=f"sqlite:///{folder / 'study.db'}", load_if_exists=True,
+                direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
+            if not self.study.trials:  # a new search: every candidate first at its recipe's own settings
+                for name in self.candidates:
+                    self.study.enqueue_trial({"candidate": name, "lr_factor": 1.0, "weight_decay_factor": 1.0,
+                                              "augment_strength": 1})
 
     def run(self, until: float, trials: int | None = None) -> None:
         """Trials until the monotonic time `until` (none started that the measured pace says cannot end
         before it), or `trials` of them."""
         done = 0
-        while (trials is None or done < trials) and self._room_for_one(until):
-            self.study.optimize(lambda t: self.objective(t, until), n_trials=1, catch=(CnnlabError,))
+        while dist.broadcast(self.world, self.world.main and (trials is None or done < trials)
+                             and self._room_for_one(until)):
+            trial = self.study.ask() if self.world.main else None
+            drawn = dist.broadcast(self.world, self._draw(trial) if trial is not None else None)
+            try:
+                accuracy, pruned = self.objective(trial, drawn, until)
+            except CnnlabError as e:
+                log.info(f"budget: trial {drawn['number']} failed: {e}")
+                accuracy, pruned = None, None
+            if trial is not None:
+                state = (optuna.trial.TrialState.FAIL if pruned is None else
+                         optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE)
+                self.study.tell(trial, None if state != optuna.trial.TrialState.COMPLETE else accuracy, state=state)
+                self.write_csv()
             done += 1
-            self.write_csv()
 
     def _room_for_one(self, until: float) -> bool:
         paces = [self.pace(name) for name in self.candidates]
@@ -93,34 +114,37 @@ class Search:
         cheapest = min(known) if known and len(known) == len(paces) else 0.0
         return time.monotonic() + cheapest < until
 
-    def objective(self, trial: optuna.Trial, until: float) -> float:
-        choice = Choice(self.candidates[trial.suggest_categorical("candidate", list(self.candidates))], {
-            "lr_factor": trial.suggest_float("lr_factor", 0.3, 3.0, log=True),
-            "weight_decay_factor": trial.suggest_float("weight_decay_factor", 0.3, 3.0, log=True),
-            "augment_strength": trial.suggest_int("augment_strength", 0, 2)})
+    def _draw(self, trial: optuna.Trial) -> dict:
+        return {"number": trial.number, "candidate": trial.suggest_categorical("candidate", list(self.candidates)),
+                "lr_factor": trial.suggest_float("lr_factor", 0.3, 3.0, log=True),
+                "weight_decay_factor": trial.suggest_float("weight_decay_factor", 0.3, 3.0, log=True),
+                "augment_strength": trial.suggest_int("augment_strength", 0, 2)}
+
+    def objective(self, trial: optuna.Trial | None, drawn: dict, until: float) -> tuple[float, bool]:
+        """Train one trial (on every process); its best held-out accuracy, and whether it was pruned."""
+        choice = Choice(self.candidates[drawn["candidate"]], drawn)
         cfg = choice.config(self.max_epochs)
         ds = self.trial_data[choice.candidate.image_size]
-        report = Report(trial)
-        deadline = Deadline(self.clock, share=(until - self.clock.deadline(0)) / self.clock.seconds)
+        report = Report(trial, self.world)
+        deadline = Deadline(self.clock, share=(until - self.clock.deadline(0)) / self.clock.seconds, world=self.world)
         t0 = time.monotonic()
         run = training.train(cfg, DataConfig(path=ds.source, image_size=choice.candidate.image_size), dataset=ds,
-                             out=self.folder / f"trial-{trial.number:03d}", with_report=False, hooks=[report, deadline])
+                             out=self.folder / f"trial-{drawn['number']:03d}", with_report=False,
+                             hooks=[report, deadline])
         seconds = time.monotonic() - t0
+        if trial is None:
+            return 0.0, report.pruned
         history = json.loads((run / "history.json").read_text())
         accuracy = max(h["val_acc"] for h in history)
-        trial.set_user_attr("seconds", round(seconds, 1))
-        trial.set_user_attr("epochs", len(history))
-        trial.set_user_attr("epoch_seconds", round(sum(h["seconds"] + h.get("val_seconds", 0) for h in history)
-                                                   / max(len(history), 1), 2))
-        self.clock.say(f"trial {trial.number} {choice.candidate.name} (lr x{choice.params['lr_factor']:.2f}, weight "
-                       f"decay x{choice.params['weight_decay_factor']:.2f}, augment "
-                       f"{augment_at(choice.candidate.cfg.augment, choice.params['augment_strength'])}): "
-                       f"{accuracy:.2%} held out after {len(history)} epoch{'s' * (len(history) != 1)}"
+        for key, value in (("seconds", round(seconds, 1)), ("epochs", len(history)), ("accuracy", accuracy),
+                           ("epoch_seconds", round(sum(h["seconds"] + h.get("val_seconds", 0) for h in history)
+                                                   / max(len(history), 1), 2))):
+            trial.set_user_attr(key, value)
+        self.clock.say(f"trial {trial.number} {choice.candidate.name} (lr x{drawn['lr_factor']:.2f}, weight "
+                       f"decay x{drawn['weight_decay_factor']:.2f}, augment {cfg.augment}): {accuracy:.2%} held "
+                       f"out after {len(history)} epoch{'s' * (len(history) != 1)}"
                        + (" (pruned)" if report.pruned else "") + f" in {seconds:.0f} s")
-        if report.pruned:
-            trial.set_user_attr("accuracy", accuracy)
-            raise optuna.TrialPruned()
-        return accuracy
+        return accuracy, report.pruned
 
     def pace(self, name: str) -> float | None:
         """Seconds an epoch of candidate `name` took in its trials (training and validation), None if untried."""
@@ -138,10 +162,10 @@ class Search:
     def rows(self) -> list[dict]:
         rows = []
         for t in self.study.trials:
-            if "candidate" not in t.params or t.params["candidate"] not in self.candidates:
+            if t.params.get("candidate") not in self.candidates:
                 continue
             c = Choice(self.candidates[t.params["candidate"]], t.params).config(self.max_epochs)
-            accuracy = t.value if t.value is not None else t.user_attrs.get("accuracy")
+            accuracy = t.user_attrs.get("accuracy")
             rows.append({"trial": t.number, "candidate": t.params["candidate"], "lr": f"{c.lr:.4g}",
                          "weight_decay": f"{c.weight_decay:.4g}", "augment": c.augment,
                          "epochs": t.user_attrs.get("epochs", ""),

@@ -186,13 +186,20 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
                           f"settings, start a new run from its weights: cnnlab train --init-from {args.resume} ...")
 
 
-BUDGET_CHOOSES = ("preset", "epochs", "model", "config", "resume", "nproc", "nnodes", "max_restarts")
+BUDGET_CHOOSES = ("preset", "epochs", "model", "config", "resume", "nnodes", "max_restarts")
+BUDGET_TAKES = ("device", "seed", "pretrained")  # of the training settings; the search chooses the rest
 
 
 def _check_budget_flags(args: argparse.Namespace) -> None:
-    """--budget picks the recipe and its epochs itself (and plans one process)."""
-    if flags := _given(args, BUDGET_CHOOSES):
-        raise CnnlabError(f"--budget chooses the recipe and its epochs for this machine, so {flags} cannot go with it")
+    """--budget picks the recipe, its settings and its epochs itself (on one machine: --nproc, not --nnodes)."""
+    from dataclasses import fields
+
+    from cnnlab.config import TrainConfig
+
+    knobs = [f.name for f in fields(TrainConfig) if f.name not in BUDGET_TAKES and hasattr(args, f.name)]
+    if flags := _given(args, [*BUDGET_CHOOSES, *knobs]):
+        raise CnnlabError(f"--budget chooses the recipe, its settings and its epochs for this machine, so {flags} "
+                          "cannot go with it (it takes --device, --seed and --pretrained)")
 
 
 def _train_config(args: argparse.Namespace):
