@@ -21,6 +21,7 @@ from cnnlab.budget import candidates
 from cnnlab.errors import CnnlabError
 from cnnlab.models import pretrained
 from conftest import write_image_folder
+from test_datasets import write_idx
 
 CNNLAB = [sys.executable, "-m", "cnnlab"]
 
@@ -54,9 +55,13 @@ def test_the_candidates_follow_the_images_and_the_weights_on_this_machine(tmp_pa
     assert tuned.augment == "flip-crop+erasing" and found[0].tuned(1, 1, 0).augment == "flip"
 
 
-def test_a_budget_dry_run_on_cifar_sized_images(tmp_path, cifar_python_dir, capsys):
+@pytest.mark.parametrize("kind", ["cifar", "idx"])
+def test_a_budget_dry_run_on_small_images(tmp_path, cifar_python_dir, capsys, kind):
+    """CIFAR's batches and MNIST-style IDX files (grey, 28 px): the CIFAR-sized recipes, one epoch each."""
+    source = cifar_python_dir if kind == "cifar" else write_idx(tmp_path / "mnist", n_train=200, n_test=50)[0]
     run = tmp_path / "run"
-    assert cli.main(["train", "--data", str(cifar_python_dir), "--budget", "5m", "--dry-run", "--no-report",
+    tracked = ["--log", "mlflow", "--log", "tensorboard"] if kind == "cifar" else []
+    assert cli.main(["train", "--data", str(source), "--budget", "5m", "--dry-run", "--no-report", *tracked,
                      "--out", str(run)]) == 0
     printed = capsys.readouterr().out
     rows = trials(run)
@@ -64,6 +69,16 @@ def test_a_budget_dry_run_on_cifar_sized_images(tmp_path, cifar_python_dir, caps
     assert "Epoch 1/1" in printed.split("final run:")[1]
     config = json.loads((run / "config.json").read_text())
     assert config["preset"] == "budget" and config["train"]["epochs"] == 1
+    if tracked:  # each trial a child of the budget's MLflow run; TensorBoard finds the trials under the run
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("cnnlab").experiment_id])
+        parent = json.loads((run / "tracking.json").read_text())["mlflow_run_id"]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+        assert len(runs) == 3 and len(children) == 2
+        assert "test_accuracy" in next(r for r in runs if r.info.run_id == parent).data.metrics
+        assert (run / "tensorboard").is_dir() and len(list(run.glob("search/trial-*/tensorboard"))) == 2
     for flags in (["--preset", "fast"], ["--epochs", "3"], ["--batch-size", "64"], ["--lr", "0.1"]):
         assert cli.main(["train", "--data", str(cifar_python_dir), "--budget", "1m", *flags]) == 2
         assert "--budget chooses the recipe" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from cnnlab.data.dataset import Dataset
 from cnnlab.dist import World
 from cnnlab.errors import CnnlabError, EveryProcessError, Interrupted
 from cnnlab.run import Run
+from cnnlab.training import tracking as tracking_mod
 
 log = logging.getLogger("cnnlab.budget")
 
@@ -67,8 +68,11 @@ def train_within(seconds: float, data_cfg: DataConfig, *, out=None, with_report:
              "pretrained": pretrained, "dry_run": dry_run, "with_report": with_report, "tracking": list(tracking)}
     if world.main:
         Run.check_out(run)
+        tracking_mod.check(list(tracking))
         (run / Run.SEARCH).mkdir(parents=True, exist_ok=True)
         files.write_json(run / Run.SEARCH / STATE, state)
+        if "mlflow" in tracking:  # the budget's MLflow run, made now: each trial is its child (tracking.py),
+            tracking_mod.MLflow(run, {"preset": "budget", "budget": state}, None)  # the final run its own
     return _search_and_train(run, state, clock, world)
 
 
@@ -98,7 +102,7 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World) -> Pat
             with clock.excluded("decoding"):
                 trial_data[c.image_size] = as_trial_data(_at_size(data_cfg, ds, c.image_size, state["seed"]))
     search = Search(run / Run.SEARCH, found, trial_data, clock, state["seed"], world,
-                    max_epochs=1 if state["dry_run"] else TRIAL_EPOCHS)
+                    max_epochs=1 if state["dry_run"] else TRIAL_EPOCHS, tracking=tuple(state["tracking"]))
     clock.say(f"{len(found)} candidates ({', '.join(c.name for c in found)}); trials on {len(ds.y_val):,} held-out "
               f"images until {SEARCH_SHARE:.0%} of the budget is spent")
     try:

@@ -72,8 +72,9 @@ class Search:
     with the settings process 0 drew."""
 
     def __init__(self, folder: Path, candidates: list[Candidate], trial_data: dict, clock: Clock, seed: int,
-                 world: World, max_epochs: int = TRIAL_EPOCHS):
+                 world: World, max_epochs: int = TRIAL_EPOCHS, tracking: tuple[str, ...] = ()):
         self.folder, self.clock, self.world, self.max_epochs = folder, clock, world, max_epochs
+        self.tracking = tracking  # each trial a child run of the budget's (MLflow), or a subfolder (TensorBoard)
         self.candidates = {c.name: c for c in candidates}
         self.trial_data: dict[tuple | None, Dataset] = trial_data  # per input size: test = the held-out split
         self.study = None
@@ -130,7 +131,7 @@ class Search:
         t0 = time.monotonic()
         run = training.train(cfg, DataConfig(path=ds.source, image_size=choice.candidate.image_size), dataset=ds,
                              out=self.folder / f"trial-{drawn['number']:03d}", with_report=False,
-                             hooks=[report, deadline])
+                             tracking=self.tracking, hooks=[report, deadline])
         seconds = time.monotonic() - t0
         if trial is None:
             return 0.0, report.pruned

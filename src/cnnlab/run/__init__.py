@@ -51,7 +51,7 @@ class Run:
     REPORT, ONNX, TRACKING, TENSORBOARD = "report.html", "model.onnx", "tracking.json", "tensorboard"
     ONNX_INT8, OPENVINO = "model.int8.onnx", "openvino"  # `export --int8`; `--format openvino`: a folder (-int8)
     SEARCH, TRIALS = "search", "trials.csv"  # --budget: the search (study, trials' runs) and its leaderboard
-    SEARCH_FILES = {SEARCH, TRIALS}  # what a budget run's folder holds before its final run starts there
+    SEARCH_FILES = {SEARCH, TRIALS, TRACKING}  # what a budget run's folder holds before its final run starts
     # What the end of a run writes after its weights, in order; the pictures not with --no-report.
     END_FILES = (METRICS, CONFUSION_CSV, CONFUSION_JSON)
     PICTURES = (CONFUSION_PNG, REPORT)

@@ -71,6 +71,14 @@ def _flat(config: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def budget_parent(run_dir: Path) -> dict | None:
+    """A --budget trial (RUN/search/trial-NNN) is a child run of its budget run: that run's MLflow record."""
+    record = run_dir.parent.parent / Run.TRACKING
+    if run_dir.parent.name != Run.SEARCH or not record.is_file():
+        return None
+    return json.loads(record.read_text())
+
+
 class TensorBoard:
     def __init__(self, run_dir: Path, config: dict):
         from torch.utils.tensorboard import SummaryWriter
@@ -104,7 +112,9 @@ class MLflow:
         import mlflow
 
         self.mlflow = mlflow
-        uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve().parent / 'mlflow.db'}"
+        self.parent = budget_parent(run_dir)
+        uri = (uri or (self.parent or {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+               or f"sqlite:///{run_dir.resolve().parent / 'mlflow.db'}")
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.run_id = self._run(run_dir, config, uri)
 
@@ -122,7 +132,8 @@ class MLflow:
             experiment_id = self.client.create_experiment("cnnlab", artifact_location=where)
         else:
             experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=run_dir.name)
+        tags = {"mlflow.parentRunId": self.parent["mlflow_run_id"]} if self.parent else None  # MLflow's nesting
+        run = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
         for key, value in list(_flat(config).items())[:500]:
             self.client.log_param(run.info.run_id, key, value[:6000])
         files.write_json(record, {"mlflow_run_id": run.info.run_id, "tracking_uri": uri})
