@@ -94,8 +94,9 @@ def main() -> None:
     rows = []
     for name in args.data:
         for size in (["64", "96", "128"] if name == "photos" else [None]):  # every candidate's decode, cached first
-            subprocess.run([*CNNLAB, "data", "info", "--data", str(sources[name]), *(["--image-size", size] if size else [])],
-                           cwd=ROOT, capture_output=True, check=True)
+            sized = ["--image-size", size] if size else []
+            subprocess.run([*CNNLAB, "data", "info", "--data", str(sources[name]), *sized], cwd=ROOT,
+                           capture_output=True, check=True)
         for minutes in args.minutes:
             rows.append(one_budget(name, sources[name], minutes, work))
     info = machine()

@@ -125,20 +125,27 @@ def workers_of(launcher: int) -> list[int]:
     return [int(d.name) for d in Path("/proc").glob("[0-9]*") if parent(d.name) == str(launcher)]
 
 
+def elastic_job_at_its_first_checkpoint(tmp_path: Path, data: Path, epochs: int):
+    """Two machines training under --max-restarts 2, once machine 0's run directory holds a checkpoint."""
+    homes = [machine(tmp_path, r, data) for r in range(2)]
+    jobs = start(homes, "--epochs", str(epochs), "--checkpoint-every", "2", *FLAGS, "--out", "run", "--max-restarts",
+                 "2", port=free_port())
+    checkpoint = homes[0] / "run" / Run.CHECKPOINT
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and all(j.poll() is None for j in jobs):
+        time.sleep(0.02)
+    assert checkpoint.exists(), finish(jobs, homes)
+    return homes, jobs
+
+
 def test_a_killed_worker_is_restarted_and_the_job_ends_with_the_same_weights(seed_on_two, tmp_path,
                                                                               cifar_python_dir):
     """--max-restarts 2: machine 1's worker is SIGKILLed after the first checkpoint; both machines' agents
     restart their workers, every worker resumes from machine 0's checkpoint, and the weights are the bytes of
     the uninterrupted job."""
-    homes = [machine(tmp_path, r, cifar_python_dir) for r in range(2)]
-    jobs = start(homes, "--epochs", "3", "--checkpoint-every", "2", *FLAGS, "--out", "run", "--max-restarts", "2",
-                 port=free_port())
-    checkpoint = homes[0] / "run" / Run.CHECKPOINT
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and all(j.poll() is None for j in jobs):
-        time.sleep(0.02)
+    homes, jobs = elastic_job_at_its_first_checkpoint(tmp_path, cifar_python_dir, epochs=3)
     killed = workers_of(jobs[1].pid)
-    assert len(killed) == 1 and checkpoint.exists()
+    assert len(killed) == 1
     os.kill(killed[0], signal.SIGKILL)
     logs = finish(jobs, homes)
     assert [j.returncode for j in jobs] == [0, 0], logs
@@ -150,13 +157,7 @@ def test_a_killed_worker_is_restarted_and_the_job_ends_with_the_same_weights(see
 def test_when_the_machine_of_the_run_directory_dies_the_others_end_in_one_line(tmp_path, cifar_python_dir):
     """Restarts cannot cover the machine that holds the run directory (and here the rendezvous): the other
     machine ends at once with one line saying where to resume, and the run resumes there to the end."""
-    homes = [machine(tmp_path, r, cifar_python_dir) for r in range(2)]
-    jobs = start(homes, "--epochs", "40", "--checkpoint-every", "2", *FLAGS, "--out", "run", "--max-restarts", "2",
-                 port=free_port())
-    checkpoint = homes[0] / "run" / Run.CHECKPOINT
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and all(j.poll() is None for j in jobs):
-        time.sleep(0.02)
+    homes, jobs = elastic_job_at_its_first_checkpoint(tmp_path, cifar_python_dir, epochs=40)
     for pid in workers_of(jobs[0].pid):
         os.kill(pid, signal.SIGKILL)
     jobs[0].kill()  # the whole machine: its launcher and its worker
