@@ -37,6 +37,11 @@ def test_budget_parsing():
         budget.parse("ten minutes")
 
 
+def test_a_budget_on_data_that_is_not_there_leaves_nothing(tmp_path, capsys):
+    assert cli.main(["train", "--data", str(tmp_path / "missing"), "--budget", "1m", "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 def test_the_candidates_follow_the_images_and_the_weights_on_this_machine(tmp_path, monkeypatch):
     found, _ = candidates.for_data((32, 32))
     assert [c.name for c in found] == ["quick", "fast"]

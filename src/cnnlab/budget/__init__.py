@@ -53,7 +53,8 @@ def parse(text: str) -> float:
 
 
 def is_search(path: str | Path) -> bool:
-    return (Path(path) / "search" / STATE).is_file()
+    """Whether `path` is a --budget run (its search, perhaps its final run)."""
+    return (Path(path) / Run.SEARCH / STATE).is_file()
 
 
 def train_within(seconds: float, data_cfg: DataConfig, *, out=None, with_report: bool = True,
@@ -69,11 +70,13 @@ def train_within(seconds: float, data_cfg: DataConfig, *, out=None, with_report:
     if world.main:
         Run.check_out(run)
         tracking_mod.check(list(tracking))
+    ds = _load(data_cfg, state, clock)  # before the run directory: data that cannot be read leaves nothing
+    if world.main:
         (run / Run.SEARCH).mkdir(parents=True, exist_ok=True)
         files.write_json(run / Run.SEARCH / STATE, state)
         if "mlflow" in tracking:  # the budget's MLflow run, made now: each trial is its child (tracking.py),
             tracking_mod.MLflow(run, {"preset": "budget", "budget": state}, None)  # the final run its own
-    return _search_and_train(run, state, clock, world)
+    return _search_and_train(run, state, clock, world, ds)
 
 
 def resume(run: str | Path) -> Path:
@@ -87,12 +90,16 @@ def resume(run: str | Path) -> Path:
     return _search_and_train(run, state, clock, world)
 
 
-def _search_and_train(run: Path, state: dict, clock: Clock, world: World) -> Path:
+def _load(data_cfg: DataConfig, state: dict, clock: Clock) -> Dataset:
+    with clock.excluded("decoding"):
+        return held_out(training.load_data(data_cfg, state["seed"]), state["seed"])
+
+
+def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Dataset | None = None) -> Path:
     from cnnlab.budget.search import TRIAL_EPOCHS, Search  # optuna: imported when a budget run starts
 
     data_cfg = from_dict(DataConfig, state["data"])
-    with clock.excluded("decoding"):
-        ds = held_out(training.load_data(data_cfg, state["seed"]), state["seed"])
+    ds = ds or _load(data_cfg, state, clock)
     found, said = candidates_mod.for_data(ds.image_size, state["pretrained"], state["device"], state["seed"])
     for line in said:
         log.info(f"budget: {line}")

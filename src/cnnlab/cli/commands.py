@@ -224,11 +224,9 @@ def _train_or_resume(args: argparse.Namespace, cfg) -> None:
     from cnnlab import training
 
     if args.resume:
-        from cnnlab.run import Run
+        from cnnlab import budget
 
-        if (Path(args.resume) / Run.SEARCH).is_dir():  # a --budget run: its search, then its final run
-            from cnnlab import budget
-
+        if budget.is_search(args.resume):  # a --budget run: its search, then its final run
             budget.resume(args.resume)
             return
         training.resume(args.resume, args.data, with_report=not args.no_report, epochs=args.epochs)
