@@ -41,6 +41,7 @@ log = logging.getLogger("cnnlab.budget")
 SEARCH_SHARE = 0.45  # of the budget for the trials; the rest trains the winner longer
 HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
 MAX_EPOCHS = 100
+REPORT_SECONDS = 5.0  # report.html's figures, on top of a run's own end (measured: 3-5 s on 2 busy cores)
 STATE = "budget.json"  # in search/: the budget, the time spent, the data settings (for --resume)
 
 
@@ -133,13 +134,9 @@ def _plan(run: Path, state: dict, clock: Clock, search) -> dict:
     log.info("budget: leaderboard (held-out accuracy)\n" + search.leaderboard())
     search.write_csv(run / Run.TRIALS)
     pace = search.pace(best.candidate.name) or 1.0
-    epochs = 1 if state["dry_run"] else max(1, min(MAX_EPOCHS, math.floor((clock.left() - reserve(state)) / pace)))
-    return {"candidate": best.candidate.name, "params": best.params, "epochs": epochs, "pace": pace}
-
-
-def reserve(state: dict) -> float:
-    """Seconds kept for the final evaluation and report."""
-    return max(2.0, 0.04 * state["seconds"])
+    kept = search.overhead() + REPORT_SECONDS * state["with_report"]  # start, final evaluation, report
+    epochs = 1 if state["dry_run"] else max(1, min(MAX_EPOCHS, math.floor((clock.left() - kept) / pace)))
+    return {"candidate": best.candidate.name, "params": best.params, "epochs": epochs, "pace": pace, "kept": kept}
 
 
 def _train_winner(run: Path, state: dict, clock: Clock, candidate, plan: dict, data_cfg: DataConfig,
@@ -152,7 +149,7 @@ def _train_winner(run: Path, state: dict, clock: Clock, candidate, plan: dict, d
     final_ds = _at_size(data_cfg, ds, candidate.image_size, state["seed"])
     path = training.train(cfg, replace(data_cfg, image_size=candidate.image_size or data_cfg.image_size),
                           preset="budget", out=run, dataset=final_ds, with_report=state["with_report"],
-                          tracking=tuple(state["tracking"]), hooks=[Deadline(clock, reserve=reserve(state),
+                          tracking=tuple(state["tracking"]), hooks=[Deadline(clock, reserve=plan["kept"],
                                                                              world=dist.init())])
     clock.say("done")
     return path

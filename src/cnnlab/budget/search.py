@@ -113,7 +113,7 @@ class Search:
         paces = [self.pace(name) for name in self.candidates]
         known = [p for p in paces if p is not None]
         cheapest = min(known) if known and len(known) == len(paces) else 0.0
-        return time.monotonic() + cheapest < until
+        return time.monotonic() + cheapest + self.overhead() < until
 
     def _draw(self, trial: optuna.Trial) -> dict:
         return {"number": trial.number, "candidate": trial.suggest_categorical("candidate", list(self.candidates)),
@@ -152,6 +152,12 @@ class Search:
         seen = [t.user_attrs["epoch_seconds"] for t in self.study.trials
                 if t.params.get("candidate") == name and "epoch_seconds" in t.user_attrs]
         return sum(seen) / len(seen) if seen else None
+
+    def overhead(self) -> float:
+        """Seconds a trial took besides its epochs (start, BatchNorm statistics, final evaluation): the most seen."""
+        seen = [t.user_attrs["seconds"] - t.user_attrs["epochs"] * t.user_attrs["epoch_seconds"]
+                for t in self.study.trials if "epoch_seconds" in t.user_attrs]
+        return max([0.0, *seen])
 
     def best(self) -> Choice | None:
         complete = [t for t in self.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
