@@ -48,6 +48,8 @@ def test_the_candidates_follow_the_images_and_the_weights_on_this_machine(tmp_pa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     found, said = candidates.for_data((100, 120))
     assert [c.name for c in found] == ["photos@64", "photos@96"] and "none" in said[0]
+    assert [c.name for c in candidates.for_data((96, 96), source_side=150)[0]] == ["photos@64", "photos@96",
+                                                                                 "photos@128"]
     cached = pretrained.cached_path(pretrained.IMAGENET["resnet18_imagenet"])
     cached.parent.mkdir(parents=True)
     torch.save(models.build("resnet18_imagenet", 3, 1000, (224, 224)).state_dict(), cached)

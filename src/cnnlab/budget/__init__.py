@@ -101,7 +101,8 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
 
     data_cfg = from_dict(DataConfig, state["data"])
     ds = ds or _load(data_cfg, state, clock)
-    found, said = candidates_mod.for_data(ds.image_size, state["pretrained"], state["device"], state["seed"])
+    found, said = candidates_mod.for_data(ds.image_size, state["pretrained"], state["device"], state["seed"],
+                                          ds.source_side)
     for line in said:
         log.info(f"budget: {line}")
     trial_data = {}

@@ -2,7 +2,7 @@
 perhaps a backbone and an input size) that the search then tunes.
 
     small images (<= 64 px)   quick, fast                                (CIFAR-sized recipes)
-    photos                    photos at 64, 96 and 128 px (no larger than the images)
+    photos                    photos at 64, 96 and 128 px (no larger than the images' median shorter side)
                               finetune and a head-only probe of each backbone whose ImageNet weights are here
                               (the hub cache) or given (--pretrained FILE), at 128 px
 
@@ -44,14 +44,15 @@ def augment_at(augment: str, strength: int) -> str:
 
 
 def for_data(image_size: tuple[int, int], pretrained_file: str | None = None, device: str = "auto",
-             seed: int = 0) -> tuple[list[Candidate], list[str]]:
-    """The candidates for images of `image_size` (as decoded), and a line for the log on what was found."""
+             seed: int = 0, source_side: int | None = None) -> tuple[list[Candidate], list[str]]:
+    """The candidates for images of `image_size` (as decoded; `source_side`: the files' median shorter side
+    before resizing), and a line for the log on what was found."""
     def recipe(name: str, **changes) -> TrainConfig:
         return replace(presets.get(name), device=device, seed=seed, **changes)
 
     if max(image_size) <= SMALL:
         return [Candidate(name, recipe(name), None) for name in ("quick", "fast")], []
-    side = min(image_size)
+    side = source_side or min(image_size)
     sizes = [s for s in PHOTO_SIZES if s <= side] or [min(PHOTO_SIZES)]
     found = [Candidate(f"photos@{s}", recipe("photos"), (s, s)) for s in sizes]
     backbones = {m: str(pretrained.cached_path(w)) for m, w in pretrained.IMAGENET.items()

@@ -46,6 +46,7 @@ class Dataset:
     exact_copies: dict[str, int] = field(default_factory=dict)  # training images with a val/test image's pixels
     doubted: dict[str, tuple[int, ...]] = field(default_factory=dict)  # rows `data check --labels` doubts, per split
     pixels_digest: str = ""  # of the decoded pixels of every split (the cache entry's digests); "" if not decoded
+    source_side: int | None = None  # image files: the median shorter side before resizing; None for arrays
 
     @property
     def channels(self) -> int:
@@ -181,7 +182,11 @@ def load(c: DataConfig, use_cache: bool = True) -> Dataset:
                    skipped=tuple(meta["skipped"]), resize=meta.get("resize"), layout=meta.get("layout", ""),
                    ignored=dict(meta.get("ignored", {})), test_files=tuple(entry.files("test")),
                    exact_copies=dict(meta.get("exact_copies", {})), doubted=entry.doubted(),
-                   pixels_digest=cache.pixels_digest(entry))
+                   pixels_digest=cache.pixels_digest(entry), source_side=_median_side(entry.sizes("train")))
+
+
+def _median_side(sizes: np.ndarray | None) -> int | None:
+    return int(np.median(sizes.min(axis=1))) if sizes is not None and len(sizes) else None
 
 
 def fingerprint(ds: Dataset) -> dict:
