@@ -4,6 +4,7 @@ searching on the data itself.
     candidates (candidates.py)    from the images' size and the backbone weights on this machine
     a held-out split              15% of the training images (or the data's own validation split); the
                                   test set is not looked at until the final evaluation
+    trial data                    a stratified fifth of the training images (at least 2,000)
     the search (search.py)        trials on the held-out split, with successive halving, until SEARCH_SHARE
                                   of the budget is spent; the leaderboard in the log and in trials.csv
     the final run                 the best candidate and settings, for the epochs that the rest of the
@@ -38,7 +39,10 @@ from cnnlab.training import tracking as tracking_mod
 
 log = logging.getLogger("cnnlab.budget")
 
-SEARCH_SHARE = 0.45  # of the budget for the trials; the rest trains the winner longer
+SEARCH_SHARE = 0.35  # of the budget for the trials; the rest trains the winner longer
+TRIAL_SHARE, TRIAL_MIN = 0.2, 2000  # trials train on this share of the training images, and at least this many:
+# CIFAR-10 at 2 minutes, trials on all 42,500 images let one epoch of `fast` eat the whole search (169 s spent
+# of 120); on a sample its trial costs a fifth, and the final run's pace is scaled up from it
 HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
 MAX_EPOCHS = 100
 REPORT_SECONDS = 5.0  # report.html's figures, on top of a run's own end (measured: 3-5 s on 2 busy cores)
@@ -109,11 +113,14 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
     for c in found:
         if c.image_size not in trial_data:
             with clock.excluded("decoding"):
-                trial_data[c.image_size] = as_trial_data(_at_size(data_cfg, ds, c.image_size, state["seed"]))
+                trial_data[c.image_size] = as_trial_data(_at_size(data_cfg, ds, c.image_size, state["seed"]),
+                                                         state["seed"])
     search = Search(run / Run.SEARCH, found, trial_data, clock, state["seed"], world,
                     max_epochs=1 if state["dry_run"] else TRIAL_EPOCHS, tracking=tuple(state["tracking"]))
-    clock.say(f"{len(found)} candidates ({', '.join(c.name for c in found)}); trials on {len(ds.y_val):,} held-out "
-              f"images until {SEARCH_SHARE:.0%} of the budget is spent")
+    sample = len(next(iter(trial_data.values())).y_train)
+    clock.say(f"{len(found)} candidates ({', '.join(c.name for c in found)}); trials on {sample:,} of the "
+              f"{len(ds.y_train):,} training images, scored on {len(ds.y_val):,} held-out ones, until "
+              f"{SEARCH_SHARE:.0%} of the budget is spent")
     try:
         search.run(clock.deadline(SEARCH_SHARE), trials=len(found) if state["dry_run"] else None)
     except (Interrupted, KeyboardInterrupt):  # Ctrl-C in a trial or between two: the search continues with
@@ -121,11 +128,12 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
     finally:
         if world.main:
             files.write_json(run / Run.SEARCH / STATE, {**state, "spent": clock.spent()})
-    plan = dist.broadcast(world, _plan(run, state, clock, search) if world.main else None)
+    scale = len(ds.y_train) / sample  # the final run trains on all the training images
+    plan = dist.broadcast(world, _plan(run, state, clock, search, scale) if world.main else None)
     return _train_winner(run, state, clock, search.candidates[plan["candidate"]], plan, data_cfg, ds)
 
 
-def _plan(run: Path, state: dict, clock: Clock, search) -> dict:
+def _plan(run: Path, state: dict, clock: Clock, search, scale: float) -> dict:
     """Process 0: the leaderboard said and written; the winner, its settings, and the epochs the time left fits
     at the pace its trials measured."""
     best = search.best()
@@ -134,7 +142,7 @@ def _plan(run: Path, state: dict, clock: Clock, search) -> dict:
                                 "--budget (or --subset)")
     log.info("budget: leaderboard (held-out accuracy)\n" + search.leaderboard())
     search.write_csv(run / Run.TRIALS)
-    pace = search.pace(best.candidate.name) or 1.0
+    pace = search.pace(best.candidate.name, scale) or 1.0
     kept = search.overhead() + REPORT_SECONDS * state["with_report"]  # start, final evaluation, report
     epochs = 1 if state["dry_run"] else max(1, min(MAX_EPOCHS, math.floor((clock.left() - kept) / pace)))
     return {"candidate": best.candidate.name, "params": best.params, "epochs": epochs, "pace": pace, "kept": kept}
@@ -161,9 +169,11 @@ def held_out(ds: Dataset, seed: int) -> Dataset:
     return ds if ds.y_val is not None else ds.hold_out(HOLD_OUT, seed)
 
 
-def as_trial_data(ds: Dataset) -> Dataset:
-    """What a trial sees: the held-out split as its test set, so no trial looks at the real one."""
-    return replace(ds, x_test=ds.x_val, y_test=ds.y_val, x_val=None, y_val=None, test_files=())
+def as_trial_data(ds: Dataset, seed: int) -> Dataset:
+    """What a trial sees: a stratified sample of the training images (TRIAL_SHARE, at least TRIAL_MIN), and
+    the held-out split as its test set, so no trial looks at the real one."""
+    sample = ds.subset(max(TRIAL_MIN, round(TRIAL_SHARE * len(ds.y_train))), seed)
+    return replace(sample, x_test=ds.x_val, y_test=ds.y_val, x_val=None, y_val=None, test_files=())
 
 
 def _at_size(data_cfg: DataConfig, ds: Dataset, size: tuple[int, int] | None, seed: int) -> Dataset:

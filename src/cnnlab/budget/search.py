@@ -6,8 +6,9 @@ test set is never seen), in an Optuna study kept in SQLite beside the run, so an
     best = search.best()                                 # the candidate and its settings; search.pace(best)
 
 Each candidate is first tried at its recipe's own settings (enqueued), then Optuna's TPE sampler proposes a
-candidate with a learning-rate factor, a weight-decay factor and an augmentation strength. A trial trains for
-up to TRIAL_EPOCHS epochs (its schedule sized to them) and reports its held-out accuracy after each; Optuna's
+candidate with a learning-rate factor, a weight-decay factor and an augmentation strength. A trial trains on
+a stratified sample of the training images (budget.trial_sample) for up to TRIAL_EPOCHS epochs (its schedule
+sized to them) and reports its held-out accuracy after each; Optuna's
 successive-halving pruner stops, after the first epoch, a trial that is not in the best third of those seen
 there, so poor candidates cost one epoch. Every trial ends as a row of `trials.csv` (the leaderboard).
 """
@@ -139,7 +140,8 @@ class Search:
         accuracy = max(h["val_acc"] for h in history)
         for key, value in (("seconds", round(seconds, 1)), ("epochs", len(history)), ("accuracy", accuracy),
                            ("epoch_seconds", round(sum(h["seconds"] + h.get("val_seconds", 0) for h in history)
-                                                   / max(len(history), 1), 2))):
+                                                   / max(len(history), 1), 2)),
+                           ("train_seconds", round(sum(h["seconds"] for h in history) / max(len(history), 1), 2))):
             trial.set_user_attr(key, value)
         self.clock.say(f"trial {trial.number} {choice.candidate.name} (lr x{drawn['lr_factor']:.2f}, weight "
                        f"decay x{drawn['weight_decay_factor']:.2f}, augment {cfg.augment}): {accuracy:.2%} held "
@@ -147,10 +149,11 @@ class Search:
                        + (" (pruned)" if report.pruned else "") + f" in {seconds:.0f} s")
         return accuracy, report.pruned
 
-    def pace(self, name: str) -> float | None:
-        """Seconds an epoch of candidate `name` took in its trials (training and validation), None if untried."""
-        seen = [t.user_attrs["epoch_seconds"] for t in self.study.trials
-                if t.params.get("candidate") == name and "epoch_seconds" in t.user_attrs]
+    def pace(self, name: str, scale: float = 1.0) -> float | None:
+        """Seconds an epoch of candidate `name` took in its trials (training and validation), None if untried;
+        with `scale`, for that many times the trials' training images (validation stays the same)."""
+        seen = [t.user_attrs["epoch_seconds"] + (scale - 1) * t.user_attrs.get("train_seconds", 0)
+                for t in self.study.trials if t.params.get("candidate") == name and "epoch_seconds" in t.user_attrs]
         return sum(seen) / len(seen) if seen else None
 
     def overhead(self) -> float:
