@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ def flags_of(candidate: str) -> list[str]:
 
 
 def command(out: Path, data: Path, *flags: str) -> tuple[str, float]:
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
     t0 = time.perf_counter()
     proc = subprocess.run([*CNNLAB, "train", "--data", str(data), "--no-report", "--out", str(out), *flags],
                           cwd=ROOT, capture_output=True, text=True)
@@ -70,8 +72,11 @@ def one_budget(name: str, data: Path, minutes: float, work: Path) -> dict:
     row = {"data": name, "budget_s": seconds, "chosen": final.group(1), "epochs": int(final.group(2)),
            "test_accuracy": accuracy(run), "spent_s": spent, "wall_s": round(wall, 1), "trials": len(trials),
            "hindsight": {}}
-    for candidate in sorted({t["candidate"] for t in trials}):
-        paces = [float(t["seconds"]) / int(t["epochs"]) for t in trials if t["candidate"] == candidate and t["epochs"]]
+    sample, whole = (int(n.replace(",", "")) for n in re.search(r"trials on ([\d,]+) of the ([\d,]+) training",
+                                                                 log).groups())
+    for candidate in sorted({t["candidate"] for t in trials}):  # trials trained on a sample: scale to all
+        paces = [float(t["seconds"]) / int(t["epochs"]) * whole / sample for t in trials
+                 if t["candidate"] == candidate and t["epochs"]]
         epochs = max(1, math.floor(0.9 * seconds / (sum(paces) / len(paces))))
         out = work / f"{name}-{minutes:g}m-{candidate.replace(':', '-').replace('@', '-')}"
         command(out, data, *flags_of(candidate), "--epochs", str(min(epochs, 100)))
@@ -88,6 +93,7 @@ def busy_budget(name: str, data: Path, minutes: float, work: Path) -> dict:
     """The budget run with two busy processes started at a third of the budget (another job arriving): the
     plan made at the start no longer holds, and the run must still end inside the budget + 10%."""
     seconds, run = minutes * 60, work / f"{name}-{minutes:g}m-busy"
+    shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
     job = subprocess.Popen([*CNNLAB, "train", "--data", str(data), "--no-report", "--out", str(run), "--budget",
                             f"{minutes:g}m"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -156,11 +156,15 @@ class Search:
                 for t in self.study.trials if t.params.get("candidate") == name and "epoch_seconds" in t.user_attrs]
         return sum(seen) / len(seen) if seen else None
 
-    def overhead(self) -> float:
-        """Seconds a trial took besides its epochs (start, BatchNorm statistics, final evaluation): the most seen."""
-        seen = [t.user_attrs["seconds"] - t.user_attrs["epochs"] * t.user_attrs["epoch_seconds"]
-                for t in self.study.trials if "epoch_seconds" in t.user_attrs]
-        return max([0.0, *seen])
+    def overhead(self, name: str | None = None) -> float:
+        """Seconds a trial took besides its epochs (start, BatchNorm statistics, final evaluation with its
+        test-time views): the most seen for candidate `name`, or the median over all trials."""
+        seen = sorted(t.user_attrs["seconds"] - t.user_attrs["epochs"] * t.user_attrs["epoch_seconds"]
+                      for t in self.study.trials if "epoch_seconds" in t.user_attrs
+                      and (name is None or t.params.get("candidate") == name))
+        if not seen:
+            return 0.0
+        return max(seen) if name is not None else seen[len(seen) // 2]
 
     def best(self) -> Choice | None:
         complete = [t for t in self.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
