@@ -63,7 +63,7 @@ def host() -> str:
 def job() -> str | None:
     """Under torchrun's elastic agent: this job's identity, the same for every restart of a worker on this
     machine (the agent's host, process and rendezvous id); None otherwise. A restarted process 0 recognises its
-    own run directory by it (lifecycle.elastic_run)."""
+    own run directory by it (lifecycle.elastic_restart)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
     return f"{host()}:{os.getppid()}:{os.environ['TORCHELASTIC_RUN_ID']}"

@@ -99,7 +99,12 @@ def resume(run: str | Path) -> Path:
 
 def _load(data_cfg: DataConfig, state: dict, clock: Clock) -> Dataset:
     with clock.excluded("decoding"):
-        return held_out(training.load_data(data_cfg, state["seed"]), state["seed"])
+        return _read(data_cfg, state["seed"])
+
+
+def _read(data_cfg: DataConfig, seed: int) -> Dataset:
+    """The data with its held-out split, as every candidate and the final run see it."""
+    return held_out(training.load_data(data_cfg, seed), seed)
 
 
 def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Dataset | None = None) -> Path:
@@ -181,4 +186,4 @@ def as_trial_data(ds: Dataset, seed: int) -> Dataset:
 def _at_size(data_cfg: DataConfig, ds: Dataset, size: tuple[int, int] | None, seed: int) -> Dataset:
     if size is None or tuple(size) == tuple(ds.image_size):
         return ds
-    return held_out(training.load_data(replace(data_cfg, image_size=size), seed), seed)
+    return _read(replace(data_cfg, image_size=size), seed)
