@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab import budget, cli, models
+from cnnlab import budget, cli, dist, models
 from cnnlab.budget import candidates
 from cnnlab.errors import CnnlabError
 from cnnlab.models import pretrained
@@ -60,6 +60,25 @@ def test_the_candidates_follow_the_images_and_the_weights_on_this_machine(tmp_pa
     tuned = found[0].tuned(2.0, 0.5, 2)
     assert tuned.lr == 2 * found[0].cfg.lr and tuned.weight_decay == found[0].cfg.weight_decay / 2
     assert tuned.augment == "flip-crop+erasing" and found[0].tuned(1, 1, 0).augment == "flip"
+
+
+def test_a_search_interrupted_while_drawing_a_trial_resumes_with_that_candidate(tmp_path):
+    """Ctrl-C between Optuna's ask and the last setting drawn leaves a running trial with some settings: the
+    resumed search ends it as failed, writes its leaderboard, and tries that candidate's recipe again."""
+    from cnnlab.budget.pace import Clock
+    from cnnlab.budget.search import COLUMNS, RECIPE, Search
+
+    found, _ = candidates.for_data((32, 32))
+    search = Search(tmp_path, found, {}, Clock(60), 0, dist.init())
+    cut = search.study.ask()
+    assert cut.suggest_categorical("candidate", [c.name for c in found]) == "quick"  # then the Ctrl-C
+    resumed = Search(tmp_path, found, {}, Clock(60, spent=10), 0, dist.init())
+    assert [t.state.name for t in resumed.study.trials] == ["FAIL", "WAITING", "WAITING"]
+    assert resumed.write_csv().read_text().splitlines() == [",".join(COLUMNS)]  # no row for the cut trial
+    again = resumed.study.ask()
+    assert {k: again.suggest_float(k, 0.3, 3.0) for k in ("lr_factor", "weight_decay_factor")} == {
+        k: RECIPE[k] for k in ("lr_factor", "weight_decay_factor")}
+    assert again.suggest_categorical("candidate", ["quick", "fast"]) == "fast"
 
 
 def test_a_budget_dry_run_on_cifar_sized_images_tracked(tmp_path, cifar_python_dir, capsys):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from cnnlab import dist, files, training
 from cnnlab.budget.candidates import Candidate
@@ -37,6 +38,7 @@ from cnnlab.training.hooks import Hook
 log = logging.getLogger("cnnlab.budget")
 
 TRIAL_EPOCHS = 3  # the longest trial: successive halving's rungs at 1 and 3 epochs (reduction factor 3)
+RECIPE = {"lr_factor": 1.0, "weight_decay_factor": 1.0, "augment_strength": 1}  # a candidate's own settings
 COLUMNS = ["trial", "candidate", "lr", "weight_decay", "augment", "epochs", "held_out_accuracy", "seconds", "state"]
 
 
@@ -85,10 +87,18 @@ class Search:
                 study_name="budget", storage=f"sqlite:///{folder / 'study.db'}", load_if_exists=True,
                 direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
                 pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
-            if not self.study.trials:  # a new search: every candidate first at its recipe's own settings
-                for name in self.candidates:
-                    self.study.enqueue_trial({"candidate": name, "lr_factor": 1.0, "weight_decay_factor": 1.0,
-                                              "augment_strength": 1})
+            self._close_interrupted()
+            for name in self.candidates:  # every candidate first at its recipe's own settings
+                if not any(t.params.get("candidate") == name or t.system_attrs.get("fixed_params", {}).get(
+                        "candidate") == name for t in self.study.trials if t.state != TrialState.FAIL):
+                    self.study.enqueue_trial({"candidate": name, **RECIPE})
+
+    def _close_interrupted(self) -> None:
+        """A resumed search: a trial that Ctrl-C or a kill cut short (still running in the study, perhaps with
+        only some of its settings drawn) ends as failed; its candidate is queued again if it has no other."""
+        for t in self.study.trials:
+            if t.state == TrialState.RUNNING:
+                self.study.tell(t.number, state=TrialState.FAIL)
 
     def run(self, until: float, trials: int | None = None) -> None:
         """Trials until the monotonic time `until` (none started that the measured pace says cannot end
@@ -104,9 +114,9 @@ class Search:
                 log.info(f"budget: trial {drawn['number']} failed: {e}")
                 accuracy, pruned = None, None
             if trial is not None:
-                state = (optuna.trial.TrialState.FAIL if pruned is None else
-                         optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE)
-                self.study.tell(trial, None if state != optuna.trial.TrialState.COMPLETE else accuracy, state=state)
+                state = (TrialState.FAIL if pruned is None else
+                         TrialState.PRUNED if pruned else TrialState.COMPLETE)
+                self.study.tell(trial, None if state != TrialState.COMPLETE else accuracy, state=state)
                 self.write_csv()
             done += 1
 
@@ -167,7 +177,7 @@ class Search:
         return max(seen) if name is not None else seen[len(seen) // 2]
 
     def best(self) -> Choice | None:
-        complete = [t for t in self.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        complete = [t for t in self.study.trials if t.state == TrialState.COMPLETE]
         if not complete:
             return None
         t = max(complete, key=lambda t: t.value)
@@ -176,8 +186,8 @@ class Search:
     def rows(self) -> list[dict]:
         rows = []
         for t in self.study.trials:
-            if t.params.get("candidate") not in self.candidates:
-                continue
+            if t.params.get("candidate") not in self.candidates or not RECIPE.keys() <= t.params.keys():
+                continue  # another search's candidate, or a trial interrupted while its settings were drawn
             c = Choice(self.candidates[t.params["candidate"]], t.params).config(self.max_epochs)
             accuracy = t.user_attrs.get("accuracy")
             rows.append({"trial": t.number, "candidate": t.params["candidate"], "lr": f"{c.lr:.4g}",
