@@ -38,14 +38,15 @@ def test_presets_listed(capsys):
     assert code == 0 and out.startswith("seed: ") and "seed-aug: " in out and "augment=seed" in out
 
 
-def test_the_readme_names_each_presets_own_schedule():
-    """The README's preset list says which learning-rate schedule each recipe follows: the one it has."""
+def test_the_docs_name_each_presets_own_schedule():
+    """The preset list of the training guide says which learning-rate schedule each recipe follows: the one it
+    has."""
     import re
     from pathlib import Path
 
     from cnnlab import presets
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     bullets = dict(re.findall(r"^- `([a-z-]+)` — (.*?)(?=^- `|^$)", readme, re.M | re.S))
     assert set(presets.PRESETS) <= set(bullets)
     schedules = ("one-cycle", "triangle", "cosine", "plateau", "step schedule", "constant")

@@ -131,6 +131,7 @@ PRESETS: dict[str, TrainConfig] = {"seed": SEED, "seed-aug": SEED_AUG, "quick": 
 
 
 def get(name: str) -> TrainConfig:
+    """The preset `name` (`cnnlab presets` lists them) as a TrainConfig; override fields with `config.override`."""
     if name not in PRESETS:
         raise CnnlabError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]

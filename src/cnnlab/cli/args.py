@@ -303,6 +303,8 @@ def _add_result_parsers(sub) -> None:
                    help="answer `unknown` when the chance that the top class is right is below P (a request may "
                    "pass its own min_confidence); `auto`: the run's suggestion for 95%% accuracy")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dry-run", action="store_true", help="check the port and the model, say where it would serve, "
+                   "and exit")
     _add_runtime_arg(p)
 
     p = sub.add_parser("report", help="write report.html: curves, confusion matrices, mistakes, config")

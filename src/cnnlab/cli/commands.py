@@ -381,6 +381,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if not 0 <= args.port <= 65535:
         raise CnnlabError(f"--port must be between 0 and 65535, got {args.port}")
-    serve.serve(serve.ServeConfig(model=args.model, host=args.host, port=args.port, workers=args.workers,
-                                  max_upload_mb=args.max_upload_mb, max_files=args.max_files, device=args.device,
-                                  min_confidence=args.min_confidence, runtime=args.runtime))
+    config = serve.ServeConfig(model=args.model, host=args.host, port=args.port, workers=args.workers,
+                               max_upload_mb=args.max_upload_mb, max_files=args.max_files, device=args.device,
+                               min_confidence=args.min_confidence, runtime=args.runtime)
+    if args.dry_run:
+        print(f"{args.model} would be served at {serve.check(config)} (dry run: the port is free, the model loads)")
+        return
+    serve.serve(config)

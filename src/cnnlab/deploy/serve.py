@@ -145,6 +145,7 @@ class Batcher:
 
 
 def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
+    """The FastAPI app `serve` runs: the page, /predict, /model, /health and the API's documentation."""
     if FastAPI is None:
         raise CnnlabError("serving needs FastAPI and uvicorn: pip install 'cnnlab[deploy]'")
     predictor = predictor or self_check(load_predictor(config.model, config.device, runtime=config.runtime,
@@ -321,6 +322,14 @@ def _check_port(host: str, port: int) -> None:
 def app_from_env() -> FastAPI:
     """The app factory uvicorn's worker processes call (`--workers N`): the config travels in the environment."""
     return create_app(ServeConfig(**json.loads(os.environ["CNNLAB_SERVE"])))
+
+
+def check(config: ServeConfig) -> str:
+    """Everything `serve` does before it listens (the port is free, the model loads and answers its self-check),
+    then stop: `cnnlab serve --dry-run`. The address it would serve at."""
+    _check_port(config.host, config.port)
+    create_app(config)
+    return f"http://{config.host}:{config.port}/"
 
 
 def serve(config: ServeConfig) -> None:

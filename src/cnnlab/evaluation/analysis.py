@@ -36,6 +36,9 @@ class Confusion:
 
 
 class Interpretation:
+    """fastai-style analysis of a finished run: most confused pairs, top losses, and their plots
+    (`Interpretation.from_run(run_dir)`)."""
+
     def __init__(self, classes: list[str], y_true: torch.Tensor, logits: torch.Tensor,
                  images: torch.Tensor | None = None, history: list[dict] | None = None,
                  train_images: torch.Tensor | None = None, train_labels: torch.Tensor | None = None,

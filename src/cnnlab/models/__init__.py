@@ -34,6 +34,7 @@ def check(name: str) -> None:
 
 
 def build(name: str, in_channels: int = 3, num_classes: int = 10, image_size: tuple[int, int] = (32, 32)) -> nn.Module:
+    """A fresh network: a registered name (`cnnlab models`) or a layer spec such as `c32-p-c64-p-f-d128`."""
     if name in MODELS:
         model = MODELS[name](in_channels, num_classes, tuple(image_size))
         if not isinstance(model, nn.Module):

@@ -41,6 +41,8 @@ HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "se
 
 
 class Run:
+    """A run directory: it alone knows the file names in it, and reads and writes each atomically
+    (`Run(path)`; `run.config()`, `run.history()`, `run.meta()`, `run.metrics()`)."""
     CONFIG, HISTORY, HISTORY_CSV = "config.json", "history.json", "history.csv"
     CHECKPOINT, PREVIOUS, LEGACY_CHECKPOINT = "checkpoint.safetensors", "checkpoint.prev.safetensors", "checkpoint.pt"
     WEIGHTS, META, BEST = "model.safetensors", "model.json", "best.safetensors"
