@@ -4,6 +4,7 @@ lose, a final run inside the budget, the leaderboard in trials.csv and the repor
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,45 @@ def test_the_candidates_follow_the_images_and_the_weights_on_this_machine(tmp_pa
     tuned = found[0].tuned(2.0, 0.5, 2)
     assert tuned.lr == 2 * found[0].cfg.lr and tuned.weight_decay == found[0].cfg.weight_decay / 2
     assert tuned.augment == "flip-crop+erasing" and found[0].tuned(1, 1, 0).augment == "flip"
+    monkeypatch.setenv("CNNLAB_WEIGHTS_MIRROR", "http://127.0.0.1:9/models")  # nothing listens on port 9
+    found, said = candidates.for_data((300, 300), download=True)
+    assert len(found) == 5 and "mobilenet_v3_large's ImageNet weights cannot be downloaded" in said[1]
+    names = ("photos@64", "finetune:convnext_tiny@128")  # another process's choice: its backbone, cached or not
+    assert [c.name for c in candidates.for_data((300, 300), require=names)[0]][-2:] == [
+        "finetune:convnext_tiny@128", "probe:convnext_tiny@128"]
+
+
+def test_a_budget_downloads_the_presets_backbone_outside_its_clock_or_leaves_it_out(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The `finetune` preset's backbone, downloadable from a mirror (a folder, as $CNNLAB_WEIGHTS_MIRROR allows),
+    is fetched before the search and tried fine-tuned and as a probe; a download that arrives damaged leaves
+    that backbone out, in one log line, and the search goes on without it."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    torch.save(models.build("mobilenet_v3_large", 3, 1000, (224, 224)).state_dict(), mirror / "w.pth")
+    digest = hashlib.sha256((mirror / "w.pth").read_bytes()).hexdigest()
+    weights = replace(pretrained.IMAGENET["mobilenet_v3_large"], file=f"mobilenet_v3_large-{digest[:8]}.pth")
+    (mirror / "w.pth").rename(mirror / weights.file)
+    monkeypatch.setitem(pretrained.IMAGENET, "mobilenet_v3_large", weights)  # a mirror of weights made here
+    monkeypatch.setenv("CNNLAB_WEIGHTS_MIRROR", mirror.as_uri())
+    photos = write_image_folder(tmp_path / "photos", classes=("a", "b", "c"), per_class=8, size=(100, 120),
+                                ext=".jpg")
+    for name, damaged in (("fetched", False), ("damaged", True)):
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / name / "torch"))
+        if damaged:
+            (mirror / weights.file).write_bytes(b"not the weights" * 100)
+        run = tmp_path / name / "run"
+        assert cli.main(["train", "--data", str(photos), "--budget", "1m", "--dry-run", "--out", str(run)]) == 0
+        said = capsys.readouterr().out
+        tried = {t["candidate"] for t in trials(run)}
+        assert "mobilenet_v3_large's ImageNet weights can be downloaded" in said
+        if damaged:
+            assert "leaving out mobilenet_v3_large: " in said and "arrived damaged" in said
+            assert tried == {"photos@64", "photos@96"}
+        else:
+            assert tried == {"photos@64", "photos@96", "finetune:mobilenet_v3_large@128",
+                             "probe:mobilenet_v3_large@128"}
+            assert pretrained.cached_path(weights).is_file()
 
 
 def test_a_search_interrupted_while_drawing_a_trial_resumes_with_that_candidate(tmp_path):
@@ -114,7 +155,7 @@ def test_a_budget_on_photos_is_searched_resumed_after_ctrl_c_and_kept(tmp_path):
     saw the test images, and the leaderboard is in trials.csv and the report."""
     photos = write_image_folder(tmp_path / "photos", classes=("a", "b", "c", "d"), per_class=30, size=(100, 120),
                                 ext=".jpg")
-    run, env = tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "1"}
+    run, env = tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "1", "CNNLAB_WEIGHTS_MIRROR": "http://127.0.0.1:9/"}
     log = (tmp_path / "first.log").open("w")
     job = subprocess.Popen([*CNNLAB, "train", "--data", str(photos), "--budget", "30s", "--out", str(run)],
                            stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -27,6 +27,8 @@ import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
+
 from cnnlab import dist, files, training
 from cnnlab.budget import candidates as candidates_mod
 from cnnlab.budget.pace import Clock, Deadline
@@ -34,6 +36,7 @@ from cnnlab.config import DataConfig, from_dict
 from cnnlab.data.dataset import Dataset
 from cnnlab.dist import World
 from cnnlab.errors import CnnlabError, EveryProcessError, Interrupted
+from cnnlab.evaluation.evaluate import tta_views
 from cnnlab.run import Run
 from cnnlab.training import tracking as tracking_mod
 
@@ -98,7 +101,7 @@ def resume(run: str | Path) -> Path:
 
 
 def _load(data_cfg: DataConfig, state: dict, clock: Clock) -> Dataset:
-    with clock.excluded("decoding"):
+    with clock.excluded("decoding into the cache"):
         return _read(data_cfg, state["seed"])
 
 
@@ -112,14 +115,11 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
 
     data_cfg = from_dict(DataConfig, state["data"])
     ds = ds or _load(data_cfg, state, clock)
-    found, said = candidates_mod.for_data(ds.image_size, state["pretrained"], state["device"], state["seed"],
-                                          ds.source_side)
-    for line in said:
-        log.info(f"budget: {line}")
+    found = _candidates(state, ds, clock, world)
     trial_data = {}
     for c in found:
         if c.image_size not in trial_data:
-            with clock.excluded("decoding"):
+            with clock.excluded("decoding into the cache"):
                 trial_data[c.image_size] = as_trial_data(_at_size(data_cfg, ds, c.image_size, state["seed"]),
                                                          state["seed"])
     search = Search(run / Run.SEARCH, found, trial_data, clock, state["seed"], world,
@@ -136,13 +136,56 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
         if world.main:
             files.write_json(run / Run.SEARCH / STATE, {**state, "spent": clock.spent()})
     scale = len(ds.y_train) / sample  # the final run trains on all the training images
-    plan = dist.broadcast(world, _plan(run, state, clock, search, scale) if world.main else None)
+    tested = len(ds.y_test) / max(len(ds.y_val), 1)
+    plan = dist.broadcast(world, _plan(run, state, clock, search, scale, tested) if world.main else None)
     return _train_winner(run, state, clock, search.candidates[plan["candidate"]], plan, data_cfg, ds)
 
 
-def _plan(run: Path, state: dict, clock: Clock, search, scale: float) -> dict:
+def _candidates(state: dict, ds: Dataset, clock: Clock, world: World) -> list:
+    """The candidates process 0 finds (its hub cache, and the preset's backbone if it can download it), the
+    same on every process; weights not yet on a machine are fetched there first, outside the budget."""
+    args = (ds.image_size, state["pretrained"], state["device"], state["seed"], ds.source_side)
+    names = None
+    if world.main:
+        found, said = candidates_mod.for_data(*args, download=True)
+        for line in said:
+            log.info(f"budget: {line}")
+        names = [c.name for c in _with_weights(found, clock)]
+    names = dist.broadcast(world, names)
+    if not world.main:
+        found = _with_weights(candidates_mod.for_data(*args, require=tuple(names))[0], clock)
+        if missing := set(names) - {c.name for c in found}:
+            raise CnnlabError(f"budget: no weights for {', '.join(sorted(missing))} on this machine")
+    by_name = {c.name: c for c in found}
+    return [by_name[n] for n in names]
+
+
+def _with_weights(found: list, clock: Clock) -> list:
+    """The candidates whose ImageNet weights are here or could be downloaded now (not counted in the budget);
+    a backbone whose download fails is left out, and the log says why."""
+    from cnnlab.models import pretrained
+
+    kept, failed = [], set()
+    for c in found:
+        model = c.cfg.model
+        if c.cfg.pretrained == "imagenet" and model not in failed:
+            try:
+                with clock.excluded(f"downloading {model}'s weights"):
+                    pretrained.fetch(model)
+            except CnnlabError as e:
+                log.info(f"budget: leaving out {model}: {e}")
+                failed.add(model)
+        if model not in failed or c.cfg.pretrained != "imagenet":
+            kept.append(c)
+    return kept
+
+
+def _plan(run: Path, state: dict, clock: Clock, search, scale: float, tested: float) -> dict:
     """Process 0: the leaderboard said and written; the winner, its settings, and the epochs the time left fits
-    at the pace its trials measured."""
+    at the pace its trials measured (`scale`: the training images to the trials' sample; `tested`: the test
+    images to the held-out ones)."""
+    from cnnlab.budget.search import Choice
+
     best = search.best()
     if best is None:
         raise EveryProcessError(f"no trial finished within the budget of {state['seconds']:.0f} s; give a larger "
@@ -150,7 +193,11 @@ def _plan(run: Path, state: dict, clock: Clock, search, scale: float) -> dict:
     log.info("budget: leaderboard (held-out accuracy)\n" + search.leaderboard())
     search.write_csv(run / Run.TRIALS)
     pace = search.pace(best.candidate.name, scale) or 1.0
-    kept = search.overhead(best.candidate.name) + REPORT_SECONDS * state["with_report"]  # start, evaluation, report
+    cfg = Choice(best.candidate, best.params).config(1)
+    # the final evaluation of the test set with the recipe's test-time views (trials have none), at the pace of
+    # the trials' passes over the held-out split
+    evaluation = len(tta_views(torch.zeros(1, 1, 3, 3), cfg.tta)) * search.val_seconds(best.candidate.name) * tested
+    kept = search.overhead(best.candidate.name) + evaluation + REPORT_SECONDS * state["with_report"]
     epochs = 1 if state["dry_run"] else max(1, min(MAX_EPOCHS, math.floor((clock.left() - kept) / pace)))
     return {"candidate": best.candidate.name, "params": best.params, "epochs": epochs, "pace": pace, "kept": kept}
 

@@ -1,7 +1,7 @@
 """The budget's clock, and the hook that keeps a training run inside it.
 
 The clock counts wall time from the start of `train_within`, except what it is told to leave out (decoding
-data into the cache for the first time: `with clock.excluded("decoding")`), which the log states. A run
+data into the cache for the first time: `with clock.excluded("decoding into the cache")`), which the log states. A run
 trained under a `Deadline` checks after each epoch whether the next one, at the pace measured so far, still
 ends before the deadline (less what the run's end needs); if not, the run ends there and says so. So a
 machine that slows down mid-run (another job starting) shortens the run instead of overrunning the budget.
@@ -37,11 +37,13 @@ class Clock:
     @contextlib.contextmanager
     def excluded(self, what: str):
         t0 = time.monotonic()
-        yield
-        took = time.monotonic() - t0
-        self.left_out += took
-        if took >= 1:
-            log.info(f"budget: {took:.0f} s of {what} not counted (first decode into the cache)")
+        try:
+            yield
+        finally:
+            took = time.monotonic() - t0
+            self.left_out += took
+            if took >= 1:
+                log.info(f"budget: {took:.0f} s of {what} not counted")
 
     def say(self, what: str) -> None:
         log.info(f"budget: {what}; {self.spent():.0f} s spent, {max(self.left(), 0):.0f} s left")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,20 @@ def check(model: str, source: str | None) -> None:
 def cached_path(weights: Weights) -> Path:
     """Where torchvision keeps the file too: a file fetched by either serves both."""
     return Path(torch.hub.get_dir()) / "checkpoints" / weights.file
+
+
+def downloadable(model: str, timeout: float = 3.0) -> bool:
+    """Whether `model`'s ImageNet weights can be fetched from here now: its URL answers a HEAD request within
+    `timeout` seconds (for a file:// mirror, the file is there). Offline this is a refused connection or a
+    failed name lookup, not a wait."""
+    url = IMAGENET[model].url
+    if url.startswith("file://"):
+        return Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)).is_file()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as answer:
+            return answer.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
 def fetch(model: str) -> Path:
