@@ -71,6 +71,8 @@ def test_every_example_command_runs(tmp_path, monkeypatch, capsys):
         seconds[command] = round(time.monotonic() - t0, 1)
         out = capsys.readouterr()
         assert code in (0, None), f"{command}: exit {code}\n{out.err[-2000:]}"
+        if command == "cnnlab export runs/quick --int8":  # after `cnnlab export runs/quick`: its graph, reused
+            assert "from the run's fp32 export of these weights" in out.out
     print(json.dumps(seconds, indent=1))  # pytest -s: where this test's time goes
     assert (work / "runs" / "budget" / "trials.csv").is_file() and (work / "runs" / "quick" / "model.onnx").is_file()
 
