@@ -184,8 +184,6 @@ def _plan(run: Path, state: dict, clock: Clock, search, scale: float, tested: fl
     """Process 0: the leaderboard said and written; the winner, its settings, and the epochs the time left fits
     at the pace its trials measured (`scale`: the training images to the trials' sample; `tested`: the test
     images to the held-out ones)."""
-    from cnnlab.budget.search import Choice
-
     best = search.best()
     if best is None:
         raise EveryProcessError(f"no trial finished within the budget of {state['seconds']:.0f} s; give a larger "
@@ -193,10 +191,10 @@ def _plan(run: Path, state: dict, clock: Clock, search, scale: float, tested: fl
     log.info("budget: leaderboard (held-out accuracy)\n" + search.leaderboard())
     search.write_csv(run / Run.TRIALS)
     pace = search.pace(best.candidate.name, scale) or 1.0
-    cfg = Choice(best.candidate, best.params).config(1)
-    # the final evaluation of the test set with the recipe's test-time views (trials have none), at the pace of
-    # the trials' passes over the held-out split
-    evaluation = len(tta_views(torch.zeros(1, 1, 3, 3), cfg.tta)) * search.val_seconds(best.candidate.name) * tested
+    # the final evaluation of the test set with the recipe's test-time views (trials have none; tuning leaves
+    # them as they are), at the pace of the trials' passes over the held-out split
+    views = len(tta_views(torch.zeros(1, 1, 3, 3), best.candidate.cfg.tta))
+    evaluation = views * search.val_seconds(best.candidate.name) * tested
     kept = search.overhead(best.candidate.name) + evaluation + REPORT_SECONDS * state["with_report"]
     epochs = 1 if state["dry_run"] else max(1, min(MAX_EPOCHS, math.floor((clock.left() - kept) / pace)))
     return {"candidate": best.candidate.name, "params": best.params, "epochs": epochs, "pace": pace, "kept": kept}
