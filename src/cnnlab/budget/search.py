@@ -121,9 +121,17 @@ class Search:
             done += 1
 
     def _room_for_one(self, until: float) -> bool:
+        """Whether another trial can start. A candidate not tried yet (its recipe trial still queued) starts while
+        one epoch at the quickest pace seen still fits: its own Deadline ends it after the first epoch that
+        leaves no room, and a search that never saw a candidate cannot choose it. (Counting the trials' median
+        overhead there, the first epoch's one-time costs included, left a busy machine's 30-s photo search with
+        its second input size untried.) A tuned trial starts only when the quickest candidate's whole trial fits."""
         paces = [self.pace(name) for name in self.candidates]
         known = [p for p in paces if p is not None]
-        cheapest = min(known) if known and len(known) == len(paces) else 0.0
+        quickest = min(known, default=0.0)
+        if self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return time.monotonic() + quickest < until
+        cheapest = quickest if len(known) == len(paces) else 0.0
         return time.monotonic() + cheapest + self.overhead() < until
 
     def _draw(self, trial: optuna.Trial) -> dict:

@@ -163,8 +163,9 @@ def finish(run: Run, ds: Dataset, cfg: TrainConfig, with_report: bool, ended: di
                                             calibrated=ended["meta"]["calibration"])
     else:
         interp = Interpretation.from_run(run, dataset=ds, device=cfg.device)
-    result = evaluate.save_metrics(run, interp.logits, interp.y_true, interp.classes, ds.source, with_report,
-                                   interp.calibration())  # computed once: the report draws the same figures
+    # the calibration computed once, the report draws the same figures (confusion_matrix.png among them)
+    result = evaluate.save_metrics(run, interp.logits, interp.y_true, interp.classes, ds.source, False,
+                                   interp.calibration())
     log.info(evaluate.format_metrics(result))
     outputs = [Run.WEIGHTS, Run.METRICS, Run.HISTORY_CSV]
     if with_report:
