@@ -193,3 +193,27 @@ def test_a_budget_in_two_processes_on_idx_files_runs_each_trial_on_both(tmp_path
     assert sorted(r["candidate"] for r in trials(run)) == ["fast", "quick"]
     assert proc.stdout.count("2 processes of") == 3  # two trials and the final run
     assert json.loads((run / "config.json").read_text())["environment"]["processes"] == 2
+
+
+def test_a_candidates_recipe_trial_runs_whole_and_tuned_trials_are_pruned_against_it():
+    """Successive halving as the search sets it up: after a trial that scored 90% at epoch 1, a recipe trial at
+    50% goes on to its last epoch, a tuned one at 50% stops there."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from cnnlab.budget.search import Report
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
+    first = study.ask()
+    first.report(0.9, 1)
+    assert not first.should_prune()  # (what Report asks: the pruner records the score at its first rung)
+    study.tell(first, 0.9)
+    for prunable in (False, True):
+        fit = SimpleNamespace(record={"val_acc": 0.5, "epoch": 1}, epochs=3, stop_early=False,
+                              state=SimpleNamespace(device=torch.device("cpu")))
+        report = Report(study.ask(), dist.World(), prunable)
+        report.end_epoch(fit)
+        assert report.pruned is prunable and fit.stop_early is prunable

@@ -9,8 +9,9 @@ Each candidate is first tried at its recipe's own settings (enqueued), then Optu
 candidate with a learning-rate factor, a weight-decay factor and an augmentation strength. A trial trains on
 a stratified sample of the training images (budget.trial_sample) for up to TRIAL_EPOCHS epochs (its schedule
 sized to them) and reports its held-out accuracy after each; Optuna's
-successive-halving pruner stops, after the first epoch, a trial that is not in the best third of those seen
-there, so poor candidates cost one epoch. Every trial ends as a row of `trials.csv` (the leaderboard).
+successive-halving pruner stops, after the first epoch, a tuned trial that is not in the best third of those
+seen there, so poor settings cost one epoch (a candidate's recipe trial runs whole: see Report). Every trial
+ends as a row of `trials.csv` (the leaderboard).
 """
 
 from __future__ import annotations
@@ -55,17 +56,22 @@ class Choice:
 
 class Report(Hook):
     """A trial's held-out accuracy after each epoch, to Optuna (process 0); the pruner's verdict, the same on
-    every process, ends the run there."""
+    every process, ends the run there. A candidate's recipe trial (enqueued) is never pruned: candidates are
+    compared on whole trials, since one that learns slower per epoch may end higher (CIFAR-10 at 5 minutes:
+    `fast`, pruned after its first epoch below `quick`'s, was the better choice by 1 point in hindsight);
+    successive halving then prunes the tuned trials against them."""
     order = 96
 
-    def __init__(self, trial: optuna.Trial | None, world: World):
-        self.trial, self.world, self.pruned = trial, world, False
+    def __init__(self, trial: optuna.Trial | None, world: World, prunable: bool = True):
+        self.trial, self.world, self.prunable, self.pruned = trial, world, prunable, False
 
     def end_epoch(self, fit) -> None:
         prune = False
         if self.trial is not None:
             self.trial.report(fit.record["val_acc"], fit.record["epoch"])
-            prune = fit.record["epoch"] < fit.epochs and self.trial.should_prune()
+            # asked of every trial: the pruner records its score at the rung, so tuned trials compete with it
+            verdict = fit.record["epoch"] < fit.epochs and self.trial.should_prune()
+            prune = self.prunable and verdict
         if dist.any_rank(self.world, prune, fit.state.device):
             fit.stop_early, self.pruned = True, True
 
@@ -106,10 +112,11 @@ class Search:
         done = 0
         while dist.broadcast(self.world, self.world.main and (trials is None or done < trials)
                              and self._room_for_one(until)):
-            trial = self.study.ask() if self.world.main else None
+            recipe = self.world.main and bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            trial = self.study.ask() if self.world.main else None  # (a queued recipe trial comes first)
             drawn = dist.broadcast(self.world, self._draw(trial) if trial is not None else None)
             try:
-                accuracy, pruned = self.objective(trial, drawn, until)
+                accuracy, pruned = self.objective(trial, drawn, until, prunable=not recipe)
             except CnnlabError as e:
                 log.info(f"budget: trial {drawn['number']} failed: {e}")
                 accuracy, pruned = None, None
@@ -140,14 +147,16 @@ class Search:
                 "weight_decay_factor": trial.suggest_float("weight_decay_factor", 0.3, 3.0, log=True),
                 "augment_strength": trial.suggest_int("augment_strength", 0, 2)}
 
-    def objective(self, trial: optuna.Trial | None, drawn: dict, until: float) -> tuple[float, bool]:
-        """Train one trial (on every process); its best held-out accuracy, and whether it was pruned."""
+    def objective(self, trial: optuna.Trial | None, drawn: dict, until: float, prunable: bool = True
+                  ) -> tuple[float, bool]:
+        """Train one trial (on every process); its best held-out accuracy, and whether it was pruned (never when
+        not `prunable`: a candidate's recipe trial)."""
         choice = Choice(self.candidates[drawn["candidate"]], drawn)
         # without test-time augmentation: trials compare candidates alike, and the last validation of a `fast`
         # trial with its 6 views took 25 of its 51 s at 2 minutes on CIFAR-10 (19 s were training)
         cfg = replace(choice.config(self.max_epochs), tta=0)
         ds = self.trial_data[choice.candidate.image_size]
-        report = Report(trial, self.world)
+        report = Report(trial, self.world, prunable)
         deadline = Deadline(self.clock, share=(until - self.clock.deadline(0)) / self.clock.seconds, world=self.world)
         t0 = time.monotonic()
         run = training.train(cfg, DataConfig(path=ds.source, image_size=choice.candidate.image_size), dataset=ds,
