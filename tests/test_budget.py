@@ -149,6 +149,24 @@ def test_a_budget_dry_run_on_cifar_sized_images_tracked(tmp_path, cifar_python_d
         assert "--budget chooses the recipe" in capsys.readouterr().err
 
 
+def test_a_candidate_whose_epoch_cannot_fit_the_final_run_is_left_out_before_any_trial(tmp_path, capsys):
+    """10 seconds on 10,000 CIFAR-sized images: each candidate's step is timed first, and a candidate one epoch of
+    which on all the training images would outlast the final run's share is never tried. (Here `fast`'s epoch of
+    8,500 images came to ~25 s against 6.5 s: a CPU would need to be 4x faster than this one to keep it.)"""
+    from conftest import fake_cifar_arrays, write_cifar_python
+
+    data = write_cifar_python(tmp_path / "cifar-10-batches-py", fake_cifar_arrays(per_batch=2000))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--budget", "10s", "--no-report", "--out", str(run)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "from a step timed now" in ln)
+    epoch = {name: float(s) for name, s in re.findall(r"(\w+) ~([\d.]+) s", line)}
+    room = float(re.search(r"the final run has ([\d.]+) s", line).group(1))
+    assert set(epoch) == {"quick", "fast"} and room == pytest.approx(6.5)
+    kept = {name for name, seconds in epoch.items() if seconds <= room}
+    assert {r["candidate"] for r in trials(run)} == kept and kept < set(epoch), line
+    assert f"leaving out {', '.join(sorted(set(epoch) - kept))}" in line
+
+
 def test_a_budget_on_photos_is_searched_resumed_after_ctrl_c_and_kept(tmp_path):
     """30 s on a generated photo folder: Ctrl-C after the first trial, --resume finishes the search with the time
     left and trains the winner; the whole stays within the budget + 10% by its own account, the trials never

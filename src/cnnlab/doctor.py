@@ -34,11 +34,12 @@ TIMED = (("seed", 64), ("quick", 256), ("fast", 128))
 
 def training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: int, dtype: torch.dtype,
                   device: torch.device = torch.device("cpu"), layout: torch.memory_format = torch.channels_last,
-                  cfg: TrainConfig | None = None):
-    """One training step on a fixed random batch, through the training loop's own `Step` (training/step.py):
-    channels-last, autocast, the device-side non-finite guard, the totals added on the device."""
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
-    y = torch.randint(0, 10, (batch,), device=device)
+                  cfg: TrainConfig | None = None, image: tuple[int, int, int] = (3, 32, 32), classes: int = 10):
+    """One training step on a fixed random batch of `image`-shaped inputs (C, H, W), through the training loop's
+    own `Step` (training/step.py): channels-last, autocast, the device-side non-finite guard, the totals added
+    on the device."""
+    x = torch.randn(batch, *image, device=device).contiguous(memory_format=layout)
+    y = torch.randint(0, classes, (batch,), device=device)
     cfg = cfg or TrainConfig()
     state = TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
                        torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), None, Normalization(), device)
@@ -59,11 +60,14 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps:
     return 2 * n ** 3 / best / 1e9
 
 
-def step_seconds(cfg: TrainConfig, batch: int, device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """Median time of one training step of `cfg`'s network and optimizer, measured for about `seconds`."""
+def step_seconds(cfg: TrainConfig, batch: int, device: torch.device, dtype: torch.dtype, seconds: float = 1.0,
+                 image: tuple[int, int, int] = (3, 32, 32), classes: int = 10) -> float:
+    """Median time of one training step of `cfg`'s network and optimizer on `image`-shaped inputs (C, H, W),
+    measured for about `seconds`."""
     torch.manual_seed(0)
-    model = models.build(cfg.model).to(device).to(memory_format=torch.channels_last)
-    step = training_step(model, make_optimizer(replace(cfg, batch_size=batch), model), batch, dtype, device)
+    model = models.build(cfg.model, image[0], classes, image[1:]).to(device).to(memory_format=torch.channels_last)
+    step = training_step(model, make_optimizer(replace(cfg, batch_size=batch), model), batch, dtype, device,
+                         image=image, classes=classes)
     governor = threads.ThreadGovernor(every=0.25)  # the thread count training would run with now
     warm = time.perf_counter() + (0.6 if governor.enabled else 0)
     while True:  # warm-up: first-call allocations and kernel choices, and the governor's first looks
