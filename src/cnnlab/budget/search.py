@@ -205,7 +205,8 @@ class Search:
         return max(seen) if name is not None else seen[len(seen) // 2]
 
     def best(self) -> Choice | None:
-        complete = [t for t in self.study.trials if t.state == TrialState.COMPLETE]
+        complete = [t for t in self.study.trials if t.state == TrialState.COMPLETE  # (a resumed search may have
+                    and t.params.get("candidate") in self.candidates]  # left out a candidate tried before)
         if not complete:
             return None
         t = max(complete, key=lambda t: t.value)
