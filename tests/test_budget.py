@@ -122,6 +122,33 @@ def test_a_search_interrupted_while_drawing_a_trial_resumes_with_that_candidate(
     assert again.suggest_categorical("candidate", ["quick", "fast"]) == "fast"
 
 
+def test_tuned_trials_start_only_before_their_own_deadline_after_every_recipe_trial(tmp_path):
+    """The search on 28-px IDX images: with the tuning time already past, each candidate's recipe trial still
+    runs and nothing else starts; with time to tune, the next trial is a tuned one."""
+    import time as clock_time
+
+    from cnnlab.budget.pace import Clock
+    from cnnlab.budget.search import Search
+    from cnnlab.config import DataConfig
+    from cnnlab.training import load_data
+
+    idx = write_idx(tmp_path / "mnist", n_train=240, n_test=40)[0]
+    ds = budget.as_trial_data(budget.held_out(load_data(DataConfig(path=str(idx)).validate(), 0), 0), 0)
+    found, _ = candidates.for_data(ds.image_size)
+    (tmp_path / "search").mkdir()
+    search = Search(tmp_path / "search", found, {None: ds}, Clock(600), 0, dist.init(), max_epochs=1)
+    later = clock_time.monotonic() + 600
+    search.run(until=later, tune_until=clock_time.monotonic())
+    assert [(r["candidate"], r["lr"]) for r in sorted(trials_of(search), key=lambda r: r["trial"])] == [
+        (c.name, f"{c.cfg.lr:.4g}") for c in found]  # the recipes' own settings, nothing more
+    search.run(until=later, trials=1, tune_until=later)
+    assert len(trials_of(search)) == len(found) + 1
+
+
+def trials_of(search) -> list[dict]:
+    return list(csv.DictReader(search.write_csv().open()))
+
+
 def test_a_budget_dry_run_on_cifar_sized_images_tracked(tmp_path, cifar_python_dir, capsys):
     """The CIFAR-sized recipes, one epoch each, then one epoch of the winner; MLflow and TensorBoard."""
     run = tmp_path / "run"
@@ -212,26 +239,3 @@ def test_a_budget_in_two_processes_on_idx_files_runs_each_trial_on_both(tmp_path
     assert proc.stdout.count("2 processes of") == 3  # two trials and the final run
     assert json.loads((run / "config.json").read_text())["environment"]["processes"] == 2
 
-
-def test_a_candidates_recipe_trial_runs_whole_and_tuned_trials_are_pruned_against_it():
-    """Successive halving as the search sets it up: after a trial that scored 90% at epoch 1, a recipe trial at
-    50% goes on to its last epoch, a tuned one at 50% stops there."""
-    from types import SimpleNamespace
-
-    import optuna
-
-    from cnnlab.budget.search import Report
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(direction="maximize",
-                                pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
-    first = study.ask()
-    first.report(0.9, 1)
-    assert not first.should_prune()  # (what Report asks: the pruner records the score at its first rung)
-    study.tell(first, 0.9)
-    for prunable in (False, True):
-        fit = SimpleNamespace(record={"val_acc": 0.5, "epoch": 1}, epochs=3, stop_early=False,
-                              state=SimpleNamespace(device=torch.device("cpu")))
-        report = Report(study.ask(), dist.World(), prunable)
-        report.end_epoch(fit)
-        assert report.pruned is prunable and fit.stop_early is prunable
