@@ -109,8 +109,7 @@ class Search:
         done = 0
         while dist.broadcast(self.world, self.world.main and (trials is None or done < trials)
                              and self._room_for_one(until, tune_until)):
-            recipe = dist.broadcast(self.world, self.world.main and bool(
-                self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
+            recipe = dist.broadcast(self.world, self.world.main and self._recipe_queued())
             trial = self.study.ask() if self.world.main else None  # (a queued recipe trial comes first)
             drawn = dist.broadcast(self.world, self._draw(trial) if trial is not None else None)
             try:  # (each process's own monotonic times: machines' clocks differ)
@@ -135,10 +134,14 @@ class Search:
         paces = [self.pace(name) for name in self.candidates]
         known = [p for p in paces if p is not None]
         quickest = min(known, default=0.0)
-        if self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if self._recipe_queued():
             return time.monotonic() + quickest < until
         cheapest = quickest if len(known) == len(paces) else 0.0
         return time.monotonic() + cheapest + self.overhead() < tune_until
+
+    def _recipe_queued(self) -> bool:
+        """Whether a candidate's recipe trial waits in the study (Optuna's ask() hands it out next)."""
+        return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
     def _draw(self, trial: optuna.Trial) -> dict:
         return {"number": trial.number, "candidate": trial.suggest_categorical("candidate", list(self.candidates)),
