@@ -189,8 +189,8 @@ def test_a_candidate_whose_epoch_cannot_fit_the_final_run_is_left_out_before_any
     epoch = {name: float(s) for name, s in re.findall(r"(\w+) ~([\d.]+) s", line)}
     room = float(re.search(r"the final run has ([\d.]+) s", line).group(1))
     assert set(epoch) == {"quick", "fast"} and room == pytest.approx(6.5)
-    kept = {name for name, seconds in epoch.items() if seconds <= room}
-    assert {r["candidate"] for r in trials(run)} == kept and kept < set(epoch), line
+    kept = {name for name, seconds in epoch.items() if seconds <= room} or {min(epoch, key=epoch.get)}
+    assert {r["candidate"] for r in trials(run)} == kept and kept < set(epoch), line  # (the quickest stays)
     assert f"leaving out {', '.join(sorted(set(epoch) - kept))}" in line
 
 

@@ -62,9 +62,9 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps:
 
 @threads.keeps_thread_count  # the governor's choice ends with the measurement: a budget's runs follow in-process
 def step_seconds(cfg: TrainConfig, batch: int, device: torch.device, dtype: torch.dtype, seconds: float = 1.0,
-                 image: tuple[int, int, int] = (3, 32, 32), classes: int = 10) -> float:
+                 image: tuple[int, int, int] = (3, 32, 32), classes: int = 10, least: int = 3) -> float:
     """Median time of one training step of `cfg`'s network and optimizer on `image`-shaped inputs (C, H, W),
-    measured for about `seconds`; the thread count is left as it was found."""
+    measured for about `seconds` (at least `least` steps after the warm-up); the thread count is left as found."""
     torch.manual_seed(0)
     model = models.build(cfg.model, image[0], classes, image[1:]).to(device).to(memory_format=torch.channels_last)
     step = training_step(model, make_optimizer(replace(cfg, batch_size=batch), model), batch, dtype, device,
@@ -76,7 +76,7 @@ def step_seconds(cfg: TrainConfig, batch: int, device: torch.device, dtype: torc
         if governor.tick() and time.perf_counter() > warm:
             break
     times, end = [], time.perf_counter() + seconds
-    while len(times) < 3 or (time.perf_counter() < end and len(times) < 50):
+    while len(times) < least or (time.perf_counter() < end and len(times) < 50):
         t0 = time.perf_counter()
         step()
         if device.type == "cuda":

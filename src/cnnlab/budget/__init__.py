@@ -176,7 +176,8 @@ def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> list:
     names = None
     if world.main:
         room = (1 - SEARCH_SHARE) * clock.seconds
-        epoch = {c.name: _epoch_seconds(c, ds, world) for c in found if not c.cfg.head_only}
+        with clock.excluded("timing each candidate's step"):  # (a busy machine's 30-s search had none left)
+            epoch = {c.name: _epoch_seconds(c, ds, world) for c in found if not c.cfg.head_only}
         names = [c.name for c in found if epoch.get(c.name, 0) <= room] or [min(epoch, key=epoch.get)]
         out = [name for name in epoch if name not in names]
         log.info(f"budget: an epoch of the {len(ds.y_train):,} training images here, from a step timed now: "
@@ -187,17 +188,20 @@ def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> list:
 
 
 def _epoch_seconds(candidate, ds: Dataset, world: World) -> float:
-    """Seconds an epoch of `candidate` on all of `ds`'s training images takes here: a step timed at a batch of
-    at most 128 (the convolutions' cost is linear in the batch), for a third of a second."""
+    """Seconds an epoch of `candidate` on all of `ds`'s training images takes here: its step timed for a third
+    of a second (one step at least, after one warm-up) at the batch it will train with, at most 64 images and
+    scaled from there (the convolutions' cost is linear in the batch). (Three steps of 128 images whatever the
+    data took 50 s of a 60-s budget on a busy machine for a 20-image photo folder's MobileNet.)"""
     from cnnlab import doctor
     from cnnlab.device import pick_device, pick_precision
 
-    cfg, size = candidate.cfg, candidate.image_size or ds.image_size
+    cfg, size, n = candidate.cfg, candidate.image_size or ds.image_size, len(ds.y_train)
     device = pick_device(cfg.device)
-    batch = min(cfg.batch_size, 128)
-    step = doctor.step_seconds(cfg, batch, device, pick_precision(cfg.precision, device), seconds=0.3,
-                               image=(ds.x_train.shape[1], *size), classes=len(ds.classes))
-    return step * len(ds.y_train) / batch / world.size
+    real = max(1, min(cfg.batch_size, -(-n // world.size)))  # a step's images on each process
+    timed = min(real, 64)
+    step = doctor.step_seconds(cfg, timed, device, pick_precision(cfg.precision, device), seconds=0.3, least=1,
+                               image=(ds.x_train.shape[1], *size), classes=len(ds.classes)) * real / timed
+    return step * -(-n // (real * world.size))
 
 
 def _with_weights(found: list, clock: Clock) -> list:
