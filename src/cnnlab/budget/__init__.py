@@ -174,16 +174,18 @@ def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> list:
     stays if none does. At 2 minutes on CIFAR-10 a trial of `fast` took 29 of the search's 40 s to learn what
     its step time says at once: its epoch (148 s) cannot fit. Head-only probes are cheap and not measured."""
     names = None
-    if world.main:
-        room = (1 - SEARCH_SHARE) * clock.seconds
-        with clock.excluded("timing each candidate's step"):  # (a busy machine's 30-s search had none left)
+    # not counted, on every process alike (the others wait in the broadcast), so their clocks stay together;
+    # counted, the timing left a busy machine's 30-s search no time
+    with clock.excluded("timing each candidate's step"):
+        if world.main:
+            room = (1 - SEARCH_SHARE) * clock.seconds
             epoch = {c.name: _epoch_seconds(c, ds, world) for c in found if not c.cfg.head_only}
-        names = [c.name for c in found if epoch.get(c.name, 0) <= room] or [min(epoch, key=epoch.get)]
-        out = [name for name in epoch if name not in names]
-        log.info(f"budget: an epoch of the {len(ds.y_train):,} training images here, from a step timed now: "
-                 + ", ".join(f"{name} ~{seconds:.1f} s" for name, seconds in epoch.items())
-                 + f"; the final run has {room:.1f} s" + (f": leaving out {', '.join(out)}" if out else ""))
-    names = dist.broadcast(world, names)
+            names = [c.name for c in found if epoch.get(c.name, 0) <= room] or [min(epoch, key=epoch.get)]
+            out = [name for name in epoch if name not in names]
+            log.info(f"budget: an epoch of the {len(ds.y_train):,} training images here, from a step timed now: "
+                     + ", ".join(f"{name} ~{seconds:.1f} s" for name, seconds in epoch.items())
+                     + f"; the final run has {room:.1f} s" + (f": leaving out {', '.join(out)}" if out else ""))
+        names = dist.broadcast(world, names)
     return [c for c in found if c.name in names]
 
 
