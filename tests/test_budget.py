@@ -220,9 +220,12 @@ def test_a_budget_on_photos_is_searched_resumed_after_ctrl_c_and_kept(tmp_path):
     spent = float(re.search(r"budget: done; (\d+) s spent", proc.stdout).group(1))
     assert spent <= 33, proc.stdout
     assert list(csv.DictReader((run / "trials.csv").open()))[0]["candidate"] in proc.stdout.split("final run: ")[1]
-    held_out = json.loads((run / "config.json").read_text())["data"]["val_images"]
-    trial_config = json.loads(next((run / "search").glob("trial-*/config.json")).read_text())
-    assert trial_config["data"]["test_images"] == held_out  # a trial's "test" is the held-out split
+    final = json.loads((run / "config.json").read_text())["data"]
+    trial = json.loads(next((run / "search").glob("trial-*/config.json")).read_text())["data"]
+    # a trial's "test" is the held-out split (its training sample is every other training image here: under
+    # 2,000); the final run is given the held-out images back and validates on the test set as a plain run does
+    assert final["train_images"] == trial["train_images"] + trial["test_images"] and final["val_images"] is None
+    assert final["test_images"] != trial["test_images"] and "the test set" in final["validation"]
     assert "The budget&#x27;s search" in (run / "report.html").read_text() or \
         "The budget's search" in (run / "report.html").read_text()
 

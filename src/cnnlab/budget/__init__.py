@@ -8,9 +8,11 @@ searching on the data itself.
     the search (search.py)        trials on the held-out split, with successive halving, until SEARCH_SHARE
                                   of the budget is spent; the leaderboard in the log and in trials.csv
     the final run                 the best candidate and settings, for the epochs that the rest of the
-                                  budget fits at the pace its trials measured; it trains on the training
-                                  images, keeps the held-out split for validation (best epoch, calibration),
-                                  ends early if the machine slows (pace.Deadline), and is evaluated on the test set
+                                  budget fits at the pace its trials measured; it sees the data as a plain
+                                  `cnnlab train` does: every training image, the held-out ones given back
+                                  (validated, calibrated on the data's own validation split, else on the
+                                  test set as the tutorial does, keeping the last epoch); it ends early if
+                                  the machine slows (pace.Deadline), and is evaluated on the test set
 
 The budget covers everything from the start of the command to the final metrics except decoding data into
 the cache for the first time, which the log states. The run directory holds the final run and `search/`
@@ -108,20 +110,22 @@ def resume(run: str | Path) -> Path:
 
 def _load(data_cfg: DataConfig, state: dict, clock: Clock) -> Dataset:
     with clock.excluded("decoding into the cache"):
-        return _read(data_cfg, state["seed"])
+        return _read(data_cfg, state["seed"], held=False)
 
 
-def _read(data_cfg: DataConfig, seed: int) -> Dataset:
-    """The data with its held-out split, as every candidate and the final run see it."""
-    return held_out(training.load_data(data_cfg, seed), seed)
+def _read(data_cfg: DataConfig, seed: int, held: bool = True) -> Dataset:
+    """The data with its held-out split, as every candidate sees it; `held=False`: as the final run sees it."""
+    ds = training.load_data(data_cfg, seed)
+    return held_out(ds, seed) if held else ds
 
 
 def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Dataset | None = None) -> Path:
     from cnnlab.budget.search import TRIAL_EPOCHS, Search  # optuna: imported when a budget run starts
 
     data_cfg = from_dict(DataConfig, state["data"])
-    ds = ds or _load(data_cfg, state, clock)
-    found = _within_reach(_candidates(state, ds, clock, world), ds, clock, world)
+    whole = ds or _load(data_cfg, state, clock)  # as the final run sees it
+    ds = held_out(whole, state["seed"])  # as the trials see it
+    found = _within_reach(_candidates(state, ds, clock, world), whole, clock, world)
     trial_data = {}
     for c in found:
         if c.image_size not in trial_data:
@@ -143,10 +147,14 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
     finally:
         if world.main:
             files.write_json(run / Run.SEARCH / STATE, {**state, "spent": clock.spent()})
-    scale = len(ds.y_train) / sample  # the final run trains on all the training images
+    scale = len(whole.y_train) / sample  # the final run trains on all the training images
     tested = len(ds.y_test) / max(len(ds.y_val), 1)
-    plan = dist.broadcast(world, _plan(run, state, clock, search, scale, tested) if world.main else None)
-    return _train_winner(run, state, clock, search.candidates[plan["candidate"]], plan, data_cfg, ds)
+    validated = len(whole.validation[1]) / max(len(ds.y_val), 1)  # its validation: the test set, unless the data
+    # has a validation split of its own
+    plan = dist.broadcast(world, _plan(run, state, clock, search, (scale, validated, tested)) if world.main else None)
+    winner = search.candidates[plan["candidate"]]
+    del search, trial_data, ds  # the trials' copies of the images are not needed any more
+    return _train_winner(run, state, clock, winner, plan, data_cfg, whole)
 
 
 def _candidates(state: dict, ds: Dataset, clock: Clock, world: World) -> list:
@@ -226,17 +234,18 @@ def _with_weights(found: list, clock: Clock) -> list:
     return kept
 
 
-def _plan(run: Path, state: dict, clock: Clock, search, scale: float, tested: float) -> dict:
+def _plan(run: Path, state: dict, clock: Clock, search, scales: tuple[float, float, float]) -> dict:
     """Process 0: the leaderboard said and written; the winner, its settings, and the epochs the time left fits
-    at the pace its trials measured (`scale`: the training images to the trials' sample; `tested`: the test
-    images to the held-out ones)."""
+    at the pace its trials measured (`scales`: the final run's training images to the trials' sample, its
+    validation images and the test images to the held-out ones)."""
+    scale, validated, tested = scales
     best = search.best()
     if best is None:
         raise EveryProcessError(f"no trial finished within the budget of {state['seconds']:.0f} s; give a larger "
                                 "--budget (or --subset)")
     log.info("budget: leaderboard (held-out accuracy)\n" + search.leaderboard())
     search.write_csv(run / Run.TRIALS)
-    pace = search.pace(best.candidate.name, scale) or 1.0
+    pace = search.pace(best.candidate.name, scale, validated) or 1.0
     # the final evaluation of the test set with the recipe's test-time views (trials have none; tuning leaves
     # them as they are), at the pace of the trials' passes over the held-out split
     views = len(tta_views(torch.zeros(1, 1, 3, 3), best.candidate.cfg.tta))
@@ -253,8 +262,9 @@ def _train_winner(run: Path, state: dict, clock: Clock, candidate, plan: dict, d
 
     cfg = Choice(candidate, plan["params"]).config(plan["epochs"])
     clock.say(f"final run: {candidate.name} for {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of ~{plan['pace']:.1f} s "
-              f"(lr {cfg.lr:.4g}, weight decay {cfg.weight_decay:.4g}, augment {cfg.augment})")
-    final_ds = _at_size(data_cfg, ds, candidate.image_size, state["seed"])
+              f"(lr {cfg.lr:.4g}, weight decay {cfg.weight_decay:.4g}, augment {cfg.augment}) on "
+              f"{len(ds.y_train):,} training images" + (", the held-out ones given back" if ds.y_val is None else ""))
+    final_ds = _at_size(data_cfg, ds, candidate.image_size, state["seed"], held=False)
     path = training.train(cfg, replace(data_cfg, image_size=candidate.image_size or data_cfg.image_size),
                           preset="budget", out=run, dataset=final_ds, with_report=state["with_report"],
                           tracking=tuple(state["tracking"]),
@@ -275,7 +285,8 @@ def as_trial_data(ds: Dataset, seed: int) -> Dataset:
     return replace(sample, x_test=ds.x_val, y_test=ds.y_val, x_val=None, y_val=None, test_files=())
 
 
-def _at_size(data_cfg: DataConfig, ds: Dataset, size: tuple[int, int] | None, seed: int) -> Dataset:
+def _at_size(data_cfg: DataConfig, ds: Dataset, size: tuple[int, int] | None, seed: int,
+             held: bool = True) -> Dataset:
     if size is None or tuple(size) == tuple(ds.image_size):
         return ds
-    return _read(replace(data_cfg, image_size=size), seed)
+    return _read(replace(data_cfg, image_size=size), seed, held)

@@ -182,10 +182,11 @@ class Search:
                        + (" (pruned)" if report.pruned else "") + f" in {seconds:.0f} s")
         return accuracy, report.pruned
 
-    def pace(self, name: str, scale: float = 1.0) -> float | None:
+    def pace(self, name: str, scale: float = 1.0, validated: float = 1.0) -> float | None:
         """Seconds an epoch of candidate `name` took in its trials (training and validation), None if untried;
-        with `scale`, for that many times the trials' training images (validation stays the same)."""
+        with `scale` and `validated`, for that many times the trials' training and validation images."""
         seen = [t.user_attrs["epoch_seconds"] + (scale - 1) * t.user_attrs.get("train_seconds", 0)
+                + (validated - 1) * t.user_attrs.get("val_seconds", 0)
                 for t in self.study.trials if t.params.get("candidate") == name and "epoch_seconds" in t.user_attrs]
         return sum(seen) / len(seen) if seen else None
 
