@@ -49,7 +49,7 @@ def _write_photo(task: tuple[str, str, int]) -> None:
 
 def make_folder(n_train: int, n_test: int = 2000) -> Path:
     """ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg, made once and reused."""
-    root = WORK / f"photos-{n_train}"
+    root = WORK / f"photos-{n_train}-{n_test}"
     if (root / ".complete").exists():
         return root
     tasks = []
