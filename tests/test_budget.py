@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -18,10 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab import budget, cli, dist, models
+from cnnlab import budget, cli, dist, models, presets, training
 from cnnlab.budget import candidates
+from cnnlab.budget.pace import Clock, Deadline
+from cnnlab.config import DataConfig, override
 from cnnlab.errors import CnnlabError
 from cnnlab.models import pretrained
+from cnnlab.training.loop import Hook
 from conftest import write_image_folder
 from test_datasets import write_idx
 
@@ -37,6 +41,42 @@ def test_budget_parsing():
     assert [budget.parse(t) for t in ("90s", "10m", "1.5h", "45")] == [90, 600, 5400, 45]
     with pytest.raises(CnnlabError, match="not a duration"):
         budget.parse("ten minutes")
+
+
+class Slow(Hook):
+    """Each epoch takes `seconds` longer (a slow machine, seen from the loop's public seam)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def before_epoch(self, fit) -> None:
+        time.sleep(self.seconds)
+
+
+def _paced(tmp_path, name: str, epochs: int, clock: Clock, seconds: float, caplog) -> tuple[list, dict, str]:
+    data = DataConfig(path=str(write_image_folder(tmp_path / "data", per_class=8, size=(16, 16))))
+    cfg = override(presets.QUICK, epochs=epochs, batch_size=8)
+    with caplog.at_level(logging.INFO, logger="cnnlab.budget"):
+        run = training.train(cfg, data, out=tmp_path / name, with_report=False,
+                             hooks=[Slow(seconds), Deadline(clock, aim=0.0, most=6)])
+    history = json.loads((run / "history.json").read_text())
+    return history, json.loads((run / "config.json").read_text())["train"], caplog.text
+
+
+def test_a_final_run_with_time_to_spare_is_lengthened_from_its_own_pace(tmp_path, caplog):
+    """Planned for 4 epochs with 10 minutes left: after its second epoch (the first carries one-time costs) it
+    is re-planned to the most it may train, and trains them with config.json saying so."""
+    history, train, log = _paced(tmp_path, "long", 4, Clock(600), 0.0, caplog)
+    assert "re-planned from 4 to 6 epochs" in log
+    assert len(history) == train["epochs"] == 6
+
+
+def test_a_final_run_on_a_slow_machine_is_shortened_so_its_schedule_ends(tmp_path, caplog):
+    """Planned for 6 epochs of at least 1 s with 6 s left: it is re-planned to the epochs that fit after its
+    first, and its schedule ends there instead of being cut short at a high learning rate."""
+    history, train, log = _paced(tmp_path, "short", 6, Clock(6), 1.0, caplog)
+    assert re.search(r"re-planned from 6 to [1-5] epochs", log), log
+    assert len(history) == train["epochs"] < 6 and "ending after" not in log
 
 
 def test_a_budget_on_data_that_is_not_there_leaves_nothing(tmp_path, capsys):

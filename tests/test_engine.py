@@ -272,6 +272,41 @@ def test_resume_with_lookahead_and_whitening_equals_uninterrupted(tmp_path, cifa
     assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
 
 
+class ReplanAt(Hook):
+    """Re-plans the run to `epochs` at the end of its epoch `at`, as a time budget's final run does from its
+    own pace (budget/pace.py); records the learning rate of every step."""
+    order = 95
+
+    def __init__(self, at: int, epochs: int):
+        self.at, self.epochs, self.lrs = at, epochs, []
+
+    def after_step(self, fit) -> None:
+        self.lrs.append(fit.state.optimizer.param_groups[0]["lr"])
+
+    def end_epoch(self, fit) -> None:
+        if fit.record["epoch"] == self.at:
+            fit.replan(self.epochs)
+
+
+def test_a_run_replanned_between_epochs_ends_its_schedule_there_and_resumes_bit_exactly(tmp_path, cifar_python_dir):
+    """`quick` (one-cycle schedule, lookahead) planned for 2 epochs and re-planned to 3 after its first: it trains
+    3, config.json and model.json say 3, its last step's learning rate is a 3-epoch run's, and a run interrupted
+    after the re-plan resumes (from config.json and its checkpoint) to the same bytes."""
+    cfg, data_cfg = override(presets.QUICK, epochs=2, batch_size=32), DataConfig(path=str(cifar_python_dir))
+    replanned, planned = ReplanAt(1, 3), ReplanAt(0, 0)
+    whole = training.train(cfg, data_cfg, out=tmp_path / "whole", with_report=False, hooks=[replanned])
+    training.train(override(cfg, epochs=3), data_cfg, out=tmp_path / "three", with_report=False, hooks=[planned])
+    assert len(json.loads((whole / "history.json").read_text())) == 3
+    assert json.loads((whole / "config.json").read_text())["train"]["epochs"] == 3
+    assert json.loads((whole / "model.json").read_text())["epochs"] == 3
+    assert len(replanned.lrs) == len(planned.lrs) and replanned.lrs[-1] == pytest.approx(planned.lrs[-1])
+    assert replanned.lrs[:5] != planned.lrs[:5]  # (the first epoch followed the 2-epoch plan)
+    with pytest.raises(Interrupted):
+        training.train(cfg, data_cfg, out=tmp_path / "cut", with_report=False, hooks=[ReplanAt(1, 3), CtrlCAt(7)])
+    training.resume(tmp_path / "cut", with_report=False)
+    assert (whole / "model.safetensors").read_bytes() == (tmp_path / "cut" / "model.safetensors").read_bytes()
+
+
 def test_quick_recipe_one_epoch_on_real_subset(tmp_path, real_subset):
     cfg = override(presets.QUICK, batch_size=64)  # 79 steps on 5,000 images
     run = training.train(cfg, DataConfig(path=str(real_subset)), preset="quick", out=tmp_path / "q")

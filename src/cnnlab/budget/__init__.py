@@ -268,7 +268,9 @@ def _train_winner(run: Path, state: dict, clock: Clock, candidate, plan: dict, d
     path = training.train(cfg, replace(data_cfg, image_size=candidate.image_size or data_cfg.image_size),
                           preset="budget", out=run, dataset=final_ds, with_report=state["with_report"],
                           tracking=tuple(state["tracking"]),
-                          hooks=[Deadline(clock, reserve=plan["kept"] - SLACK * state["seconds"], world=dist.init())])
+                          hooks=[Deadline(clock, reserve=plan["kept"] - SLACK * state["seconds"], world=dist.init(),
+                                          aim=None if state["dry_run"] else plan["kept"],
+                                          least=cfg.freeze_epochs + 1, most=MAX_EPOCHS)])
     clock.say("done")
     return path
 

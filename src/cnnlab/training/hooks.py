@@ -153,11 +153,23 @@ class Checkpoints(Hook):
 
     def __init__(self, run: Run, world: dist.World, every: int = 0):
         self.run, self.world, self.every = run, world, every
+        self.epochs: int | None = None  # what config.json says
 
     def save(self, fit: Fit) -> None:
         state = fit.state.state_dict(self.world)
         if self.world.main:
+            self.record_epochs(fit.epochs)
             self.run.save_checkpoint(state)
+
+    def record_epochs(self, epochs: int) -> None:
+        """config.json's epochs follow a re-planned run (Fit.replan), before the checkpoint that depends on them:
+        a resume reads both."""
+        if epochs == self.epochs:
+            return
+        config = self.run.config()
+        if config["train"]["epochs"] != epochs:
+            self.run.write_config({**config, "train": {**config["train"], "epochs": epochs}})
+        self.epochs = epochs
 
     def after_step(self, fit: Fit) -> None:
         if self.every and fit.state.step % self.every == 0 and not fit.last_step:

@@ -74,6 +74,7 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
         if plan.world.main:
             run.discard(created)
         raise
+    config["train"]["epochs"] = ended.get("epochs", cfg.epochs)  # as config.json says (hooks.Checkpoints)
     return finish(run, ds, plan.cfg, with_report, ended, trackers, config) if plan.world.main else run.path
 
 
@@ -106,6 +107,7 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
         log.info(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step']}")
     trackers = make_trackers(run, config, world)
     ended = train_run(plan, ds, run, state, trackers, list(hooks))
+    config["train"]["epochs"] = ended.get("epochs", cfg.epochs)  # as config.json says (hooks.Checkpoints)
     return finish(run, ds, cfg, with_report, ended, trackers, config) if world.main else run.path
 
 
@@ -123,8 +125,8 @@ def train_run(plan: Plan, ds: Dataset, run: Run, state: dict | None, trackers, e
              + (f"; {plan.world.size} processes of {dist.per_rank_batch(plan.world, cfg.batch_size)} images a step"
                 if plan.world.distributed else ""))
     try:
-        fit(ts, batches, step, hooks, epochs=cfg.epochs, world=plan.world)
-    except Stopped:
+        cfg = replace(cfg, epochs=fit(ts, batches, step, hooks, epochs=cfg.epochs, world=plan.world).epochs)
+    except Stopped:  # (a hook may have re-planned the epochs: a time budget's final run)
         raise Interrupted(run.path) from None
     if ts.ema is not None:  # the run's weights are the average from here on (the checkpoint keeps both)
         ts.model.load_state_dict(ts.ema.state_dict())
@@ -139,7 +141,7 @@ def train_run(plan: Plan, ds: Dataset, run: Run, state: dict | None, trackers, e
         meta = {**model_meta(cfg, ds, ts.norm, ts.model, plan.dtype, ts.history), "epoch": kept,
                 "best_epoch": ts.best.get("epoch"), "calibration": calibrated}
         run.save_model(cpu_weights(ts.model), meta)
-    return {"test_logits": test_logits, "history": ts.history, "meta": meta}
+    return {"test_logits": test_logits, "history": ts.history, "meta": meta, "epochs": cfg.epochs}
 
 
 def lr_words(cfg: TrainConfig) -> str:

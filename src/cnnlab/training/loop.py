@@ -82,6 +82,13 @@ class Fit:
         for hook in self.hooks:
             getattr(hook, event)(self, *args)
 
+    def replan(self, epochs: int) -> None:
+        """Train `epochs` in all instead (from end_epoch, on every process alike: a time budget's final run
+        re-planned from its own pace); the schedule is stretched or shrunk to end at the new last step, and the
+        run's config.json says so from the next checkpoint on (hooks.Checkpoints)."""
+        self.epochs = epochs
+        self.state.set_total_steps(epochs * self.batches.steps)
+
     def sync(self) -> bool:
         """The host's look at the device: the totals to the hooks; whether any process was asked to stop."""
         self.emit("after_sync", self.state.read())
@@ -94,7 +101,7 @@ def fit(state: TrainState, batches: Batches, step: Step, hooks: list[Hook], *, e
     run = Fit(state, batches, step, sorted(hooks, key=lambda h: h.order), epochs, world)
     try:
         run.emit("before_fit")
-        while state.epoch < epochs:
+        while state.epoch < run.epochs:  # (a hook may re-plan it: Fit.replan)
             step.begin_epoch(state)
             run.emit("before_epoch")
             _run_epoch(run)

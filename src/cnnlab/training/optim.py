@@ -154,14 +154,20 @@ def improves(value: float, best: float | None, lower_is_better: bool) -> bool:
 def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int, frozen_steps: int = 0):
     """The learning-rate factor per step (times each group's rate), as a LambdaLR; `plateau` as PlateauLR.
     With a frozen phase (--freeze-epochs) its `frozen_steps` run one whole cycle of the shape, and the steps
-    after it another (fastai's fine_tune: fit_one_cycle frozen, then fit_one_cycle unfrozen)."""
+    after it another (fastai's fine_tune: fit_one_cycle frozen, then fit_one_cycle unfrozen). Its `span`
+    holds the total, which `TrainState.set_total_steps` may move between epochs (a re-planned run)."""
+    span = {"total": total_steps}  # (a dict, not an attribute of a callable: LambdaLR's state_dict would save it)
+
     def factor(step: int) -> float:
         if step < frozen_steps:
             return _shape(cfg, step, frozen_steps)
-        return _shape(cfg, step - frozen_steps, total_steps - frozen_steps)
+        return _shape(cfg, step - frozen_steps, span["total"] - frozen_steps)
     if cfg.schedule == "plateau":
-        return PlateauLR(opt, factor, lower_is_better=cfg.monitor == "val_loss")
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        schedule = PlateauLR(opt, factor, lower_is_better=cfg.monitor == "val_loss")
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    schedule.span = span
+    return schedule
 
 
 def _cosine(a: float, b: float, t: float) -> float:

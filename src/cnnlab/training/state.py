@@ -74,6 +74,13 @@ class TrainState:
         return {"loss": loss, "correct": int(correct), "seen": int(seen), "skipped": int(skipped),
                 "first_bad_step": int(first_bad) - 1 if first_bad else None}
 
+    def set_total_steps(self, total: int) -> None:
+        """Move the end of training to step `total` (a run re-planned between epochs: Fit.replan): the
+        learning-rate schedule and the lookahead average end there instead."""
+        self.schedule.span["total"] = total
+        if self.lookahead is not None:
+            self.lookahead.total_steps = total
+
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def state_dict(self, world: World) -> dict:
