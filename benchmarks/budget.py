@@ -146,6 +146,8 @@ def main() -> None:
     ap.add_argument("--data", choices=["photos", "cifar10"], nargs="+", default=["photos", "cifar10"])
     ap.add_argument("--busy", action="store_true", help="also each budget with two busy processes from a third on")
     args = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()  # the code measured (a commit made meanwhile is not)
     sources = {"photos": make_folder(5000, TEST_PHOTOS), "cifar10": DATA}
     work = HERE / "work" / "budget"
     rows = []
@@ -159,14 +161,13 @@ def main() -> None:
             if args.busy:
                 rows.append({"busy": True, **busy_budget(name, sources[name], minutes, work)})
     info = machine()
-    save(f"budget-{info['cpu_class']}", merged(info, rows, "python benchmarks/budget.py " + " ".join(sys.argv[1:])))
+    save(f"budget-{info['cpu_class']}",
+         merged(info, rows, commit, "python benchmarks/budget.py " + " ".join(sys.argv[1:])))
 
 
-def merged(info: dict, rows: list[dict], command_line: str) -> dict:
+def merged(info: dict, rows: list[dict], commit: str, command_line: str) -> dict:
     """This invocation's rows, stamped with the commit, date and command, replacing the same (data, budget,
     busy) rows of the file's earlier invocations and keeping the others (the 15-minute rows take an hour)."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     stamp = {"commit": commit, "date": info["date"], "command": command_line}
     path = HERE / "results" / f"budget-{info['cpu_class']}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []

@@ -43,6 +43,19 @@ def test_budget_parsing():
         budget.parse("ten minutes")
 
 
+def test_the_trials_sample_shrinks_only_where_the_recipe_trials_would_take_much_of_the_budget():
+    from cnnlab.budget.search import TRIAL_EPOCHS
+
+    n, whole, epochs = 4250, 5000, [4.7, 9.3, 16.5]  # photos at 64, 96 and 128 px: epochs estimated on 5,000
+    short, long = budget.trial_sample(n, whole, epochs, 120), budget.trial_sample(n, whole, epochs, 900)
+    assert budget.TRIAL_FLOOR < short < long == budget.TRIAL_MIN
+    trained = (TRIAL_EPOCHS * 4.7 + 9.3 + 16.5) * short / whole  # the best trial's epochs, one of each other's
+    assert trained == pytest.approx(budget.RECIPE_SHARE * 120, rel=0.01)
+    assert budget.trial_sample(n, whole, epochs, 5) == budget.TRIAL_FLOOR
+    assert budget.trial_sample(42500, 50000, [], 60) == round(budget.TRIAL_SHARE * 42500)  # (probes alone)
+    assert budget.trial_sample(300, 350, [0.1], 60) == 300  # never more than there are
+
+
 class Slow(Hook):
     """Each epoch takes `seconds` longer (a slow machine, seen from the loop's public seam)."""
 
@@ -271,14 +284,18 @@ def test_a_budget_on_photos_is_searched_resumed_after_ctrl_c_and_kept(tmp_path):
 
 
 def test_a_budget_in_two_processes_on_idx_files_runs_each_trial_on_both(tmp_path):
-    """--nproc 2 on MNIST-style IDX files (grey, 28 px): process 0 keeps the study; every trial and the final
-    run train on both processes."""
+    """--nproc 2 on MNIST-style IDX files (grey, 28 px), 20 seconds: process 0 keeps the study; every trial and
+    the final run train on both processes, which re-plan the final run's epochs alike, inside the budget."""
     run, idx = tmp_path / "run", write_idx(tmp_path / "mnist", n_train=200, n_test=50)[0]
-    proc = subprocess.run([*CNNLAB, "train", "--nproc", "2", "--data", str(idx), "--budget", "5m",
-                           "--dry-run", "--no-report", "--out", str(run)], capture_output=True,
+    proc = subprocess.run([*CNNLAB, "train", "--nproc", "2", "--data", str(idx), "--budget", "20s",
+                           "--no-report", "--out", str(run)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(r["candidate"] for r in trials(run)) == ["fast", "quick"]
-    assert proc.stdout.count("2 processes of") == 3  # two trials and the final run
+    rows = trials(run)
+    assert {r["candidate"] for r in rows} == {"fast", "quick"}
+    assert proc.stdout.count("2 processes of") == len(rows) + 1  # every trial and the final run
     assert json.loads((run / "config.json").read_text())["environment"]["processes"] == 2
-
+    epochs = json.loads((run / "config.json").read_text())["train"]["epochs"]  # as re-planned, if it was
+    trained = len(json.loads((run / "history.json").read_text()))
+    assert trained == epochs or f"ending after epoch {trained} of {epochs}" in proc.stdout, proc.stdout[-3000:]
+    assert float(re.search(r"budget: done; (\d+) s spent", proc.stdout).group(1)) <= 22

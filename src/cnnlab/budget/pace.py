@@ -5,6 +5,7 @@ data into the cache for the first time: `with clock.excluded("decoding into the 
 trained under a `Deadline` checks after each epoch whether the next one, at the pace measured so far, still
 ends before the deadline (less what the run's end needs); if not, the run ends there and says so. So a
 machine that slows down mid-run (another job starting) shortens the run instead of overrunning the budget.
+The budget's final run also re-plans its length from its own pace after each epoch (Fit.replan).
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ from cnnlab.training.hooks import Hook
 
 log = logging.getLogger("cnnlab.budget")
 
-TRIAL_EPOCHS = 3  # the longest trial: successive halving's rungs at 1 and 3 epochs (reduction factor 3)
 RECIPE = {"lr_factor": 1.0, "weight_decay_factor": 1.0, "augment_strength": 1}  # a candidate's own settings
+TRIAL_EPOCHS = 3  # the longest trial: successive halving's rungs at 1 and 3 epochs (reduction factor 3)
 COLUMNS = ["trial", "candidate", "lr", "weight_decay", "augment", "epochs", "held_out_accuracy", "seconds", "state"]
 
 
@@ -163,7 +163,7 @@ class Search:
         run = training.train(cfg, DataConfig(path=ds.source, image_size=choice.candidate.image_size), dataset=ds,
                              out=self.folder / f"trial-{drawn['number']:03d}", with_report=False,
                              tracking=self.tracking, hooks=[report, deadline])
-        seconds = time.monotonic() - t0
+        seconds, end = time.monotonic() - t0, time.monotonic() - deadline.last  # (end: after its last epoch)
         if trial is None:
             return 0.0, report.pruned
         history = json.loads((run / "history.json").read_text())
@@ -174,7 +174,7 @@ class Search:
         for key, value in (("seconds", round(seconds, 1)), ("epochs", len(history)), ("accuracy", accuracy),
                            ("epoch_seconds", round(last["seconds"] + last.get("val_seconds", 0), 2)),
                            ("train_seconds", round(last["seconds"], 2)),
-                           ("val_seconds", round(last.get("val_seconds", 0), 2))):
+                           ("val_seconds", round(last.get("val_seconds", 0), 2)), ("end_seconds", round(end, 2))):
             trial.set_user_attr(key, value)
         self.clock.say(f"trial {trial.number} {choice.candidate.name} (lr x{drawn['lr_factor']:.2f}, weight "
                        f"decay x{drawn['weight_decay_factor']:.2f}, augment {cfg.augment}): {accuracy:.2%} held "
@@ -205,6 +205,13 @@ class Search:
         if not seen:
             return 0.0
         return max(seen) if name is not None else seen[len(seen) // 2]
+
+    def end_seconds(self, name: str) -> float:
+        """Seconds the end of a trial of candidate `name` took, after its last epoch (best weights, calibration,
+        the weights written): the most seen."""
+        seen = [t.user_attrs.get("end_seconds", 0.0) for t in self.study.trials
+                if t.params.get("candidate") == name and "epoch_seconds" in t.user_attrs]
+        return max(seen, default=0.0)
 
     def best(self) -> Choice | None:
         complete = [t for t in self.study.trials if t.state == TrialState.COMPLETE  # (a resumed search may have
