@@ -43,19 +43,6 @@ def test_budget_parsing():
         budget.parse("ten minutes")
 
 
-def test_the_trials_sample_shrinks_only_where_the_recipe_trials_would_take_much_of_the_budget():
-    from cnnlab.budget.search import TRIAL_EPOCHS
-
-    n, whole, epochs = 4250, 5000, [4.7, 9.3, 16.5]  # photos at 64, 96 and 128 px: epochs estimated on 5,000
-    short, long = budget.trial_sample(n, whole, epochs, 120), budget.trial_sample(n, whole, epochs, 900)
-    assert budget.TRIAL_FLOOR < short < long == budget.TRIAL_MIN
-    trained = (TRIAL_EPOCHS * 4.7 + 9.3 + 16.5) * short / whole  # the best trial's epochs, one of each other's
-    assert trained == pytest.approx(budget.RECIPE_SHARE * 120, rel=0.01)
-    assert budget.trial_sample(n, whole, epochs, 5) == budget.TRIAL_FLOOR
-    assert budget.trial_sample(42500, 50000, [], 60) == round(budget.TRIAL_SHARE * 42500)  # (probes alone)
-    assert budget.trial_sample(300, 350, [0.1], 60) == 300  # never more than there are
-
-
 class Slow(Hook):
     """Each epoch takes `seconds` longer (a slow machine, seen from the loop's public seam)."""
 

@@ -4,8 +4,7 @@ searching on the data itself.
     candidates (candidates.py)    from the images' size and the backbone weights on this machine
     a held-out split              15% of the training images (or the data's own validation split); the
                                   test set is not looked at until the final evaluation
-    trial data                    a stratified fifth of the training images (at least 2,000; fewer at short
-                                  budgets, so the recipe trials train for ~6% of it: trial_sample)
+    trial data                    a stratified fifth of the training images (at least 2,000)
     the search (search.py)        trials on the held-out split, with successive halving, until SEARCH_SHARE
                                   of the budget is spent; the leaderboard in the log and in trials.csv
     the final run                 the best candidate and settings, for the epochs that the rest of the
@@ -53,10 +52,6 @@ TUNE_FULL = 600.0  # budgets this long or longer may tune for the whole search s
 TRIAL_SHARE, TRIAL_MIN = 0.2, 2000  # trials train on this share of the training images, and at least this many:
 # CIFAR-10 at 2 minutes, trials on all 42,500 images let one epoch of `fast` eat the whole search (169 s spent
 # of 120); on a sample its trial costs a fifth, and the final run's pace is scaled up from it
-RECIPE_SHARE, TRIAL_FLOOR = 0.06, 500  # at short budgets a smaller sample (not below TRIAL_FLOOR), so that every
-# candidate's recipe trial trains for about this share of the budget at the step times measured: at 2 minutes
-# on 5,000 photos the three recipe trials on 2,000 images took 21 s, and the final run trained 13 epochs where
-# the hindsight's 15 scored 2.5 points more
 HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
 MAX_EPOCHS = 100
 SLACK = 0.07  # of the budget the final run may overrun its plan before it stops early: a schedule cut short ends
@@ -131,15 +126,16 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
     data_cfg = from_dict(DataConfig, state["data"])
     whole = ds or _load(data_cfg, state, clock)  # as the final run sees it
     ds = held_out(whole, state["seed"])  # as the trials see it
-    found, epoch = _within_reach(_candidates(state, ds, clock, world), whole, clock, world)
-    size = trial_sample(len(ds.y_train), len(whole.y_train), [epoch[c.name] for c in found if c.name in epoch],
-                        clock.seconds)
+    # (trials on a smaller sample at short budgets were tried, to leave the final run more time: on ~900 photos
+    # three epochs of `photos` at 128 px scored above three at 64 px, and the final run trained 3 epochs at 128 px
+    # for 46.5% where 20 at 64 px gave 66.1%: trials compare candidates at equal epochs, not equal time)
+    found = _within_reach(_candidates(state, ds, clock, world), whole, clock, world)
     trial_data = {}
     for c in found:
         if c.image_size not in trial_data:
             with clock.excluded("decoding into the cache"):
                 trial_data[c.image_size] = as_trial_data(_at_size(data_cfg, ds, c.image_size, state["seed"]),
-                                                         state["seed"], size)
+                                                         state["seed"])
     search = Search(run / Run.SEARCH, found, trial_data, clock, state["seed"], world,
                     max_epochs=1 if state["dry_run"] else TRIAL_EPOCHS, tracking=tuple(state["tracking"]))
     sample = len(next(iter(trial_data.values())).y_train)
@@ -184,13 +180,12 @@ def _candidates(state: dict, ds: Dataset, clock: Clock, world: World) -> list:
     return [by_name[n] for n in names]
 
 
-def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> tuple[list, dict[str, float]]:
-    """The candidates one epoch of which, on all the training images, fits the final run's share of the budget at
-    the step time measured here and now (process 0 measures, every process keeps the same); the quickest stays if
-    none does. With the seconds an epoch of each measured candidate was estimated to take. At 2 minutes on CIFAR-10
-    a trial of `fast` took 29 of the search's 40 s to learn what its step time says at once: its epoch (148 s)
-    cannot fit. Head-only probes are cheap and not measured."""
-    names, epoch = None, None
+def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> list:
+    """The candidates one epoch of which, on all the training images, fits the final run's share of the budget
+    at the step time measured here and now (process 0 measures, every process keeps the same); the quickest
+    stays if none does. At 2 minutes on CIFAR-10 a trial of `fast` took 29 of the search's 40 s to learn what
+    its step time says at once: its epoch (148 s) cannot fit. Head-only probes are cheap and not measured."""
+    names = None
     # not counted, on every process alike (the others wait in the broadcast), so their clocks stay together;
     # counted, the timing left a busy machine's 30-s search no time
     with clock.excluded("timing each candidate's step"):
@@ -202,8 +197,8 @@ def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> tuple
             log.info(f"budget: an epoch of the {len(ds.y_train):,} training images here, from a step timed now: "
                      + ", ".join(f"{name} ~{seconds:.1f} s" for name, seconds in epoch.items())
                      + f"; the final run has {room:.1f} s" + (f": leaving out {', '.join(out)}" if out else ""))
-        names, epoch = dist.broadcast(world, (names, epoch))
-    return [c for c in found if c.name in names], epoch
+        names = dist.broadcast(world, names)
+    return [c for c in found if c.name in names]
 
 
 def _epoch_seconds(candidate, ds: Dataset, world: World) -> float:
@@ -291,24 +286,10 @@ def held_out(ds: Dataset, seed: int) -> Dataset:
     return ds if ds.y_val is not None else ds.hold_out(HOLD_OUT, seed)
 
 
-def trial_sample(n: int, whole: int, epochs: list[float], seconds: float) -> int:
-    """How many of the `n` training images (of the `whole` the final run trains on) a trial trains on: TRIAL_SHARE,
-    at least TRIAL_MIN, and fewer (not below TRIAL_FLOOR) where the recipe trials would otherwise train for
-    more than RECIPE_SHARE of the budget `seconds`, at `epochs` (each measured candidate's estimated epoch on the
-    `whole`): the best candidate's trial trains TRIAL_EPOCHS epochs, the others are pruned after one."""
-    from cnnlab.budget.search import TRIAL_EPOCHS
-
-    most = min(n, max(TRIAL_MIN, round(TRIAL_SHARE * n)))
-    if not epochs:
-        return most
-    passes = TRIAL_EPOCHS * min(epochs) + sum(epochs) - min(epochs)  # seconds, on `whole` images
-    return min(most, max(TRIAL_FLOOR, round(whole * RECIPE_SHARE * seconds / passes)))
-
-
-def as_trial_data(ds: Dataset, seed: int, size: int | None = None) -> Dataset:
-    """What a trial sees: a stratified sample of `size` training images (trial_sample's TRIAL_SHARE, at least
-    TRIAL_MIN, where not given), and the held-out split as its test set, so no trial looks at the real one."""
-    sample = ds.subset(size or max(TRIAL_MIN, round(TRIAL_SHARE * len(ds.y_train))), seed)
+def as_trial_data(ds: Dataset, seed: int) -> Dataset:
+    """What a trial sees: a stratified sample of the training images (TRIAL_SHARE, at least TRIAL_MIN), and
+    the held-out split as its test set, so no trial looks at the real one."""
+    sample = ds.subset(max(TRIAL_MIN, round(TRIAL_SHARE * len(ds.y_train))), seed)
     return replace(sample, x_test=ds.x_val, y_test=ds.y_val, x_val=None, y_val=None, test_files=())
 
 

@@ -8,7 +8,7 @@ test set is never seen), in an Optuna study kept in SQLite beside the run, so an
 
 Each candidate is first tried at its recipe's own settings (enqueued), then Optuna's TPE sampler proposes a
 candidate with a learning-rate factor, a weight-decay factor and an augmentation strength. A trial trains on
-a stratified sample of the training images (budget.trial_sample) for up to TRIAL_EPOCHS epochs (its schedule
+a stratified sample of the training images (budget.as_trial_data) for up to TRIAL_EPOCHS epochs (its schedule
 sized to them) and reports its held-out accuracy after each; Optuna's
 successive-halving pruner stops, after the first epoch, a trial that is not in the best third of those seen
 there, so poor candidates cost one epoch. Every trial ends as a row of `trials.csv` (the leaderboard).
