@@ -100,7 +100,8 @@ class Deadline(Hook):
         room = self.clock.deadline(self.share) - self.aim - now
         fits = done + max(1, math.floor(room / pace))
         if fits > planned:
-            fits = done + max(1, math.floor(room / (1.1 * pace)))  # (no back and forth at the edge)
             if len(self.walls) < 2 or done >= 0.75 * planned:
                 return planned
+            # lengthened only with a margin (no back and forth at the edge); the margin never shortens it
+            fits = max(planned, done + math.floor(room / (1.1 * pace)))
         return max(self.least, min(fits, self.most))
