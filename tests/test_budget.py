@@ -176,11 +176,14 @@ def test_tuned_trials_start_only_before_their_own_deadline_after_every_recipe_tr
     ds = budget.as_trial_data(budget.held_out(load_data(DataConfig(path=str(idx)).validate(), 0), 0), 0)
     found, _ = candidates.for_data(ds.image_size)
     (tmp_path / "search").mkdir()
-    search = Search(tmp_path / "search", found, {None: ds}, Clock(600), 0, dist.init(), max_epochs=1)
+    search = Search(tmp_path / "search", found, {None: ds}, Clock(600), 0, dist.init(), max_epochs=2,
+                    epochs={"quick": 2, "fast": 1})  # as budget.trial_epochs gives for `fast` twice as slow
     later = clock_time.monotonic() + 600
     search.run(until=later, tune_until=clock_time.monotonic())
-    assert [(r["candidate"], r["lr"]) for r in sorted(trials_of(search), key=lambda r: r["trial"])] == [
-        (c.name, f"{c.cfg.lr:.4g}") for c in found]  # the recipes' own settings, nothing more
+    assert [(r["candidate"], r["lr"], r["epochs"]) for r in sorted(trials_of(search), key=lambda r: r["trial"])] == [
+        (c.name, f"{c.cfg.lr:.4g}", {"quick": "2", "fast": "1"}[c.name]) for c in found]  # the recipes' settings
+    fast = next(t for t in search.study.trials if t.params["candidate"] == "fast")
+    assert list(fast.intermediate_values) == [2]  # its one epoch reported at the time of two of `quick`'s
     search.run(until=later, trials=1, tune_until=later)
     assert len(trials_of(search)) == len(found) + 1
 
@@ -216,10 +219,27 @@ def test_a_budget_dry_run_on_cifar_sized_images_tracked(tmp_path, cifar_python_d
         assert "--budget chooses the recipe" in capsys.readouterr().err
 
 
+def test_trials_take_equal_time_and_a_candidate_from_scratch_needs_room_for_its_epochs():
+    """Timed epochs of 6, 9 and 24 s at 64, 96 and 128 px: trials of 3, 2 and 1 epochs (the same seconds); with
+    130 s for the final run, 128 px is left out (10 epochs from scratch do not fit) where a fine-tune of a
+    pretrained backbone needs one epoch; with 50 s the quickest stays alone."""
+    photos = candidates.for_data((96, 96), source_side=150)[0]
+    tuned = replace(presets.get("finetune"), model="resnet18_imagenet")
+    found = [*photos, candidates.Candidate("finetune:resnet18_imagenet@128", tuned, (128, 128)),
+             candidates.Candidate("probe:resnet18_imagenet@128", replace(tuned, head_only=True), (128, 128))]
+    epoch = {"photos@64": 6.0, "photos@96": 9.0, "photos@128": 24.0, "finetune:resnet18_imagenet@128": 100.0}
+    assert budget.trial_epochs(found, epoch, 3) == {"photos@64": 3, "photos@96": 2, "photos@128": 1,
+                                                    "finetune:resnet18_imagenet@128": 1,
+                                                    "probe:resnet18_imagenet@128": 3}  # (a probe is not timed)
+    assert budget.reachable(found, epoch, room=130) == ["photos@64", "photos@96", "finetune:resnet18_imagenet@128",
+                                                        "probe:resnet18_imagenet@128"]
+    assert budget.reachable(photos, epoch, room=50) == ["photos@64"]
+
+
 def test_a_candidate_whose_epoch_cannot_fit_the_final_run_is_left_out_before_any_trial(tmp_path, capsys):
-    """10 seconds on 10,000 CIFAR-sized images: each candidate's step is timed first, and a candidate one epoch of
-    which on all the training images would outlast the final run's share is never tried. (Here `fast`'s epoch of
-    8,500 images came to ~25 s against 6.5 s: a CPU would need to be 4x faster than this one to keep it.)"""
+    """10 seconds on 10,000 CIFAR-sized images: each candidate's step is timed first, and a candidate from
+    scratch whose SCRATCH_EPOCHS epochs on all the training images would outlast the final run's share is never
+    tried; the quickest stays. (Here `fast`'s epoch of 8,500 images came to ~25 s against 6.5 s.)"""
     from conftest import fake_cifar_arrays, write_cifar_python
 
     data = write_cifar_python(tmp_path / "cifar-10-batches-py", fake_cifar_arrays(per_batch=2000))
@@ -229,7 +249,8 @@ def test_a_candidate_whose_epoch_cannot_fit_the_final_run_is_left_out_before_any
     epoch = {name: float(s) for name, s in re.findall(r"(\w+) ~([\d.]+) s", line)}
     room = float(re.search(r"the final run has ([\d.]+) s", line).group(1))
     assert set(epoch) == {"quick", "fast"} and room == pytest.approx(6.5)
-    kept = {name for name, seconds in epoch.items() if seconds <= room} or {min(epoch, key=epoch.get)}
+    kept = ({name for name, seconds in epoch.items() if seconds * budget.SCRATCH_EPOCHS <= room}
+            or {min(epoch, key=epoch.get)})
     assert {r["candidate"] for r in trials(run)} == kept and kept < set(epoch), line  # (the quickest stays)
     assert f"leaving out {', '.join(sorted(set(epoch) - kept))}" in line
 

@@ -53,6 +53,10 @@ TRIAL_SHARE, TRIAL_MIN = 0.2, 2000  # trials train on this share of the training
 # CIFAR-10 at 2 minutes, trials on all 42,500 images let one epoch of `fast` eat the whole search (169 s spent
 # of 120); on a sample its trial costs a fifth, and the final run's pace is scaled up from it
 HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
+SCRATCH_EPOCHS = 10  # a candidate trained from scratch stays only where this many of its epochs fit the final
+# run's share at its step time here (the quickest stays in any case): photos on 5,000 images in hindsight, at
+# 2 minutes 5 epochs at 128 px scored 52.2% and 9 at 96 px 57.3% where 20 at 64 px: 66.1%; at 5 minutes 13 at
+# 128 px 62.7% where 25 at 96 px and 51 at 64 px: 69.2%. (A pretrained backbone needs one: its features are there.)
 MAX_EPOCHS = 100
 SLACK = 0.07  # of the budget the final run may overrun its plan before it stops early: a schedule cut short ends
 # at a high learning rate (CIFAR-10 at 2 minutes: `quick` planned for 2 epochs and stopped after 1 scored 25%)
@@ -126,18 +130,16 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
     data_cfg = from_dict(DataConfig, state["data"])
     whole = ds or _load(data_cfg, state, clock)  # as the final run sees it
     ds = held_out(whole, state["seed"])  # as the trials see it
-    # (trials on a smaller sample at short budgets were tried, to leave the final run more time: on ~900 photos
-    # three epochs of `photos` at 128 px scored above three at 64 px, and the final run trained 3 epochs at 128 px
-    # for 46.5% where 20 at 64 px gave 66.1%: trials compare candidates at equal epochs, not equal time)
-    found = _within_reach(_candidates(state, ds, clock, world), whole, clock, world)
+    found, epoch = _within_reach(_candidates(state, ds, clock, world), whole, clock, world)
     trial_data = {}
     for c in found:
         if c.image_size not in trial_data:
             with clock.excluded("decoding into the cache"):
                 trial_data[c.image_size] = as_trial_data(_at_size(data_cfg, ds, c.image_size, state["seed"]),
                                                          state["seed"])
-    search = Search(run / Run.SEARCH, found, trial_data, clock, state["seed"], world,
-                    max_epochs=1 if state["dry_run"] else TRIAL_EPOCHS, tracking=tuple(state["tracking"]))
+    longest = 1 if state["dry_run"] else TRIAL_EPOCHS
+    search = Search(run / Run.SEARCH, found, trial_data, clock, state["seed"], world, max_epochs=longest,
+                    epochs=trial_epochs(found, epoch, longest), tracking=tuple(state["tracking"]))
     sample = len(next(iter(trial_data.values())).y_train)
     tune = SEARCH_SHARE * min(1.0, clock.seconds / TUNE_FULL)
     clock.say(f"{len(found)} candidates ({', '.join(c.name for c in found)}); trials on {sample:,} of the "
@@ -180,25 +182,45 @@ def _candidates(state: dict, ds: Dataset, clock: Clock, world: World) -> list:
     return [by_name[n] for n in names]
 
 
-def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> list:
-    """The candidates one epoch of which, on all the training images, fits the final run's share of the budget
-    at the step time measured here and now (process 0 measures, every process keeps the same); the quickest
-    stays if none does. At 2 minutes on CIFAR-10 a trial of `fast` took 29 of the search's 40 s to learn what
-    its step time says at once: its epoch (148 s) cannot fit. Head-only probes are cheap and not measured."""
-    names = None
+def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> tuple[list, dict[str, float]]:
+    """The candidates within reach of the final run's share of the budget, and the seconds an epoch of each on
+    all the training images takes, from its step time measured here and now (process 0 measures, every process
+    keeps the same): a pretrained candidate needs one epoch to fit, one trained from scratch SCRATCH_EPOCHS; the
+    quickest stays if none does. At 2 minutes on CIFAR-10 a trial of `fast` took 29 of the search's 40 s to learn
+    what its step time says at once: its epoch (148 s) cannot fit. Head-only probes are cheap and not measured."""
+    names, epoch = None, None
     # not counted, on every process alike (the others wait in the broadcast), so their clocks stay together;
     # counted, the timing left a busy machine's 30-s search no time
     with clock.excluded("timing each candidate's step"):
         if world.main:
             room = (1 - SEARCH_SHARE) * clock.seconds
             epoch = {c.name: _epoch_seconds(c, ds, world) for c in found if not c.cfg.head_only}
-            names = [c.name for c in found if epoch.get(c.name, 0) <= room] or [min(epoch, key=epoch.get)]
+            names = reachable(found, epoch, room)
             out = [name for name in epoch if name not in names]
             log.info(f"budget: an epoch of the {len(ds.y_train):,} training images here, from a step timed now: "
                      + ", ".join(f"{name} ~{seconds:.1f} s" for name, seconds in epoch.items())
-                     + f"; the final run has {room:.1f} s" + (f": leaving out {', '.join(out)}" if out else ""))
-        names = dist.broadcast(world, names)
-    return [c for c in found if c.name in names]
+                     + f"; the final run has {room:.1f} s"
+                     + (f": leaving out {', '.join(out)} (too few epochs fit)" if out else ""))
+        names, epoch = dist.broadcast(world, (names, epoch))
+    return [c for c in found if c.name in names], epoch
+
+
+def reachable(found: list, epoch: dict[str, float], room: float) -> list[str]:
+    """The names of the candidates whose least epochs (one pretrained, SCRATCH_EPOCHS from scratch) fit `room`
+    seconds at `epoch` seconds each (a candidate not timed fits); the quickest if none does."""
+    fit = [c.name for c in found if epoch.get(c.name, 0) * (1 if c.cfg.pretrained else SCRATCH_EPOCHS) <= room]
+    return fit or [min(epoch, key=epoch.get)]
+
+
+def trial_epochs(found: list, epoch: dict[str, float], longest: int) -> dict[str, int]:
+    """Each candidate's trial length: `longest` epochs of the trial sample for the quickest, and for another as
+    many as take the same time at its step time here (one at least), so that trials compare candidates as the
+    final run will use them, at equal time, not equal epochs (at equal epochs, three of `photos` at 128 px
+    scored above three at 64 px on 900 photos, and the final run's 3 epochs at 128 px: 46.5%, where 20 at 64 px
+    took the same time for 66.1%). A head-only probe (not timed: cheap) gets `longest`."""
+    quickest = min((epoch[c.name] for c in found if c.name in epoch), default=0.0)
+    return {c.name: max(1, round(longest * quickest / epoch[c.name])) if c.name in epoch and epoch[c.name] > 0
+            else longest for c in found}
 
 
 def _epoch_seconds(candidate, ds: Dataset, world: World) -> float:

@@ -9,9 +9,10 @@ test set is never seen), in an Optuna study kept in SQLite beside the run, so an
 Each candidate is first tried at its recipe's own settings (enqueued), then Optuna's TPE sampler proposes a
 candidate with a learning-rate factor, a weight-decay factor and an augmentation strength. A trial trains on
 a stratified sample of the training images (budget.as_trial_data) for up to TRIAL_EPOCHS epochs (its schedule
-sized to them) and reports its held-out accuracy after each; Optuna's
-successive-halving pruner stops, after the first epoch, a trial that is not in the best third of those seen
-there, so poor candidates cost one epoch. Every trial ends as a row of `trials.csv` (the leaderboard).
+sized to them; a slower candidate for fewer, the same time: budget.trial_epochs) and reports its held-out
+accuracy after each, at a step counted in the quickest candidate's epochs; Optuna's successive-halving pruner
+stops, after the first step, a trial that is not in the best third of those seen there, so poor candidates
+cost one epoch. Every trial ends as a row of `trials.csv` (the leaderboard).
 """
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ class Report(Hook):
     took 78 of the 118 s of a 5-minute search on CIFAR-10 to end below `quick`'s three epochs all the same."""
     order = 96
 
-    def __init__(self, trial: optuna.Trial | None, world: World):
+    def __init__(self, trial: optuna.Trial | None, world: World, per_epoch: float = 1.0):
         self.trial, self.world, self.pruned = trial, world, False
+        self.per_epoch = per_epoch  # steps (the quickest candidate's epochs) an epoch of this trial is worth
 
     def end_epoch(self, fit) -> None:
         prune = False
         if self.trial is not None:
-            self.trial.report(fit.record["val_acc"], fit.record["epoch"])
+            self.trial.report(fit.record["val_acc"], max(1, round(fit.record["epoch"] * self.per_epoch)))
             prune = fit.record["epoch"] < fit.epochs and self.trial.should_prune()
         if dist.any_rank(self.world, prune, fit.state.device):
             fit.stop_early, self.pruned = True, True
@@ -77,8 +79,10 @@ class Search:
     with the settings process 0 drew."""
 
     def __init__(self, folder: Path, candidates: list[Candidate], trial_data: dict, clock: Clock, seed: int,
-                 world: World, max_epochs: int = TRIAL_EPOCHS, tracking: tuple[str, ...] = ()):
+                 world: World, max_epochs: int = TRIAL_EPOCHS, tracking: tuple[str, ...] = (),
+                 epochs: dict[str, int] | None = None):
         self.folder, self.clock, self.world, self.max_epochs = folder, clock, world, max_epochs
+        self.epochs = {name: min(n, max_epochs) for name, n in (epochs or {}).items()}  # a trial's, per candidate
         self.tracking = tracking  # each trial a child run of the budget's (MLflow), or a subfolder (TensorBoard)
         self.candidates = {c.name: c for c in candidates}
         self.trial_data: dict[tuple | None, Dataset] = trial_data  # per input size: test = the held-out split
@@ -155,9 +159,10 @@ class Search:
         choice = Choice(self.candidates[drawn["candidate"]], drawn)
         # without test-time augmentation: trials compare candidates alike, and the last validation of a `fast`
         # trial with its 6 views took 25 of its 51 s at 2 minutes on CIFAR-10 (19 s were training)
-        cfg = replace(choice.config(self.max_epochs), tta=0)
+        epochs = self.epochs.get(choice.candidate.name, self.max_epochs)
+        cfg = replace(choice.config(epochs), tta=0)
         ds = self.trial_data[choice.candidate.image_size]
-        report = Report(trial, self.world)
+        report = Report(trial, self.world, per_epoch=max(1.0, self.max_epochs / cfg.epochs))
         deadline = Deadline(self.clock, share=(until - self.clock.deadline(0)) / self.clock.seconds, world=self.world)
         t0 = time.monotonic()
         run = training.train(cfg, DataConfig(path=ds.source, image_size=choice.candidate.image_size), dataset=ds,
