@@ -222,7 +222,7 @@ def test_a_budget_dry_run_on_cifar_sized_images_tracked(tmp_path, cifar_python_d
 def test_trials_take_equal_time_and_a_candidate_from_scratch_needs_room_for_its_epochs():
     """Timed epochs of 6, 9 and 24 s at 64, 96 and 128 px: trials of 3, 2 and 1 epochs (the same seconds); with
     130 s for the final run, 128 px is left out (10 epochs from scratch do not fit) where a fine-tune of a
-    pretrained backbone needs one epoch; with 50 s the quickest stays alone."""
+    pretrained backbone needs one epoch; with 50 s the quickest stays alone. CIFAR-sized recipes need one."""
     photos = candidates.for_data((96, 96), source_side=150)[0]
     tuned = replace(presets.get("finetune"), model="resnet18_imagenet")
     found = [*photos, candidates.Candidate("finetune:resnet18_imagenet@128", tuned, (128, 128)),
@@ -234,12 +234,14 @@ def test_trials_take_equal_time_and_a_candidate_from_scratch_needs_room_for_its_
     assert budget.reachable(found, epoch, room=130) == ["photos@64", "photos@96", "finetune:resnet18_imagenet@128",
                                                         "probe:resnet18_imagenet@128"]
     assert budget.reachable(photos, epoch, room=50) == ["photos@64"]
+    cifar = candidates.for_data((32, 32))[0]  # quick and fast: recipes at the images' own size need one epoch
+    assert budget.reachable(cifar, {"quick": 20.0, "fast": 190.0}, room=585) == ["quick", "fast"]
 
 
 def test_a_candidate_whose_epoch_cannot_fit_the_final_run_is_left_out_before_any_trial(tmp_path, capsys):
-    """10 seconds on 10,000 CIFAR-sized images: each candidate's step is timed first, and a candidate from
-    scratch whose SCRATCH_EPOCHS epochs on all the training images would outlast the final run's share is never
-    tried; the quickest stays. (Here `fast`'s epoch of 8,500 images came to ~25 s against 6.5 s.)"""
+    """10 seconds on 10,000 CIFAR-sized images: each candidate's step is timed first, and a candidate one epoch of
+    which on all the training images would outlast the final run's share is never tried; the quickest stays.
+    (Here `fast`'s epoch of 8,500 images came to ~25 s against 6.5 s.)"""
     from conftest import fake_cifar_arrays, write_cifar_python
 
     data = write_cifar_python(tmp_path / "cifar-10-batches-py", fake_cifar_arrays(per_batch=2000))
@@ -249,8 +251,7 @@ def test_a_candidate_whose_epoch_cannot_fit_the_final_run_is_left_out_before_any
     epoch = {name: float(s) for name, s in re.findall(r"(\w+) ~([\d.]+) s", line)}
     room = float(re.search(r"the final run has ([\d.]+) s", line).group(1))
     assert set(epoch) == {"quick", "fast"} and room == pytest.approx(6.5)
-    kept = ({name for name, seconds in epoch.items() if seconds * budget.SCRATCH_EPOCHS <= room}
-            or {min(epoch, key=epoch.get)})
+    kept = {name for name, seconds in epoch.items() if seconds <= room} or {min(epoch, key=epoch.get)}
     assert {r["candidate"] for r in trials(run)} == kept and kept < set(epoch), line  # (the quickest stays)
     assert f"leaving out {', '.join(sorted(set(epoch) - kept))}" in line
 

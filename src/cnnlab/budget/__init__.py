@@ -53,10 +53,11 @@ TRIAL_SHARE, TRIAL_MIN = 0.2, 2000  # trials train on this share of the training
 # CIFAR-10 at 2 minutes, trials on all 42,500 images let one epoch of `fast` eat the whole search (169 s spent
 # of 120); on a sample its trial costs a fifth, and the final run's pace is scaled up from it
 HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
-SCRATCH_EPOCHS = 10  # a candidate trained from scratch stays only where this many of its epochs fit the final
-# run's share at its step time here (the quickest stays in any case): photos on 5,000 images in hindsight, at
-# 2 minutes 5 epochs at 128 px scored 52.2% and 9 at 96 px 57.3% where 20 at 64 px: 66.1%; at 5 minutes 13 at
-# 128 px 62.7% where 25 at 96 px and 51 at 64 px: 69.2%. (A pretrained backbone needs one: its features are there.)
+SCRATCH_EPOCHS = 10  # an input size chosen for a network from scratch (photos@96) stays only where this many
+# of its epochs fit the final run's share at its step time here (the quickest candidate stays in any case):
+# photos on 5,000 images in hindsight, at 2 minutes 5 epochs at 128 px scored 52.2% and 9 at 96 px 57.3% where
+# 20 at 64 px: 66.1%; at 5 minutes 13 at 128 px 62.7% where 25 at 96 px and 51 at 64 px: 69.2%. A pretrained
+# backbone and the CIFAR-sized recipes need one epoch to fit (`fast` at 5 epochs: 89.4% on CIFAR-10)
 MAX_EPOCHS = 100
 SLACK = 0.07  # of the budget the final run may overrun its plan before it stops early: a schedule cut short ends
 # at a high learning rate (CIFAR-10 at 2 minutes: `quick` planned for 2 epochs and stopped after 1 scored 25%)
@@ -185,9 +186,10 @@ def _candidates(state: dict, ds: Dataset, clock: Clock, world: World) -> list:
 def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> tuple[list, dict[str, float]]:
     """The candidates within reach of the final run's share of the budget, and the seconds an epoch of each on
     all the training images takes, from its step time measured here and now (process 0 measures, every process
-    keeps the same): a pretrained candidate needs one epoch to fit, one trained from scratch SCRATCH_EPOCHS; the
-    quickest stays if none does. At 2 minutes on CIFAR-10 a trial of `fast` took 29 of the search's 40 s to learn
-    what its step time says at once: its epoch (148 s) cannot fit. Head-only probes are cheap and not measured."""
+    keeps the same): a candidate needs one epoch to fit (an input size for a network from scratch:
+    SCRATCH_EPOCHS); the quickest stays if none does. At 2 minutes on CIFAR-10 a trial of `fast` took 29 of the
+    search's 40 s to learn what its step time says at once: its epoch (148 s) cannot fit. Head-only probes are
+    cheap and not measured."""
     names, epoch = None, None
     # not counted, on every process alike (the others wait in the broadcast), so their clocks stay together;
     # counted, the timing left a busy machine's 30-s search no time
@@ -206,9 +208,13 @@ def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> tuple
 
 
 def reachable(found: list, epoch: dict[str, float], room: float) -> list[str]:
-    """The names of the candidates whose least epochs (one pretrained, SCRATCH_EPOCHS from scratch) fit `room`
-    seconds at `epoch` seconds each (a candidate not timed fits); the quickest if none does."""
-    fit = [c.name for c in found if epoch.get(c.name, 0) * (1 if c.cfg.pretrained else SCRATCH_EPOCHS) <= room]
+    """The names of the candidates whose least epochs (SCRATCH_EPOCHS for an input size chosen for a network
+    from scratch, else one) fit `room` seconds at `epoch` seconds each (a candidate not timed fits); the
+    quickest if none does."""
+    def least(c) -> int:
+        return SCRATCH_EPOCHS if c.image_size is not None and not c.cfg.pretrained else 1
+
+    fit = [c.name for c in found if epoch.get(c.name, 0) * least(c) <= room]
     return fit or [min(epoch, key=epoch.get)]
 
 

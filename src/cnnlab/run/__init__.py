@@ -167,6 +167,15 @@ class Run:
     def write_config(self, config: dict) -> None:
         files.write_json(self.file(self.CONFIG), config)
 
+    def set_epochs(self, epochs: int, config: dict | None = None, write: bool = True) -> dict:
+        """config.json (or `config`) with the run's length changed, as a resume with --epochs N extends it and
+        a budget's final run re-plans it; written unless `write` is False (a process other than the first)."""
+        config = config if config is not None else self.config()
+        config = {**config, "train": {**config["train"], "epochs": epochs}}
+        if write:
+            self.write_config(config)
+        return config
+
     def history(self, what: str = "has it finished an epoch?") -> list[dict]:
         return self.read_json(self.HISTORY, what)
 

@@ -164,11 +164,8 @@ class Checkpoints(Hook):
     def record_epochs(self, epochs: int) -> None:
         """config.json's epochs follow a re-planned run (Fit.replan), before the checkpoint that depends on them:
         a resume reads both."""
-        if epochs == self.epochs:
-            return
-        config = self.run.config()
-        if config["train"]["epochs"] != epochs:
-            self.run.write_config({**config, "train": {**config["train"], "epochs": epochs}})
+        if epochs != self.epochs and self.run.config()["train"]["epochs"] != epochs:
+            self.run.set_epochs(epochs)
         self.epochs = epochs
 
     def after_step(self, fit: Fit) -> None:

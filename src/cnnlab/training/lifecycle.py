@@ -322,8 +322,6 @@ def extend(run: Run, config: dict, cfg: TrainConfig, state: dict | None, epochs:
                           f"weights to train further: cnnlab train --init-from {run} ...")
     if epochs < done:
         raise CnnlabError(f"{run} has already trained {done} epochs; --epochs must be at least that")
-    config = {**config, "train": {**config["train"], "epochs": epochs}}
-    if world.main:
-        run.write_config(config)
+    config = run.set_epochs(epochs, config, write=world.main)
     log.info(f"{run}: {cfg.epochs} -> {epochs} epochs")
     return replace(cfg, epochs=epochs), config
