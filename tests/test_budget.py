@@ -79,6 +79,22 @@ def test_a_final_run_on_a_slow_machine_is_shortened_so_its_schedule_ends(tmp_pat
     assert len(history) == train["epochs"] < 6 and "ending after" not in log
 
 
+def test_a_plan_is_lengthened_only_with_a_margin_early_on_and_shortened_to_what_fits():
+    """Deadline.replanned on a 30-epoch plan, 5 epochs done at 1 s each: 26.5 s left fit 31 epochs at the pace
+    but 29 at 1.1x it, and the plan stays 30 (the margin decides a lengthening, it never shortens); 40 s give
+    41 (36 more at 1.1 s); 20 s shorten it to 25; in the last quarter it is never lengthened; the frozen
+    epochs of a fine-tune and one more are the least, `most` the most."""
+    clock = Clock(1000)
+
+    def replanned(planned: int, done: int, left: float, most: int = 100) -> int:
+        deadline = Deadline(clock, aim=10.0, least=7, most=most)
+        deadline.walls = [3.0] + [1.0] * (done - 1)
+        return deadline.replanned(planned, done, 1.0, now=clock.deadline() - 10.0 - left)
+
+    assert replanned(30, 5, 26.5) == 30 and replanned(30, 5, 40.0) == 41 and replanned(30, 5, 40.0, most=35) == 35
+    assert replanned(30, 5, 20.0) == 25 and replanned(30, 23, 40.0) == 30 and replanned(30, 5, 0.5) == 7
+
+
 def test_a_budget_on_data_that_is_not_there_leaves_nothing(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "missing"), "--budget", "1m", "--out", str(tmp_path / "r")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -408,3 +408,25 @@ def test_the_training_controls_on_a_photo_folder_in_two_processes(tmp_path):
     assert proc.stdout.count("best epoch:") == 1  # process 0 speaks
     meta = json.loads((run / "model.json").read_text())
     assert meta["epoch"] == meta["best_epoch"] and (run / "best.safetensors").exists()
+
+
+def test_the_backend_follows_the_runs_device_and_each_process_needs_a_gpu(monkeypatch, tmp_path, cifar_python_dir,
+                                                                           capsys):
+    """On a machine with one GPU (mocked through torch.cuda's public functions): NCCL for a run on it, Gloo for
+    `--device cpu` (NCCL would refuse its CPU tensors); `--nproc 2` on the GPU is one line before any process
+    starts, and nothing is left at --out."""
+    from cnnlab import cli
+
+    monkeypatch.setenv("CNNLAB_DEVICE", "auto")  # (the launcher sets it for its processes: restored after)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [dist.backend_for(d) for d in ("auto", "cuda", "cuda:0", "cpu")] == ["nccl", "nccl", "nccl", "gloo"]
+    dist.check_gpus(1)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--nproc", "2", "--data", str(cifar_python_dir), "--preset", "quick",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 processes on this machine need a GPU each and it has 1" in err, err
+    assert "--nproc 1 or fewer" in err and "--device cpu" in err and not out.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dist.backend_for("auto") == "gloo"

@@ -134,6 +134,69 @@ def test_orthogonalize_sets_every_singular_value_near_one():
         assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > s.max() / s.min()
 
 
+def _muon_reference(params: list, grads: list, bufs: list, group: dict) -> None:
+    """FilterMuon's step as it was, one parameter at a time (the reference of the batched one)."""
+    m, lr = group["momentum"], group["lr"]
+    for p, g, buf in zip(params, grads, bufs, strict=True):
+        g = g.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else g
+        buf.mul_(m).add_(g)
+        update = g.add(buf, alpha=m) if group["nesterov"] else buf.clone()
+        if group["orthogonal"]:
+            p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
+            update = optim.orthogonalize(update.reshape(len(p), -1)).view_as(p)
+        p.add_(update, alpha=-lr)
+
+
+def test_filter_banks_of_one_shape_step_together_as_each_did_alone_and_gradscaler_hands_them_its_flag():
+    """resnet20's filters (several banks of each shape) and the rest, three steps of the batched FilterMuon
+    against the per-parameter reference: equal within float tolerance. Under GradScaler (fp16's, on the CPU
+    here) the optimizer takes the scaled gradients with `grad_scale` and `found_inf` and is not stepped through
+    a host read; an infinite gradient leaves every weight and momentum as it was, and the scale is halved."""
+    torch.manual_seed(0)
+    model = models.build("resnet20")
+    opt = optim.make_optimizer(presets.FAST, model)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    shapes = [p.shape for p in opt.param_groups[-1]["params"]]
+    assert opt.param_groups[-1]["orthogonal"] and len(set(shapes)) < len(shapes)  # banks that share a shape
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        i = 0
+        for group in opt.param_groups:
+            n = len(group["params"])
+            _muon_reference(ref[i:i + n], grads[i:i + n], bufs[i:i + n], group)
+            i += n
+    assert all(torch.allclose(p, r, rtol=1e-4, atol=1e-6) for p, r in zip(params, ref, strict=True))
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # (as a step's loss: the scale is made on first use)
+    assert optim.FilterMuon._step_supports_amp_scaling
+    before = [p.detach().clone() for p in params]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, 1024.0)
+    params[0].grad[0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(params, momentum, strict=True))
+    assert scaler.get_scale() == 512.0
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g * 512.0  # as the scaled loss's backward leaves them
+    scaler.step(opt)
+    i = 0
+    for group in opt.param_groups:
+        n = len(group["params"])
+        _muon_reference(before[i:i + n], grads[i:i + n], momentum[i:i + n], group)
+        i += n
+    assert all(torch.allclose(p, r, rtol=1e-4, atol=1e-6) for p, r in zip(params, before, strict=True))
+
+
 def test_muon_groups_cover_each_parameter_once_and_filters_take_orthogonal_steps():
     torch.manual_seed(0)
     model = models.build("airbench-s")
@@ -200,6 +263,27 @@ def test_lookahead_averages_and_ends_on_the_average():
     assert model.weight.item() == 2.0
     la.step(model, 10)  # the last step: weights become the average, which moves no further (decay 1)
     assert model.weight.item() == pytest.approx(1 - d)
+
+
+def test_lookahead_with_a_device_side_skip_moves_nothing_when_skipped_and_as_without_it_otherwise():
+    """The foreach update under a `skip` flag (a 0-d bool tensor, no host read): a skipped step leaves the weights,
+    BatchNorm statistics and the average as they were; a taken one gives the bytes of the update without a flag."""
+    torch.manual_seed(0)
+    a, b = (torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)) for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    la, lb = optim.Lookahead(a, total_steps=20), optim.Lookahead(b, total_steps=20)
+    with torch.no_grad():
+        for m in (a, b):
+            m[0].weight.add_(1.0)
+            m[1].running_mean.add_(0.5)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    lb.step(b, 5, skip=torch.tensor(True))
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+    la.step(a, 5)
+    lb.step(b, 5, skip=torch.tensor(False))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert all(torch.equal(la.average[k], lb.average[k]) for k in la.average)
+    assert not torch.equal(a[0].weight, before["0.weight"])
 
 
 def test_whitening_layer_decorrelates_patches():
@@ -331,3 +415,21 @@ def test_whitening_bias_trains_for_its_epochs_then_stays(tmp_path, cifar_python_
     assert cfg.whiten_bias_epochs == 3 and len(biases) == 4
     assert not torch.equal(biases[1], biases[2])  # epoch 3 still trains it
     assert torch.equal(biases[2], biases[3])  # epoch 4 does not
+
+
+def test_running_out_of_memory_is_one_line_naming_the_batch_sizes(tmp_path, cifar_python_dir):
+    """A GPU's out-of-memory error in a step (raised here by a hook, the loop's public seam) ends the run with
+    the batch sizes to lower, not an internal error, and leaves no run directory."""
+    from cnnlab.errors import CnnlabError
+    from cnnlab.training.loop import Hook
+
+    class Full(Hook):
+        def after_step(self, fit) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cfg = override(presets.QUICK, epochs=1, batch_size=30, eval_batch_size=120)
+    with pytest.raises(CnnlabError, match=r"the GPU ran out of memory with batches of 30 images \(training\) and "
+                                          r"120 \(evaluation\): lower --batch-size or --eval-batch-size"):
+        training.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "run", with_report=False,
+                       hooks=[Full()])
+    assert not (tmp_path / "run").exists()

@@ -106,6 +106,8 @@ class TrainConfig:
     precision: Precision = "auto"  # auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
     threads: int = 0  # CPU threads: 0 follows the machine's load (threads.py); N fixes N (bit-exact repeatable)
     compile: bool = False  # torch.compile the model: pays off on GPUs; on this CPU it was slower
+    stream: bool = False  # gather each batch from the host copy ahead of the step, even where the images fit
+    # on the GPU (data.loader: they stream anyway where they do not); the same batches, bit for bit
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)
     eval_batch_size: int = 1000  # evaluation has no gradients, so large batches are cheap
     val_sample: int = 0  # validate each epoch on a fixed stratified sample of this many images (0: all of

@@ -1,9 +1,11 @@
-"""Where and in what precision to compute: CUDA when present, bf16 where the hardware has it."""
+"""Where and in what precision to compute: CUDA when present, bf16 where the hardware has it (on a GPU from
+compute capability 8.0, fp16 with a gradient scaler below it), and the CUDA kernel settings (`configure`)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import platform
 from pathlib import Path
@@ -43,11 +45,18 @@ def cpu_has_native_bf16(cpuinfo: Path = hardware.CPUINFO) -> bool:
     return hardware.cpu_class(cpuinfo) == "avx512_bf16"
 
 
+def gpu_has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 itself: compute capability 8.0 (Ampere) or later. (PyTorch's
+    `torch.cuda.is_bf16_supported()` is also true on T4 and V100, where bf16 is emulated, far slower than fp16.)"""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def pick_precision(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 where the hardware computes it natively, fp32 elsewhere."""
+    """auto: bf16 where the hardware computes it natively; on an older GPU fp16 (with a gradient scaler in
+    training), on an older CPU fp32."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if gpu_has_native_bf16(device) else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if name not in PRECISIONS:
         raise CnnlabError(f"unknown precision {name!r}; use auto, {', '.join(PRECISIONS)}")
@@ -55,11 +64,25 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype:
 
 
 def precision_warning(dtype: torch.dtype, device: torch.device) -> str | None:
-    """A hint when a half precision was asked for on a CPU that emulates it (about 7x slower than fp32)."""
+    """A hint when a half precision was asked for on a CPU that emulates it (about 7x slower than fp32), or
+    bf16 on a GPU older than compute capability 8.0."""
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
         return (f"warning: this CPU ({hardware.cpu_class()}) has no native {precision_name(dtype)} arithmetic; "
                 "PyTorch emulates it, several times slower than fp32: --precision auto chooses fp32 here")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not gpu_has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"warning: this GPU (compute capability {major}.{minor}) emulates bf16; --precision fp16 (or auto) "
+                "computes in half precision natively, with a gradient scaler")
     return None
+
+
+def configure(device: torch.device) -> None:
+    """The kernel choices a CUDA run wants: cuDNN times its convolution algorithms once per input shape and
+    keeps the fastest (the shapes of a training run repeat), and fp32 matrix products may use TF32 tensor
+    cores. Nothing changes on a CPU, where fp32 stays bit-exact."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
 
 
 def precision_name(dtype: torch.dtype) -> str:
@@ -71,6 +94,36 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+EVAL_SHARE = 1 / 16  # of a GPU's free memory for one evaluation batch's float inputs, all test-time views: the
+# forward pass's activations take several times the input (not measured on a GPU yet: no session has had one)
+
+
+def eval_batch(batch_size: int, image: tuple[int, ...], device: torch.device, views: int = 1) -> int:
+    """The evaluation batch for images of shape `image` (C, H, W): on a GPU, `batch_size` lowered until its float
+    inputs over `views` test-time views take at most EVAL_SHARE of the free memory (1,000 images of 224 px are
+    0.6 GB a view); on a CPU as given."""
+    if device.type != "cuda":
+        return batch_size
+    free, _ = torch.cuda.mem_get_info(device)
+    per_image = 4 * views * math.prod(image)
+    return max(1, min(batch_size, int(EVAL_SHARE * free // per_image)))
+
+
+@contextlib.contextmanager
+def memory_named(batch_size: int, eval_batch_size: int):
+    """An out-of-memory error inside (a GPU's, or the CPU allocator's) as one line that names the batch sizes
+    to lower, instead of an internal error."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        where = "the GPU" if isinstance(e, torch.OutOfMemoryError) else "the machine"
+        raise CnnlabError(f"{where} ran out of memory with batches of {batch_size} images (training) and "
+                          f"{eval_batch_size} (evaluation): lower --batch-size or --eval-batch-size, or use "
+                          f"--image-size smaller ({str(e).splitlines()[0][:120]})") from None
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)

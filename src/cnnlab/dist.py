@@ -57,9 +57,10 @@ class World:
 _STORE: dist.Store | None = None  # the rendezvous store, for what is not a collective (together, tell)
 
 
-def init() -> World:
+def init(device: str | None = None) -> World:
     """Join the launcher's process group (torchrun's, or srun's through cluster.adopt_slurm); a single process
-    otherwise."""
+    otherwise. `device`: the run's (--device; else $CNNLAB_DEVICE, which `cnnlab train --nproc` sets for its
+    processes), which chooses the backend (backend_for); the first call decides."""
     global _STORE
     cluster.adopt_slurm()
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -67,13 +68,28 @@ def init() -> World:
         return World()
     if not dist.is_initialized():
         check_restartable()
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(device or os.environ.get("CNNLAB_DEVICE", "auto"))
         if backend == "nccl":
+            check_gpus(cluster.local_rank() + 1)
             torch.cuda.set_device(cluster.local_rank())
         store, rank, size = next(dist.rendezvous("env://", timeout=TIMEOUT))
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=TIMEOUT)
         _STORE = dist.PrefixStore("cnnlab/", store)
     return World(dist.get_rank(), dist.get_world_size(), cluster.local_rank())
+
+
+def backend_for(device: str) -> str:
+    """NCCL for a run on CUDA GPUs, Gloo for one on CPUs: `--device cpu` on a GPU machine runs on Gloo (NCCL
+    moves GPU tensors only, and the CPU tensors of such a run would fail in it)."""
+    return "nccl" if torch.cuda.is_available() and not device.startswith("cpu") else "gloo"
+
+
+def check_gpus(processes: int) -> None:
+    """One GPU for each of `processes` on this machine (at least that many), or one line that says so."""
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise CnnlabError(f"{processes} processes on this machine need a GPU each and it has {gpus}: use --nproc "
+                          f"{gpus} or fewer (torchrun: --nproc-per-node), or --device cpu")
 
 
 def check_restartable() -> None:

@@ -99,7 +99,7 @@ def machine() -> dict:
     flags = hardware.cpu_flags()
     device = pick_device("auto")
     dtype = pick_precision("auto", device)
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device.type == "cuda" else []
+    gpus = [gpu(i) for i in range(torch.cuda.device_count())] if device.type == "cuda" else []
     governed = threads.governed()
     return {
         "cpu": {"model": hardware.cpu_model(), "cores": hardware.usable_cores(), "class": hardware.cpu_class(),
@@ -114,6 +114,13 @@ def machine() -> dict:
     }
 
 
+def gpu(index: int) -> dict:
+    """A CUDA GPU's name, memory and compute capability, and whether it computes bf16 natively (8.0 on)."""
+    p = torch.cuda.get_device_properties(index)
+    return {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
+            "native_bf16": (p.major, p.minor) >= (8, 0)}
+
+
 def measure(info: dict, seconds: float = 1.0) -> dict:
     """Rates measured now, and the expected training time of each timed preset on CIFAR-10."""
     device, dtype = torch.device(info["device"]), pick_precision("auto", torch.device(info["device"]))
@@ -123,6 +130,7 @@ def measure(info: dict, seconds: float = 1.0) -> dict:
     steps, expected = {}, {}
     for name, batch in TIMED:
         cfg = presets.get(name)
+        batch = cfg.batch_size if device.type == "cuda" else batch  # a GPU's step time is not linear in the batch
         ms = step_seconds(cfg, batch, device, dtype, seconds) * 1000 * cfg.batch_size / batch
         steps[name] = {"ms_per_step": round(ms, 2), "batch": cfg.batch_size, "timed_at_batch": batch,
                        "images_per_s": round(cfg.batch_size / ms * 1000)}
@@ -137,13 +145,18 @@ def report(seconds: float = 1.0) -> dict:
     return info
 
 
+def describe_gpu(g: dict) -> str:
+    return (f"{g['name']} ({g['memory_gib']} GiB, compute capability {g['capability']}, "
+            f"{'native bf16' if g['native_bf16'] else 'no native bf16: fp16 with a gradient scaler'})")
+
+
 def format_report(info: dict) -> str:
     cpu, t, m = info["cpu"], info["torch"], info["measured"]
     has = ", ".join(k.upper().replace("_", "-") for k in ("avx2", "avx512f", "avx512_bf16", "amx") if cpu[k])
     gov = ("on: threads follow the cores other processes leave free" if t["thread_governor"]
            else f"off ({', '.join(f'{k}={v}' for k, v in t['user_settings'].items()) or 'CNNLAB_THREADS=keep'})")
     lines = [f"CPU        {cpu['model']}, {cpu['cores']} cores; {has or 'no AVX2'} (class {cpu['class']})",
-             f"GPU        {', '.join(info['gpu']) or 'none'}",
+             f"GPU        {', '.join(describe_gpu(g) for g in info['gpu']) or 'none'}",
              f"torch      {t['version']}, {t['threads']} threads ({t['parallel']}), {t['interop_threads']} inter-op",
              f"governor   {gov}",
              f"device     {info['device']}",

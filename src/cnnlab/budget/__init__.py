@@ -86,7 +86,7 @@ def train_within(seconds: float, data_cfg: DataConfig, *, out=None, with_report:
                  dry_run: bool = False) -> Path:
     """Search, then train the winner, within `seconds`; returns the run directory. Under torchrun every
     process calls it: process 0 keeps the study and the files, and every trial runs on all of them."""
-    clock, world = Clock(seconds), dist.init()
+    clock, world = Clock(seconds), dist.init(device)
     data_cfg = data_cfg.validate()
     run = Path(dist.broadcast(world, str(out if out is not None else Run.new_path("runs", "budget"))))
     state = {"seconds": seconds, "spent": 0.0, "data": asdict(data_cfg), "device": device, "seed": seed,

@@ -224,6 +224,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 where the CPU or GPU computes it natively, else fp32")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (GPUs)")
+    p.add_argument("--stream", action="store_true", default=None,
+                   help="stream batches from the host to the GPU a few steps ahead, even where the images fit on it "
+                        "(they stream anyway where they do not); the same result")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU threads, fixed (bit-exact repeatable); default: as many as other processes leave free")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<timestamp>-<preset>)")

@@ -135,6 +135,9 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         check_names(cfg)  # before starting processes: one message, not one per process
         cfg.validate()
         dist.per_rank_batch(dist.World(size=(args.nproc or 1) * (args.nnodes or 1)), cfg.batch_size)
+        os.environ["CNNLAB_DEVICE"] = cfg.device  # every process's collectives where the run computes (dist.init)
+        if dist.backend_for(cfg.device) == "nccl":
+            dist.check_gpus(args.nproc or 1)
         if cfg.pretrained == "imagenet":  # one download here, not one per process
             from cnnlab.models import pretrained
 

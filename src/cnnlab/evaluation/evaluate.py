@@ -15,7 +15,8 @@ from torch import nn
 from cnnlab import data, models
 from cnnlab.config import DataConfig, from_dict
 from cnnlab.data.dataset import Dataset, Normalization
-from cnnlab.device import autocast, pick_device, pick_precision
+from cnnlab.data.loader import in_batches
+from cnnlab.device import autocast, eval_batch, pick_device, pick_precision
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluation import calibration, plots, report
 from cnnlab.run import Run
@@ -41,8 +42,9 @@ def predict_logits(model: nn.Module, x: torch.Tensor, norm: Normalization, devic
     was_training = model.training
     model.eval()
     out = []
-    for i in range(0, len(x), batch_size):
-        xb = norm(x[i:i + batch_size].to(device))
+    views = len(tta_views(torch.zeros(1, 1, 3, 3), tta))
+    for xs in in_batches(x, eval_batch(batch_size, tuple(x.shape[1:]), device, views), device):
+        xb = norm(xs.to(device))
         logits = 0
         for weight, view in tta_views(xb, tta):
             with autocast(device, dtype):

@@ -57,7 +57,8 @@ def build(plan: Plan, ds: Dataset, state: dict | None, run: Run | None = None
         ts.load_state_dict(state, plan.world)
     step = Step(cfg, device, plan.dtype, steps_per_epoch, plan.world, class_weight(cfg, ds, device))
     batches = loader.Batches(ds.x_train, ds.y_train, batch_size=cfg.batch_size, seed=cfg.seed, augment=cfg.augment,
-                             norm=ts.norm, num_classes=ds.num_classes, world=plan.world, device=device)
+                             norm=ts.norm, num_classes=ds.num_classes, world=plan.world, device=device,
+                             stream=cfg.stream)
     return ts, step, batches
 
 

@@ -27,7 +27,7 @@ import torch
 from cnnlab import __version__, cluster, data, dist, hardware, models
 from cnnlab.config import DataConfig, TrainConfig, from_dict
 from cnnlab.data.dataset import Dataset, fingerprint
-from cnnlab.device import precision_name
+from cnnlab.device import memory_named, precision_name
 from cnnlab.dist import World
 from cnnlab.errors import CnnlabError, Interrupted
 from cnnlab.evaluation import evaluate, report
@@ -52,6 +52,7 @@ def train(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, preset: str =
           hooks: list[Hook] = ()) -> Path:
     """Train, evaluate and return the run directory. `dataset` skips loading (already in memory); `tracking`
     names experiment trackers ("tensorboard", "mlflow": see tracking.py); `hooks` extend the loop (loop.py)."""
+    dist.init(cfg.device)  # first: the run's device chooses the backend of its processes
     if out is not None and elastic_restart(out):
         return resume(out, (data_cfg or DataConfig()).path, with_report=with_report, hooks=hooks)
     plan = preflight(cfg, data_cfg, out=out, tracking_kinds=tuple(tracking))
@@ -114,6 +115,11 @@ def resume(run_dir: str | Path, data_path: str | None = None, *, with_report: bo
 def train_run(plan: Plan, ds: Dataset, run: Run, state: dict | None, trackers, extra: list[Hook]) -> dict:
     """Build, fit, and commit the weights the run keeps (process 0). Returns what the end of the run needs:
     the final weights' test logits when the last validation computed them, the history, model.json."""
+    with memory_named(plan.cfg.batch_size, plan.cfg.eval_batch_size):
+        return _train_run(plan, ds, run, state, trackers, extra)
+
+
+def _train_run(plan: Plan, ds: Dataset, run: Run, state: dict | None, trackers, extra: list[Hook]) -> dict:
     if plan.cfg.head_only:
         return probe.fit_head(plan, ds, run, trackers)
     cfg = plan.cfg

@@ -89,20 +89,21 @@ def _spread(cfg: TrainConfig, model: nn.Module, groups: list[dict]) -> list[dict
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """The nearest matrix to `g` with all singular values near 1 (roughly 0.7-1.2), by a quintic iteration.
+    """The nearest matrix to `g` with all singular values near 1 (roughly 0.7-1.2), by a quintic iteration; for
+    a stack of matrices (3-D), each of them, in one batched product per step.
 
     Each step maps every singular value s to a*s + b*s^3 + c*s^5; these coefficients (Jordan et al.) push
     small values up fast at the cost of not converging exactly to 1, which training does not mind.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
-    wide = x.size(0) <= x.size(1)
-    x = x if wide else x.T  # iterate on the smaller Gram matrix
-    x = x / (x.norm() + 1e-7)  # the Frobenius norm bounds the largest singular value: start inside (0, 1]
+    wide = x.size(-2) <= x.size(-1)
+    x = x if wide else x.mT  # iterate on the smaller Gram matrix
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # the Frobenius norm bounds the largest singular value
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else x.T
+    return x if wide else x.mT
 
 
 class FilterMuon(torch.optim.Optimizer):
@@ -113,7 +114,13 @@ class FilterMuon(torch.optim.Optimizer):
     SGD (seed 0), and `quick` went from 70.30 to 73.95% (seeds 0-2). The filters are rescaled to a fixed norm
     before each step: BatchNorm follows every conv, so only their direction matters, and a fixed norm keeps
     the step's angle set by the learning rate. torch.optim.Muon takes 2-D weights only, hence this class.
+
+    The filter banks of one shape step together (stacked: one batched Newton-Schulz iteration, as
+    airbench94_muon does, instead of ~55 small kernels for each bank, which made a GPU step launch-bound). It
+    honours GradScaler's protocol itself (`_step_supports_amp_scaling`): GradScaler hands it `found_inf` and,
+    when the gradients are still scaled, `grad_scale`, instead of reading the flag on the host every step.
     """
+    _step_supports_amp_scaling = True
 
     def __init__(self, groups: list[dict], lr: float, momentum: float, nesterov: bool = True):
         super().__init__(groups, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": 0.0,
@@ -124,26 +131,45 @@ class FilterMuon(torch.optim.Optimizer):
         """One update; skipped on the device when `self.found_inf` (a 0-d tensor, as GradScaler sets it) is 1."""
         found_inf = getattr(self, "found_inf", None)
         keep = None if found_inf is None else found_inf.to(torch.bool)
+        scale = getattr(self, "grad_scale", None)  # (GradScaler's, where it left the gradients scaled)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group, keep)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not group["orthogonal"]:
+                for p in params:
+                    self._update([p], group, keep, scale)
+                continue
+            shapes: dict[torch.Size, list[torch.Tensor]] = {}
+            for p in params:
+                shapes.setdefault(p.shape, []).append(p)
+            for same in shapes.values():
+                self._update(same, group, keep, scale)
 
-    def _update(self, p: torch.Tensor, group: dict, keep: torch.Tensor | None) -> None:
+    def _update(self, ps: list[torch.Tensor], group: dict, keep: torch.Tensor | None,
+                scale: torch.Tensor | None) -> None:
+        """One step of the parameters `ps`, all of one shape, stacked along a new first dimension."""
         m = group["momentum"]
-        g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
-        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        p = torch.stack(ps) if len(ps) > 1 else ps[0].unsqueeze(0)
+        g = torch.stack([q.grad for q in ps]) if len(ps) > 1 else ps[0].grad.unsqueeze(0)
+        if scale is not None:
+            g = g / scale
+        if group["weight_decay"]:
+            g = g.add(p, alpha=group["weight_decay"])
+        bufs = [self.state[q].setdefault("momentum_buffer", torch.zeros_like(q)) for q in ps]
+        buf = torch.stack(bufs) if len(ps) > 1 else bufs[0].unsqueeze(0)
         new_buf = buf * m + g
         update = g.add(new_buf, alpha=m) if group["nesterov"] else new_buf
         new_p = p
         if group["orthogonal"]:
-            new_p = p * (len(p) ** 0.5 / p.norm().clamp(min=1e-12))
-            update = orthogonalize(update.reshape(len(p), -1)).view_as(p)
+            rows = p.size(1)
+            norms = p.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (p.ndim - 1))
+            new_p = p * (rows ** 0.5 / norms)
+            update = orthogonalize(update.reshape(len(ps), rows, -1)).view_as(p)
         new_p = new_p.add(update, alpha=-group["lr"])
         if keep is not None:  # a non-finite step: keep the old values, decided on the device
             new_buf, new_p = torch.where(keep, buf, new_buf), torch.where(keep, p, new_p)
-        buf.copy_(new_buf)
-        p.copy_(new_p)
+        for q, b, nb, np_ in zip(ps, bufs, new_buf.unbind(0), new_p.unbind(0), strict=True):
+            b.copy_(nb)
+            q.copy_(np_)
 
 
 def improves(value: float, best: float | None, lower_is_better: bool) -> bool:
@@ -240,15 +266,20 @@ class Lookahead:
 
     @torch.no_grad()
     def _update(self, model: nn.Module, decay: float, skip: torch.Tensor | None) -> None:
-        for k, v in model.state_dict().items():
-            if k not in self.average:
-                continue
-            if skip is None:
-                self.average[k].lerp_(v, 1 - decay)
-                v.copy_(self.average[k])
-            else:  # decided on the device: no host read
-                self.average[k].copy_(torch.where(skip, self.average[k], self.average[k].lerp(v, 1 - decay)))
-                v.copy_(torch.where(skip, v, self.average[k]))
+        """All tensors at once (foreach: a few kernels, not a few per tensor). A skipped step left the weights
+        as they were (finite), so weights of 0 (decided on the device, no host read) move neither."""
+        state = model.state_dict()
+        keys = [k for k in self.average if k in state]
+        averages, weights = [self.average[k] for k in keys], [state[k] for k in keys]
+        if not keys:
+            return
+        if skip is None:
+            torch._foreach_lerp_(averages, weights, 1 - decay)
+            torch._foreach_copy_(weights, averages)
+            return
+        taken = (~skip).to(averages[0].dtype)
+        torch._foreach_lerp_(averages, weights, taken * (1 - decay))
+        torch._foreach_lerp_(weights, averages, taken)  # (a weight of 1: exactly the average)
 
     def state_dict(self) -> dict:
         return dict(self.average)
@@ -271,8 +302,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - self.decay)
-        for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
-            mine.copy_(theirs)
+        torch._foreach_copy_(list(self.model.buffers()), list(model.buffers()))
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

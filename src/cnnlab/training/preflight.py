@@ -17,7 +17,7 @@ import torch
 from cnnlab import dist, models
 from cnnlab.config import DataConfig, TrainConfig
 from cnnlab.data import augment
-from cnnlab.device import pick_device, pick_precision
+from cnnlab.device import configure, pick_device, pick_precision
 from cnnlab.dist import World
 from cnnlab.models import pretrained
 from cnnlab.run import Run
@@ -60,11 +60,12 @@ def preflight(cfg: TrainConfig, data_cfg: DataConfig | None = None, *, out: str 
             models.check_size(cfg.model, 3, data_cfg.image_size)
         if cfg.init_from:
             Run(cfg.init_from).read_json(Run.META, "--init-from needs a finished training run")
-    world = dist.init()
+    world = dist.init(cfg.device)
     dist.per_rank_batch(world, cfg.batch_size)
     if world.main and out is not None:
         Run.check_out(out)  # before the data is read: a wrong --out costs nothing
     device = dist.device_for(world, device)
+    configure(device)
     return Plan(cfg, data_cfg, world, device, pick_precision(cfg.precision, device))
 
 
