@@ -134,8 +134,17 @@ def test_orthogonalize_sets_every_singular_value_near_one():
         assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > s.max() / s.min()
 
 
-def _muon_reference(params: list, grads: list, bufs: list, group: dict) -> None:
-    """FilterMuon's step as it was, one parameter at a time (the reference of the batched one)."""
+def _muon_reference(opt, params: list, grads: list, bufs: list) -> None:
+    """FilterMuon's step as it was, one parameter at a time (the reference of the batched one), on copies
+    `params` and momentum `bufs` laid out as `opt`'s groups."""
+    i = 0
+    for group in opt.param_groups:
+        n = len(group["params"])
+        _muon_group(params[i:i + n], grads[i:i + n], bufs[i:i + n], group)
+        i += n
+
+
+def _muon_group(params: list, grads: list, bufs: list, group: dict) -> None:
     m, lr = group["momentum"], group["lr"]
     for p, g, buf in zip(params, grads, bufs, strict=True):
         g = g.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else g
@@ -165,11 +174,7 @@ def test_filter_banks_of_one_shape_step_together_as_each_did_alone_and_gradscale
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         opt.step()
-        i = 0
-        for group in opt.param_groups:
-            n = len(group["params"])
-            _muon_reference(ref[i:i + n], grads[i:i + n], bufs[i:i + n], group)
-            i += n
+        _muon_reference(opt, ref, grads, bufs)
     assert all(torch.allclose(p, r, rtol=1e-4, atol=1e-6) for p, r in zip(params, ref, strict=True))
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -189,11 +194,7 @@ def test_filter_banks_of_one_shape_step_together_as_each_did_alone_and_gradscale
     for p, g in zip(params, grads, strict=True):
         p.grad = g * 512.0  # as the scaled loss's backward leaves them
     scaler.step(opt)
-    i = 0
-    for group in opt.param_groups:
-        n = len(group["params"])
-        _muon_reference(before[i:i + n], grads[i:i + n], momentum[i:i + n], group)
-        i += n
+    _muon_reference(opt, before, grads, momentum)
     assert all(torch.allclose(p, r, rtol=1e-4, atol=1e-6) for p, r in zip(params, before, strict=True))
 
 

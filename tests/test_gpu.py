@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from cnnlab import device
@@ -61,9 +62,10 @@ def test_the_gpu_check_runs_its_cpu_safe_parts_with_dry_run(tmp_path):
 def test_streamed_batches_are_the_resident_ones_from_any_step_and_on_any_process():
     """Batches(stream=True) gathers each batch on a background thread (on a GPU: pinned, copied ahead on a side
     stream): the same augmented, mixed batches as the resident path, from the start and from a mid-epoch resume,
-    for each of two processes' shards; an epoch left early stops its thread."""
+    for each of two processes' shards; an epoch left early stops its thread, and the thread's error is raised."""
     import threading
 
+    from cnnlab.data import loader
     from cnnlab.data.dataset import Normalization
     from cnnlab.data.loader import Batches
     from cnnlab.dist import World
@@ -91,6 +93,8 @@ def test_streamed_batches_are_the_resident_ones_from_any_step_and_on_any_process
     next(walk)
     walk.close()
     assert not any(t.name == "cnnlab-stream" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(IndexError):  # the thread's error (here an index past the images) reaches the step
+        list(loader.streamed(x, [torch.tensor([0]), torch.tensor([999])], torch.device("cpu")))
 
 
 def test_train_with_stream_reaches_the_same_weights(tmp_path, cifar_python_dir):

@@ -122,23 +122,28 @@ def streamed(x: torch.Tensor, shards: list[torch.Tensor], device: torch.device) 
     stop = threading.Event()
 
     def gather() -> None:
-        for idx in shards:
-            if stop.is_set():
-                return
-            rows = x[idx]
-            event = None
-            if cuda:
-                with torch.cuda.stream(side):
-                    rows = rows.pin_memory().to(device, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(side)
-            ready.put((rows, event))
+        try:
+            for idx in shards:
+                if stop.is_set():
+                    return
+                rows = x[idx]
+                event = None
+                if cuda:
+                    with torch.cuda.stream(side):
+                        rows = rows.pin_memory().to(device, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(side)
+                ready.put((rows, event))
+        except BaseException as e:  # (a read error of the mapped cache): raised where the batch is taken
+            ready.put((e, None))
 
     worker = threading.Thread(target=gather, daemon=True, name="cnnlab-stream")
     worker.start()
     try:
         for _ in shards:
             rows, event = ready.get()
+            if isinstance(rows, BaseException):
+                raise rows
             if event is not None:
                 torch.cuda.current_stream(device).wait_event(event)
                 rows.record_stream(torch.cuda.current_stream(device))  # (its memory belongs to the side stream)

@@ -302,7 +302,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - self.decay)
-        torch._foreach_copy_(list(self.model.buffers()), list(model.buffers()))
+        mine = list(self.model.buffers())
+        if mine:  # (a network without BatchNorm has none)
+            torch._foreach_copy_(mine, list(model.buffers()))
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
