@@ -7,10 +7,10 @@
 In order: `cnnlab doctor`; `quick` and `fast` on the data (test accuracy, images/s after the first epoch, the
 training seconds and the wall clock); `fast` in fp16 and in fp32; `fast` with --compile; Ctrl-C in a run and
 --resume, against the same run uninterrupted; evaluate and the ONNX export against the training's own test
-accuracy. Each check runs as its own command with a time limit, and one that fails is recorded with its error
-while the others go on (a GPU session is short). Two checks of the issue wait for code that does not exist
-yet and are recorded as such: `photos` at 128 px under a memory cap that forces streaming (--stream), and
-training under torch.cuda.set_sync_debug_mode("error") (the per-epoch augmentation draws).
+accuracy; `photos` at 128 px under a memory cap (torch.cuda.set_per_process_memory_fraction) below twice its
+images, which makes it stream them; and training under torch.cuda.set_sync_debug_mode("error")
+(hooks.NoHostSync: no step waits for the host). Each check runs as its own command with a time
+limit, and one that fails is recorded with its error while the others go on (a GPU session is short).
 
 Writes benchmarks/results/gpu_check-<device>.json, e.g. {"fast": {"test_accuracy", "cpu_test_accuracy",
 "train_images", "images_per_s", "train_s", "wall_s"}, ...}: the CPU figures come from --cpu-reference (this
@@ -109,6 +109,75 @@ def agree(args: argparse.Namespace) -> dict:
             "onnx": float(re.search(pattern, exported.stdout, re.M).group(1))}
 
 
+CAPPED = """import sys, torch
+from cnnlab import cli
+if torch.cuda.is_available():
+    torch.cuda.set_per_process_memory_fraction(float(sys.argv[1]))
+code = cli.main(sys.argv[2:])
+print("peak_gib", torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
+sys.exit(code)
+"""
+
+
+def photos_streamed(args: argparse.Namespace) -> dict:
+    """`photos` at 128 px with the process capped at 1.8 times its training images' bytes (the images alone
+    would take over half of it, so they stream: the log says so), 2 epochs (dry run: cnnlab's smoke settings,
+    --stream on a CPU). Its figures, the cap and the peak memory PyTorch allocated."""
+    out = WORK / "photos-streamed"
+    shutil.rmtree(out, ignore_errors=True)
+    images = sum(1 for f in (args.data / "train" if (args.data / "train").is_dir() else args.data).rglob("*")
+                 if f.is_file())
+    size = 3 * 128 * 128 * images
+    fraction = 0.0
+    if args.device != "cpu":
+        import torch
+
+        fraction = min(1.0, 1.8 * size / torch.cuda.get_device_properties(0).total_memory)
+    flags = ["train", "--data", str(args.data), "--device", args.device, "--preset", "photos", "--image-size",
+             "128", "--no-report", "--out", str(out), *(["--dry-run"] if args.dry_run else ["--epochs", "2"]),
+             *(["--stream"] if args.device == "cpu" else [])]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CAPPED, str(fraction), *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=2 * LIMIT_S)
+    if proc.returncode:
+        raise RuntimeError(f"photos under a cap: exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    said = proc.stdout + proc.stderr
+    return {**trained(out, time.perf_counter() - t0), "images_gib": round(size / 2**30, 3),
+            "cap_fraction": round(fraction, 5), "streamed": "streamed from the host" in said or args.device == "cpu",
+            "peak_gib": float(re.search(r"^peak_gib ([\d.e-]+)$", proc.stdout, re.M).group(1))}
+
+
+SYNCED = """import sys, dataclasses, torch
+from cnnlab import training
+from cnnlab.config import DataConfig
+from cnnlab.presets import get
+from cnnlab.training.hooks import NoHostSync
+preset, augment, epochs, device, data, subset, out = sys.argv[1:]
+cfg = dataclasses.replace(get(preset), epochs=int(epochs), device=device, augment=augment or get(preset).augment)
+hook = NoHostSync() if torch.cuda.is_available() and device != "cpu" else NoHostSync(set_mode=lambda mode: None)
+training.train(cfg, DataConfig(path=data, subset=int(subset) or None), out=out, with_report=False, hooks=[hook])
+"""
+
+
+def sync_debug(args: argparse.Namespace) -> dict:
+    """`fast`, and `quick` with every augmentation and both mixers, each 2 epochs under hooks.NoHostSync: every
+    step under torch.cuda.set_sync_debug_mode("error"), where an operation that waits for the host raises (the
+    loop's periodic reads and the epoch ends excepted). Dry run or CPU: 512 images, one epoch, mode not set."""
+    small = args.dry_run or args.device == "cpu"
+    results = {}
+    for preset, augment in (("fast", ""), ("quick", "flip-crop+color-jitter+erasing+mixup+cutmix")):
+        out = WORK / f"sync-{preset}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", SYNCED, preset, augment, "1" if small else "2", args.device,
+                               str(args.data), "512" if small else "0", str(out)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=2 * LIMIT_S)
+        if proc.returncode:  # a step that syncs: the traceback's last line names the operation
+            raise RuntimeError(f"{preset} under sync-debug mode: {proc.stderr.strip()[-800:]}")
+        results[preset] = trained(out, time.perf_counter() - t0)
+    return {**results, "mode_set": not small}
+
+
 def checks(args: argparse.Namespace) -> dict:
     """Every check, in order; one that fails is recorded as {"error": ...}."""
     plan = {"doctor": lambda: doctor(args),
@@ -118,7 +187,9 @@ def checks(args: argparse.Namespace) -> dict:
             "fast_fp32": lambda: train("fast-fp32", args, "--preset", "fast", "--precision", "fp32"),
             "fast_compile": lambda: train("fast-compile", args, "--preset", "fast", "--compile"),
             "ctrl_c_resume": lambda: interrupted(args),
-            "evaluate_and_export": lambda: agree(args)}
+            "evaluate_and_export": lambda: agree(args),
+            "photos_streamed": lambda: photos_streamed(args),
+            "sync_debug": lambda: sync_debug(args)}
     results = {}
     for name, check in plan.items():
         if args.only and name not in args.only:
@@ -129,8 +200,6 @@ def checks(args: argparse.Namespace) -> dict:
         except Exception as e:  # recorded, and the next check runs
             results[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
         print(f"{name}: {time.perf_counter() - t0:.0f} s: {json.dumps(results[name])[:300]}", flush=True)
-    results["photos_streamed"] = {"not_run": "waits for --stream (issue 29, point 1)"}
-    results["sync_debug"] = {"not_run": "waits for the per-epoch augmentation draws (issue 29, point 2)"}
     return results
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from cnnlab import device
+from cnnlab.training.loop import Hook
 from conftest import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +38,14 @@ def test_a_gpu_gets_bf16_only_from_compute_capability_8_and_fp16_with_a_scaler_b
 
 
 def test_the_gpu_check_runs_its_cpu_safe_parts_with_dry_run(tmp_path):
-    """doctor, `quick`, Ctrl-C and --resume, evaluate and the ONNX export, in smoke settings on the CPU: each
-    training's figures, the resumed run's weights equal to the uninterrupted one's, evaluate and the export
-    agreeing with training's test accuracy; the checks that wait for code that is not there say so."""
+    """doctor, `quick`, Ctrl-C and --resume, evaluate and the ONNX export, `photos` streamed and the sync-debug
+    runs, in smoke settings on the CPU: each training's figures, the resumed run's weights equal to the
+    uninterrupted one's, evaluate and the export agreeing with training's test accuracy."""
     data = write_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=40, size=(32, 32))
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--device", "cpu", "--data",
                            str(data), "--work", str(tmp_path / "work"), "--only", "doctor", "quick", "ctrl_c_resume",
-                           "evaluate_and_export"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "evaluate_and_export", "photos_streamed", "sync_debug"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
     checks = out["checks"]
@@ -56,7 +59,9 @@ def test_the_gpu_check_runs_its_cpu_safe_parts_with_dry_run(tmp_path):
     assert resumed["test_accuracy"][0] == resumed["test_accuracy"][1]
     agree = checks["evaluate_and_export"]
     assert abs(agree["evaluate"] - agree["training"]) < 1e-4 and abs(agree["onnx"] - agree["training"]) < 0.02
-    assert "not_run" in checks["photos_streamed"] and "not_run" in checks["sync_debug"]
+    photos, synced = checks["photos_streamed"], checks["sync_debug"]
+    assert photos["streamed"] and photos["train_images"] == 120 and photos["cap_fraction"] == 0.0  # (no cap on a CPU)
+    assert synced["fast"]["epochs"] == synced["quick"]["epochs"] == 1 and not synced["mode_set"]
 
 
 def test_streamed_batches_are_the_resident_ones_from_any_step_and_on_any_process():
@@ -97,6 +102,45 @@ def test_streamed_batches_are_the_resident_ones_from_any_step_and_on_any_process
         list(loader.streamed(x, [torch.tensor([0]), torch.tensor([999])], torch.device("cpu")))
 
 
+def test_an_epochs_numbers_drawn_at_its_start_give_the_batches_drawn_step_by_step():
+    """Batches draws an epoch's augmentation and mixing numbers at its start (to copy them to a GPU at once);
+    the batches equal those of drawing at each step from the same generator, as a user calling the pipeline
+    and mix.mix batch by batch does: for every random operation, with the last batch smaller, across two
+    epochs, from a mid-epoch resume, and for the second of two processes."""
+    from cnnlab.data import augment, mix
+    from cnnlab.data.dataset import Normalization
+    from cnnlab.data.loader import Batches
+    from cnnlab.dist import World, shard
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (45, 3, 14, 10), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 3, (45,), generator=gen)
+    norm = Normalization.fit(x)
+    names = ["seed", "flip-translate-cutout+color-jitter+erasing+mixup+cutmix", "flip-crop+randaugment+cutmix",
+             "flip+crop+mixup"]
+    for name, world in [(n, World()) for n in names] + [(names[1], World(rank=1, size=2))]:
+        batches = Batches(x, y, batch_size=16, seed=5, augment=name, norm=norm, num_classes=3, world=world)
+        pipeline, mixing = augment.get(name), augment.mixers(name)
+        for epoch, start in ((0, 0), (1, 0), (1, 2)):
+            g = torch.Generator().manual_seed(5 * 100_003 + epoch)
+            perm = torch.randperm(45, generator=g)
+            rng = None
+            if start:
+                walk = batches.epoch(epoch)
+                for _ in range(start):
+                    next(walk)
+                rng = batches.rng_state()
+                g.set_state(rng)
+            for step, xb, yb in batches.epoch(epoch, start, rng):
+                idx = shard(world, perm[step * 16:(step + 1) * 16])
+                want_x, want_y = pipeline(norm(x[idx]), g, epoch=epoch, idx=idx, norm=norm), y[idx]
+                if mixing:
+                    want_x, want_y = mix.mix(mixing, want_x, want_y, g, 3)
+                assert torch.equal(xb, want_x) and torch.equal(yb, want_y), (name, epoch, step)
+                assert torch.equal(batches.rng_state(), g.get_state())
+        assert step == 2 and len(xb) == (13 if world.size == 1 else 6)  # the last batch smaller
+
+
 def test_train_with_stream_reaches_the_same_weights(tmp_path, cifar_python_dir):
     """`cnnlab train --stream` against the same command without it (same seed, --threads 1): the same bytes."""
     from safetensors.torch import load_file
@@ -135,8 +179,79 @@ def test_an_evaluation_batch_on_a_gpu_fits_its_free_memory(monkeypatch):
     """1 GiB free (mocked): 1,000 images of 224 px with a mirrored view (1.2 MB each in float) come down to 55 a
     batch, 32 px images stay at 1,000 (910 with six views); a CPU keeps what it is given."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**34))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
     gpu = torch.device("cuda", 0)
     assert device.eval_batch(1000, (3, 224, 224), gpu, views=2) == 2**30 // 16 // (4 * 2 * 3 * 224 * 224) == 55
     assert device.eval_batch(1000, (3, 32, 32), gpu, views=2) == 1000
     assert device.eval_batch(1000, (3, 32, 32), gpu, views=6) == 2**30 // 16 // (4 * 6 * 3 * 32 * 32) == 910
     assert device.eval_batch(1000, (3, 224, 224), torch.device("cpu"), views=2) == 1000
+
+
+class _Modes(Hook):
+    """Where NoHostSync has set the sync-debug mode as each step ran, at each read and at each epoch's end:
+    runs before NoHostSync (order 100) at every event."""
+    order = 95
+
+    def __init__(self, mode: list):
+        self.mode, self.steps, self.reads, self.ends = mode, [], [], []
+
+    def after_step(self, fit) -> None:
+        self.steps.append(self.mode[0])
+
+    def after_sync(self, fit, totals) -> None:
+        self.reads.append((fit.state.step, self.mode[0]))
+
+    def end_epoch(self, fit) -> None:
+        self.ends.append(self.mode[0])
+
+
+def test_no_host_sync_checks_every_step_and_lets_the_periodic_reads_and_epoch_ends_wait(tmp_path, cifar_python_dir):
+    """NoHostSync (the GPU check's hook) with the mode's setter recorded, on a CPU: 40 steps an epoch (120 images of
+    batch 3), each run with the mode at "error", also those after a read; the reads after steps 20 and 40 and both
+    epochs' ends (validation) with it off; off again after the run."""
+    from cnnlab import training
+    from cnnlab.config import DataConfig, TrainConfig
+    from cnnlab.training.hooks import NoHostSync
+
+    mode = [0]
+    seen = _Modes(mode)
+    cfg = TrainConfig(epochs=2, batch_size=3, seed=3, threads=1)
+    training.train(cfg, DataConfig(path=str(cifar_python_dir), val_split=0.2), out=tmp_path / "run",
+                   with_report=False, hooks=[seen, NoHostSync(set_mode=lambda m: mode.__setitem__(0, m))])
+    assert seen.steps == ["error"] * 80
+    assert seen.reads == [(20, 0), (40, 0)] * 2 and seen.ends == [0, 0] and mode == [0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.py runs it there)")
+def test_no_step_on_a_gpu_waits_for_the_host(tmp_path, cifar_python_dir):
+    """On a GPU, `fast` and `photos`-style augmentation with mixing train under set_sync_debug_mode("error")."""
+    from cnnlab import training
+    from cnnlab.config import DataConfig
+    from cnnlab.presets import get
+    from cnnlab.training.hooks import NoHostSync
+
+    for preset, augment in (("fast", None), ("quick", "flip-crop+color-jitter+erasing+mixup+cutmix")):
+        cfg = get(preset)
+        cfg = replace(cfg, epochs=2, device="cuda", augment=augment or cfg.augment)
+        training.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / preset, with_report=False,
+                       hooks=[NoHostSync()])
+
+
+def test_memory_free_to_a_gpu_process_counts_its_cache_and_its_cap(monkeypatch):
+    """What `free_memory` says (mocked through torch.cuda's public functions), and what follows from it: 1 GiB
+    free on a 16 GiB GPU, 512 MiB more held by PyTorch's cache of which 256 MiB in use: 1.25 GiB; a cap of 1/32
+    (512 MiB) leaves 256 MiB. CIFAR-sized uint8 images of 400 MiB stay resident (under half of 1.25 GiB) until
+    the cap, when they are streamed; the evaluation batch shrinks with the cap."""
+    from cnnlab.data.loader import resident_fits
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gib, 16 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: gib // 2)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: gib // 4)
+    gpu, images = torch.device("cuda", 0), torch.empty(400 * 2**20 // 3072, 3, 32, 32, dtype=torch.uint8)
+    for fraction, free, resident in ((1.0, 5 * gib // 4, True), (1 / 32, gib // 4, False)):
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None, f=fraction: f)
+        assert device.free_memory(gpu) == free and resident_fits(images, gpu) == resident
+        assert device.eval_batch(1000, (3, 224, 224), gpu) == min(1000, free // 16 // (4 * 3 * 224 * 224))

@@ -100,13 +100,22 @@ EVAL_SHARE = 1 / 16  # of a GPU's free memory for one evaluation batch's float i
 # forward pass's activations take several times the input (not measured on a GPU yet: no session has had one)
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes this process can still take on GPU `device`: the GPU's free memory plus what PyTorch's cache holds
+    unused, within the process's cap where one is set (torch.cuda.set_per_process_memory_fraction)."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)(device)
+    return max(0, int(min(free + reserved - allocated, fraction * total - allocated)))
+
+
 def eval_batch(batch_size: int, image: tuple[int, ...], device: torch.device, views: int = 1) -> int:
     """The evaluation batch for images of shape `image` (C, H, W): on a GPU, `batch_size` lowered until its float
     inputs over `views` test-time views take at most EVAL_SHARE of the free memory (1,000 images of 224 px are
     0.6 GB a view); on a CPU as given."""
     if device.type != "cuda":
         return batch_size
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_memory(device)
     per_image = 4 * views * math.prod(image)
     return max(1, min(batch_size, int(EVAL_SHARE * free // per_image)))
 

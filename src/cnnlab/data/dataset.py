@@ -8,6 +8,7 @@ bounded chunks, so nothing here makes a float copy of the whole set.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -90,6 +91,20 @@ def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.where(counts > 0, len(y) / (num_classes * counts.clamp(min=1)), 0.0).float()
 
 
+@functools.lru_cache(maxsize=64)
+def _constants(mean: tuple[float, ...], std: tuple[float, ...], c: int, device: torch.device,
+               unit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalization's per-channel constants (1, c, 1, 1) on `device`, made once per device: a copy to a GPU
+    per batch would make each step wait for the host. Scale and shift from uint8 (x * scale + shift), or
+    with `unit` the mean and std on the [0, 1] scale."""
+    if unit:
+        values = torch.tensor(mean).expand(c), torch.tensor(std).expand(c)
+    else:
+        s = torch.tensor(std, dtype=torch.float64).expand(c)
+        values = 1 / (255 * s), -torch.tensor(mean, dtype=torch.float64).expand(c) / s
+    return tuple(v.float().reshape(1, c, 1, 1).to(device) for v in values)
+
+
 @dataclass
 class Normalization:
     """How uint8 pixels become network inputs: x / 255, then (x - mean) / std per channel."""
@@ -117,17 +132,13 @@ class Normalization:
         return Normalization(tuple((mean / 255).tolist()), tuple((var.clamp_min(0).sqrt() / 255).tolist()))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        std = torch.tensor(self.std, dtype=torch.float64).expand(c)
-        scale = (1 / (255 * std)).float().view(1, c, 1, 1).to(x.device)
-        shift = (-torch.tensor(self.mean, dtype=torch.float64).expand(c) / std).float().view(1, c, 1, 1).to(x.device)
+        scale, shift = _constants(tuple(self.mean), tuple(self.std), x.shape[1], x.device)
         # uint8 * float gives floats: two passes over the batch where (x / 255 - mean) / std took four
         return (x * scale).add_(shift)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = x.shape[1]
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).expand(c).view(1, c, 1, 1)
-        return mean, torch.tensor(self.std, dtype=x.dtype, device=x.device).expand(c).view(1, c, 1, 1)
+        mean, std = _constants(tuple(self.mean), tuple(self.std), x.shape[1], x.device, unit=True)
+        return mean.to(x.dtype), std.to(x.dtype)
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized inputs back to [0, 1] pixels (for augmentations that work on colours)."""

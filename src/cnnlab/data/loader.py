@@ -7,7 +7,9 @@
 Each epoch draws its shuffle, augmentations and mixing from one generator seeded by (seed, epoch), in this
 order: the permutation, then per step the augmentation's numbers, then MixUp/CutMix's. So an epoch is
 the same whatever happened before it, and `rng_state()` taken after a step lets a resumed run draw exactly
-what the interrupted one would have: a resumed run is bit-for-bit the uninterrupted one.
+what the interrupted one would have: a resumed run is bit-for-bit the uninterrupted one. All of an epoch's
+numbers are drawn on the CPU at its start, in that order (the same numbers, so the same batches, as drawing
+them step by step), and copied to the device in one transfer per dtype: a step never waits for the host.
 
 Under several processes (`world`) every process walks the same permutation and takes its shard of each
 global batch (dist.shard), so the processes together see what one process would. A last batch smaller than
@@ -34,6 +36,7 @@ from cnnlab import dist
 from cnnlab.data import augment as augmentations
 from cnnlab.data import mix
 from cnnlab.data.dataset import Normalization
+from cnnlab.device import free_memory
 from cnnlab.dist import World
 
 AHEAD = 3  # batches a streamed epoch gathers and copies ahead of the step (FFCV's default batches_ahead)
@@ -45,8 +48,7 @@ def resident_fits(x: torch.Tensor, device: torch.device) -> bool:
     """Whether the uint8 images `x` may be copied whole to `device` (always, for the CPU: nothing moves)."""
     if device.type != "cuda":
         return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return x.numel() * x.element_size() <= RESIDENT_SHARE * free
+    return x.numel() * x.element_size() <= RESIDENT_SHARE * free_memory(device)
 
 
 class Batches:
@@ -62,7 +64,8 @@ class Batches:
         self.num_classes = num_classes if num_classes is not None else (int(y.max()) + 1 if len(y) else 1)
         self.augment, self.mixing = augmentations.get(augment), augmentations.mixers(augment)
         self.steps = -(-len(y) // batch_size)  # per epoch; the last batch may be smaller
-        self.generator: torch.Generator | None = None
+        self.states: dict[int, torch.Tensor] = {}  # the epoch generator's state after each step's numbers
+        self.handed = 0  # the last step handed out
 
     def __len__(self) -> int:
         return self.steps
@@ -70,14 +73,15 @@ class Batches:
     def epoch(self, epoch: int, start: int = 0, rng: torch.Tensor | None = None
               ) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor | None]]:
         """The steps of `epoch` from `start` on (with `rng`, the generator's state there: see rng_state)."""
-        g = self.generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         perm = torch.randperm(len(self.y), generator=g)
-        on_device = perm.to(self.device)  # once an epoch: a step slices it where it computes
         if start:
             g.set_state(rng)
-        rows = (streamed(self.x, [self.part(perm, step) for step in range(start, self.steps)], self.device)
-                if self.stream else None)
-        for step in range(start, self.steps):
+        shards = [self.part(perm, step) for step in range(start, self.steps)]
+        on_device, draws = to_device((perm, self._draw(g, shards, start)), self.device)
+        rows = streamed(self.x, shards, self.device) if self.stream else None
+        for step, drawn in zip(range(start, self.steps), draws, strict=True):
+            self.handed = step
             idx = self.part(on_device, step)
             xs = next(rows) if rows is not None else None
             if not len(idx):
@@ -87,11 +91,24 @@ class Batches:
             if self.norm is None:
                 yield step, xs, self.y[idx]
                 continue
-            xb = self.augment(self.norm(xs), g, epoch=epoch, idx=idx, norm=self.norm)
+            xb = self.augment.apply(self.norm(xs), drawn[0], epoch=epoch, idx=idx, norm=self.norm)
             yb = self.y[idx]
             if self.mixing:  # MixUp/CutMix: the labels become class probabilities
-                xb, yb = mix.mix(self.mixing, xb, yb, g, self.num_classes)
+                xb, yb = mix.apply(xb, yb, drawn[1], self.num_classes)
             yield step, xb.contiguous(memory_format=torch.channels_last), yb
+
+    def _draw(self, g: torch.Generator, shards: list[torch.Tensor], start: int) -> list[tuple | None]:
+        """Each step's augmentation and mixing numbers (None for a step without images, or without
+        augmentation: features), and the generator's state after each step (for rng_state)."""
+        self.states, draws = {}, []
+        for step, shard in enumerate(shards, start):
+            drawn = None
+            if len(shard) and self.norm is not None:
+                shape = (len(shard), *self.x.shape[1:])
+                drawn = (self.augment.draw(g, shape), mix.draw(self.mixing, g, shape) if self.mixing else None)
+            draws.append(drawn)
+            self.states[step] = g.get_state()
+        return draws
 
     def part(self, perm: torch.Tensor, step: int) -> torch.Tensor:
         """This process's indices of global batch `step` of the permutation."""
@@ -99,7 +116,33 @@ class Batches:
 
     def rng_state(self) -> torch.Tensor:
         """The epoch generator's state after the last batch handed out: what a mid-epoch checkpoint keeps."""
-        return self.generator.get_state()
+        return self.states[self.handed]
+
+
+def to_device(tree, device: torch.device):
+    """`tree` (nested lists, tuples and NamedTuples of tensors and plain values) with its tensors on `device`,
+    copied in one transfer per dtype (from pinned memory, not waited for) rather than one per tensor."""
+    if device.type == "cpu":
+        return tree
+    tensors = []
+    _map(tree, tensors.append)
+    moved = {}
+    for dtype in {t.dtype for t in tensors}:
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group]).pin_memory().to(device, non_blocking=True)
+        views = flat.split([t.numel() for t in group])
+        moved.update({id(t): v.view(t.shape) for t, v in zip(group, views, strict=True)})
+    return _map(tree, lambda t: moved[id(t)])
+
+
+def _map(tree, fn):
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_map(v, fn) for v in tree))
+    if isinstance(tree, list | tuple):
+        return type(tree)(_map(v, fn) for v in tree)
+    return tree
 
 
 def in_batches(x: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:

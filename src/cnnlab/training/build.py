@@ -59,6 +59,10 @@ def build(plan: Plan, ds: Dataset, state: dict | None, run: Run | None = None
     batches = loader.Batches(ds.x_train, ds.y_train, batch_size=cfg.batch_size, seed=cfg.seed, augment=cfg.augment,
                              norm=ts.norm, num_classes=ds.num_classes, world=plan.world, device=device,
                              stream=cfg.stream)
+    if batches.stream and not cfg.stream and device.type == "cuda":
+        size = ds.x_train.numel() * ds.x_train.element_size()
+        log.info(f"the training images ({size / 2**30:.2f} GiB) take over {loader.RESIDENT_SHARE:.0%} of the GPU's "
+                 f"free memory: streamed from the host, {loader.AHEAD} batches ahead")
     return ts, step, batches
 
 

@@ -12,7 +12,8 @@
     CtrlC         the first Ctrl-C (or SIGTERM) asks the loop to stop and checkpoint; a second one aborts
 
 A hook of your own (a test's fault, a callback) is any `Hook` subclass added to the list `train(hooks=...)`
-takes; it runs after these.
+takes; it runs after these. One such is here, not a default: `NoHostSync`, the GPU check that no step waits for
+the host.
 """
 
 from __future__ import annotations
@@ -287,3 +288,28 @@ class CtrlC(Hook):
         for sig, old in self.previous.items():
             signal.signal(sig, old)
         self.previous = {}
+
+
+class NoHostSync(Hook):
+    """A check for a GPU (benchmarks/gpu_check.py, tests/test_gpu.py), not a default hook: every step runs under
+    torch.cuda.set_sync_debug_mode("error"), so an operation that makes the host wait for the GPU (a read of a
+    value, a copy from pageable memory) raises where it is; the loop's own reads of the totals (every SYNC_EVERY
+    steps) and the epoch's end (validation, checkpoints) run with the mode off. `set_mode` sets the mode
+    (torch.cuda.set_sync_debug_mode; a test may record the calls instead)."""
+
+    def __init__(self, set_mode=None):
+        self.set_mode = set_mode or torch.cuda.set_sync_debug_mode
+
+    def before_epoch(self, fit: Fit) -> None:
+        self.set_mode("error")
+
+    def after_step(self, fit: Fit) -> None:
+        if fit.reading:  # the loop reads the totals next
+            self.set_mode(0)
+
+    def after_sync(self, fit: Fit, totals: dict) -> None:
+        if not fit.last_step:  # (runs after the default hooks, which look at the totals read)
+            self.set_mode("error")
+
+    def after_fit(self, fit: Fit) -> None:
+        self.set_mode(0)

@@ -78,6 +78,11 @@ class Fit:
     def last_step(self) -> bool:
         return self.state.step == self.batches.steps
 
+    @property
+    def reading(self) -> bool:
+        """Whether the host reads the totals after this step: every SYNC_EVERY steps and at the epoch's last."""
+        return self.state.step % SYNC_EVERY == 0 or self.last_step
+
     def emit(self, event: str, *args) -> None:
         for hook in self.hooks:
             getattr(hook, event)(self, *args)
@@ -121,7 +126,7 @@ def _run_epoch(run: Fit) -> None:
         state.step, state.seconds = i + 1, time.perf_counter() - t0
         run.emit("after_step")
         stop = STOP.is_set() if not run.world.distributed else False  # one process: a free host-side look
-        if state.step % SYNC_EVERY == 0 or run.last_step or stop:
+        if run.reading or stop:
             stop = run.sync() or stop
         if stop and not run.last_step:  # after the last step the epoch ends first (validation, checkpoint)
             state.epoch_rng = run.batches.rng_state()
