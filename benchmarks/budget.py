@@ -8,7 +8,10 @@ For each budget: the budget run as a user runs it (its choice, held-out and test
 counted and the whole command's wall clock); then each preset the budget had as a candidate (tried, or left
 out before its trials because too few of its epochs fit), trained from the command line for the epochs that
 fit the same budget of wall clock, and the best of those test accuracies (the hindsight-best preset); one whose
-single epoch the budget's step timing puts past the whole budget is recorded as skipped. Targets (issue 35):
+single epoch the budget's step timing puts past the whole budget is recorded as skipped. With
+--reuse-hindsight, a candidate's hindsight run is taken from the results file's row for the same data and
+budget where there is one (marked "reused_from" with its commit): a 15-minute row's hindsight runs take 50
+minutes, and they do not depend on the budget's code. Targets (issue 35):
 within 1 point of the hindsight best, never over the budget + 10%. Writes benchmarks/results/budget-<cpu class>.json.
 
 The photo folder is benchmarks/photos.py's (CIFAR-10 images upscaled to 96-320 px JPEGs, 5,000 training
@@ -91,7 +94,17 @@ def fitting_epochs(name: str, data: Path, candidate: str, seconds: float, work: 
     return max(1, min(100, math.floor((seconds - rest) / per_epoch))), per_epoch, rest
 
 
-def one_budget(name: str, data: Path, minutes: float, work: Path) -> dict:
+def earlier_hindsight(cpu_class: str) -> dict:
+    """The hindsight runs of this CPU class's result file, per (data, budget): what --reuse-hindsight takes
+    instead of running them again (they are single presets, which the budget's own code does not change)."""
+    path = HERE / "results" / f"budget-{cpu_class}.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    return {(r["data"], r["budget_s"]): {c: {**h, "reused_from": h.get("reused_from", r["commit"])}
+                                         for c, h in r.get("hindsight", {}).items() if "test_accuracy" in h}
+            for r in rows if not r.get("busy")}
+
+
+def one_budget(name: str, data: Path, minutes: float, work: Path, reuse: dict | None = None) -> dict:
     seconds = minutes * 60
     run = work / f"{name}-{minutes:g}m"
     log, wall = command(run, data, "--budget", f"{minutes:g}m")
@@ -109,7 +122,9 @@ def one_budget(name: str, data: Path, minutes: float, work: Path) -> dict:
         if float(timed.get(candidate, 0)) > seconds:
             row["hindsight"][candidate] = {"skipped": f"an epoch ~{timed[candidate]} s by the budget's timing"}
             continue
-        row["hindsight"][candidate] = hindsight(name, data, candidate, seconds, work / f"{name}-{minutes:g}m")
+        earlier = (reuse or {}).get((name, seconds), {}).get(candidate)
+        prefix = work / f"{name}-{minutes:g}m"
+        row["hindsight"][candidate] = earlier or hindsight(name, data, candidate, seconds, prefix)
     best = max(((k, h) for k, h in row["hindsight"].items() if "test_accuracy" in h),
                key=lambda kv: kv[1]["test_accuracy"])
     row["hindsight_best"] = {"candidate": best[0], **best[1]}
@@ -186,7 +201,10 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, nargs="+", default=[2, 5, 15])
     ap.add_argument("--data", choices=["photos", "cifar10"], nargs="+", default=["photos", "cifar10"])
     ap.add_argument("--busy", action="store_true", help="also each budget with two busy processes from a third on")
+    ap.add_argument("--reuse-hindsight", action="store_true",
+                    help="take each candidate's hindsight run from the results file where it has one (same CPU class)")
     args = ap.parse_args()
+    reuse = earlier_hindsight(machine()["cpu_class"]) if args.reuse_hindsight else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()  # the code measured (a commit made meanwhile is not)
     sources = {"photos": make_folder(5000, TEST_PHOTOS), "cifar10": DATA}
@@ -198,7 +216,7 @@ def main() -> None:
             subprocess.run([*CNNLAB, "data", "info", "--data", str(sources[name]), *sized], cwd=ROOT,
                            capture_output=True, check=True)
         for minutes in args.minutes:
-            rows.append(one_budget(name, sources[name], minutes, work))
+            rows.append(one_budget(name, sources[name], minutes, work, reuse))
             if args.busy:
                 rows.append({"busy": True, **busy_budget(name, sources[name], minutes, work)})
     info = machine()

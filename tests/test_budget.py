@@ -192,7 +192,7 @@ def test_tuned_trials_start_only_before_their_own_deadline_after_every_recipe_tr
     ds = budget.as_trial_data(budget.held_out(load_data(DataConfig(path=str(idx)).validate(), 0), 0), 0)
     found, _ = candidates.for_data(ds.image_size)
     (tmp_path / "search").mkdir()
-    search = Search(tmp_path / "search", found, {None: ds}, Clock(600), 0, dist.init(), max_epochs=2,
+    search = Search(tmp_path / "search", found, {c.name: ds for c in found}, Clock(600), 0, dist.init(), max_epochs=2,
                     epochs={"quick": 2, "fast": 1})  # as budget.trial_epochs gives for `fast` twice as slow
     later = clock_time.monotonic() + 600
     search.run(until=later, tune_until=clock_time.monotonic())
@@ -252,6 +252,17 @@ def test_trials_take_equal_time_and_a_candidate_from_scratch_needs_room_for_its_
     assert budget.reachable(photos, epoch, room=50) == ["photos@64"]
     cifar = candidates.for_data((32, 32))[0]  # quick and fast: recipes at the images' own size need one epoch
     assert budget.reachable(cifar, {"quick": 20.0, "fast": 190.0}, room=585) == ["quick", "fast"]
+
+
+def test_a_trial_gives_a_large_batch_enough_steps():
+    """A trial's sample: a fifth of the training images, at least 2,000 and at least 20 batches of the
+    candidate's, at most all: on CIFAR-10's 42,500 held-in images `fast` (batch 1,024) trains on 20,480 where
+    `quick` (batch 256) on the usual 8,500; on 5,000 images `fast` gets them all."""
+    quick, fast = (presets.get(name).batch_size for name in ("quick", "fast"))
+    usual = budget.trial_size(1, 42_500)
+    assert usual == round(budget.TRIAL_SHARE * 42_500) == budget.trial_size(quick, 42_500)
+    assert budget.trial_size(fast, 42_500) == budget.TRIAL_STEPS * fast > usual
+    assert budget.trial_size(fast, 5_000) == 5_000 and budget.trial_size(1, 5_000) == budget.TRIAL_MIN
 
 
 def test_a_candidate_whose_epoch_cannot_fit_the_final_run_is_left_out_before_any_trial(tmp_path, capsys):

@@ -255,3 +255,41 @@ def test_memory_free_to_a_gpu_process_counts_its_cache_and_its_cap(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None, f=fraction: f)
         assert device.free_memory(gpu) == free and resident_fits(images, gpu) == resident
         assert device.eval_batch(1000, (3, 224, 224), gpu) == min(1000, free // 16 // (4 * 3 * 224 * 224))
+
+
+def test_compile_compiles_once_per_run(tmp_path, cifar_python_dir):
+    """`fast` with --compile from a run's weights, its body frozen for the first epoch and its whitening bias
+    trained for the next one only, 120 images in batches of 32 (a short last batch of 24): every graph is made at the first step of the
+    second epoch (the first that trains the run's parameters) and none after it (torch.compile's backend forced
+    to one that counts its calls: the same tracing and guards, no code generation); the weights end as without
+    --compile (the whitening bias frozen by its dropped gradient as by requires_grad)."""
+    from safetensors.torch import load_file
+
+    from cnnlab import training
+    from cnnlab.config import DataConfig
+    from cnnlab.presets import get
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(len(example_inputs))
+        return gm.forward
+
+    class Watch(Hook):
+        after_steps = []
+
+        def after_step(self, fit) -> None:
+            self.after_steps.append((fit.state.epoch, len(graphs)))
+
+    cfg = replace(get("fast"), epochs=1, batch_size=32, threads=1, tta=0)
+    data = DataConfig(path=str(cifar_python_dir), val_split=0.2)
+    base = training.train(cfg, data, out=tmp_path / "base", with_report=False)  # weights for a frozen body
+    cfg = replace(cfg, epochs=3, init_from=str(base), freeze_epochs=1, whiten_bias_epochs=2)
+    with torch.compiler.set_stance("default", force_backend=counting):
+        training.train(replace(cfg, compile=True), data, out=tmp_path / "compiled", with_report=False,
+                       hooks=[Watch()])
+    made = {epoch: {n for e, n in Watch.after_steps if e == epoch} for epoch in range(3)}
+    assert len(Watch.after_steps) == 12 and made[0] == {0} and made[1] == made[2] == {len(graphs)} and graphs
+    training.train(cfg, data, out=tmp_path / "eager", with_report=False)
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("compiled", "eager"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

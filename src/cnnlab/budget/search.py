@@ -8,7 +8,8 @@ test set is never seen), in an Optuna study kept in SQLite beside the run, so an
 
 Each candidate is first tried at its recipe's own settings (enqueued), then Optuna's TPE sampler proposes a
 candidate with a learning-rate factor, a weight-decay factor and an augmentation strength. A trial trains on
-a stratified sample of the training images (budget.as_trial_data) for up to TRIAL_EPOCHS epochs (its schedule
+a stratified sample of the training images (budget.as_trial_data; at least TRIAL_STEPS batches of the
+candidate's, so a large-batch recipe is not judged on a few steps) for up to TRIAL_EPOCHS epochs (its schedule
 sized to them; a slower candidate for fewer, the same time: budget.trial_epochs) and reports its held-out
 accuracy after each, at a step counted in the quickest candidate's epochs; Optuna's successive-halving pruner
 stops, after the first step, a trial that is not in the best third of those seen there, so poor candidates
@@ -85,7 +86,7 @@ class Search:
         self.epochs = {name: min(n, max_epochs) for name, n in (epochs or {}).items()}  # a trial's, per candidate
         self.tracking = tracking  # each trial a child run of the budget's (MLflow), or a subfolder (TensorBoard)
         self.candidates = {c.name: c for c in candidates}
-        self.trial_data: dict[tuple | None, Dataset] = trial_data  # per input size: test = the held-out split
+        self.trial_data: dict[str, Dataset] = trial_data  # per candidate: its test set is the held-out split
         self.study = None
         if world.main:
             optuna.logging.set_verbosity(optuna.logging.ERROR)  # its trial lines: we say them
@@ -161,7 +162,7 @@ class Search:
         # trial with its 6 views took 25 of its 51 s at 2 minutes on CIFAR-10 (19 s were training)
         epochs = self.epochs.get(choice.candidate.name, self.max_epochs)
         cfg = replace(choice.config(epochs), tta=0)
-        ds = self.trial_data[choice.candidate.image_size]
+        ds = self.trial_data[choice.candidate.name]
         report = Report(trial, self.world, per_epoch=max(1.0, self.max_epochs / cfg.epochs))
         deadline = Deadline(self.clock, share=(until - self.clock.deadline(0)) / self.clock.seconds, world=self.world)
         t0 = time.monotonic()

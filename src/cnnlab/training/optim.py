@@ -116,7 +116,8 @@ class FilterMuon(torch.optim.Optimizer):
     the step's angle set by the learning rate. torch.optim.Muon takes 2-D weights only, hence this class.
 
     The filter banks of one shape step together (stacked: one batched Newton-Schulz iteration, as
-    airbench94_muon does, instead of ~55 small kernels for each bank, which made a GPU step launch-bound). It
+    airbench94_muon does, instead of ~55 small kernels for each bank, which made a GPU step launch-bound), and
+    the other parameters (elementwise Nesterov SGD) as one flattened vector, written back with foreach copies. It
     honours GradScaler's protocol itself (`_step_supports_amp_scaling`): GradScaler hands it `found_inf` and,
     when the gradients are still scaled, `grad_scale`, instead of reading the flag on the host every step.
     """
@@ -134,9 +135,9 @@ class FilterMuon(torch.optim.Optimizer):
         scale = getattr(self, "grad_scale", None)  # (GradScaler's, where it left the gradients scaled)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not group["orthogonal"]:
-                for p in params:
-                    self._update([p], group, keep, scale)
+            if not group["orthogonal"]:  # biases, norms, the head: elementwise, so all of them as one vector
+                if params:
+                    self._update(params, group, keep, scale)
                 continue
             shapes: dict[torch.Size, list[torch.Tensor]] = {}
             for p in params:
@@ -146,16 +147,17 @@ class FilterMuon(torch.optim.Optimizer):
 
     def _update(self, ps: list[torch.Tensor], group: dict, keep: torch.Tensor | None,
                 scale: torch.Tensor | None) -> None:
-        """One step of the parameters `ps`, all of one shape, stacked along a new first dimension."""
+        """One step of the parameters `ps`: filters of one shape stacked along a new first dimension, other
+        parameters (any shapes) flattened into one vector; a few kernels whatever their number."""
         m = group["momentum"]
-        p = torch.stack(ps) if len(ps) > 1 else ps[0].unsqueeze(0)
-        g = torch.stack([q.grad for q in ps]) if len(ps) > 1 else ps[0].grad.unsqueeze(0)
+        join = torch.stack if group["orthogonal"] else (lambda ts: torch.cat([t.reshape(-1) for t in ts]))
+        p, g = join(ps), join([q.grad for q in ps])
         if scale is not None:
             g = g / scale
         if group["weight_decay"]:
             g = g.add(p, alpha=group["weight_decay"])
         bufs = [self.state[q].setdefault("momentum_buffer", torch.zeros_like(q)) for q in ps]
-        buf = torch.stack(bufs) if len(ps) > 1 else bufs[0].unsqueeze(0)
+        buf = join(bufs)
         new_buf = buf * m + g
         update = g.add(new_buf, alpha=m) if group["nesterov"] else new_buf
         new_p = p
@@ -167,9 +169,14 @@ class FilterMuon(torch.optim.Optimizer):
         new_p = new_p.add(update, alpha=-group["lr"])
         if keep is not None:  # a non-finite step: keep the old values, decided on the device
             new_buf, new_p = torch.where(keep, buf, new_buf), torch.where(keep, p, new_p)
-        for q, b, nb, np_ in zip(ps, bufs, new_buf.unbind(0), new_p.unbind(0), strict=True):
-            b.copy_(nb)
-            q.copy_(np_)
+        if group["orthogonal"]:
+            new_buf, new_p = new_buf.unbind(0), new_p.unbind(0)
+        else:
+            sizes = [q.numel() for q in ps]
+            new_buf, new_p = ([v.view(q.shape) for v, q in zip(t.split(sizes), ps, strict=True)]
+                              for t in (new_buf, new_p))
+        torch._foreach_copy_(bufs, list(new_buf))
+        torch._foreach_copy_(ps, list(new_p))
 
 
 def improves(value: float, best: float | None, lower_is_better: bool) -> bool:

@@ -7,7 +7,11 @@ statistics that the bad forward pass moved are put back. The loss, the correct c
 count add up on the device (TrainState.add); the loop reads them every SYNC_EVERY steps.
 
 The step also owns what the model looks like to it: `begin_epoch` sets what trains in the epoch and (re)builds
-the DistributedDataParallel / torch.compile wrapper when that changed.
+the DistributedDataParallel wrapper when that changed. `--compile` compiles once per run, for a static batch
+size: at the first epoch whose trainable set is the rest of the run's (the frozen-body epochs of a fine-tune run
+eagerly before it), and a batch of another size (the short last one) runs the same weights eagerly rather than
+recompiling; airbench's whitening bias, which stops training after some epochs, is then frozen by dropping its
+gradient before each update, not by `requires_grad` (which would change the graph: a second compile).
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ class Step:
         self.cfg, self.device, self.dtype, self.world = cfg, device, dtype, world
         self.steps_per_epoch, self.class_weight = steps_per_epoch, class_weight
         self.forward: nn.Module | None = None  # the model as the step calls it (DDP and/or compiled)
+        self.eager: nn.Module | None = None  # the same without compilation (a batch of another size)
+        self.compiled_batch: int | None = None  # the batch size the compiled graph is for (its first)
         self.trained: list[torch.Tensor] = []  # the parameters `forward` was built to train
+        self.dropped: list[torch.Tensor] = []  # frozen by dropping their gradients (under --compile)
 
     def __call__(self, ts: TrainState, xb: torch.Tensor | None, yb: torch.Tensor | None, step: int) -> None:
         """Forward, backward and update; a non-finite step leaves the weights as they were. A batch of None (a
@@ -45,13 +52,16 @@ class Step:
         saved = [b.clone() for b in guarded]
         ts.optimizer.zero_grad(set_to_none=True)
         loss, correct = self.forward_backward(ts, xb, yb)
+        for p in self.dropped:  # (the optimizer leaves a parameter without a gradient as it is)
+            p.grad = None
         bad = ~torch.isfinite(loss)
         if self.cfg.clip_grad:  # on the true gradients: unscaled first when fp16 scales them
             ts.scaler.unscale_(ts.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trained, self.cfg.clip_grad, foreach=True)
         if not ts.scaler.is_enabled():  # (GradScaler finds non-finite gradients itself, and expects them)
             if self.world.distributed:  # the averaged gradients are the same on every rank: so is the decision
-                bad = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in self.trained]))
+                bad = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in self.trained
+                                                                      if p.grad is not None]))
             ts.optimizer.found_inf = bad.float()  # the optimizer skips its update on the device when set
             ts.optimizer.step()
         else:
@@ -72,10 +82,11 @@ class Step:
         slices = self.cfg.accumulate
         loss_sum, correct = 0, 0
         for i, (xs, ys) in enumerate(zip(xb.chunk(slices), yb.chunk(slices), strict=True)):
-            quiet = self.world.distributed and i < slices - 1 and hasattr(self.forward, "no_sync")
-            with self.forward.no_sync() if quiet else contextlib.nullcontext():
+            forward = self.forward_for(len(xs))
+            quiet = self.world.distributed and i < slices - 1 and hasattr(forward, "no_sync")
+            with forward.no_sync() if quiet else contextlib.nullcontext():
                 with autocast(self.device, self.dtype):
-                    logits = self.forward(xs)
+                    logits = forward(xs)
                     loss = F.cross_entropy(logits.float(), ys, weight=self.class_weight,
                                            label_smoothing=self.cfg.label_smoothing)
                 if slices > 1:
@@ -85,17 +96,24 @@ class Step:
             correct = correct + (logits.argmax(1) == (ys.argmax(1) if ys.ndim == 2 else ys)).sum()
         return loss_sum, correct
 
+    def forward_for(self, batch: int) -> nn.Module:
+        """The compiled model for the batch size it was compiled for (the first it saw), else the eager one."""
+        if self.forward is self.eager:
+            return self.eager
+        self.compiled_batch = self.compiled_batch or batch
+        return self.forward if batch == self.compiled_batch else self.eager
+
     # -- what trains, and the wrapper around it ---------------------------------------------------------
 
     def begin_epoch(self, ts: TrainState) -> None:
         """Set what trains in the epoch, (re)wrap the model if that changed, and put it in training mode (a
         frozen body's normalization layers keep their statistics)."""
-        set_trainable(ts.model, self.cfg, ts.epoch)
-        self.wrap(ts.model)
+        self.dropped = set_trainable(ts.model, self.cfg, ts.epoch, by_gradient=self.cfg.compile)
+        self.wrap(ts.model, compile_now=self.cfg.compile and not finetune.body_frozen(self.cfg, ts.epoch))
         ts.model.train()
         finetune.freeze_norms(ts.model, finetune.body_frozen(self.cfg, ts.epoch))
 
-    def wrap(self, model: nn.Module) -> None:
+    def wrap(self, model: nn.Module, compile_now: bool = False) -> None:
         """(Re)build the forward wrapper when the set of trainable parameters changed.
 
         DistributedDataParallel records at construction which parameters take gradients and waits for each
@@ -108,12 +126,15 @@ class Step:
         """
         trained = [p for p in model.parameters() if p.requires_grad]
         if self.forward is not None and [id(p) for p in trained] == [id(p) for p in self.trained]:
+            if compile_now and self.forward is self.eager:
+                self.forward = torch.compile(self.eager, dynamic=False)
             return
         self.release()
         forward = model
         if self.world.distributed:
             forward = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.forward = torch.compile(forward) if self.cfg.compile else forward
+        self.eager = forward
+        self.forward = torch.compile(forward, dynamic=False) if compile_now else forward
         self.trained = trained
 
     def release(self) -> None:
@@ -123,16 +144,24 @@ class Step:
         aborting at exit, "terminate called without an active exception"; 16 runs did not repeat it, so this
         is the likely cause removed, not a proven one.)"""
         if self.forward is not None:
-            self.forward = None
+            self.forward = self.eager = None
             if self.world.distributed:  # one process holds no reducer; a full collection costs 0.06 s
                 gc.collect()
 
 
-def set_trainable(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
+def set_trainable(model: nn.Module, cfg: TrainConfig, epoch: int, by_gradient: bool = False) -> list[torch.Tensor]:
     """The parameters that train in `epoch`: the head alone during --freeze-epochs (a frozen body gets no
     gradients, so the optimizer leaves it and its state alone); airbench's whitening bias only for its first
-    epochs."""
+    epochs. With `by_gradient` (--compile), a whitening bias that stops training mid-run keeps requires_grad
+    and is returned instead: the step drops its gradient before each update (one graph for the whole run;
+    the backward pass through the first layer is the price, 15% of `fast`'s step on a CPU)."""
     if cfg.freeze_epochs:
         finetune.freeze_body(model, finetune.body_frozen(cfg, epoch))
-    if cfg.whiten_bias_epochs is not None and hasattr(model, "whiten") and not finetune.body_frozen(cfg, epoch):
-        model.whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
+    if cfg.whiten_bias_epochs is None or not hasattr(model, "whiten") or finetune.body_frozen(cfg, epoch):
+        return []
+    trains = epoch < cfg.whiten_bias_epochs
+    if by_gradient and 0 < cfg.whiten_bias_epochs < cfg.epochs:  # (frozen or trained throughout: no change)
+        model.whiten.bias.requires_grad_(True)
+        return [] if trains else [model.whiten.bias]
+    model.whiten.bias.requires_grad_(trains)
+    return []
