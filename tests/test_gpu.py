@@ -259,10 +259,11 @@ def test_memory_free_to_a_gpu_process_counts_its_cache_and_its_cap(monkeypatch):
 
 def test_compile_compiles_once_per_run(tmp_path, cifar_python_dir):
     """`fast` with --compile from a run's weights, its body frozen for the first epoch and its whitening bias
-    trained for the next one only, 120 images in batches of 32 (a short last batch of 24): every graph is made at the first step of the
-    second epoch (the first that trains the run's parameters) and none after it (torch.compile's backend forced
-    to one that counts its calls: the same tracing and guards, no code generation); the weights end as without
-    --compile (the whitening bias frozen by its dropped gradient as by requires_grad)."""
+    trained for the next one only, 120 images in batches of 32 (a short last batch of 24): every graph is made
+    at the first step of the second epoch (the first that trains the run's parameters) and none after it
+    (torch.compile's backend forced to one that counts its calls: the same tracing and guards, no code
+    generation); the weights end as without --compile (the whitening bias frozen by its dropped gradient as by
+    requires_grad)."""
     from safetensors.torch import load_file
 
     from cnnlab import training
