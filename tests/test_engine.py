@@ -11,6 +11,7 @@ import torch
 from cnnlab import device, models, presets, training
 from cnnlab.config import DataConfig, TrainConfig, override
 from cnnlab.data import augment
+from cnnlab.data.dataset import Normalization
 from cnnlab.errors import Interrupted
 from cnnlab.evaluation import evaluate
 from cnnlab.training import optim
@@ -434,3 +435,12 @@ def test_running_out_of_memory_is_one_line_naming_the_batch_sizes(tmp_path, cifa
         training.train(cfg, DataConfig(path=str(cifar_python_dir)), out=tmp_path / "run", with_report=False,
                        hooks=[Full()])
     assert not (tmp_path / "run").exists()
+
+    class Greedy(torch.nn.Module):  # an evaluation alone (cnnlab evaluate, a run's end): its batch is named
+        def forward(self, x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    with pytest.raises(CnnlabError, match=r"ran out of memory with evaluation batches of 250 images: lower "
+                                          r"--eval-batch-size"):
+        evaluate.predict_logits(Greedy(), torch.zeros(300, 3, 8, 8, dtype=torch.uint8), Normalization(),
+                                torch.device("cpu"), batch_size=250)

@@ -121,18 +121,20 @@ def eval_batch(batch_size: int, image: tuple[int, ...], device: torch.device, vi
 
 
 @contextlib.contextmanager
-def memory_named(batch_size: int, eval_batch_size: int):
+def memory_named(batch_size: int | None, eval_batch_size: int):
     """An out-of-memory error inside (a GPU's, or the CPU allocator's) as one line that names the batch sizes
-    to lower, instead of an internal error."""
+    to lower, instead of an internal error (`batch_size` None: an evaluation alone)."""
     try:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
         where = "the GPU" if isinstance(e, torch.OutOfMemoryError) else "the machine"
-        raise CnnlabError(f"{where} ran out of memory with batches of {batch_size} images (training) and "
-                          f"{eval_batch_size} (evaluation): lower --batch-size or --eval-batch-size, or use "
-                          f"--image-size smaller ({str(e).splitlines()[0][:120]})") from None
+        what = (f"batches of {batch_size} images (training) and {eval_batch_size} (evaluation): lower --batch-size "
+                "or --eval-batch-size" if batch_size is not None else
+                f"evaluation batches of {eval_batch_size} images: lower --eval-batch-size (training)")
+        raise CnnlabError(f"{where} ran out of memory with {what}, or use --image-size smaller "
+                          f"({str(e).splitlines()[0][:120]})") from None
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)

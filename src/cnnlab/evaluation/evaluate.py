@@ -16,7 +16,7 @@ from cnnlab import data, models
 from cnnlab.config import DataConfig, from_dict
 from cnnlab.data.dataset import Dataset, Normalization
 from cnnlab.data.loader import in_batches
-from cnnlab.device import autocast, eval_batch, pick_device, pick_precision
+from cnnlab.device import autocast, eval_batch, memory_named, pick_device, pick_precision
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluation import calibration, plots, report
 from cnnlab.run import Run
@@ -43,13 +43,15 @@ def predict_logits(model: nn.Module, x: torch.Tensor, norm: Normalization, devic
     model.eval()
     out = []
     views = len(tta_views(torch.zeros(1, 1, 3, 3), tta))
-    for xs in in_batches(x, eval_batch(batch_size, tuple(x.shape[1:]), device, views), device):
-        xb = norm(xs.to(device))
-        logits = 0
-        for weight, view in tta_views(xb, tta):
-            with autocast(device, dtype):
-                logits = logits + weight * model(view.contiguous(memory_format=torch.channels_last)).float()
-        out.append(logits.cpu())
+    batch = eval_batch(batch_size, tuple(x.shape[1:]), device, views)
+    with memory_named(None, batch):
+        for xs in in_batches(x, batch, device):
+            xb = norm(xs.to(device))
+            logits = 0
+            for weight, view in tta_views(xb, tta):
+                with autocast(device, dtype):
+                    logits = logits + weight * model(view.contiguous(memory_format=torch.channels_last)).float()
+            out.append(logits.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
