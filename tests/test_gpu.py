@@ -38,25 +38,21 @@ def test_a_gpu_gets_bf16_only_from_compute_capability_8_and_fp16_with_a_scaler_b
 
 
 def test_the_gpu_check_runs_its_cpu_safe_parts_with_dry_run(tmp_path):
-    """doctor, `quick`, Ctrl-C and --resume, evaluate and the ONNX export, `photos` streamed and the sync-debug
-    runs, in smoke settings on the CPU: each training's figures, the resumed run's weights equal to the
-    uninterrupted one's, evaluate and the export agreeing with training's test accuracy."""
+    """`quick`, evaluate and the ONNX export, `photos` streamed and the sync-debug runs, in smoke settings on the
+    CPU: each training's figures, evaluate and the export agreeing with training's test accuracy. (Its doctor
+    and Ctrl-C checks run commands tested in test_threads.py and test_train.py; left out here for the suite's
+    time: they passed with --dry-run at 836a30a.)"""
     data = write_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=40, size=(32, 32))
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--device", "cpu", "--data",
-                           str(data), "--work", str(tmp_path / "work"), "--only", "doctor", "quick", "ctrl_c_resume",
-                           "evaluate_and_export", "photos_streamed", "sync_debug"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                           str(data), "--work", str(tmp_path / "work"), "--only", "quick", "evaluate_and_export",
+                           "photos_streamed", "sync_debug"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
     checks = out["checks"]
-    assert out["dry_run"] and out["device"] == "cpu" and "fast" not in checks
-    assert checks["doctor"]["cpu"]["class"] == out["machine"]["cpu_class"] and checks["doctor"]["gpu"] == []
+    assert out["dry_run"] and out["device"] == "cpu" and "fast" not in checks and "doctor" not in checks
     quick = checks["quick"]
     assert quick["epochs"] == 1 and quick["train_images"] == 120 and quick["images_per_s"] > 0
     assert 0 <= quick["test_accuracy"] <= 1 and quick["cpu_test_accuracy"] is None
-    resumed = checks["ctrl_c_resume"]
-    assert resumed["interrupted_exit"] == 130 and resumed["max_weight_difference"] == 0.0
-    assert resumed["test_accuracy"][0] == resumed["test_accuracy"][1]
     agree = checks["evaluate_and_export"]
     assert abs(agree["evaluate"] - agree["training"]) < 1e-4 and abs(agree["onnx"] - agree["training"]) < 0.02
     photos, synced = checks["photos_streamed"], checks["sync_debug"]

@@ -37,6 +37,9 @@ from cnnlab.errors import CnnlabError, EveryProcessError
 
 # How long a collective may wait for a silent rank before the job fails instead of hanging.
 TIMEOUT = timedelta(seconds=float(os.environ.get("CNNLAB_DIST_TIMEOUT", 300)))
+STORE_READ_S = 15  # a launcher's wait on the rendezvous store (torchrun's c10d default: 60 s): when the machine
+# holding it dies, the others' launchers learn it at their next look, or only after this long (a test saw 64 s
+# once, its usual 5-20 s); the store answers in milliseconds while it lives
 
 
 @dataclass(frozen=True)
@@ -344,7 +347,8 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, end
     if max_restarts:
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     where = (["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint",
-              endpoint, "--rdzv_conf", f"join_timeout={TIMEOUT.total_seconds():g}"] if nnodes > 1 else ["--standalone"])
+              endpoint, "--rdzv_conf", f"join_timeout={TIMEOUT.total_seconds():g},read_timeout={STORE_READ_S}"]
+             if nnodes > 1 else ["--standalone"])
     args = get_args_parser().parse_args([*where, "--nproc_per_node", str(nproc), "--max_restarts", str(max_restarts),
                                          "--monitor_interval", "0.5", "-m", "cnnlab"])
     args.training_script_args = list(argv)  # not parsed by torchrun's parser: it took --monitor for its own

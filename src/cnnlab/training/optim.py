@@ -284,9 +284,10 @@ class Lookahead:
             torch._foreach_lerp_(averages, weights, 1 - decay)
             torch._foreach_copy_(weights, averages)
             return
-        taken = (~skip).to(averages[0].dtype)
-        torch._foreach_lerp_(averages, weights, taken * (1 - decay))
-        torch._foreach_lerp_(weights, averages, taken)  # (a weight of 1: exactly the average)
+        taken = (~skip).to(averages[0].dtype)  # (weights as tensors, one per tensor: a tensor where a number is
+        # expected would be read on the host, a wait for the GPU)
+        torch._foreach_lerp_(averages, weights, [taken * (1 - decay)] * len(keys))
+        torch._foreach_lerp_(weights, averages, [taken] * len(keys))  # (a weight of 1: exactly the average)
 
     def state_dict(self) -> dict:
         return dict(self.average)
