@@ -72,9 +72,10 @@ def test_a_final_run_with_time_to_spare_is_lengthened_from_its_own_pace(tmp_path
 
 
 def test_a_final_run_on_a_slow_machine_is_shortened_so_its_schedule_ends(tmp_path, caplog):
-    """Planned for 6 epochs of at least 1 s with 6 s left: it is re-planned to the epochs that fit after its
-    first, and its schedule ends there instead of being cut short at a high learning rate."""
-    history, train, log = _paced(tmp_path, "short", 6, Clock(6), 1.0, caplog)
+    """Planned for 6 epochs of at least 2 s with 12 s left: it is re-planned to the epochs that fit after its
+    first, and its schedule ends there instead of being cut short at a high learning rate. (With 1-s epochs
+    and 6 s, beside two busy processes an epoch's own work took 2.5 s: no second epoch fitted at all.)"""
+    history, train, log = _paced(tmp_path, "short", 6, Clock(12), 2.0, caplog)
     assert re.search(r"re-planned from 6 to [1-5] epochs", log), log
     assert len(history) == train["epochs"] < 6 and "ending after" not in log
 

@@ -60,6 +60,16 @@ def test_the_gpu_check_runs_its_cpu_safe_parts_with_dry_run(tmp_path):
     assert synced["fast"]["epochs"] == synced["quick"]["epochs"] == 1 and not synced["mode_set"]
 
 
+def state_after(batches, epoch: int, start: int):
+    """The epoch generator's state after `start` steps of `epoch` (what a mid-epoch checkpoint keeps); None at 0."""
+    if not start:
+        return None
+    walk = batches.epoch(epoch)
+    for _ in range(start):
+        next(walk)
+    return batches.rng_state()
+
+
 def test_streamed_batches_are_the_resident_ones_from_any_step_and_on_any_process():
     """Batches(stream=True) gathers each batch on a background thread (on a GPU: pinned, copied ahead on a side
     stream): the same augmented, mixed batches as the resident path, from the start and from a mid-epoch resume,
@@ -80,12 +90,7 @@ def test_streamed_batches_are_the_resident_ones_from_any_step_and_on_any_process
         resident, streamed = Batches(x, y, **kw), Batches(x, y, **kw, stream=True)
         assert streamed.stream and not resident.stream
         for epoch, start in ((0, 0), (1, 0), (1, 2)):
-            rng = None
-            if start:
-                walk = resident.epoch(epoch)
-                for _ in range(start):
-                    next(walk)
-                rng = resident.rng_state()
+            rng = state_after(resident, epoch, start)
             a, b = list(resident.epoch(epoch, start, rng)), list(streamed.epoch(epoch, start, rng))
             assert len(a) == len(b) == resident.steps - start
             assert all(sa == sb and torch.equal(xa, xb) and torch.equal(ya, yb)
@@ -120,12 +125,8 @@ def test_an_epochs_numbers_drawn_at_its_start_give_the_batches_drawn_step_by_ste
         for epoch, start in ((0, 0), (1, 0), (1, 2)):
             g = torch.Generator().manual_seed(5 * 100_003 + epoch)
             perm = torch.randperm(45, generator=g)
-            rng = None
+            rng = state_after(batches, epoch, start)
             if start:
-                walk = batches.epoch(epoch)
-                for _ in range(start):
-                    next(walk)
-                rng = batches.rng_state()
                 g.set_state(rng)
             for step, xb, yb in batches.epoch(epoch, start, rng):
                 idx = shard(world, perm[step * 16:(step + 1) * 16])
