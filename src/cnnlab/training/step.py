@@ -127,13 +127,13 @@ class Step:
         trained = [p for p in model.parameters() if p.requires_grad]
         if self.forward is not None and [id(p) for p in trained] == [id(p) for p in self.trained]:
             if compile_now and self.forward is self.eager:
-                self.forward = torch.compile(self.eager, dynamic=False)
+                self.forward, self.compiled_batch = torch.compile(self.eager, dynamic=False), None
             return
         self.release()
         forward = model
         if self.world.distributed:
             forward = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.eager = forward
+        self.eager, self.compiled_batch = forward, None
         self.forward = torch.compile(forward, dynamic=False) if compile_now else forward
         self.trained = trained
 
