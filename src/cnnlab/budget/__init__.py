@@ -331,8 +331,7 @@ def trial_size(batch_size: int, images: int) -> int:
 def as_trial_data(ds: Dataset, seed: int, size: int | None = None) -> Dataset:
     """What a trial sees: a stratified sample of `size` training images (by default TRIAL_SHARE, at least
     TRIAL_MIN), and the held-out split as its test set, so no trial looks at the real one."""
-    n = len(ds.y_train)
-    sample = ds.subset(size or max(TRIAL_MIN, round(TRIAL_SHARE * n)), seed)
+    sample = ds.subset(size or trial_size(1, len(ds.y_train)), seed)
     return replace(sample, x_test=ds.x_val, y_test=ds.y_val, x_val=None, y_val=None, test_files=())
 
 
