@@ -3,6 +3,7 @@ hindsight, on a photo-like folder and on CIFAR-10.
 
     .venv/bin/python benchmarks/budget.py                          # 2, 5 and 15 minutes, both data sets
     .venv/bin/python benchmarks/budget.py --minutes 2 --data photos [--busy]
+    .venv/bin/python benchmarks/budget.py --crossover 180 [--candidates fast]   # quick and fast alone, 180 s each
 
 For each budget: the budget run as a user runs it (its choice, held-out and test accuracy, the seconds it
 counted and the whole command's wall clock); then each preset the budget had as a candidate (tried, or left
@@ -203,7 +204,13 @@ def main() -> None:
     ap.add_argument("--busy", action="store_true", help="also each budget with two busy processes from a third on")
     ap.add_argument("--reuse-hindsight", action="store_true",
                     help="take each candidate's hindsight run from the results file where it has one (same CPU class)")
+    ap.add_argument("--crossover", type=float, nargs="+", metavar="SECONDS",
+                    help="only: quick and fast on CIFAR-10 alone for the epochs that fit each of these wall clocks")
+    ap.add_argument("--candidates", nargs="+", default=["quick", "fast"], choices=["quick", "fast"],
+                    help="with --crossover: these only")
     args = ap.parse_args()
+    if args.crossover:
+        return crossover(args.crossover, args.candidates)
     reuse = earlier_hindsight(machine()["cpu_class"]) if args.reuse_hindsight else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()  # the code measured (a commit made meanwhile is not)
@@ -222,6 +229,26 @@ def main() -> None:
     info = machine()
     save(f"budget-{info['cpu_class']}",
          merged(info, rows, commit, "python benchmarks/budget.py " + " ".join(sys.argv[1:])))
+
+
+def crossover(walls: list[float], candidates: list[str]) -> None:
+    """Where `fast` overtakes `quick` at equal wall clock on CIFAR-10 here (each run alone, hindsight's way): a
+    search ranks the two as their final runs will end only with trials at least that long, whatever their data,
+    since a trial's cost is the images it trains on. Adds to results/budget-crossover-<cpu class>.json."""
+    work, info = HERE / "work" / "budget", machine()
+    for (data, _), runs in earlier_hindsight(info["cpu_class"]).items():  # each candidate's calibration from the
+        for c, h in runs.items():  # results file (fast's is two 150-s epochs on 2 cores), else made now
+            if data == "cifar10" and "epoch_s" in h:
+                CALIBRATION["cifar10", c] = (h["epoch_s"], h["start_s"])
+    subprocess.run([*CNNLAB, "data", "info", "--data", str(DATA)], cwd=ROOT, capture_output=True, check=True)
+    path = HERE / "results" / f"budget-crossover-{info['cpu_class']}.json"
+    rows = {r["wall_clock_s"]: r for r in (json.loads(path.read_text())["rows"] if path.is_file() else [])}
+    for s in walls:
+        rows[s] = {**rows.get(s, {"wall_clock_s": s}),
+                   **{c: hindsight("cifar10", DATA, c, s, work / f"crossover-{s:g}") for c in candidates}}
+        print(json.dumps(rows[s]), flush=True)
+    save(f"budget-crossover-{info['cpu_class']}", {"machine": info, "rows": sorted(rows.values(),
+                                                                                 key=lambda r: r["wall_clock_s"])})
 
 
 def merged(info: dict, rows: list[dict], commit: str, command_line: str) -> dict:

@@ -150,13 +150,13 @@ def test_a_budget_downloads_the_presets_backbone_outside_its_clock_or_leaves_it_
         assert cli.main(["train", "--data", str(photos), "--budget", "1m", "--dry-run", "--out", str(run)]) == 0
         said = capsys.readouterr().out
         tried = {t["candidate"] for t in trials(run)}
-        assert "mobilenet_v3_large's ImageNet weights can be downloaded" in said
+        sizes = {c for c in tried if c.startswith("photos@")}  # one input size from scratch (reachable's test)
+        assert "mobilenet_v3_large's ImageNet weights can be downloaded" in said and len(sizes) == 1
         if damaged:
             assert "leaving out mobilenet_v3_large: " in said and "arrived damaged" in said
-            assert tried == {"photos@64", "photos@96"}
+            assert tried == sizes
         else:
-            assert tried == {"photos@64", "photos@96", "finetune:mobilenet_v3_large@128",
-                             "probe:mobilenet_v3_large@128"}
+            assert tried - sizes == {"finetune:mobilenet_v3_large@128", "probe:mobilenet_v3_large@128"}
             assert pretrained.cached_path(weights).is_file()
 
 
@@ -201,8 +201,14 @@ def test_tuned_trials_start_only_before_their_own_deadline_after_every_recipe_tr
         (c.name, f"{c.cfg.lr:.4g}", {"quick": "2", "fast": "1"}[c.name]) for c in found]  # the recipes' settings
     fast = next(t for t in search.study.trials if t.params["candidate"] == "fast")
     assert list(fast.intermediate_values) == [2]  # its one epoch reported at the time of two of `quick`'s
-    search.run(until=later, trials=1, tune_until=later)
-    assert len(trials_of(search)) == len(found) + 1
+    search.run(until=later, trials=3, tune_until=later)
+    assert len(trials_of(search)) == len(found) + 3
+    # tuned augmentation: the recipe's own or stronger, never weaker (a final run is longer than any trial)
+    tuned = [t for t in search.study.trials if t.number >= len(found)]
+    assert all(t.distributions["augment_strength"].low == 1 for t in tuned)
+    recipe = {c.name: c.cfg.augment for c in found}
+    assert all(r["augment"] in (recipe[r["candidate"]], f"{recipe[r['candidate']]}+erasing")
+               for r in trials_of(search) if int(r["trial"]) >= len(found))
 
 
 def trials_of(search) -> list[dict]:
@@ -238,8 +244,9 @@ def test_a_budget_dry_run_on_cifar_sized_images_tracked(tmp_path, cifar_python_d
 
 def test_trials_take_equal_time_and_a_candidate_from_scratch_needs_room_for_its_epochs():
     """Timed epochs of 6, 9 and 24 s at 64, 96 and 128 px: trials of 3, 2 and 1 epochs (the same seconds); with
-    130 s for the final run, 128 px is left out (10 epochs from scratch do not fit) where a fine-tune of a
-    pretrained backbone needs one epoch; with 50 s the quickest stays alone. CIFAR-sized recipes need one."""
+    130 s for the final run, 64 px is the size from scratch (20 epochs of 96 px do not fit) where a fine-tune
+    of a pretrained backbone needs one epoch; with 200 s, 96 px and no smaller one; with 50 s the quickest stays
+    alone. CIFAR-sized recipes need one."""
     photos = candidates.for_data((96, 96), source_side=150)[0]
     tuned = replace(presets.get("finetune"), model="resnet18_imagenet")
     found = [*photos, candidates.Candidate("finetune:resnet18_imagenet@128", tuned, (128, 128)),
@@ -248,8 +255,10 @@ def test_trials_take_equal_time_and_a_candidate_from_scratch_needs_room_for_its_
     assert budget.trial_epochs(found, epoch, 3) == {"photos@64": 3, "photos@96": 2, "photos@128": 1,
                                                     "finetune:resnet18_imagenet@128": 1,
                                                     "probe:resnet18_imagenet@128": 3}  # (a probe is not timed)
-    assert budget.reachable(found, epoch, room=130) == ["photos@64", "photos@96", "finetune:resnet18_imagenet@128",
-                                                        "probe:resnet18_imagenet@128"]
+    pretrained = ["finetune:resnet18_imagenet@128", "probe:resnet18_imagenet@128"]
+    assert budget.reachable(found, epoch, room=130) == ["photos@64", *pretrained]
+    assert budget.reachable(found, epoch, room=200) == ["photos@96", *pretrained]
+    assert budget.reachable(found, epoch, room=480) == ["photos@128", *pretrained]
     assert budget.reachable(photos, epoch, room=50) == ["photos@64"]
     cifar = candidates.for_data((32, 32))[0]  # quick and fast: recipes at the images' own size need one epoch
     assert budget.reachable(cifar, {"quick": 20.0, "fast": 190.0}, room=585) == ["quick", "fast"]
@@ -294,9 +303,9 @@ def test_a_budget_on_photos_is_searched_resumed_after_ctrl_c_and_kept(tmp_path):
     log = (tmp_path / "first.log").open("w")
     job = subprocess.Popen([*CNNLAB, "train", "--data", str(photos), "--budget", "30s", "--out", str(run)],
                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 120
-    while not trials(run) and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    deadline = time.monotonic() + 120  # Ctrl-C once the first trial has started (one size: a single candidate)
+    while not (run / "search" / "trial-000").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     job.send_signal(signal.SIGINT)
     assert job.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()
     first = (tmp_path / "first.log").read_text()
@@ -306,7 +315,13 @@ def test_a_budget_on_photos_is_searched_resumed_after_ctrl_c_and_kept(tmp_path):
                           env=env)
     assert proc.returncode == 0, proc.stderr
     rows = trials(run)
-    assert len(rows) > len(done_before) and {"photos@64", "photos@96"} <= {r["candidate"] for r in rows}
+    # one network from scratch: at the largest input size at which SCRATCH_EPOCHS of its epochs fit
+    line = next(ln for ln in first.splitlines() if "from a step timed now" in ln)
+    timed = {int(size): float(s) for size, s in re.findall(r"photos@(\d+) ~([\d.]+) s", line)}
+    room = float(re.search(r"the final run has ([\d.]+) s", line).group(1))
+    size = max((px for px, s in timed.items() if s * budget.SCRATCH_EPOCHS <= room), default=min(timed))
+    assert len(timed) == 2 and {r["candidate"] for r in rows} == {f"photos@{size}"}
+    assert len(rows) > len(done_before) or "trial " in proc.stdout.split("resuming the search")[1]
     spent = float(re.search(r"budget: done; (\d+) s spent", proc.stdout).group(1))
     assert spent <= 33, proc.stdout
     assert list(csv.DictReader((run / "trials.csv").open()))[0]["candidate"] in proc.stdout.split("final run: ")[1]

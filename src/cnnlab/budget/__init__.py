@@ -56,11 +56,14 @@ TRIAL_STEPS = 20  # and at least this many steps of a candidate's batch: at 15 m
 # `fast` (batch 1,024) were 8 steps an epoch on the 8,500-image sample and scored 38% held out against `quick`'s
 # 66%, so the search chose `quick` (84.63%) where `fast` alone reached 90.12% in the same time
 HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
-SCRATCH_EPOCHS = 10  # an input size chosen for a network from scratch (photos@96) stays only where this many
-# of its epochs fit the final run's share at its step time here (the quickest candidate stays in any case):
-# photos on 5,000 images in hindsight, at 2 minutes 5 epochs at 128 px scored 52.2% and 9 at 96 px 57.3% where
-# 20 at 64 px: 66.1%; at 5 minutes 13 at 128 px 62.7% where 25 at 96 px and 51 at 64 px: 69.2%. A pretrained
-# backbone and the CIFAR-sized recipes need one epoch to fit (`fast` at 5 epochs: 89.4% on CIFAR-10)
+SCRATCH_EPOCHS = 20  # a network from scratch trains at the largest input size at which this many of its epochs
+# fit the final run's share at its step time here (the smallest if none does; photos@64, @96 and @128 are one
+# network at three sizes): trials of a few epochs at equal time favour the smallest size, which learns fastest,
+# where a final run of many epochs gains more from pixels than from epochs. Hindsight on 5,000 photos: at 2
+# minutes 18 epochs at 64 px scored 64.0%, 10 at 96 px 59.5%; at 5 minutes 25 at 96 px 69.24%, 48 at 64 px
+# 67.94%, 14 at 128 px 63.66%; at 15 minutes 90 at 96 px 72.22%, 50 at 128 px 71.74%, 100 at 64 px 69.92%,
+# where the search over every size had chosen 64 px (67.32%). A pretrained backbone and the CIFAR-sized
+# recipes need one epoch to fit (`fast` at 5: 89.4%)
 MAX_EPOCHS = 100
 SLACK = 0.07  # of the budget the final run may overrun its plan before it stops early: a schedule cut short ends
 # at a high learning rate (CIFAR-10 at 2 minutes: `quick` planned for 2 epochs and stopped after 1 scored 25%)
@@ -194,8 +197,8 @@ def _candidates(state: dict, ds: Dataset, clock: Clock, world: World) -> list:
 def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> tuple[list, dict[str, float]]:
     """The candidates within reach of the final run's share of the budget, and the seconds an epoch of each on
     all the training images takes, from its step time measured here and now (process 0 measures, every process
-    keeps the same): a candidate needs one epoch to fit (an input size for a network from scratch:
-    SCRATCH_EPOCHS); the quickest stays if none does. At 2 minutes on CIFAR-10 a trial of `fast` took 29 of the
+    keeps the same): a candidate needs one epoch to fit (a network from scratch SCRATCH_EPOCHS, at the largest
+    input size they fit); the quickest stays if none does. At 2 minutes on CIFAR-10 a trial of `fast` took 29 of the
     search's 40 s to learn what its step time says at once: its epoch (148 s) cannot fit. Head-only probes are
     cheap and not measured."""
     names, epoch = None, None
@@ -210,20 +213,23 @@ def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> tuple
             log.info(f"budget: an epoch of the {len(ds.y_train):,} training images here, from a step timed now: "
                      + ", ".join(f"{name} ~{seconds:.1f} s" for name, seconds in epoch.items())
                      + f"; the final run has {room:.1f} s"
-                     + (f": leaving out {', '.join(out)} (too few epochs fit)" if out else ""))
+                     + (f": leaving out {', '.join(out)} (too few epochs fit, or a larger input size fits "
+                        f"{SCRATCH_EPOCHS})" if out else ""))
         names, epoch = dist.broadcast(world, (names, epoch))
     return [c for c in found if c.name in names], epoch
 
 
 def reachable(found: list, epoch: dict[str, float], room: float) -> list[str]:
     """The names of the candidates whose least epochs (SCRATCH_EPOCHS for an input size chosen for a network
-    from scratch, else one) fit `room` seconds at `epoch` seconds each (a candidate not timed fits); the
-    quickest if none does."""
-    def least(c) -> int:
-        return SCRATCH_EPOCHS if c.image_size is not None and not c.cfg.pretrained else 1
+    from scratch, else one) fit `room` seconds at `epoch` seconds each (a candidate not timed fits), of the
+    sizes from scratch that fit only the largest; the quickest if none fits."""
+    def scratch(c) -> bool:
+        return c.image_size is not None and not c.cfg.pretrained
 
-    fit = [c.name for c in found if epoch.get(c.name, 0) * least(c) <= room]
-    return fit or [min(epoch, key=epoch.get)]
+    fit = [c for c in found if epoch.get(c.name, 0) * (SCRATCH_EPOCHS if scratch(c) else 1) <= room]
+    sized = [c for c in fit if scratch(c)]
+    largest = max(sized, key=lambda c: c.image_size[0] * c.image_size[1], default=None)
+    return [c.name for c in fit if not scratch(c) or c is largest] or [min(epoch, key=epoch.get)]
 
 
 def trial_epochs(found: list, epoch: dict[str, float], longest: int) -> dict[str, int]:
