@@ -150,8 +150,9 @@ def test_a_budget_downloads_the_presets_backbone_outside_its_clock_or_leaves_it_
         assert cli.main(["train", "--data", str(photos), "--budget", "1m", "--dry-run", "--out", str(run)]) == 0
         said = capsys.readouterr().out
         tried = {t["candidate"] for t in trials(run)}
-        sizes = {c for c in tried if c.startswith("photos@")}  # one input size from scratch (reachable's test)
-        assert "mobilenet_v3_large's ImageNet weights can be downloaded" in said and len(sizes) == 1
+        sizes = {c for c in tried if c.startswith("photos@")}  # a dry run tries every candidate: both sizes
+        assert "mobilenet_v3_large's ImageNet weights can be downloaded" in said  # no larger than the images
+        assert sizes == {"photos@64", "photos@96"}
         if damaged:
             assert "leaving out mobilenet_v3_large: " in said and "arrived damaged" in said
             assert tried == sizes
@@ -224,7 +225,7 @@ def test_a_budget_dry_run_on_cifar_sized_images_tracked(tmp_path, cifar_python_d
     printed = capsys.readouterr().out
     rows = trials(run)
     assert sorted(r["candidate"] for r in rows) == ["fast", "quick"] and all(r["epochs"] == "1" for r in rows)
-    assert "Epoch 1/1" in printed.split("final run:")[1]
+    assert "Epoch 1/1" in printed.split("final run:")[1] and "until 35% of the budget is spent" in printed
     config = json.loads((run / "config.json").read_text())
     assert config["preset"] == "budget" and config["train"]["epochs"] == 1
     if tracked:  # each trial a child of the budget's MLflow run; TensorBoard finds the trials under the run
@@ -242,11 +243,12 @@ def test_a_budget_dry_run_on_cifar_sized_images_tracked(tmp_path, cifar_python_d
         assert "--budget chooses the recipe" in capsys.readouterr().err
 
 
-def test_trials_take_equal_time_and_a_candidate_from_scratch_needs_room_for_its_epochs():
-    """Timed epochs of 6, 9 and 24 s at 64, 96 and 128 px: trials of 3, 2 and 1 epochs (the same seconds); with
-    130 s for the final run, 64 px is the size from scratch (20 epochs of 96 px do not fit) where a fine-tune
-    of a pretrained backbone needs one epoch; with 200 s, 96 px and no smaller one; with 50 s the quickest stays
-    alone. CIFAR-sized recipes need one."""
+def test_trials_take_equal_time_and_a_network_from_scratch_is_the_largest_that_sees_enough_images():
+    """Timed epochs of 6, 9 and 24 s at 64, 96 and 128 px: trials of 3, 2 and 1 epochs (the same seconds). On
+    5,000 images a network from scratch needs 20 epochs (SCRATCH_IMAGES): with 130 s for the final run 64 px is
+    the size from scratch where a fine-tune of a pretrained backbone needs one epoch; with 200 s 96 px and no
+    smaller one; with 50 s the quickest size stays; with 5 s no network from scratch. On CIFAR-10's 50,000
+    images `fast` (2 epochs) replaces `quick` where it fits."""
     photos = candidates.for_data((96, 96), source_side=150)[0]
     tuned = replace(presets.get("finetune"), model="resnet18_imagenet")
     found = [*photos, candidates.Candidate("finetune:resnet18_imagenet@128", tuned, (128, 128)),
@@ -256,12 +258,17 @@ def test_trials_take_equal_time_and_a_candidate_from_scratch_needs_room_for_its_
                                                     "finetune:resnet18_imagenet@128": 1,
                                                     "probe:resnet18_imagenet@128": 3}  # (a probe is not timed)
     pretrained = ["finetune:resnet18_imagenet@128", "probe:resnet18_imagenet@128"]
-    assert budget.reachable(found, epoch, room=130) == ["photos@64", *pretrained]
-    assert budget.reachable(found, epoch, room=200) == ["photos@96", *pretrained]
-    assert budget.reachable(found, epoch, room=480) == ["photos@128", *pretrained]
-    assert budget.reachable(photos, epoch, room=50) == ["photos@64"]
-    cifar = candidates.for_data((32, 32))[0]  # quick and fast: recipes at the images' own size need one epoch
-    assert budget.reachable(cifar, {"quick": 20.0, "fast": 190.0}, room=585) == ["quick", "fast"]
+    assert budget.SCRATCH_IMAGES == 20 * 5_000
+    assert budget.reachable(found, epoch, room=130, images=5_000) == ["photos@64", *pretrained]
+    assert budget.reachable(found, epoch, room=200, images=5_000) == ["photos@96", *pretrained]
+    assert budget.reachable(found, epoch, room=480, images=5_000) == ["photos@128", *pretrained]
+    assert budget.reachable(found, epoch, room=480, images=4_000) == ["photos@96", *pretrained]  # 25 epochs
+    assert budget.reachable(found, epoch, room=50, images=5_000) == ["photos@64", "probe:resnet18_imagenet@128"]
+    assert budget.reachable(found, epoch, room=5, images=5_000) == ["probe:resnet18_imagenet@128"]
+    assert budget.reachable(photos, epoch, room=5, images=5_000) == ["photos@64"]  # the quickest of all
+    cifar = candidates.for_data((32, 32))[0]  # quick and fast: one network from scratch at two widths
+    assert budget.reachable(cifar, {"quick": 20.0, "fast": 190.0}, room=585, images=50_000) == ["fast"]
+    assert budget.reachable(cifar, {"quick": 20.0, "fast": 190.0}, room=300, images=50_000) == ["quick"]
 
 
 def test_a_trial_gives_a_large_batch_enough_steps():
@@ -288,7 +295,7 @@ def test_a_candidate_whose_epoch_cannot_fit_the_final_run_is_left_out_before_any
     epoch = {name: float(s) for name, s in re.findall(r"(\w+) ~([\d.]+) s", line)}
     room = float(re.search(r"the final run has ([\d.]+) s", line).group(1))
     assert set(epoch) == {"quick", "fast"} and room == pytest.approx(6.5)
-    kept = {name for name, seconds in epoch.items() if seconds <= room} or {min(epoch, key=epoch.get)}
+    kept = {min(epoch, key=epoch.get)}  # neither sees 100,000 images (10 epochs) in 6.5 s: the quickest
     assert {r["candidate"] for r in trials(run)} == kept and kept < set(epoch), line  # (the quickest stays)
     assert f"leaving out {', '.join(sorted(set(epoch) - kept))}" in line
 
@@ -315,11 +322,13 @@ def test_a_budget_on_photos_is_searched_resumed_after_ctrl_c_and_kept(tmp_path):
                           env=env)
     assert proc.returncode == 0, proc.stderr
     rows = trials(run)
-    # one network from scratch: at the largest input size at which SCRATCH_EPOCHS of its epochs fit
+    # one network from scratch: at the largest input size at which the final run sees SCRATCH_IMAGES images
     line = next(ln for ln in first.splitlines() if "from a step timed now" in ln)
     timed = {int(size): float(s) for size, s in re.findall(r"photos@(\d+) ~([\d.]+) s", line)}
     room = float(re.search(r"the final run has ([\d.]+) s", line).group(1))
-    size = max((px for px, s in timed.items() if s * budget.SCRATCH_EPOCHS <= room), default=min(timed))
+    images = int(re.search(r"an epoch of the ([\d,]+) training", line).group(1).replace(",", ""))
+    epochs = budget.SCRATCH_IMAGES / images
+    size = max((px for px, s in timed.items() if s * epochs <= room), default=min(timed))
     assert len(timed) == 2 and {r["candidate"] for r in rows} == {f"photos@{size}"}
     assert len(rows) > len(done_before) or "trial " in proc.stdout.split("resuming the search")[1]
     spent = float(re.search(r"budget: done; (\d+) s spent", proc.stdout).group(1))
@@ -344,7 +353,11 @@ def test_a_budget_in_two_processes_on_idx_files_runs_each_trial_on_both(tmp_path
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = trials(run)
-    assert {r["candidate"] for r in rows} == {"fast", "quick"}
+    line = next(ln for ln in proc.stdout.splitlines() if "from a step timed now" in ln)
+    epoch = {name: float(s) for name, s in re.findall(r"(\w+) ~([\d.]+) s", line)}
+    # neither width sees 100,000 images (500 epochs of 200) in 13 s: the quickest, and the search's share is 10%
+    assert set(epoch) == {"quick", "fast"} and {r["candidate"] for r in rows} == {min(epoch, key=epoch.get)}
+    assert "until 10% of the budget is spent" in proc.stdout
     assert proc.stdout.count("2 processes of") == len(rows) + 1  # every trial and the final run
     assert json.loads((run / "config.json").read_text())["environment"]["processes"] == 2
     epochs = json.loads((run / "config.json").read_text())["train"]["epochs"]  # as re-planned, if it was

@@ -5,6 +5,7 @@ on, and waiting for a slow first decode without a collective's timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -125,6 +126,22 @@ def workers_of(launcher: int) -> list[int]:
     return [int(d.name) for d in Path("/proc").glob("[0-9]*") if parent(d.name) == str(launcher)]
 
 
+def kill_machine(launcher: int) -> None:
+    """The whole machine at once: its launcher and every process under it are stopped first (none of them can
+    react to another's end), then killed, as a machine's death ends them all at once. (This test killed the
+    workers, then the launcher; once in CI the other machine then ended after 64 s, not the usual 0.4-3 s: the
+    cause is not known, and the assertion now shows that machine's log.)"""
+    tree, todo = [], [launcher]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(workers_of(pid))
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
 def elastic_job_at_its_first_checkpoint(tmp_path: Path, data: Path, epochs: int):
     """Two machines training under --max-restarts 2, once machine 0's run directory holds a checkpoint."""
     homes = [machine(tmp_path, r, data) for r in range(2)]
@@ -158,12 +175,11 @@ def test_when_the_machine_of_the_run_directory_dies_the_others_end_in_one_line(t
     """Restarts cannot cover the machine that holds the run directory (and here the rendezvous): the other
     machine ends at once with one line saying where to resume, and the run resumes there to the end."""
     homes, jobs = elastic_job_at_its_first_checkpoint(tmp_path, cifar_python_dir, epochs=40)
-    for pid in workers_of(jobs[0].pid):
-        os.kill(pid, signal.SIGKILL)
-    jobs[0].kill()  # the whole machine: its launcher and its worker
+    kill_machine(jobs[0].pid)
     killed = time.monotonic()
     log1 = finish(jobs, homes)[1]
-    assert jobs[1].returncode == 2 and time.monotonic() - killed < 30
+    took = time.monotonic() - killed
+    assert jobs[1].returncode == 2 and took < 30, (took, log1[-3000:])
     errors = [ln for ln in log1.splitlines() if ln.strip()]
     assert errors[-1].startswith("cnnlab: error: lost the rendezvous at 127.0.0.1:") and "--resume RUN" in errors[-1]
     assert "Traceback" not in log1 and "frame #" not in log1, log1[-2000:]

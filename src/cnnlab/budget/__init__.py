@@ -56,14 +56,20 @@ TRIAL_STEPS = 20  # and at least this many steps of a candidate's batch: at 15 m
 # `fast` (batch 1,024) were 8 steps an epoch on the 8,500-image sample and scored 38% held out against `quick`'s
 # 66%, so the search chose `quick` (84.63%) where `fast` alone reached 90.12% in the same time
 HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
-SCRATCH_EPOCHS = 20  # a network from scratch trains at the largest input size at which this many of its epochs
-# fit the final run's share at its step time here (the smallest if none does; photos@64, @96 and @128 are one
-# network at three sizes): trials of a few epochs at equal time favour the smallest size, which learns fastest,
-# where a final run of many epochs gains more from pixels than from epochs. Hindsight on 5,000 photos: at 2
-# minutes 18 epochs at 64 px scored 64.0%, 10 at 96 px 59.5%; at 5 minutes 25 at 96 px 69.24%, 48 at 64 px
-# 67.94%, 14 at 128 px 63.66%; at 15 minutes 90 at 96 px 72.22%, 50 at 128 px 71.74%, 100 at 64 px 69.92%,
-# where the search over every size had chosen 64 px (67.32%). A pretrained backbone and the CIFAR-sized
-# recipes need one epoch to fit (`fast` at 5: 89.4%)
+SOLO_SHARE = 0.1  # of the budget for the trials when one candidate is left: they can only tune its settings,
+# and trials of a few epochs tune them for short runs. Measured: CIFAR-10 at 2 minutes, six trials of `quick` (42 s)
+# and its final 6 epochs scored 80.78% where 8 epochs of the recipe: 82.12%; 5,000 photos at 15 minutes, 27 trials
+# of photos@128 (315 s) and its final 32 epochs scored 70.34% where 50 epochs of the recipe alone: 71.74%
+SCRATCH_IMAGES = 100_000  # a network from scratch trains at the largest size (the most seconds an epoch: `fast`
+# over `quick`, photos at 128 px over 96 over 64) at which its final run sees this many training images in the
+# final run's share at its step time here (the smallest if none does). Trials of a few epochs at equal time
+# favour the smallest, which learns fastest, where a long final run gains more from a larger network or more
+# pixels. Measured at equal wall clock: CIFAR-10, `fast` at 1 epoch (50,000 images) 76.47% against 12 of
+# `quick`'s 83.20%, at 2 (100,000) 84.75% against 16 of `quick`'s 83.53%; 5,000 photos at 96 px, 10 epochs
+# (50,000) 59.5% against 64 px's 64.0%, 25 epochs (125,000) 69.24% against 67.94%; 128 px at 14 epochs 63.66%,
+# at 50 (250,000) 71.74% against 96 px's 72.22% (inside a standard error of 0.7). At 15 minutes on CIFAR-10 the
+# search over both had chosen `quick` (84.62%) where `fast` alone reached 90.12%. A pretrained backbone needs
+# one epoch to fit
 MAX_EPOCHS = 100
 SLACK = 0.07  # of the budget the final run may overrun its plan before it stops early: a schedule cut short ends
 # at a high learning rate (CIFAR-10 at 2 minutes: `quick` planned for 2 epochs and stopped after 1 scored 25%)
@@ -137,7 +143,7 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
     data_cfg = from_dict(DataConfig, state["data"])
     whole = ds or _load(data_cfg, state, clock)  # as the final run sees it
     ds = held_out(whole, state["seed"])  # as the trials see it
-    found, epoch = _within_reach(_candidates(state, ds, clock, world), whole, clock, world)
+    found, epoch = _within_reach(_candidates(state, ds, clock, world), whole, clock, world, every=state["dry_run"])
     trial_data, made = {}, {}
     for c in found:  # candidates of one input size and sample size share their images
         key = (c.image_size, trial_size(c.cfg.batch_size, len(ds.y_train)))
@@ -150,15 +156,16 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
     on_sample = {name: epoch[name] * n / len(whole.y_train) for name, n in sample.items() if name in epoch}
     search = Search(run / Run.SEARCH, found, trial_data, clock, state["seed"], world, max_epochs=longest,
                     epochs=trial_epochs(found, on_sample, longest), tracking=tuple(state["tracking"]))
-    tune = SEARCH_SHARE * min(1.0, clock.seconds / TUNE_FULL)
+    share = SEARCH_SHARE if len(found) > 1 else SOLO_SHARE
+    tune = min(share, SEARCH_SHARE * min(1.0, clock.seconds / TUNE_FULL))
     usual = min(sample.values())
     larger = ", ".join(f"{name}: {n:,}" for name, n in sample.items() if n > usual)
     clock.say(f"{len(found)} candidates ({', '.join(c.name for c in found)}); trials on {usual:,}"
               + (f" ({larger})" if larger else "") + f" of the {len(ds.y_train):,} training images, scored on "
-              f"{len(ds.y_val):,} held-out ones, until {SEARCH_SHARE:.0%} of the budget is spent (tuned ones until "
+              f"{len(ds.y_val):,} held-out ones, until {share:.0%} of the budget is spent (tuned ones until "
               f"{tune:.0%})")
     try:
-        search.run(clock.deadline(SEARCH_SHARE), trials=len(found) if state["dry_run"] else None,
+        search.run(clock.deadline(share), trials=len(found) if state["dry_run"] else None,
                    tune_until=clock.deadline(tune))
     except (Interrupted, KeyboardInterrupt):  # Ctrl-C in a trial or between two: the search continues with
         raise Interrupted(run) from None  # --resume, with the time it had left
@@ -194,13 +201,13 @@ def _candidates(state: dict, ds: Dataset, clock: Clock, world: World) -> list:
     return [by_name[n] for n in names]
 
 
-def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> tuple[list, dict[str, float]]:
+def _within_reach(found: list, ds: Dataset, clock: Clock, world: World, every: bool = False
+                  ) -> tuple[list, dict[str, float]]:
     """The candidates within reach of the final run's share of the budget, and the seconds an epoch of each on
     all the training images takes, from its step time measured here and now (process 0 measures, every process
-    keeps the same): a candidate needs one epoch to fit (a network from scratch SCRATCH_EPOCHS, at the largest
-    input size they fit); the quickest stays if none does. At 2 minutes on CIFAR-10 a trial of `fast` took 29 of the
-    search's 40 s to learn what its step time says at once: its epoch (148 s) cannot fit. Head-only probes are
-    cheap and not measured."""
+    keeps the same), by `reachable`. At 2 minutes on CIFAR-10 a trial of `fast` took 29 of the search's 40 s
+    to learn what its step time says at once: its epoch (148 s) cannot fit. Head-only probes are
+    cheap and not measured. `every` (a dry run, which tries each candidate once): all of them."""
     names, epoch = None, None
     # not counted, on every process alike (the others wait in the broadcast), so their clocks stay together;
     # counted, the timing left a busy machine's 30-s search no time
@@ -208,28 +215,31 @@ def _within_reach(found: list, ds: Dataset, clock: Clock, world: World) -> tuple
         if world.main:
             room = (1 - SEARCH_SHARE) * clock.seconds
             epoch = {c.name: _epoch_seconds(c, ds, world) for c in found if not c.cfg.head_only}
-            names = reachable(found, epoch, room)
+            names = [c.name for c in found] if every else reachable(found, epoch, room, len(ds.y_train))
             out = [name for name in epoch if name not in names]
             log.info(f"budget: an epoch of the {len(ds.y_train):,} training images here, from a step timed now: "
                      + ", ".join(f"{name} ~{seconds:.1f} s" for name, seconds in epoch.items())
                      + f"; the final run has {room:.1f} s"
-                     + (f": leaving out {', '.join(out)} (too few epochs fit, or a larger input size fits "
-                        f"{SCRATCH_EPOCHS})" if out else ""))
+                     + (f": leaving out {', '.join(out)} (too few epochs fit, or a larger network from scratch "
+                        f"sees {SCRATCH_IMAGES:,} images)" if out else ""))
         names, epoch = dist.broadcast(world, (names, epoch))
     return [c for c in found if c.name in names], epoch
 
 
-def reachable(found: list, epoch: dict[str, float], room: float) -> list[str]:
-    """The names of the candidates whose least epochs (SCRATCH_EPOCHS for an input size chosen for a network
-    from scratch, else one) fit `room` seconds at `epoch` seconds each (a candidate not timed fits), of the
-    sizes from scratch that fit only the largest; the quickest if none fits."""
-    def scratch(c) -> bool:
-        return c.image_size is not None and not c.cfg.pretrained
+def reachable(found: list, epoch: dict[str, float], room: float, images: int) -> list[str]:
+    """The names of the candidates within reach of `room` seconds at `epoch` seconds an epoch of `images`
+    training images (a candidate not timed fits): a pretrained one where one epoch fits; of the networks from
+    scratch one, the largest (the most seconds an epoch) at which the final run sees SCRATCH_IMAGES images,
+    else the quickest where one epoch of it fits; the quickest of all if nothing fits."""
+    least = max(1, math.ceil(SCRATCH_IMAGES / max(images, 1)))  # a network from scratch's epochs
 
-    fit = [c for c in found if epoch.get(c.name, 0) * (SCRATCH_EPOCHS if scratch(c) else 1) <= room]
-    sized = [c for c in fit if scratch(c)]
-    largest = max(sized, key=lambda c: c.image_size[0] * c.image_size[1], default=None)
-    return [c.name for c in fit if not scratch(c) or c is largest] or [min(epoch, key=epoch.get)]
+    def fits(c, epochs: int) -> bool:
+        return epoch.get(c.name, 0) * epochs <= room
+
+    scratch = sorted((c for c in found if not c.cfg.pretrained), key=lambda c: epoch.get(c.name, 0))
+    chosen = [c for c in scratch if fits(c, least)][-1:] or [c for c in scratch[:1] if fits(c, 1)]
+    kept = [c.name for c in found if c in chosen or (c.cfg.pretrained and fits(c, 1))]
+    return kept or [min(epoch, key=epoch.get)]
 
 
 def trial_epochs(found: list, epoch: dict[str, float], longest: int) -> dict[str, int]:
