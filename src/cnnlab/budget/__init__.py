@@ -6,7 +6,8 @@ searching on the data itself.
                                   test set is not looked at until the final evaluation
     trial data                    a stratified fifth of the training images (at least 2,000)
     the search (search.py)        trials on the held-out split, with successive halving, until SEARCH_SHARE
-                                  of the budget is spent (SOLO_SHARE where one candidate is in reach); the leaderboard in the log and in trials.csv
+                                  of the budget is spent (SOLO_SHARE where one candidate is in reach);
+                                  the leaderboard in the log and in trials.csv
     the final run                 the best candidate and settings, for the epochs that the rest of the
                                   budget fits at the pace its trials measured; it sees the data as a plain
                                   `cnnlab train` does: every training image, the held-out ones given back
