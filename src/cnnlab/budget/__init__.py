@@ -6,7 +6,8 @@ searching on the data itself.
                                   test set is not looked at until the final evaluation
     trial data                    a stratified fifth of the training images (at least 2,000)
     the search (search.py)        trials on the held-out split, with successive halving, until SEARCH_SHARE
-                                  of the budget is spent (SOLO_SHARE where one candidate is in reach);
+                                  of the budget is spent (tuned ones until SOLO_SHARE where one candidate
+                                  is in reach);
                                   the leaderboard in the log and in trials.csv
     the final run                 the best candidate and settings, for the epochs that the rest of the
                                   budget fits at the pace its trials measured; it sees the data as a plain
@@ -57,8 +58,9 @@ TRIAL_STEPS = 20  # and at least this many steps of a candidate's batch: at 15 m
 # `fast` (batch 1,024) were 8 steps an epoch on the 8,500-image sample and scored 38% held out against `quick`'s
 # 66%, so the search chose `quick` (84.63%) where `fast` alone reached 90.12% in the same time
 HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
-SOLO_SHARE = 0.1  # of the budget for the trials when one candidate is left: they can only tune its settings,
-# and trials of a few epochs tune them for short runs. Measured: CIFAR-10 at 2 minutes, six trials of `quick` (42 s)
+SOLO_SHARE = 0.1  # of the budget for tuned trials when one candidate is left (its recipe trial, which measures
+# its pace, may still start until SEARCH_SHARE): they can only tune its settings, and trials of a few epochs tune
+# them for short runs. Measured: CIFAR-10 at 2 minutes, six trials of `quick` (42 s)
 # and its final 6 epochs scored 80.78% where 8 epochs of the recipe: 82.12%; 5,000 photos at 15 minutes, 27 trials
 # of photos@128 (315 s) and its final 32 epochs scored 70.34% where 50 epochs of the recipe alone: 71.74%
 SCRATCH_IMAGES = 100_000  # a network from scratch trains at the largest size (the most seconds an epoch: `fast`
@@ -157,17 +159,18 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
     on_sample = {name: epoch[name] * n / len(whole.y_train) for name, n in sample.items() if name in epoch}
     search = Search(run / Run.SEARCH, found, trial_data, clock, state["seed"], world, max_epochs=longest,
                     epochs=trial_epochs(found, on_sample, longest), tracking=tuple(state["tracking"]))
-    share = SEARCH_SHARE if len(found) > 1 else SOLO_SHARE
-    tune = min(share, SEARCH_SHARE * min(1.0, clock.seconds / TUNE_FULL))
+    tune = min(SEARCH_SHARE * min(1.0, clock.seconds / TUNE_FULL), SOLO_SHARE if len(found) == 1 else 1.0)
     usual = min(sample.values())
     larger = ", ".join(f"{name}: {n:,}" for name, n in sample.items() if n > usual)
     clock.say(f"{len(found)} candidates ({', '.join(c.name for c in found)}); trials on {usual:,}"
               + (f" ({larger})" if larger else "") + f" of the {len(ds.y_train):,} training images, scored on "
-              f"{len(ds.y_val):,} held-out ones, until {share:.0%} of the budget is spent (tuned ones until "
+              f"{len(ds.y_val):,} held-out ones, until {SEARCH_SHARE:.0%} of the budget is spent (tuned ones until "
               f"{tune:.0%})")
     try:
-        search.run(clock.deadline(share), trials=len(found) if state["dry_run"] else None,
-                   tune_until=clock.deadline(tune))
+        if state["dry_run"]:  # each candidate once, whatever the time: a smoke run of every path
+            search.run(math.inf, trials=len(found), tune_until=math.inf)
+        else:
+            search.run(clock.deadline(SEARCH_SHARE), tune_until=clock.deadline(tune))
     except (Interrupted, KeyboardInterrupt):  # Ctrl-C in a trial or between two: the search continues with
         raise Interrupted(run) from None  # --resume, with the time it had left
     finally:
