@@ -7,8 +7,7 @@ searching on the data itself.
     trial data                    a stratified fifth of the training images (at least 2,000)
     the search (search.py)        trials on the held-out split, with successive halving, until SEARCH_SHARE
                                   of the budget is spent (tuned ones until SOLO_SHARE where one candidate
-                                  is in reach);
-                                  the leaderboard in the log and in trials.csv
+                                  is in reach); the leaderboard in the log and in trials.csv
     the final run                 the best candidate and settings, for the epochs that the rest of the
                                   budget fits at the pace its trials measured; it sees the data as a plain
                                   `cnnlab train` does: every training image, the held-out ones given back
@@ -60,12 +59,12 @@ TRIAL_STEPS = 20  # and at least this many steps of a candidate's batch: at 15 m
 HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
 SOLO_SHARE = 0.1  # of the budget for tuned trials when one candidate is left (its recipe trial, which measures
 # its pace, may still start until SEARCH_SHARE): they can only tune its settings, and trials of a few epochs tune
-# them for short runs. Measured: CIFAR-10 at 2 minutes, six trials of `quick` (42 s)
-# and its final 6 epochs scored 80.78% where 8 epochs of the recipe: 82.12%; 5,000 photos at 15 minutes, 27 trials
-# of photos@128 (315 s) and its final 32 epochs scored 70.34% where 50 epochs of the recipe alone: 71.74%
+# them for short runs. Measured: CIFAR-10 at 2 minutes, six trials of `quick` (42 s) and its final 6 epochs
+# scored 80.78% where 8 epochs of the recipe: 82.12%; 5,000 photos at 15 minutes, 27 trials of photos@128 (315 s)
+# and its final 32 epochs scored 70.34% where 50 epochs of the recipe alone: 71.74%
 SCRATCH_IMAGES = 100_000  # a network from scratch trains at the largest size (the most seconds an epoch: `fast`
 # over `quick`, photos at 128 px over 96 over 64) at which its final run sees this many training images in the
-# final run's share at its step time here (the smallest if none does). Trials of a few epochs at equal time
+# final run's share at its step time here (the quickest if none does). Trials of a few epochs at equal time
 # favour the smallest, which learns fastest, where a long final run gains more from a larger network or more
 # pixels. Measured at equal wall clock: CIFAR-10, `fast` at 1 epoch (50,000 images) 76.47% against 12 of
 # `quick`'s 83.20%, at 2 (100,000) 84.75% against 16 of `quick`'s 83.53%; 5,000 photos at 96 px, 10 epochs
