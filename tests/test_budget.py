@@ -212,6 +212,44 @@ def test_tuned_trials_start_only_before_their_own_deadline_after_every_recipe_tr
                for r in trials_of(search) if int(r["trial"]) >= len(found))
 
 
+def test_a_tuned_trial_is_chosen_over_its_recipe_only_when_it_wins_by_more_than_the_noise(tmp_path):
+    """On 750 held-out images one standard error of a difference is ~2.5 points: a tuned `quick` 2 points above
+    its recipe's trial is chance, and the recipe's settings are chosen (and compared with `fast`'s recipe); one 6
+    points above is chosen; on 7,500 held-out images, 2 points are more than the noise."""
+    import optuna
+
+    from cnnlab.budget.pace import Clock
+    from cnnlab.budget.search import RECIPE, Search
+
+    found, _ = candidates.for_data((32, 32))
+
+    def search_with(*trials: tuple[str, dict, float, int]) -> Search:
+        folder = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        search = Search(folder, found, {}, Clock(60), 0, dist.init())
+        for name, params, value, held in trials:
+            params = {"candidate": name, **RECIPE, **params}
+            search.study.add_trial(optuna.trial.create_trial(
+                params=params, value=value, user_attrs={"held_out_images": held},
+                distributions={"candidate": optuna.distributions.CategoricalDistribution(["quick", "fast"]),
+                               "lr_factor": optuna.distributions.FloatDistribution(0.3, 3.0, log=True),
+                               "weight_decay_factor": optuna.distributions.FloatDistribution(0.3, 3.0, log=True),
+                               "augment_strength": optuna.distributions.IntDistribution(1, 2)}))
+        return search
+
+    tuned = {"lr_factor": 2.0, "augment_strength": 2}
+    best = search_with(("quick", {}, 0.60, 750), ("quick", tuned, 0.62, 750)).best()
+    assert (best.candidate.name, best.params) == ("quick", RECIPE)
+    best = search_with(("quick", {}, 0.60, 750), ("quick", tuned, 0.62, 750), ("fast", {}, 0.61, 750)).best()
+    assert (best.candidate.name, best.params) == ("fast", RECIPE)
+    best = search_with(("quick", {}, 0.60, 750), ("quick", tuned, 0.66, 750), ("fast", {}, 0.61, 750)).best()
+    assert (best.candidate.name, best.params) == ("quick", {**RECIPE, **tuned})
+    best = search_with(("quick", {}, 0.60, 7500), ("quick", tuned, 0.62, 7500)).best()
+    assert best.params == {**RECIPE, **tuned}
+    best = search_with(("fast", tuned, 0.70, 750)).best()  # no recipe trial finished (pruned): the best one
+    assert (best.candidate.name, best.params) == ("fast", {**RECIPE, **tuned})
+
+
 def trials_of(search) -> list[dict]:
     return list(csv.DictReader(search.write_csv().open()))
 

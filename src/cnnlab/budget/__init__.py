@@ -57,11 +57,12 @@ TRIAL_STEPS = 20  # and at least this many steps of a candidate's batch: at 15 m
 # `fast` (batch 1,024) were 8 steps an epoch on the 8,500-image sample and scored 38% held out against `quick`'s
 # 66%, so the search chose `quick` (84.63%) where `fast` alone reached 90.12% in the same time
 HOLD_OUT = 0.15  # of the training images, when the data has no validation split of its own
-SOLO_SHARE = 0.1  # of the budget for tuned trials when one candidate is left (its recipe trial, which measures
-# its pace, may still start until SEARCH_SHARE): they can only tune its settings, and trials of a few epochs tune
-# them for short runs. Measured: CIFAR-10 at 2 minutes, six trials of `quick` (42 s) and its final 6 epochs
-# scored 80.78% where 8 epochs of the recipe: 82.12%; 5,000 photos at 15 minutes, 27 trials of photos@128 (315 s)
-# and its final 32 epochs scored 70.34% where 50 epochs of the recipe alone: 71.74%
+SOLO_SHARE = 0.05  # of the budget for tuned trials when one candidate is left (its recipe trial, which measures
+# its pace, may still start until SEARCH_SHARE): they can only tune its settings, a tuned one is chosen only when
+# it beats the recipe by more than the held-out noise (search.NOISE), and each trial's seconds are the final
+# run's. Measured: CIFAR-10 at 2 minutes, six trials of `quick` (42 s) and its final 6 epochs scored 80.78% where
+# 8 epochs of the recipe: 82.12%; 5,000 photos at 15 minutes, 27 trials of photos@128 (315 s) and its final 32
+# epochs scored 70.34%, where 50 epochs of the recipe alone: 71.74%; at 10%, 7 trials and 43 epochs: 70.94%
 SCRATCH_IMAGES = 100_000  # a network from scratch trains at the largest size (the most seconds an epoch: `fast`
 # over `quick`, photos at 128 px over 96 over 64) at which its final run sees this many training images in the
 # final run's share at its step time here (the quickest if none does). Trials of a few epochs at equal time
