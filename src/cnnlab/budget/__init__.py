@@ -192,7 +192,9 @@ def _candidates(state: dict, ds: Dataset, clock: Clock, world: World) -> list:
     args = (ds.image_size, state["pretrained"], state["device"], state["seed"], ds.source_side)
     names = None
     if world.main:
-        found, said = candidates_mod.for_data(*args, download=True)
+        with clock.excluded("measuring the images' detail"):
+            detail = candidates_mod.detail(ds.source, ds.source_side, ds.resize, state["seed"])
+        found, said = candidates_mod.for_data(*args, download=True, detail=detail)
         for line in said:
             log.info(f"budget: {line}")
         names = [c.name for c in _with_weights(found, clock)]

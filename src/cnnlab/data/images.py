@@ -203,3 +203,15 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     with Image.open(path) as im:
         w, h = im.size
         return (w, h) if _turned(im) else (h, w)
+
+
+def detail_lost(pixels: np.ndarray, side: int) -> float:
+    """What a round trip through `side` x `side` pixels takes from an (H, W, C) uint8 image: the root mean square
+    of the change over the image's own standard deviation. About 0.02 for an image enlarged from a smaller one
+    (CIFAR-10's 32 px at 128 through 96), 0.1-0.5 for a photo with detail at its size (scikit-image's samples
+    at 128 through 96: median 0.15)."""
+    h, w = pixels.shape[:2]
+    im = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
+    back = np.asarray(im.resize((side, side), Image.BILINEAR).resize((w, h), Image.BILINEAR), np.float32)
+    x = pixels.astype(np.float32).reshape(back.shape)
+    return float(np.sqrt(np.mean((x - back) ** 2)) / max(float(x.std()), 1e-6))
