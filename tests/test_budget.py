@@ -399,11 +399,13 @@ def test_a_budget_on_photos_is_searched_resumed_after_ctrl_c_and_kept(tmp_path):
     images = int(re.search(r"an epoch of the ([\d,]+) training", line).group(1).replace(",", ""))
     epochs = budget.SCRATCH_IMAGES / images
     size = max((px for px, s in timed.items() if s * epochs <= room), default=min(timed))
-    assert len(timed) == 2 and {r["candidate"] for r in rows} == {f"photos@{size}"}
-    assert len(rows) > len(done_before) or "trial " in proc.stdout.split("resuming the search")[1]
+    said = first + "\n--- resumed ---\n" + proc.stdout  # (in a failure's message)
+    assert len(timed) == 2 and {r["candidate"] for r in rows} == {f"photos@{size}"}, said
+    assert len(rows) > len(done_before) or "trial " in proc.stdout.split("resuming the search")[1], said
     spent = float(re.search(r"budget: done; (\d+) s spent", proc.stdout).group(1))
-    assert spent <= 33, proc.stdout
-    assert list(csv.DictReader((run / "trials.csv").open()))[0]["candidate"] in proc.stdout.split("final run: ")[1]
+    assert spent <= 33, said
+    best = list(csv.DictReader((run / "trials.csv").open()))[0]["candidate"]
+    assert best in proc.stdout.split("final run: ")[1], said
     final = json.loads((run / "config.json").read_text())["data"]
     trial = json.loads(next((run / "search").glob("trial-*/config.json")).read_text())["data"]
     # a trial's "test" is the held-out split (its training sample is every other training image here: under

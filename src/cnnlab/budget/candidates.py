@@ -35,7 +35,8 @@ PHOTO_OWN = 96  # the photos recipe's own input size; a larger one costs 1.7x (1
 # 69.4-71.7% where 96 px for 69 and 90: 71.96 and 72.22%
 DETAIL_MIN = 0.05  # the median share of an image's contrast a round trip through the next smaller size must lose
 # (images.detail_lost) for the larger size to be a candidate: CIFAR enlarged to 96-320 px loses 0.021 at 128 px
-# through 96 (90th percentile 0.028), scikit-image's 14 sample photos 0.151 (10th percentile 0.070)
+# through 96 (90th percentile 0.028), scikit-image's 14 sample photos 0.151 (the lowest real one 0.056, a
+# drawn colour wheel 0.008)
 DETAIL_SAMPLE = 32  # training images read for it (0.3 s on 2 cores for 640-px JPEGs)
 BACKBONE_SIZE = 128  # ImageNet backbones' input size in a budget: 224 px costs 3x the time for a few points
 
