@@ -146,7 +146,9 @@ def _search_and_train(run: Path, state: dict, clock: Clock, world: World, ds: Da
     data_cfg = from_dict(DataConfig, state["data"])
     whole = ds or _load(data_cfg, state, clock)  # as the final run sees it
     ds = held_out(whole, state["seed"])  # as the trials see it
-    found, epoch = _within_reach(_candidates(state, ds, clock, world), whole, clock, world, every=state["dry_run"])
+    found, epoch = _chosen(state, _candidates(state, ds, clock, world), whole, clock, world)
+    if world.main:  # a resumed search keeps them: timed again, another candidate might win the step timing, and
+        files.write_json(run / Run.SEARCH / STATE, state)  # the study's trials name the ones chosen first
     trial_data, made = {}, {}
     for c in found:  # candidates of one input size and sample size share their images
         key = (c.image_size, trial_size(c.cfg.batch_size, len(ds.y_train)))
@@ -205,6 +207,20 @@ def _candidates(state: dict, ds: Dataset, clock: Clock, world: World) -> list:
             raise CnnlabError(f"budget: no weights for {', '.join(sorted(missing))} on this machine")
     by_name = {c.name: c for c in found}
     return [by_name[n] for n in names]
+
+
+def _chosen(state: dict, found: list, ds: Dataset, clock: Clock, world: World) -> tuple[list, dict[str, float]]:
+    """The candidates within reach (`_within_reach`), chosen once per search and kept in `state` (a resumed
+    search on a busier machine had timed another photo size, and Optuna refused the changed choice of
+    candidates: "CategoricalDistribution does not support dynamic value space")."""
+    if "candidates" not in state:
+        chosen, epoch = _within_reach(found, ds, clock, world, every=state["dry_run"])
+        state["candidates"], state["epoch"] = [c.name for c in chosen], epoch
+    by_name = {c.name: c for c in found}
+    if missing := [name for name in state["candidates"] if name not in by_name]:
+        raise EveryProcessError(f"budget: cannot resume the search: {', '.join(missing)} is no longer a candidate "
+                                "on this machine (its backbone's weights were removed?)")
+    return [by_name[name] for name in state["candidates"]], state["epoch"]
 
 
 def _within_reach(found: list, ds: Dataset, clock: Clock, world: World, every: bool = False
