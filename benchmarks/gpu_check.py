@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import CNNLAB, DATA, HERE, ROOT, machine, save
+from common import CNNLAB, DATA, HERE, ROOT, files, machine
 
 LIMIT_S = 150  # one check's command at most (the whole script: under 10 minutes on a data-centre GPU)
 WORK = HERE / "work" / "gpu_check"  # (--work)
@@ -178,37 +178,52 @@ def sync_debug(args: argparse.Namespace) -> dict:
     return {**results, "mode_set": not small}
 
 
-def checks(args: argparse.Namespace) -> dict:
-    """Every check, in order; one that fails is recorded as {"error": ...}."""
-    plan = {"doctor": lambda: doctor(args),
-            "quick": lambda: train("quick", args, "--preset", "quick"),
+def plan(args: argparse.Namespace) -> dict:
+    """Every check, most wanted first: should the GPU's time run out, the later ones are those left out."""
+    return {"doctor": lambda: doctor(args),
             "fast": lambda: train("fast", args, "--preset", "fast"),
+            "quick": lambda: train("quick", args, "--preset", "quick"),
             "fast_fp16": lambda: train("fast-fp16", args, "--preset", "fast", "--precision", "fp16"),
             "fast_fp32": lambda: train("fast-fp32", args, "--preset", "fast", "--precision", "fp32"),
-            "fast_compile": lambda: train("fast-compile", args, "--preset", "fast", "--compile"),
-            "ctrl_c_resume": lambda: interrupted(args),
+            "sync_debug": lambda: sync_debug(args),
             "evaluate_and_export": lambda: agree(args),
             "photos_streamed": lambda: photos_streamed(args),
-            "sync_debug": lambda: sync_debug(args)}
-    results = {}
-    for name, check in plan.items():
+            "ctrl_c_resume": lambda: interrupted(args),
+            "fast_compile": lambda: train("fast-compile", args, "--preset", "fast", "--compile")}
+
+
+def checks(args: argparse.Namespace, report) -> dict:
+    """Every check, in order; one that fails is recorded as {"error": ...}, and once --max-seconds have passed
+    the rest as {"skipped": ...}. `report(results)` is called after each (the result file is written then)."""
+    global LIMIT_S
+    results, t_start = {}, time.perf_counter()
+    for name, check in plan(args).items():
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
+        left = args.max_seconds - (t0 - t_start)
+        LIMIT_S = min(LIMIT_S, left)  # (each command's time limit)
         try:
+            if left < 10:
+                raise TimeoutError(f"skipped: --max-seconds {args.max_seconds} had passed")
             results[name] = check()
         except Exception as e:  # recorded, and the next check runs
             results[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
         print(f"{name}: {time.perf_counter() - t0:.0f} s: {json.dumps(results[name])[:300]}", flush=True)
+        report(with_cpu(results, args.cpu_reference))
     return results
 
 
 def with_cpu(results: dict, reference: Path | None) -> dict:
-    """Each training's CPU test accuracy beside it, from a --device cpu run of this script on the same data."""
+    """Each training's CPU test accuracy beside it, from a --device cpu run of this script on the same data; the
+    variants of `fast` (fp16, fp32, --compile) beside the CPU's `fast` where the reference has no run of their
+    own (the CPU takes an hour for fp32 on CIFAR-10): `cpu_reference` says which."""
     cpu = json.loads(reference.read_text())["checks"] if reference else {}
     for name, figures in results.items():
         if "test_accuracy" in figures and "epochs" in figures:
-            figures["cpu_test_accuracy"] = cpu.get(name, {}).get("test_accuracy")
+            own = name if "test_accuracy" in cpu.get(name, {}) else name.split("_")[0]
+            figures["cpu_test_accuracy"] = cpu.get(own, {}).get("test_accuracy")
+            figures["cpu_reference"] = own if figures["cpu_test_accuracy"] is not None else None
     return results
 
 
@@ -221,23 +236,29 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="smoke settings; prints the JSON, writes no result file")
     ap.add_argument("--only", nargs="+", metavar="CHECK", help="these checks alone (evaluate_and_export needs quick)")
     ap.add_argument("--work", type=Path, default=WORK, help="where the runs go (default: benchmarks/work/gpu_check)")
+    ap.add_argument("--max-seconds", type=float, default=540, help="checks still to run after this are skipped "
+                    "(default 540: the device tool's 10-minute command, less a minute to start)")
     args = ap.parse_args()
     WORK = args.work
     WORK.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    results = with_cpu(checks(args), args.cpu_reference)
-    info = machine()
+    t0, info = time.perf_counter(), machine()
     gpu = "cpu"
     if args.device != "cpu":
         import torch
 
         gpu = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
-    out = {"machine": info, "device": gpu, "data": str(args.data), "dry_run": args.dry_run,
-           "seconds": round(time.perf_counter() - t0, 1), "checks": results}
-    if args.dry_run:
-        print(json.dumps(out, indent=1))
-    else:
-        save(f"gpu_check-{gpu if gpu != 'cpu' else 'cpu-' + info['cpu_class']}", out)
+    name = f"gpu_check-{gpu if gpu != 'cpu' else 'cpu-' + info['cpu_class']}"
+
+    def report(results: dict) -> dict:
+        out = {"machine": info, "device": gpu, "data": str(args.data), "dry_run": args.dry_run,
+               "seconds": round(time.perf_counter() - t0, 1), "checks": results}
+        if not args.dry_run:
+            files.write_json(HERE / "results" / f"{name}.json", out)  # after every check: a cut run keeps its part
+        return out
+
+    results = checks(args, report)
+    out = report(with_cpu(results, args.cpu_reference))
+    print(json.dumps(out, indent=1) if args.dry_run else f"wrote {HERE / 'results' / (name + '.json')}")
     sys.exit(1 if any("error" in r for r in results.values()) else 0)
 
 

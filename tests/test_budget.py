@@ -132,8 +132,9 @@ def test_the_candidates_follow_the_images_and_the_weights_on_this_machine(tmp_pa
 def test_photos_larger_than_their_own_size_are_candidates_only_where_the_images_have_detail_there(tmp_path):
     """Photos enlarged tenfold from 12-px ones (as the benchmark's are from CIFAR's) lose little through 96 px,
     and photos@128 is left out, with a line for the log; images with detail at 128 px keep it; images too small
-    for 128 px are not measured."""
-    from cnnlab.data import images
+    for 128 px are not measured. The training files come from the cache (Dataset.image_files) for class
+    folders, a CSV list and split folders with their own validation folder alike."""
+    from cnnlab.data import dataset, images
 
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
@@ -141,21 +142,36 @@ def test_photos_larger_than_their_own_size_are_candidates_only_where_the_images_
     noise = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
     assert images.detail_lost(enlarged, 96) < candidates.DETAIL_MIN < images.detail_lost(noise, 96)
     assert images.detail_lost(noise, 128) < 1e-6  # (no round trip at its own size)
-    folders = {}
-    for kind in ("enlarged", "detailed"):
+
+    def photo(kind: str, path: Path) -> str:
+        base = rng.integers(0, 256, (12, 12, 3) if kind == "enlarged" else (240, 200, 3), dtype=np.uint8)
+        Image.fromarray(base).resize((200, 240), Image.BICUBIC).save(path)
+        return path.name
+
+    lost = {}
+    for kind in ("enlarged", "detailed"):  # class folders; then a CSV list; then train/, val/ and test/
+        rows = ["path,label"]
         for c in ("a", "b"):
-            d = tmp_path / kind / c
-            d.mkdir(parents=True)
-            for i in range(20):
-                base = rng.integers(0, 256, (12, 12, 3) if kind == "enlarged" else (240, 200, 3), dtype=np.uint8)
-                Image.fromarray(base).resize((200, 240), Image.BICUBIC).save(d / f"{i}.png")
-        folders[kind] = tmp_path / kind
-    lost = {kind: candidates.detail(path, 200) for kind, path in folders.items()}
-    assert lost["enlarged"] < candidates.DETAIL_MIN < lost["detailed"]
-    assert candidates.detail(folders["detailed"], 100) is None  # 128 px is no candidate at a side of 100
-    found, said = candidates.for_data((96, 96), source_side=200, detail=lost["enlarged"])
+            (tmp_path / kind / c).mkdir(parents=True)
+            rows += [f"{kind}/{c}/{photo(kind, tmp_path / kind / c / f'{i}.png')},{c}" for i in range(20)]
+            for split in ("train", "val", "test"):
+                (tmp_path / f"{kind}-split" / split / c).mkdir(parents=True)
+                for i in range(8 if split == "train" else 3):
+                    photo(kind, tmp_path / f"{kind}-split" / split / c / f"{i}.png")
+        (tmp_path / f"{kind}.csv").write_text("\n".join(rows) + "\n")
+        for where in (tmp_path / kind, tmp_path / f"{kind}.csv", tmp_path / f"{kind}-split"):
+            ds = dataset.load_dataset(where, image_size=(96, 96))
+            train = ds.image_files("train")
+            assert len(train) == len(ds.y_train) and all(f.is_file() for f in train)
+            assert not any("val" in f.parts or "test" in f.parts for f in train)
+            lost[kind, where.name] = candidates.detail(train, ds.source_side)
+    for where in ("", ".csv", "-split"):
+        assert lost["enlarged", f"enlarged{where}"] < candidates.DETAIL_MIN < lost["detailed", f"detailed{where}"]
+    assert candidates.detail(train, 100) is None  # 128 px is no candidate at a side of 100
+    assert dataset.load_dataset(tmp_path / "enlarged").image_files("train")[0].suffix == ".png"
+    found, said = candidates.for_data((96, 96), source_side=200, detail=lost["enlarged", "enlarged"])
     assert [c.name for c in found] == ["photos@64", "photos@96"] and "photos above 96 px left out" in said[0]
-    found, said = candidates.for_data((96, 96), source_side=200, detail=lost["detailed"])
+    found, said = candidates.for_data((96, 96), source_side=200, detail=lost["detailed", "detailed"])
     assert [c.name for c in found] == ["photos@64", "photos@96", "photos@128"] and "left out" not in said[0]
 
 

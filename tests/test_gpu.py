@@ -43,21 +43,49 @@ def test_the_gpu_check_runs_its_cpu_safe_parts_with_dry_run(tmp_path):
     and Ctrl-C checks run commands tested in test_threads.py and test_train.py; left out here for the suite's
     time: they passed with --dry-run at 836a30a.)"""
     data = write_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=40, size=(32, 32))
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--device", "cpu", "--data",
-                           str(data), "--work", str(tmp_path / "work"), "--only", "quick", "evaluate_and_export",
-                           "photos_streamed", "sync_debug"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    reference = tmp_path / "gpu_check-cpu.json"  # (what a --device cpu run writes, reduced to what is read)
+    reference.write_text(json.dumps({"checks": {"quick": {"test_accuracy": 0.42}}}))
+
+    def check(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--device", "cpu", "--data",
+                               str(data), "--work", str(tmp_path / "work"), "--cpu-reference", str(reference), *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    proc = check("--only", "quick", "evaluate_and_export", "photos_streamed", "sync_debug")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
     checks = out["checks"]
     assert out["dry_run"] and out["device"] == "cpu" and "fast" not in checks and "doctor" not in checks
     quick = checks["quick"]
     assert quick["epochs"] == 1 and quick["train_images"] == 120 and quick["images_per_s"] > 0
-    assert 0 <= quick["test_accuracy"] <= 1 and quick["cpu_test_accuracy"] is None
+    assert 0 <= quick["test_accuracy"] <= 1 and (quick["cpu_test_accuracy"], quick["cpu_reference"]) == (0.42, "quick")
     agree = checks["evaluate_and_export"]
     assert abs(agree["evaluate"] - agree["training"]) < 1e-4 and abs(agree["onnx"] - agree["training"]) < 0.02
     photos, synced = checks["photos_streamed"], checks["sync_debug"]
     assert photos["streamed"] and photos["train_images"] == 120 and photos["cap_fraction"] == 0.0  # (no cap on a CPU)
     assert synced["fast"]["epochs"] == synced["quick"]["epochs"] == 1 and not synced["mode_set"]
+    cut = check("--only", "fast", "quick", "--max-seconds", "0")  # past its time: every check left out, and said
+    assert cut.returncode == 1 and all(json.loads(cut.stdout[cut.stdout.index("\n{") + 1:])["checks"][name][
+        "error"].startswith("TimeoutError: skipped") for name in ("fast", "quick"))
+
+
+def test_the_gpu_pack_holds_the_first_images_of_each_class_in_one_file(tmp_path, real_subset):
+    """benchmarks/gpu_pack.py: the first N/10 images of each class of each split, by name, byte for byte, in one
+    gzipped tar that unpacks to the folder gpu_run.sh trains on."""
+    import tarfile
+
+    out = tmp_path / "packed"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_pack.py", "--source", str(real_subset), "--train", "100",
+                           "--test", "20", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(out.with_suffix(".tar.gz")) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    for split, n in (("train", 10), ("test", 2)):
+        for c in sorted(p.name for p in (real_subset / split).iterdir()):
+            want = sorted((real_subset / split / c).iterdir())[:n]
+            got = sorted((tmp_path / "unpacked" / "packed" / split / c).iterdir())
+            assert [f.name for f in got] == [f.name for f in want]
+            assert all(a.read_bytes() == b.read_bytes() for a, b in zip(got, want, strict=True))
 
 
 def state_after(batches, epoch: int, start: int):

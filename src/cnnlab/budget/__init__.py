@@ -195,7 +195,7 @@ def _candidates(state: dict, ds: Dataset, clock: Clock, world: World) -> list:
     names = None
     if world.main:
         with clock.excluded("measuring the images' detail"):
-            detail = candidates_mod.detail(ds.source, ds.source_side, ds.resize, state["seed"])
+            detail = candidates_mod.detail(ds.image_files("train"), ds.source_side, ds.resize, state["seed"])
         found, said = candidates_mod.for_data(*args, download=True, detail=detail)
         for line in said:
             log.info(f"budget: {line}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from cnnlab import presets
 from cnnlab.config import TrainConfig
-from cnnlab.data import folders, images
+from cnnlab.data import images
 from cnnlab.errors import CnnlabError
 from cnnlab.models import pretrained
 
@@ -106,14 +106,13 @@ def for_data(image_size: tuple[int, int], pretrained_file: str | None = None, de
     return found, said
 
 
-def detail(source: str | Path, side: int | None, resize: images.Resize = "crop", seed: int = 0) -> float | None:
-    """The median of what DETAIL_SAMPLE training images of the folder (or CSV) `source`, decoded at the first
-    photo size above PHOTO_OWN, lose through PHOTO_OWN px (images.detail_lost); None where the images'
+def detail(train: list[Path], side: int | None, resize: images.Resize = "crop", seed: int = 0) -> float | None:
+    """The median of what DETAIL_SAMPLE of the training image files `train` (`Dataset.image_files`), decoded at
+    the first photo size above PHOTO_OWN, lose through PHOTO_OWN px (images.detail_lost); None where the images'
     median shorter side `side` (or no file) leaves no such size."""
     larger = [s for s in PHOTO_SIZES if s > PHOTO_OWN and s <= (side or 0)]
-    if not larger:
+    if not larger or not train:
         return None
-    train = folders.list_images(Path(source)).files["train"]
     picked = np.random.default_rng(seed).permutation(len(train))[:DETAIL_SAMPLE]
     lost = []
     for i in picked:

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ class Dataset:
     doubted: dict[str, tuple[int, ...]] = field(default_factory=dict)  # rows `data check --labels` doubts, per split
     pixels_digest: str = ""  # of the decoded pixels of every split (the cache entry's digests); "" if not decoded
     source_side: int | None = None  # image files: the median shorter side before resizing; None for arrays
+    cache_folder: str = ""  # the cache entry it was mapped from (image_files reads its file lists on demand)
 
     @property
     def channels(self) -> int:
@@ -60,6 +62,16 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def image_files(self, split: str) -> list[Path]:
+        """Image folders and CSV lists: the files the cache decoded for `split` (before --subset; the training
+        images include those --val-split holds out), read from the cache when asked rather than held by every
+        run; [] for arrays. A CSV's paths are relative to its folder."""
+        if not self.cache_folder:
+            return []
+        source = Path(self.source)
+        root = source if source.is_dir() else source.parent
+        return [root / name for name in cache.Entry(Path(self.cache_folder), {}).files(split)]
 
     def subset(self, n: int, seed: int) -> Dataset:
         """A seeded, stratified subset of `n` training images (the test set stays whole)."""
@@ -193,7 +205,8 @@ def load(c: DataConfig, use_cache: bool = True) -> Dataset:
                    skipped=tuple(meta["skipped"]), resize=meta.get("resize"), layout=meta.get("layout", ""),
                    ignored=dict(meta.get("ignored", {})), test_files=tuple(entry.files("test")),
                    exact_copies=dict(meta.get("exact_copies", {})), doubted=entry.doubted(),
-                   pixels_digest=cache.pixels_digest(entry), source_side=_median_side(entry.sizes("train")))
+                   pixels_digest=cache.pixels_digest(entry), source_side=_median_side(entry.sizes("train")),
+                   cache_folder=str(entry.folder))
 
 
 def _median_side(sizes: np.ndarray | None) -> int | None:

@@ -89,6 +89,14 @@ class ConvGroup(nn.Sequential):
             nn.init.dirac_(conv.weight[:conv.in_channels])
 
 
+class GlobalMaxPool(nn.Module):
+    """Each channel's largest value, (N, C, H, W) -> (N, C): nn.AdaptiveMaxPool2d(1) as a plain reduction, which
+    every ONNX exporter translates (PyTorch 2.11's, the one on the GPU machine, has no adaptive_max_pool2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3))
+
+
 class AirNet(nn.Sequential):
     def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, int, int],
                  bn_momentum: float = 0.4, scale: float = 1 / 9, keep: int | None = None):
@@ -98,7 +106,7 @@ class AirNet(nn.Sequential):
             group1=ConvGroup(whiten.out_channels, widths[0], bn_momentum),
             group2=ConvGroup(widths[0], widths[1], bn_momentum),
             group3=ConvGroup(widths[1], widths[2], bn_momentum),
-            pool=nn.AdaptiveMaxPool2d(1), flatten=nn.Flatten(),
+            pool=GlobalMaxPool(),
             head=nn.Linear(widths[2], num_classes, bias=False)))
         self.scale = scale  # small logits at the start keep early steps from saturating the softmax
 
