@@ -36,9 +36,9 @@ LIMIT_S = 150.0  # one check's command at most (--check-seconds; the whole scrip
 WORK = HERE / "work" / "gpu_check"  # (--work)
 
 
-def cnnlab(*args: str, limit: float = LIMIT_S) -> tuple[subprocess.CompletedProcess, float]:
+def cnnlab(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([*CNNLAB, *args], cwd=ROOT, capture_output=True, text=True, timeout=limit)
+    proc = subprocess.run([*CNNLAB, *args], cwd=ROOT, capture_output=True, text=True, timeout=LIMIT_S)
     if proc.returncode:
         raise RuntimeError(f"cnnlab {' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
     return proc, time.perf_counter() - t0
