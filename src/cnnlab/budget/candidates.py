@@ -37,7 +37,7 @@ DETAIL_MIN = 0.05  # the median share of an image's contrast a round trip throug
 # (images.detail_lost) for the larger size to be a candidate: CIFAR enlarged to 96-320 px loses 0.021 at 128 px
 # through 96 (90th percentile 0.028), scikit-image's 14 sample photos 0.151 (the lowest real one 0.056, a
 # drawn colour wheel 0.008)
-DETAIL_SAMPLE = 32  # training images read for it (0.13 s with the listing, on the benchmark's 5,000 JPEGs)
+DETAIL_SAMPLE = 32  # training images read for it (0.12 s with the cache's file list, on the benchmark's 5,000 JPEGs)
 BACKBONE_SIZE = 128  # ImageNet backbones' input size in a budget: 224 px costs 3x the time for a few points
 
 
