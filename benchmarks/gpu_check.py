@@ -4,13 +4,16 @@
     python benchmarks/gpu_check.py --device cpu --data DIR              # the CPU figures for the comparison
     python benchmarks/gpu_check.py --dry-run                            # its CPU-safe parts, smoke settings
 
-In order: `cnnlab doctor`; `quick` and `fast` on the data (test accuracy, images/s after the first epoch, the
-training seconds and the wall clock); `fast` in fp16 and in fp32; `fast` with --compile; Ctrl-C in a run and
---resume, against the same run uninterrupted; evaluate and the ONNX export against the training's own test
-accuracy; `photos` at 128 px under a memory cap (torch.cuda.set_per_process_memory_fraction) below twice its
-images, which makes it stream them; and training under torch.cuda.set_sync_debug_mode("error")
-(hooks.NoHostSync: no step waits for the host). Each check runs as its own command with a time
-limit, and one that fails is recorded with its error while the others go on (a GPU session is short).
+Most wanted first (`plan`): `cnnlab doctor`; `fast` and `quick` on the data (test accuracy, images/s after the
+first epoch, the training seconds and the wall clock); `fast` in fp16 and in fp32; training under
+torch.cuda.set_sync_debug_mode("error") (hooks.NoHostSync: no step waits for the host); evaluate and the ONNX
+export against the training's own test accuracy; `photos` at 128 px under a memory cap
+(torch.cuda.set_per_process_memory_fraction) below twice its images, which makes it stream them; Ctrl-C in a
+run and --resume, against the same run uninterrupted; `fast` with --compile. Each check runs as its own command
+with a time limit (--check-seconds), and one that fails is recorded with its error while the others go on (a
+GPU session is short); those that would start after --max-seconds are recorded as skipped. The result file is
+written after every check, so a run cut short keeps what it measured. benchmarks/gpu_run.sh runs it on a GPU
+machine, on the data benchmarks/gpu_pack.py packs.
 
 Writes benchmarks/results/gpu_check-<device>.json, e.g. {"fast": {"test_accuracy", "cpu_test_accuracy",
 "train_images", "images_per_s", "train_s", "wall_s"}, ...}: the CPU figures come from --cpu-reference (this
@@ -194,7 +197,8 @@ def plan(args: argparse.Namespace) -> dict:
 
 def checks(args: argparse.Namespace, report) -> dict:
     """Every check, in order; one that fails is recorded as {"error": ...}, and once --max-seconds have passed
-    the rest as {"skipped": ...}. `report(results)` is called after each (the result file is written then)."""
+    the rest as {"error": "TimeoutError: skipped: ..."}. `report(results)` is called after each (it writes the
+    result file)."""
     global LIMIT_S
     results, t_start = {}, time.perf_counter()
     for name, check in plan(args).items():

@@ -42,14 +42,14 @@ def make(source: Path, out: Path, counts: dict[str, int]) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", type=Path, default=DATA, help="the CIFAR-10 JPEG copy (default: the shared one)")
-    ap.add_argument("--train", type=int, default=50_000, help="training images, a share per class (default: all)")
-    ap.add_argument("--test", type=int, default=10_000, help="test images, an equal share per class (default: all)")
+    ap.add_argument("--train", type=int, default=50_000, help="training images, equal per class (default: all)")
+    ap.add_argument("--test", type=int, default=10_000, help="test images, equal per class (default: all)")
     ap.add_argument("--out", type=Path, help="the folder (default: benchmarks/work/cifar10-TRAIN-TEST)")
     args = ap.parse_args()
     out = args.out or HERE / "work" / f"cifar10-{args.train}-{args.test}"
     out.parent.mkdir(parents=True, exist_ok=True)
     make(args.source, out, {"train": args.train, "test": args.test})
-    archive = out.with_suffix(".tar.gz")
+    archive = out.with_name(out.name + ".tar.gz")
     with tarfile.open(archive.with_name(archive.name + ".tmp"), "w:gz") as tar:
         tar.add(out, arcname=out.name)
     archive.with_name(archive.name + ".tmp").rename(archive)
