@@ -374,7 +374,7 @@ def default_size(files: list[str]) -> tuple[int, int]:
 
 def _build_images(req: Request, tmp: Path) -> dict:
     listing = folders.list_images(req.path, req.val_fraction, req.split_seed)
-    root = req.path if req.path.is_dir() else req.path.parent  # a CSV's paths are relative to its folder
+    root = folders.files_root(req.path)
     if req.val_split:  # held out before decoding: the validation images are never copied out of the training set
         if "val" in listing.files:
             raise CnnlabError(f"{req.path} has its own validation {'rows' if req.path.is_file() else 'folder'}; "

@@ -66,11 +66,10 @@ class Dataset:
     def image_files(self, split: str) -> list[Path]:
         """Image folders and CSV lists: the files the cache decoded for `split` (before --subset; the training
         images include those --val-split holds out), read from the cache when asked rather than held by every
-        run; [] for arrays. A CSV's paths are relative to its folder."""
+        run; [] for arrays."""
         if not self.cache_folder:
             return []
-        source = Path(self.source)
-        root = source if source.is_dir() else source.parent
+        root = folders.files_root(Path(self.source))
         return [root / name for name in cache.Entry(Path(self.cache_folder), {}).files(split)]
 
     def subset(self, n: int, seed: int) -> Dataset:

@@ -255,6 +255,12 @@ def _csv(path: Path, ignored: Counter) -> Listing:
                    f"the CSV's {split_name} column" if "test" in files else "")
 
 
+def files_root(source: Path) -> Path:
+    """What the image files of a listing are kept relative to (in the cache, for captions): an image folder
+    itself, or a CSV's folder, as a CSV's paths are."""
+    return source if source.is_dir() else source.parent
+
+
 def csv_paths(path: Path) -> list[Path]:
     """The files a CSV names (its well-formed rows), for the cache key: a CSV's images change without the CSV."""
     try:
