@@ -195,7 +195,7 @@ def test_doctor_names_each_gpu_with_its_memory_capability_and_precision(monkeypa
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     info = doctor.machine()
     assert info["gpu"] == [{"name": "Tesla T4", "memory_gib": 15.0, "capability": "7.5", "native_bf16": False}]
-    assert info["device"] == "cuda" and info["precision"] == "fp16" and info["precision_why"].startswith("fp16")
+    assert info["device"] == "cuda:0" and info["precision"] == "fp16" and info["precision_why"].startswith("fp16")
     assert doctor.describe_gpu(info["gpu"][0]) == ("Tesla T4 (15.0 GiB, compute capability 7.5, no native bf16: "
                                                    "fp16 with a gradient scaler)")
 

@@ -29,15 +29,17 @@ if os.environ.get("CNNLAB_DENORMALS") != "keep":
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device `name` means; a GPU always with its index (`cuda` is `cuda:0`), since some torch.cuda functions
+    refuse a device without one (PyTorch 2.11's get_per_process_memory_fraction, found on the first GPU run)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise CnnlabError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CnnlabError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return device
+    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
 
 
 def cpu_has_native_bf16(cpuinfo: Path = hardware.CPUINFO) -> bool:
@@ -103,9 +105,10 @@ EVAL_SHARE = 1 / 16  # of a GPU's free memory for one evaluation batch's float i
 def free_memory(device: torch.device) -> int:
     """Bytes this process can still take on GPU `device`: the GPU's free memory plus what PyTorch's cache holds
     unused, within the process's cap where one is set (torch.cuda.set_per_process_memory_fraction)."""
-    free, total = torch.cuda.mem_get_info(device)
-    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    reserved, allocated = torch.cuda.memory_reserved(index), torch.cuda.memory_allocated(index)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index=None: 1.0)(index)
     return max(0, int(min(free + reserved - allocated, fraction * total - allocated)))
 
 
