@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from cnnlab import device
 from cnnlab.training.loop import Hook
@@ -319,3 +320,26 @@ def test_compile_compiles_once_per_run(tmp_path, cifar_python_dir):
     training.train(cfg, data, out=tmp_path / "eager", with_report=False)
     a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("compiled", "eager"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_airbench_global_max_pool_is_adaptive_max_pool_and_compiles_to_finite_gradients():
+    """airbench's global max-pool gives nn.AdaptiveMaxPool2d(1)'s values and gradients (ties included: one
+    element of each takes the gradient), and under torch.compile (inductor, the real backend) with bf16
+    autocast a step's gradients stay finite. Its first plain-reduction form, `amax`, split a tie's gradient and
+    compiled to NaN gradients from the first step (found when the H200 run's `fast --compile` stopped at step
+    2; here the same on the CPU)."""
+    from cnnlab.models.networks import GlobalMaxPool
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, 4, 4).round(decimals=1).requires_grad_()  # one decimal: many ties
+    want = nn.AdaptiveMaxPool2d(1)(x).flatten(1)
+    got = GlobalMaxPool()(x)
+    assert torch.equal(got, want)
+    assert torch.equal(*(torch.autograd.grad(y.square().sum(), x)[0] for y in (got, want)))
+    block = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.GELU(), nn.MaxPool2d(2),
+                          GlobalMaxPool(), nn.Linear(32, 10, bias=False)).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = torch.compile(block, dynamic=False)(torch.randn(64, 8, 8, 8).contiguous(
+            memory_format=torch.channels_last))
+    out.float().logsumexp(1).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in block.parameters() if p.grad is not None)

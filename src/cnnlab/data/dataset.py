@@ -113,7 +113,12 @@ def _constants(mean: tuple[float, ...], std: tuple[float, ...], c: int, device: 
     else:
         s = torch.tensor(std, dtype=torch.float64).expand(c)
         values = 1 / (255 * s), -torch.tensor(mean, dtype=torch.float64).expand(c) / s
-    return tuple(v.float().reshape(1, c, 1, 1).to(device) for v in values)
+    values = (v.float().reshape(1, c, 1, 1) for v in values)
+    if device.type != "cuda":
+        return tuple(v.to(device) for v in values)
+    # from pinned memory, not waited for: a plain copy from pageable memory waits for the GPU, and the first
+    # batch of a run makes them inside a step (the first H200 run's sync-debug check stopped there)
+    return tuple(v.pin_memory().to(device, non_blocking=True) for v in values)
 
 
 @dataclass

@@ -91,10 +91,12 @@ class ConvGroup(nn.Sequential):
 
 class GlobalMaxPool(nn.Module):
     """Each channel's largest value, (N, C, H, W) -> (N, C): nn.AdaptiveMaxPool2d(1) as a plain reduction, which
-    every ONNX exporter translates (PyTorch 2.11's, the one on the GPU machine, has no adaptive_max_pool2d)."""
+    every ONNX exporter translates (PyTorch 2.11's, the one on the GPU machine, has no adaptive_max_pool2d).
+    `max` with its indices, as the pool: `amax` splits a tie's gradient, and torch.compile's inductor turned
+    that into NaN gradients under bf16 (the H200 run's `fast --compile` stopped at step 2, the CPU's too)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.amax(dim=(2, 3))
+        return x.flatten(2).max(dim=2).values
 
 
 class AirNet(nn.Sequential):
