@@ -109,6 +109,14 @@ def test_auto_device_is_cpu_without_cuda():
             device.pick_device("cuda")
 
 
+def test_a_gpu_is_always_named_with_its_index(monkeypatch):
+    """`auto` and `cuda` mean `cuda:0` (PyTorch 2.11's torch.cuda.get_per_process_memory_fraction refuses a
+    device without an index: every training command failed on the H200 before this); `cuda:1` stays."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [device.pick_device(name) for name in ("auto", "cuda", "cuda:1", "cpu")] == [
+        torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")]
+
+
 def test_per_1024_scaling_keeps_the_step_per_example():
     model = models.build("airbench-s")
     a = optim.make_optimizer(override(presets.FAST, batch_size=1024), model)
