@@ -9,11 +9,12 @@ first epoch, the training seconds and the wall clock); `fast` in fp16 and in fp3
 torch.cuda.set_sync_debug_mode("error") (hooks.NoHostSync: no step waits for the host); evaluate and the ONNX
 export against the training's own test accuracy; `photos` at 128 px under a memory cap
 (torch.cuda.set_per_process_memory_fraction) below twice its images, which makes it stream them; Ctrl-C in a
-run and --resume, against the same run uninterrupted; `fast` with --compile. Each check runs as its own command
-with a time limit (--check-seconds), and one that fails is recorded with its error while the others go on (a
-GPU session is short); those that would start after --max-seconds are recorded as skipped. The result file is
-written after every check, so a run cut short keeps what it measured. benchmarks/gpu_run.sh runs it on a GPU
-machine, on the data benchmarks/gpu_pack.py packs.
+run and --resume, against the same run uninterrupted and two uninterrupted runs against each other; `fast`
+with --compile; `fast`'s step profiled in each precision (kernels, casts and the largest of them). Each check
+runs as its own command with a time limit (--check-seconds), and one that fails is recorded with its error
+while the others go on (a GPU session is short); those that would start after --max-seconds are recorded as
+skipped. The result file is written after every check, so a run cut short keeps what it measured.
+benchmarks/gpu_run.sh runs it on a GPU machine, on the data benchmarks/gpu_pack.py packs.
 
 Writes benchmarks/results/gpu_check-<device>.json, e.g. {"fast": {"test_accuracy", "cpu_test_accuracy",
 "train_images", "images_per_s", "train_s", "wall_s"}, ...}: the CPU figures come from --cpu-reference (this
@@ -190,6 +191,59 @@ def sync_debug(args: argparse.Namespace) -> dict:
     return {**results, "mode_set": not small}
 
 
+PROFILED = """import json, sys, time
+from dataclasses import replace
+import torch
+from torch.profiler import ProfilerActivity, profile
+from cnnlab import models
+from cnnlab.device import PRECISIONS, configure, pick_device
+from cnnlab.doctor import training_step
+from cnnlab.presets import get
+from cnnlab.training.optim import make_optimizer
+device, batch, steps, warm = pick_device(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+cuda, cfg, out = device.type == "cuda", get("fast"), {}
+configure(device)
+for name in ("bf16", "fp16", "fp32") if cuda else ("bf16", "fp32"):  # (a CPU's fp16 convolutions: emulated)
+    torch.manual_seed(0)
+    model = models.build(cfg.model, 3, 10, (32, 32)).to(device).to(memory_format=torch.channels_last)
+    step = training_step(model, make_optimizer(replace(cfg, batch_size=batch), model), batch, PRECISIONS[name],
+                         device, cfg=cfg)
+    for _ in range(warm):
+        step()
+    torch.cuda.synchronize() if cuda else None
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize() if cuda else None
+        seconds = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    timed = on_gpu if cuda else [e for e in events if e.key.startswith("aten::")]
+    self_us = lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total
+    top = sorted(timed, key=self_us, reverse=True)[:10]
+    out[name] = {"ms_per_step": round(1e3 * seconds, 3), "images_per_s": round(batch / seconds),
+                 "kernels_per_step" if cuda else "aten_calls_per_step": sum(e.count for e in timed) / steps,
+                 "casts_per_step": sum(e.count for e in events if e.key in ("aten::_to_copy", "aten::copy_")) / steps,
+                 "top_ms_per_step": {e.key[:80]: round(self_us(e) / 1e3 / steps, 3) for e in top}}
+print(json.dumps(out))
+"""
+
+
+def step_profile(args: argparse.Namespace) -> dict:
+    """`fast`'s training step (the doctor's: network, optimizer, autocast; no data loading) in bf16, fp16 and
+    fp32 under torch.profiler: milliseconds and images/s per step, GPU kernels (on a CPU: aten calls) and casts
+    per step, and the ten largest by their own time. It asks why bf16 trained `fast` slowest of the three on the
+    H200 (80,257 images/s against fp32's 106,589). Dry run or CPU: bf16 and fp32, batch 16, 1 step after 1."""
+    small = args.dry_run or args.device == "cpu"
+    sizes = ["16", "1", "1"] if small else ["1024", "20", "5"]  # batch, steps profiled, steps before
+    proc = subprocess.run([sys.executable, "-c", PROFILED, args.device, *sizes], cwd=ROOT, capture_output=True,
+                          text=True, timeout=LIMIT_S)
+    if proc.returncode:
+        raise RuntimeError(f"step profile: {proc.stderr.strip()[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def plan(args: argparse.Namespace) -> dict:
     """Every check, most wanted first: should the GPU's time run out, the later ones are those left out."""
     return {"doctor": lambda: doctor(args),
@@ -201,7 +255,8 @@ def plan(args: argparse.Namespace) -> dict:
             "evaluate_and_export": lambda: agree(args),
             "photos_streamed": lambda: photos_streamed(args),
             "ctrl_c_resume": lambda: interrupted(args),
-            "fast_compile": lambda: train("fast-compile", args, "--preset", "fast", "--compile")}
+            "fast_compile": lambda: train("fast-compile", args, "--preset", "fast", "--compile"),
+            "step_profile": lambda: step_profile(args)}
 
 
 def checks(args: argparse.Namespace, report) -> dict:

@@ -39,10 +39,11 @@ def test_a_gpu_gets_bf16_only_from_compute_capability_8_and_fp16_with_a_scaler_b
 
 
 def test_the_gpu_check_runs_its_cpu_safe_parts_with_dry_run(tmp_path):
-    """`quick`, evaluate and the ONNX export, `photos` streamed and the sync-debug runs, in smoke settings on the
-    CPU: each training's figures, evaluate and the export agreeing with training's test accuracy. (Its doctor
-    and Ctrl-C checks run commands tested in test_threads.py and test_train.py; left out here for the suite's
-    time: they passed with --dry-run at 836a30a.)"""
+    """`quick`, evaluate and the ONNX export, `photos` streamed, the sync-debug runs and the step profile, in smoke
+    settings on the CPU: each training's figures, evaluate and the export agreeing with training's test
+    accuracy. (Its doctor and Ctrl-C checks run commands tested in test_threads.py and test_train.py; left out
+    here for the suite's time: they passed with --dry-run at 836a30a, the Ctrl-C check's 4-epoch form at
+    88d632a.)"""
     data = write_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=40, size=(32, 32))
     reference = tmp_path / "gpu_check-cpu.json"  # (what a --device cpu run writes, reduced to what is read)
     reference.write_text(json.dumps({"checks": {"quick": {"test_accuracy": 0.42}}}))
@@ -52,7 +53,7 @@ def test_the_gpu_check_runs_its_cpu_safe_parts_with_dry_run(tmp_path):
                                str(data), "--work", str(tmp_path / "work"), "--cpu-reference", str(reference), *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=600)
 
-    proc = check("--only", "quick", "evaluate_and_export", "photos_streamed", "sync_debug")
+    proc = check("--only", "quick", "evaluate_and_export", "photos_streamed", "sync_debug", "step_profile")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
     checks = out["checks"]
@@ -65,6 +66,10 @@ def test_the_gpu_check_runs_its_cpu_safe_parts_with_dry_run(tmp_path):
     photos, synced = checks["photos_streamed"], checks["sync_debug"]
     assert photos["streamed"] and photos["train_images"] == 120 and photos["cap_fraction"] == 0.0  # (no cap on a CPU)
     assert synced["fast"]["epochs"] == synced["quick"]["epochs"] == 1 and not synced["mode_set"]
+    profiled = checks["step_profile"]  # (autocast's casts to bf16 and back: more than fp32's own copies)
+    assert set(profiled) == {"bf16", "fp32"} and profiled["bf16"]["casts_per_step"] > profiled["fp32"]["casts_per_step"]
+    assert all(p["ms_per_step"] > 0 and p["aten_calls_per_step"] > 0 and p["top_ms_per_step"]
+               for p in profiled.values())
     cut = check("--only", "fast", "quick", "--max-seconds", "0")  # past its time: every check left out, and said
     assert cut.returncode == 1 and all(json.loads(cut.stdout[cut.stdout.index("\n{") + 1:])["checks"][name][
         "error"].startswith("TimeoutError: skipped") for name in ("fast", "quick"))
