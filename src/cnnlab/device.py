@@ -1,5 +1,6 @@
 """Where and in what precision to compute: CUDA when present, bf16 where the hardware has it (on a GPU from
-compute capability 8.0, fp16 with a gradient scaler below it), and the CUDA kernel settings (`configure`)."""
+compute capability 8.0, fp16 with a gradient scaler below it), the CUDA kernel settings (`configure`), and
+copies to a GPU that no step waits for (`to_device`)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,32 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(tree, device: torch.device):
+    """`tree` (nested lists, tuples and NamedTuples of tensors and plain values) with its tensors on `device`,
+    copied in one transfer per dtype (from pinned memory, not waited for) rather than one per tensor."""
+    if device.type == "cpu":
+        return tree
+    tensors = []
+    _map(tree, tensors.append)
+    moved = {}
+    for dtype in {t.dtype for t in tensors}:
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group]).pin_memory().to(device, non_blocking=True)
+        views = flat.split([t.numel() for t in group])
+        moved.update({id(t): v.view(t.shape) for t, v in zip(group, views, strict=True)})
+    return _map(tree, lambda t: moved[id(t)])
+
+
+def _map(tree, fn):
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_map(v, fn) for v in tree))
+    if isinstance(tree, list | tuple):
+        return type(tree)(_map(v, fn) for v in tree)
+    return tree
 
 
 EVAL_SHARE = 1 / 16  # of a GPU's free memory for one evaluation batch's float inputs, all test-time views: the

@@ -22,6 +22,7 @@ from cnnlab.data import cache, folders
 from cnnlab.data.description import describe
 from cnnlab.data.images import Resize
 from cnnlab.data.sources import cache_dir, detect_format, resolve_path  # noqa: F401  (part of this module's API)
+from cnnlab.device import to_device
 from cnnlab.errors import CnnlabError
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,12 +114,9 @@ def _constants(mean: tuple[float, ...], std: tuple[float, ...], c: int, device: 
     else:
         s = torch.tensor(std, dtype=torch.float64).expand(c)
         values = 1 / (255 * s), -torch.tensor(mean, dtype=torch.float64).expand(c) / s
-    values = (v.float().reshape(1, c, 1, 1) for v in values)
-    if device.type != "cuda":
-        return tuple(v.to(device) for v in values)
-    # from pinned memory, not waited for: a plain copy from pageable memory waits for the GPU, and the first
-    # batch of a run makes them inside a step (the first H200 run's sync-debug check stopped there)
-    return tuple(v.pin_memory().to(device, non_blocking=True) for v in values)
+    # not waited for (to_device): a plain copy from pageable memory waits for the GPU, and the first batch of a
+    # run makes them inside a step (the first H200 run's sync-debug check stopped there)
+    return to_device(tuple(v.float().reshape(1, c, 1, 1) for v in values), device)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from cnnlab import dist
 from cnnlab.data import augment as augmentations
 from cnnlab.data import mix
 from cnnlab.data.dataset import Normalization
-from cnnlab.device import free_memory
+from cnnlab.device import free_memory, to_device
 from cnnlab.dist import World
 
 AHEAD = 3  # batches a streamed epoch gathers and copies ahead of the step (FFCV's default batches_ahead)
@@ -117,32 +117,6 @@ class Batches:
     def rng_state(self) -> torch.Tensor:
         """The epoch generator's state after the last batch handed out: what a mid-epoch checkpoint keeps."""
         return self.states[self.handed]
-
-
-def to_device(tree, device: torch.device):
-    """`tree` (nested lists, tuples and NamedTuples of tensors and plain values) with its tensors on `device`,
-    copied in one transfer per dtype (from pinned memory, not waited for) rather than one per tensor."""
-    if device.type == "cpu":
-        return tree
-    tensors = []
-    _map(tree, tensors.append)
-    moved = {}
-    for dtype in {t.dtype for t in tensors}:
-        group = [t for t in tensors if t.dtype == dtype]
-        flat = torch.cat([t.reshape(-1) for t in group]).pin_memory().to(device, non_blocking=True)
-        views = flat.split([t.numel() for t in group])
-        moved.update({id(t): v.view(t.shape) for t, v in zip(group, views, strict=True)})
-    return _map(tree, lambda t: moved[id(t)])
-
-
-def _map(tree, fn):
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(_map(v, fn) for v in tree))
-    if isinstance(tree, list | tuple):
-        return type(tree)(_map(v, fn) for v in tree)
-    return tree
 
 
 def in_batches(x: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
