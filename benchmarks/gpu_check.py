@@ -192,22 +192,16 @@ def sync_debug(args: argparse.Namespace) -> dict:
 
 
 PROFILED = """import json, sys, time
-from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
-from cnnlab import models
 from cnnlab.device import PRECISIONS, configure, pick_device
-from cnnlab.doctor import training_step
+from cnnlab.doctor import preset_step
 from cnnlab.presets import get
-from cnnlab.training.optim import make_optimizer
 device, batch, steps, warm = pick_device(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 cuda, cfg, out = device.type == "cuda", get("fast"), {}
 configure(device)
 for name in ("bf16", "fp16", "fp32") if cuda else ("bf16", "fp32"):  # (a CPU's fp16 convolutions: emulated)
-    torch.manual_seed(0)
-    model = models.build(cfg.model, 3, 10, (32, 32)).to(device).to(memory_format=torch.channels_last)
-    step = training_step(model, make_optimizer(replace(cfg, batch_size=batch), model), batch, PRECISIONS[name],
-                         device, cfg=cfg)
+    step = preset_step(cfg, batch, device, PRECISIONS[name])
     for _ in range(warm):
         step()
     torch.cuda.synchronize() if cuda else None

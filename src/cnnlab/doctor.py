@@ -60,15 +60,22 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps:
     return 2 * n ** 3 / best / 1e9
 
 
+def preset_step(cfg: TrainConfig, batch: int, device: torch.device, dtype: torch.dtype,
+                image: tuple[int, int, int] = (3, 32, 32), classes: int = 10):
+    """One training step of `cfg`'s network (seeded) and optimizer at `batch` (training_step): what
+    `step_seconds` times, and what benchmarks/gpu_check.py profiles."""
+    torch.manual_seed(0)
+    model = models.build(cfg.model, image[0], classes, image[1:]).to(device).to(memory_format=torch.channels_last)
+    return training_step(model, make_optimizer(replace(cfg, batch_size=batch), model), batch, dtype, device,
+                         image=image, classes=classes)
+
+
 @threads.keeps_thread_count  # the governor's choice ends with the measurement: a budget's runs follow in-process
 def step_seconds(cfg: TrainConfig, batch: int, device: torch.device, dtype: torch.dtype, seconds: float = 1.0,
                  image: tuple[int, int, int] = (3, 32, 32), classes: int = 10, least: int = 3) -> float:
     """Median time of one training step of `cfg`'s network and optimizer on `image`-shaped inputs (C, H, W),
     measured for about `seconds` (at least `least` steps after the warm-up); the thread count is left as found."""
-    torch.manual_seed(0)
-    model = models.build(cfg.model, image[0], classes, image[1:]).to(device).to(memory_format=torch.channels_last)
-    step = training_step(model, make_optimizer(replace(cfg, batch_size=batch), model), batch, dtype, device,
-                         image=image, classes=classes)
+    step = preset_step(cfg, batch, device, dtype, image, classes)
     governor = threads.ThreadGovernor(every=0.25)  # the thread count training would run with now
     warm = time.perf_counter() + (0.6 if governor.enabled else 0)
     while True:  # warm-up: first-call allocations and kernel choices, and the governor's first looks
