@@ -227,8 +227,8 @@ print(json.dumps(out))
 def step_profile(args: argparse.Namespace) -> dict:
     """`fast`'s training step (the doctor's: network, optimizer, autocast; no data loading) in bf16, fp16 and
     fp32 under torch.profiler: milliseconds and images/s per step, GPU kernels (on a CPU: aten calls) and casts
-    per step, and the ten largest by their own time. It asks why bf16 trained `fast` slowest of the three on the
-    H200 (80,257 images/s against fp32's 106,589). Dry run or CPU: bf16 and fp32, batch 16, 1 step after 1."""
+    per step, and the ten largest by their own time: on the H200 it showed a step bound by the host's launches,
+    whatever the precision (docs/scale-out.md). Dry run or CPU: bf16 and fp32, batch 16, 1 step after 1."""
     small = args.dry_run or args.device == "cpu"
     sizes = ["16", "1", "1"] if small else ["1024", "20", "5"]  # batch, steps profiled, steps before
     proc = subprocess.run([sys.executable, "-c", PROFILED, args.device, *sizes], cwd=ROOT, capture_output=True,
@@ -302,7 +302,11 @@ def main() -> None:
                     "on a CPU `fast` on CIFAR-10 takes 25 minutes)")
     ap.add_argument("--max-seconds", type=float, default=540, help="checks still to run after this are skipped "
                     "(default 540: the device tool's 10-minute command, less a minute to start)")
+    ap.add_argument("--tag", default="", help="a suffix for the result file's name (a partial run beside a whole "
+                    "one: gpu_check-<gpu>-<tag>.json)")
     args = ap.parse_args()
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", args.tag):
+        ap.error(f"--tag {args.tag!r}: letters, digits, '-' and '_' only (it goes into a file name)")
     WORK = args.work
     WORK.mkdir(parents=True, exist_ok=True)
     t0, info = time.perf_counter(), machine()
@@ -311,7 +315,7 @@ def main() -> None:
         import torch
 
         gpu = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
-    name = f"gpu_check-{gpu if gpu != 'cpu' else 'cpu-' + info['cpu_class']}"
+    name = f"gpu_check-{gpu if gpu != 'cpu' else 'cpu-' + info['cpu_class']}" + (f"-{args.tag}" if args.tag else "")
 
     def report(results: dict) -> dict:
         out = {"machine": info, "device": gpu, "data": str(args.data), "dry_run": args.dry_run,

@@ -100,9 +100,15 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     wide = x.size(-2) <= x.size(-1)
     x = x if wide else x.mT  # iterate on the smaller Gram matrix
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # the Frobenius norm bounds the largest singular value
+    x = x if x.ndim == 3 else x.unsqueeze(0)
+    # baddbmm folds each scaling and sum into its product. FilterMuon's step on `fast`, against the form
+    # a*x + (b*gram + c*gram@gram) @ x: 244 aten calls, not 354; 92-96 ms, not 108-112, on a 2-core
+    # avx512_bf16 CPU (interleaved rounds); on an H200 420 kernels a step, not 494, at the same step time
+    # (10.97 ms against 10.93: that step is bound elsewhere).
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.view(g.shape if wide else g.mT.shape)
     return x if wide else x.mT
 
 
@@ -156,7 +162,10 @@ class FilterMuon(torch.optim.Optimizer):
             g = g / scale
         if group["weight_decay"]:
             g = g.add(p, alpha=group["weight_decay"])
-        bufs = [self.state[q].setdefault("momentum_buffer", torch.zeros_like(q)) for q in ps]
+        for q in ps:  # (allocated once: setdefault's default would be made, and filled, at every step)
+            if "momentum_buffer" not in self.state[q]:
+                self.state[q]["momentum_buffer"] = torch.zeros_like(q)
+        bufs = [self.state[q]["momentum_buffer"] for q in ps]
         buf = join(bufs)
         new_buf = buf * m + g
         update = g.add(new_buf, alpha=m) if group["nesterov"] else new_buf
