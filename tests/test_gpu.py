@@ -73,6 +73,8 @@ def test_the_gpu_check_runs_its_cpu_safe_parts_with_dry_run(tmp_path):
     cut = check("--only", "fast", "quick", "--max-seconds", "0")  # past its time: every check left out, and said
     assert cut.returncode == 1 and all(json.loads(cut.stdout[cut.stdout.index("\n{") + 1:])["checks"][name][
         "error"].startswith("TimeoutError: skipped") for name in ("fast", "quick"))
+    bad = check("--tag", "../elsewhere")  # (it names the result file)
+    assert bad.returncode == 2 and "--tag '../elsewhere'" in bad.stderr.splitlines()[-1] and "{" not in bad.stdout
 
 
 def test_the_gpu_pack_holds_the_first_images_of_each_class_in_one_file(tmp_path, real_subset):
